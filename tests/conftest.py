@@ -1,0 +1,19 @@
+"""Test-wide set-up: an isolated Hugging Face home, and the shared fixtures (recorded hub, tiny models)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# huggingface_hub reads its environment at import time, so isolate it before anything imports it:
+# no test may touch the user's cache or token, or reach the real Hub.
+_HF_HOME = tempfile.mkdtemp(prefix="gallery-tests-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_ENDPOINT", None)
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["HF_HUB_ETAG_TIMEOUT"] = "5"
+
+pytest_plugins = ["tests.plugins.hub", "tests.plugins.models"]
