@@ -105,7 +105,9 @@ class RenderCheck(_Strict):
 class ChatTemplate(_Strict):
     """The pinned chat template: the text itself plus its sha256, and where it was found."""
 
-    status: Literal["pinned", "missing"]
+    status: Literal["pinned", "missing", "rejected"] = Field(
+        description="pinned: text below is used; missing: none anywhere; rejected: found but unusable (see render_check)."
+    )
     source: str | None = Field(default=None, description="File (and key) the pinned template came from.")
     name: str | None = Field(default=None, description="Which named template was pinned, when the home had several.")
     text: str | None = None
@@ -115,6 +117,9 @@ class ChatTemplate(_Strict):
         default_factory=dict, description="Special tokens the template sees as variables (bos_token, eos_token, …)."
     )
     render_check: RenderCheck = Field(default_factory=RenderCheck)
+    supports_system: bool = Field(
+        default=True, description="False when the template rejects system messages (the runtime folds them in)."
+    )
     accept_missing: bool = Field(
         default=False, description="A catalog entry sets this to say a missing template is known and accepted."
     )
@@ -172,6 +177,7 @@ class Media(_Strict):
     image: bool = False
     audio: bool = False
     video: bool = False
+    marker: str | None = Field(default=None, description="What an image part renders as in the prompt.")
     image_token: str | None = None
     audio_token: str | None = None
     video_token: str | None = None
