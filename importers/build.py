@@ -83,7 +83,7 @@ def import_model(
 def build_config(snapshot: RepoSnapshot, *, backend: str | None = None, name: str | None = None) -> ImportResult:
     """Make every decision from a fetched snapshot and assemble the config."""
     meta = RepoMetadata(snapshot)
-    meta.config  # parse config.json first: a malformed config is the first error a user should see
+    meta.json_object("config.json")  # parse config.json first: its errors are the first a user should see
     warnings: list[str] = list(snapshot.warnings)
     decisions: dict[str, Decision] = {}
 
