@@ -171,7 +171,7 @@ def _register_extensions() -> None:
     # Neither imports MLX at import time, so `gallery --help` stays fast and works without the runtime extra.
     import importlib
 
-    for module in ("gallery.catalog_cli", "runtime.cli"):
+    for module in ("gallery.catalog_cli", "runtime.cli", "runtime.serve_cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

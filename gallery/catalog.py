@@ -1,0 +1,587 @@
+"""The catalog: a LocalAI-style `index.yaml` whose entries each pin a ModelConfig and the files to install.
+
+    - name: qwen3-4b-4bit                 # equals the config's name; becomes <models-dir>/<name>.yaml
+      description: …
+      license: apache-2.0
+      icon: https://…                     # optional
+      tags: [mlx, chat, qwen3, 4bit]
+      urls: [https://huggingface.co/mlx-community/Qwen3-4B-4bit]
+      size: 2.26 GB                       # what an install downloads
+      config: entries/qwen3-4b-4bit.yaml  # or the config inline, as a mapping
+      files:                              # every file an install downloads, each with its sha256
+        - filename: config.json
+          sha256: 3f1c…
+          uri: https://huggingface.co/mlx-community/Qwen3-4B-4bit/resolve/<commit>/config.json
+
+Reading is lenient where it can be (one broken entry must not hide the others, the lesson of LocalAI's
+gallery) and exact about where each problem is: every Problem carries its file and line. The deep
+checks (templates, stop sets, hashes against the config) live in gallery.validate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gallery.catalog_yaml import YamlDocument, read_yaml_document
+from gallery.config import ModelConfig, RepoFile
+from gallery.configfile import MAX_CONFIG_BYTES
+from gallery.errors import BadConfig, UsageError
+from gallery.yamlio import YamlError, atomic_write, dump_yaml
+
+INDEX_FILE = "index.yaml"
+ENTRIES_DIR = "entries"
+CATALOG_ENV = "GALLERY_CATALOG"
+HUB_WEB = "https://huggingface.co"
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+INDEX_HEADER = (
+    "# MLX model gallery: a LocalAI-style index. Each entry pins a ModelConfig (`config:`) and every file an\n"
+    "# install downloads, with its sha256. Check it with `gallery validate`; re-pin it with `gallery refresh --write`.\n"
+    "# Written by `gallery add` / `gallery refresh --write` / `python -m gallery.catalog_seed`.\n"
+)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# Files an install skips: duplicates of the weights in other formats, docs media, git plumbing.
+_SKIP_SUFFIXES = (".gguf", ".pth", ".pt", ".onnx", ".onnx_data", ".h5", ".msgpack", ".ot", ".png", ".jpg", ".jpeg",
+                  ".gif", ".webp", ".mp4")
+_SKIP_DIRS = ("original/", "onnx/", "gguf/", "coreml/", "openvino/")
+
+Severity = Literal["error", "warning"]
+
+
+# ----------------------------------------------------------------------------------------------- problems
+@dataclasses.dataclass(frozen=True, order=True)
+class Problem:
+    """One finding: where (file, line), how bad, a stable code, which entry, and a one-line message."""
+
+    file: str
+    line: int | None
+    severity: Severity
+    code: str
+    message: str
+    entry: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The problem as JSON-ready data."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- paths
+def bundled_catalog_path() -> Path:
+    """The catalog shipped inside the package (gallery/index.yaml)."""
+    return Path(__file__).resolve().parent / INDEX_FILE
+
+
+def resolve_catalog_path(option: Path | str | None = None) -> Path:
+    """The catalog to use: --catalog, else $GALLERY_CATALOG, else the bundled one. A folder means its index.yaml."""
+    chosen = option if option not in (None, "") else os.environ.get(CATALOG_ENV) or None
+    path = Path(chosen).expanduser() if chosen is not None else bundled_catalog_path()
+    return path / INDEX_FILE if path.is_dir() else path
+
+
+def path_problem(name: Any, what: str = "file name") -> str | None:
+    """Why a relative file name could escape its folder (or is unusable), or None when it is safe.
+
+    Catalog file names become paths under the models folder at install time, so absolute paths, `..`,
+    backslashes (a separator on Windows), NUL, empty or `.` components and drive letters are all refused.
+    """
+    if not isinstance(name, str) or not name:
+        return f"{what} must be a non-empty string"
+    if "\x00" in name:
+        return f"{what} {name!r} contains a NUL byte"
+    if "\\" in name:
+        return f"{what} {name!r} contains a backslash (use / between folders)"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return f"{what} {name!r} is absolute: it must be relative to its folder"
+    parts = name.split("/")
+    if any(part == ".." for part in parts):
+        return f"{what} {name!r} escapes its folder (a '..' component)"
+    if any(part in ("", ".") for part in parts):
+        return f"{what} {name!r} has an empty or '.' component"
+    if any(ord(char) < 0x20 for char in name):
+        return f"{what} {name!r} contains a control character"
+    return None
+
+
+def file_uri(repo_id: str, revision: str, filename: str) -> str:
+    """The pinned download URL of a repo file (LocalAI's downloader takes https URIs as they are)."""
+    return f"{HUB_WEB}/{repo_id}/resolve/{revision}/{quote(filename, safe='/')}"
+
+
+def repo_url(repo_id: str) -> str:
+    """The repo's page on the Hub."""
+    return f"{HUB_WEB}/{repo_id}"
+
+
+def human_size(size: int) -> str:
+    """A byte count as the Hub shows it (decimal units): 2.26 GB, 512 kB."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def install_files(config: ModelConfig) -> list[RepoFile]:
+    """The files of the pinned revision an install needs: everything but other weight formats, media and git files.
+
+    `*.bin` weights are skipped when safetensors exist (the same weights twice); `original/` holds Meta's
+    consolidated checkpoint, `onnx/`/`gguf/` other runtimes' copies.
+    """
+    paths = [f.path for f in config.mlx.files]
+    has_safetensors = any(p.endswith(".safetensors") for p in paths)
+    chosen = []
+    for repo_file in config.mlx.files:
+        path = repo_file.path
+        lower = path.lower()
+        if path == ".gitattributes" or lower.endswith(_SKIP_SUFFIXES) or lower.startswith(_SKIP_DIRS):
+            continue
+        if has_safetensors and lower.endswith(".bin") and "model" in lower:
+            continue
+        chosen.append(repo_file)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------- the format
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CatalogFile(_Strict):
+    """One file an install downloads: its name inside the model folder, its sha256 and its pinned URL."""
+
+    filename: str
+    sha256: str
+    uri: str
+
+    @field_validator("filename")
+    @classmethod
+    def _safe(cls, value: str) -> str:
+        problem = path_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not _SHA256_RE.fullmatch(value):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {value!r}")
+        return value
+
+    @field_validator("uri")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError(f"uri must be an https URL, got {value!r}")
+        return value
+
+
+class IndexEntry(_Strict):
+    """The index fields of an entry (LocalAI's gallery keys plus `config`)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = None
+    license: str | None = None
+    icon: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    urls: list[str] = Field(default_factory=list)
+    size: str | None = None
+    config: str | dict[str, Any]
+    files: list[CatalogFile] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value) or ".." in value:
+            raise ValueError(f"name {value!r} must be letters, digits and . _ + - (no path separators, no '..')")
+        return value
+
+    @field_validator("config")
+    @classmethod
+    def _config_ref(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        if isinstance(value, str):
+            problem = path_problem(value, "config path")
+            if problem:
+                raise ValueError(problem)
+            if not value.endswith((".yaml", ".yml", ".json")):
+                raise ValueError(f"config path {value!r} must name a .yaml, .yml or .json file")
+        return value
+
+    @field_validator("icon")
+    @classmethod
+    def _icon_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("https://"):
+            raise ValueError(f"icon must be an https URL, got {value!r}")
+        return value
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("https://", "http://")):
+                raise ValueError(f"urls must be http(s) URLs, got {url!r}")
+        return value
+
+
+@dataclasses.dataclass
+class Entry:
+    """A catalog entry: its index fields and its pinned config (`config_ref` is None when inline)."""
+
+    meta: IndexEntry
+    config: ModelConfig
+    config_ref: str | None
+
+    @property
+    def name(self) -> str:
+        """The entry's name."""
+        return self.meta.name
+
+    def index_data(self) -> dict[str, Any]:
+        """The index mapping, in the canonical key order, without empty optional keys."""
+        data: dict[str, Any] = {"name": self.meta.name}
+        for key in ("description", "license", "icon"):
+            value = getattr(self.meta, key)
+            if value:
+                data[key] = value
+        for key in ("tags", "urls"):
+            value = getattr(self.meta, key)
+            if value:
+                data[key] = list(value)
+        if self.meta.size:
+            data["size"] = self.meta.size
+        data["config"] = self.config_ref if self.config_ref is not None else self.config.to_data()
+        data["files"] = [f.model_dump() for f in self.meta.files]
+        return data
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_text(path: Path, limit: int, what: str) -> str:
+    """A UTF-8 file's text. Raises BadConfig (exit 13) when it is missing, too large or unreadable."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise BadConfig(f"{path}: {size} bytes is too large for a {what}")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadConfig(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise BadConfig(f"{path}: is a folder, not a {what}") from None
+    except UnicodeDecodeError:
+        raise BadConfig(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise BadConfig(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def read_document(path: Path, limit: int, what: str) -> YamlDocument:
+    """Read and parse a YAML file. Raises BadConfig naming the file and line when it cannot be read."""
+    text = read_text(path, limit, what)
+    try:
+        return read_yaml_document(text)
+    except YamlError as exc:
+        where = f"{path}:{exc.line}" if exc.line else str(path)
+        raise BadConfig(f"{where}: {exc}") from None
+
+
+def schema_problems(exc: ValidationError, file: str, doc: YamlDocument, prefix: tuple[Any, ...],
+                    entry: str | None) -> list[Problem]:
+    """One Problem per pydantic error, at the line of the offending key, with a code for the kind of error."""
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error.get("loc", ()))
+        # Union members add their type name to the location (config.str / config.dict): drop it.
+        loc = tuple(part for part in loc if part not in ("str", "dict[str,any]", "function-after[_config_ref(), str]"))
+        where = ".".join(str(part) for part in loc) or "(top level)"
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        code = "schema"
+        kind = error.get("type")
+        last = loc[-1] if loc else None
+        if kind == "extra_forbidden":
+            message = "unknown key (typo?)"
+        elif kind == "missing":
+            message = "required key is missing"
+        elif loc == ("backend",) and kind == "literal_error":
+            from gallery.config import SUPPORTED_BACKENDS
+
+            code = "unsupported-backend"
+            message = f"backend {error.get('input')!r} is not supported (supported: {', '.join(SUPPORTED_BACKENDS)})"
+        elif last == "revision":
+            code = "bad-revision"
+        elif last == "sha256":
+            code = "bad-sha256"
+        elif last in ("filename", "config") and ("escapes" in message or "absolute" in message
+                                                 or "backslash" in message or "NUL" in message):
+            code = "unsafe-path"
+        problems.append(Problem(file, doc.line(*prefix, *loc), "error", code, f"{where}: {message}", entry))
+    return problems
+
+
+@dataclasses.dataclass
+class RawEntry:
+    """One entry as read, before and after validation, with what is needed to locate its problems."""
+
+    position: int
+    index_path: Path
+    index_doc: YamlDocument
+    raw: Any
+    meta: IndexEntry | None = None
+    config: ModelConfig | None = None
+    config_ref: str | None = None
+    config_file: Path | None = None
+    config_doc: YamlDocument | None = None
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+    unreadable: bool = False
+
+    @property
+    def name(self) -> str | None:
+        """The entry's name as written (even when the entry is otherwise invalid)."""
+        if self.meta is not None:
+            return self.meta.name
+        if isinstance(self.raw, dict) and isinstance(self.raw.get("name"), str):
+            return self.raw["name"]
+        return None
+
+    def index_line(self, *path: str | int) -> int | None:
+        """Line of a key path inside this entry of the index."""
+        return self.index_doc.line(self.position, *path)
+
+    def config_location(self, *path: str | int) -> tuple[str, int | None]:
+        """(file, line) of a key path inside this entry's config, inline or in its own file."""
+        if self.config_doc is not None and self.config_file is not None:
+            return str(self.config_file), self.config_doc.line(*path)
+        return str(self.index_path), self.index_doc.line(self.position, "config", *path)
+
+    def entry(self) -> Entry | None:
+        """The valid Entry, or None when the index fields or the config did not validate."""
+        if self.meta is None or self.config is None:
+            return None
+        return Entry(self.meta, self.config, self.config_ref)
+
+
+def read_index(path: Path) -> YamlDocument:
+    """Read a catalog index. Raises BadConfig when the file cannot be read or parsed."""
+    return read_document(path, MAX_INDEX_BYTES, "catalog index")
+
+
+def index_problems(path: Path, doc: YamlDocument) -> list[Problem]:
+    """Problems of the index document as a whole: duplicate keys and a top level that is not a list."""
+    problems = [Problem(str(path), line, "error", "duplicate-key", message, _entry_name(doc, key))
+                for key, line, message in doc.duplicates]
+    if doc.data is None:
+        problems.append(Problem(str(path), 1, "error", "not-a-catalog", "the catalog is empty (expected a list of entries)"))
+    elif not isinstance(doc.data, list):
+        problems.append(Problem(str(path), 1, "error", "not-a-catalog",
+                                f"a catalog index must be a list of entries, got a {type(doc.data).__name__}"))
+    return problems
+
+
+def _entry_name(doc: YamlDocument, key: tuple[Any, ...]) -> str | None:
+    if key and isinstance(key[0], int) and isinstance(doc.data, list) and key[0] < len(doc.data):
+        item = doc.data[key[0]]
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            return item["name"]
+    return None
+
+
+def iter_entries(path: Path, doc: YamlDocument) -> Iterator[RawEntry]:
+    """Read every entry of a parsed index, one at a time (so a large catalog is never all in memory)."""
+    if not isinstance(doc.data, list):
+        return
+    for position, raw in enumerate(doc.data):
+        yield load_entry(path, doc, position, raw)
+
+
+def load_entry(path: Path, doc: YamlDocument, position: int, raw: Any) -> RawEntry:
+    """Validate one entry's index fields and load its config (inline or from its file)."""
+    item = RawEntry(position=position, index_path=path, index_doc=doc, raw=raw)
+    file = str(path)
+    if not isinstance(raw, dict):
+        item.problems.append(Problem(file, item.index_line(), "error", "schema",
+                                     f"entry {position + 1} must be a mapping, got {type(raw).__name__}"))
+        return item
+    name = item.name
+    try:
+        item.meta = IndexEntry.model_validate(raw)
+    except ValidationError as exc:
+        item.problems.extend(schema_problems(exc, file, doc, (position,), name))
+    config_value = raw.get("config")
+    if isinstance(config_value, dict):
+        _load_config(item, config_value, file, doc, (position, "config"), name)
+    elif isinstance(config_value, str) and path_problem(config_value, "config path") is None:
+        config_file = path.parent / config_value
+        item.config_ref = config_value
+        item.config_file = config_file
+        if not config_file.is_file():
+            item.problems.append(Problem(file, item.index_line("config"), "error", "config-missing",
+                                         f"config: {config_value} does not exist next to the index", name))
+            return item
+        try:
+            item.config_doc = read_document(config_file, MAX_CONFIG_BYTES, "model config")
+        except BadConfig as exc:
+            line = _line_of(str(exc))
+            item.problems.append(Problem(str(config_file), line, "error", "unreadable", _strip_where(str(exc)), name))
+            item.unreadable = True
+            return item
+        config_doc = item.config_doc
+        item.problems.extend(Problem(str(config_file), line, "error", "duplicate-key", message, name)
+                             for _key, line, message in config_doc.duplicates)
+        if not isinstance(config_doc.data, dict):
+            item.problems.append(Problem(str(config_file), 1, "error", "config-schema",
+                                         f"a model config must be a mapping, got {type(config_doc.data).__name__}", name))
+            return item
+        _load_config(item, config_doc.data, str(config_file), config_doc, (), name)
+    return item
+
+
+def _load_config(item: RawEntry, data: dict[str, Any], file: str, doc: YamlDocument, prefix: tuple[Any, ...],
+                 name: str | None) -> None:
+    try:
+        item.config = ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        for problem in schema_problems(exc, file, doc, prefix, name):
+            code = "config-schema" if problem.code == "schema" else problem.code
+            item.problems.append(dataclasses.replace(problem, code=code, message=f"config: {problem.message}"
+                                                     if prefix else problem.message))
+
+
+def _line_of(message: str) -> int | None:
+    match = re.match(r"^.*?:(\d+): ", message)
+    return int(match.group(1)) if match else None
+
+
+def _strip_where(message: str) -> str:
+    # BadConfig messages start with "path[:line]: "; the Problem carries those separately.
+    match = re.match(r"^.*?(?::\d+)?: (.*)$", message)
+    return match.group(1) if match else message
+
+
+# ----------------------------------------------------------------------------------------------- the catalog
+@dataclasses.dataclass
+class Catalog:
+    """A loaded catalog: its valid entries in index order, and the problems of the ones that are not."""
+
+    path: Path
+    entries: list[Entry]
+    problems: list[Problem]
+
+    def names(self) -> list[str]:
+        """Every valid entry's name."""
+        return [entry.name for entry in self.entries]
+
+    def get(self, name: str) -> Entry:
+        """The entry called name. Raises UsageError naming close matches when there is none."""
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        broken = [p for p in self.problems if p.entry == name and p.severity == "error"]
+        if broken:
+            first = broken[0]
+            where = f"{first.file}:{first.line}" if first.line else first.file
+            raise BadConfig(f"catalog entry {name!r} is invalid: {where}: {first.message} (run `gallery validate`)")
+        close = [n for n in self.names() if name.lower() in n.lower() or n.lower() in name.lower()]
+        hint = f"; did you mean {', '.join(close[:3])}?" if close else "; see `gallery list`"
+        raise UsageError(f"no entry named {name!r} in {self.path}{hint}")
+
+    @property
+    def errors(self) -> list[Problem]:
+        """The error-level problems found while loading."""
+        return [p for p in self.problems if p.severity == "error"]
+
+
+def load_catalog(path: Path) -> Catalog:
+    """Load a catalog leniently: valid entries are kept, broken ones become problems (with file and line).
+
+    Raises BadConfig only when the index itself cannot be read or is not a list of entries.
+    """
+    doc = read_index(path)
+    problems = index_problems(path, doc)
+    if not isinstance(doc.data, list):
+        first = problems[-1]
+        raise BadConfig(f"{path}:{first.line}: {first.message}")
+    entries: list[Entry] = []
+    seen: dict[str, int] = {}
+    for item in iter_entries(path, doc):
+        problems.extend(item.problems)
+        entry = item.entry()
+        if entry is None:
+            continue
+        if entry.name.lower() in seen:
+            problems.append(Problem(str(path), item.index_line("name"), "error", "duplicate-name",
+                                    f"duplicate name {entry.name!r} (first at line {seen[entry.name.lower()]})",
+                                    entry.name))
+            continue
+        seen[entry.name.lower()] = item.index_line("name") or 0
+        entries.append(entry)
+    return Catalog(path=path, entries=entries, problems=problems)
+
+
+def load_catalog_strict(path: Path) -> Catalog:
+    """Load a catalog that is about to be rewritten: any error refuses (BadConfig), so nothing is lost."""
+    catalog = load_catalog(path)
+    if catalog.errors:
+        first = catalog.errors[0]
+        where = f"{first.file}:{first.line}" if first.line else first.file
+        more = f" (and {len(catalog.errors) - 1} more)" if len(catalog.errors) > 1 else ""
+        raise BadConfig(f"the catalog has errors; fix them before changing it: {where}: {first.message}{more} "
+                        "(run `gallery validate`)")
+    return catalog
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def config_ref_for(name: str) -> str:
+    """Where `gallery add` writes an entry's config, relative to the index."""
+    return f"{ENTRIES_DIR}/{name}.yaml"
+
+
+def render_index(entries: list[Entry]) -> str:
+    """The index text in canonical form (header, then the entries in order)."""
+    if not entries:
+        return INDEX_HEADER + "[]\n"
+    return INDEX_HEADER + dump_yaml([entry.index_data() for entry in entries])
+
+
+def render_config(config: ModelConfig) -> str:
+    """An entry's config file text."""
+    return dump_yaml(config.to_data())
+
+
+def write_catalog(path: Path, entries: list[Entry], *, changed: set[str] | None = None,
+                  new_configs: set[str] | None = None) -> None:
+    """Write the config files of the `changed` entries (all when None), then the index; each write is atomic.
+
+    Configs go first so a reader never sees an index that names a config file that is not there yet;
+    `new_configs` names entries whose config file must not exist yet (refusing to clobber one).
+    """
+    for entry in entries:
+        if entry.config_ref is None or (changed is not None and entry.name not in changed):
+            continue
+        target = path.parent / entry.config_ref
+        overwrite = not (new_configs and entry.name in new_configs)
+        try:
+            atomic_write(target, render_config(entry.config), overwrite=overwrite)
+        except FileExistsError:
+            raise BadConfig(f"{target} already exists; remove it or choose another --name") from None
+    atomic_write(path, render_index(entries))
+
+
+def describe_location(file: str, line: int | None) -> str:
+    """`file:line` (or just file), relative to the working folder when inside it (as CI annotations want)."""
+    shown = file
+    try:
+        relative = os.path.relpath(file)
+        if not relative.startswith(".."):
+            shown = relative
+    except ValueError:  # another drive on Windows
+        pass
+    shown = Path(shown).as_posix()
+    return f"{shown}:{line}" if line else shown

@@ -1,0 +1,168 @@
+"""Resolve what to run (config file, catalog name, model folder, Hub repo) and load exactly one backend.
+
+A text (`mlx`) config imports mlx_lm only; an `mlx-vlm` config imports mlx_vlm, plus mlx_lm for the
+shared-weight text route. Weights come from a local folder, the Hugging Face cache at the pinned
+revision, or — only when allowed — a download at that revision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gallery.chat_template import template_sha256
+from gallery.config import ModelConfig
+from gallery.configfile import read_config
+from gallery.errors import BadConfig, GalleryError, RuntimeFailure, StrictFailure
+
+# Files the runtime needs from a repo (never anything else: no GGUF, no PyTorch .bin duplicates).
+RUNTIME_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A loaded config: the primary backend, the optional text route, and what to tell the user."""
+
+    config: ModelConfig
+    model_path: Path
+    primary: Any
+    text_route: Any | None
+    warnings: list[str]
+
+
+def resolve_config(spec: str, *, catalog: str | None = None) -> tuple[ModelConfig, Path | None]:
+    """A config from a YAML/JSON file, a catalog entry name, a local model folder, or a Hub repo id.
+
+    Returns the config and the folder relative paths resolve against (the config file's folder).
+    """
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return read_config(path), path.parent.resolve()
+    if path.is_dir() and (path / "config.json").is_file():
+        return _import(str(path)), None
+    entry = _catalog_entry(spec, catalog)
+    if entry is not None:
+        return entry
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        raise BadConfig(f"{spec}: no such config file")
+    return _import(spec), None
+
+
+def _import(source: str) -> ModelConfig:
+    from importers import import_model
+
+    result = import_model(source)
+    for message in result.warnings:
+        print(f"runtime: import warning: {message}", file=sys.stderr)
+    return result.config
+
+
+def _catalog_entry(name: str, catalog: str | None) -> tuple[ModelConfig, Path | None] | None:
+    try:
+        from gallery import catalog as catalog_module
+    except ImportError:
+        return None
+    finder = getattr(catalog_module, "find_config", None)
+    if finder is None:
+        return None
+    try:
+        return finder(name, catalog)
+    except GalleryError:
+        raise
+    except LookupError:
+        return None
+
+
+def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from importers.fetch import hub_endpoint, is_offline
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    if not allow_download or is_offline():
+        raise RuntimeFailure(
+            f"the weights of {repo}@{(revision or 'main')[:12]} are not in the local cache; run "
+            "`gallery install NAME`, or allow downloads (--allow-download)"
+            + (" and unset HF_HUB_OFFLINE" if is_offline() else "")
+        )
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS,
+                                      endpoint=hub_endpoint()))
+    except Exception as exc:
+        raise RuntimeFailure(f"could not download {repo}@{(revision or 'main')[:12]}: {type(exc).__name__}: {exc}") from None
+
+
+def model_folder(config: ModelConfig, base: Path | None, *, allow_download: bool) -> Path:
+    """Where the weights are: the config's local folder, `parameters.model` as a folder, or the HF cache."""
+    candidates = []
+    if config.mlx.source.local_path:
+        candidates.append(Path(config.mlx.source.local_path).expanduser())
+    model_ref = Path(config.parameters.model).expanduser()
+    candidates.append(model_ref if model_ref.is_absolute() or base is None else base / model_ref)
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    if config.mlx.source.repo:
+        return _cached_snapshot(config.mlx.source.repo, config.mlx.source.revision, allow_download=allow_download)
+    raise RuntimeFailure(f"{config.name}: model folder {candidates[0]} has no config.json")
+
+
+def check_template_pin(config: ModelConfig) -> list[str]:
+    """Warnings about the chat template; raises when the pinned text does not match its sha256."""
+    template = config.mlx.chat_template
+    if template.status == "pinned":
+        assert template.text is not None
+        if template.sha256 and template_sha256(template.text) != template.sha256:
+            raise BadConfig(f"{config.name}: the pinned chat template does not match its sha256 (edited by hand?)")
+        return []
+    why = "none was found in any home" if template.status == "missing" else f"the one in {template.source} is unusable"
+    return [f"{config.name} HAS NO CHAT TEMPLATE ({why}): chat requests are refused; raw prompts still work"]
+
+
+def load(config: ModelConfig, *, base: Path | None = None, model_path: Path | None = None,
+         allow_download: bool = False, strict: bool = False) -> LoadedModel:
+    """Load the config's backend (must run on the thread that will own the MLX state)."""
+    warnings = check_template_pin(config)
+    if warnings and strict:
+        raise StrictFailure(f"--strict: {config.name} has no usable chat template")
+    if not config.mlx.stop_tokens:
+        warnings.append(f"{config.name} pins no stop tokens: answers run to max_tokens unless a stop string matches")
+    folder = model_path or model_folder(config, base, allow_download=allow_download)
+    trust = bool(config.mlx.trust_remote_code)
+    try:
+        if config.backend == "mlx":
+            from backends.mlx_lm_backend import MlxLmBackend
+
+            draft = config.mlx.speculative.draft_model
+            draft_path = Path(draft).expanduser() if draft else None
+            if draft_path is not None and not draft_path.is_absolute() and base is not None:
+                draft_path = base / draft_path
+            primary = MlxLmBackend.load(folder, draft_path=draft_path,
+                                        num_draft_tokens=config.mlx.speculative.num_draft_tokens,
+                                        trust_remote_code=trust)
+            return LoadedModel(config, folder, primary, None, warnings)
+        from backends.mlx_vlm_backend import MlxVlmBackend
+
+        primary = MlxVlmBackend.load(folder, trust_remote_code=trust)
+        text_route = None
+        if config.mlx.text_route == "shared-weights":
+            from backends.text_route import TextRouteUnavailable, build_shared_text_backend
+
+            try:
+                raw_config: dict[str, Any] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                text_route = build_shared_text_backend(primary.model, raw_config, folder)
+            except TextRouteUnavailable as exc:
+                warnings.append(f"text route unavailable ({exc}): text-only requests use the mlx-vlm path")
+        return LoadedModel(config, folder, primary, text_route, warnings)
+    except GalleryError:
+        raise
+    except Exception as exc:
+        raise RuntimeFailure(f"could not load {config.name} from {folder} with {config.backend}: "
+                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
