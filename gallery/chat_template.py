@@ -36,7 +36,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 MAX_TEMPLATE_BYTES = 256 * 1024
 MAX_OUTPUT_CHARS = 16 * 1024 * 1024
 MAX_VALUE_CHARS = 32 * 1024 * 1024
-MAX_ITERATIONS = 2_000_000
+MAX_ITERATIONS = 500_000
 MAX_WIDTH = 100_000
 DEFAULT_DEADLINE_S = 5.0
 
@@ -202,8 +202,10 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _tick()
-        name = getattr(__obj, "__name__", "")
-        owner = getattr(__obj, "__self__", None)
+        # The sandbox hands templates a wrapper around str.format; look through it to the bound method.
+        target = getattr(__obj, "__wrapped__", __obj)
+        name = getattr(target, "__name__", "")
+        owner = getattr(target, "__self__", None)
         if isinstance(owner, str) and name in _WIDE_STR_METHODS:
             for arg in (*args, *kwargs.values()):
                 if isinstance(arg, int) and arg > MAX_WIDTH:

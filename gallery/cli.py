@@ -19,6 +19,15 @@ from gallery.config import ModelConfig, json_schema
 from gallery.configfile import config_to_json, config_to_yaml, read_config, write_config
 from gallery.errors import EXIT_CODES, GalleryError, OutputExists, StrictFailure
 
+try:  # typer >= 0.20 vendors its own click: its exceptions are not click's, so catch both kinds
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover - older typer raises click's own exceptions
+    _typer_click = click.exceptions  # type: ignore[assignment]
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_CLICK_ERROR = (click.ClickException, _typer_click.ClickException)
+_USAGE_ERROR = (click.UsageError, _typer_click.UsageError)
+
 app = typer.Typer(
     name="gallery",
     add_completion=False,
@@ -106,8 +115,9 @@ def _check_strict(config: ModelConfig) -> None:
 
 
 def _looks_like_config(target: str) -> bool:
+    # A YAML/JSON path is a config even when missing: "no such file" beats trying it as a repo id.
     path = Path(target)
-    return path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json")
+    return path.suffix.lower() in (".yaml", ".yml", ".json") and not path.is_dir()
 
 
 @app.command()
@@ -191,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gallery: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         print("gallery: interrupted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
+    except _CLICK_ERROR as exc:
         exc.show(file=sys.stderr)
-        return 2 if isinstance(exc, click.UsageError) else exc.exit_code
+        return 2 if isinstance(exc, _USAGE_ERROR) else exc.exit_code
     except KeyboardInterrupt:
         print("gallery: interrupted", file=sys.stderr)
         return 130

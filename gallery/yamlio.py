@@ -9,6 +9,7 @@ listing), and remembers the line of every key so validation errors can point at 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,16 @@ class _Dumper(_ForceBlockDumper):
         return analysis
 
 
+# Characters YAML treats as line breaks or cannot carry unescaped: such strings are written double-quoted,
+# where PyYAML escapes them (its plain and literal styles would read them back as other characters).
+_NEEDS_ESCAPES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
+
+
 def _represent_str(dumper: yaml.representer.SafeRepresenter, data: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in data else None
+    if _NEEDS_ESCAPES.search(data):
+        style: str | None = '"'
+    else:
+        style = "|" if "\n" in data else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 
@@ -170,6 +179,8 @@ def atomic_write(path: Path, text: str, *, overwrite: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600 files; a config must stay readable like any other file (keep an existing mode).
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()

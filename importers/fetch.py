@@ -144,6 +144,15 @@ class RepoSnapshot:
         if self._added_tokens_read:
             return self._added_tokens
         self._added_tokens_read = True
+        side = _side_cache_path(self.repo_id, self.commit)
+        if side is not None and side.is_file():
+            try:
+                cached = json.loads(side.read_text(encoding="utf-8"))
+                if isinstance(cached, list):
+                    self._added_tokens = cached
+                    return self._added_tokens
+            except (OSError, ValueError):
+                pass
         if TOKENIZER_JSON not in self.listing or self._head_reader is None:
             return None
         self.stats.round_trips += 1
@@ -153,7 +162,31 @@ class RepoSnapshot:
             raise
         except (OSError, ValueError) as exc:
             self.warnings.append(f"could not read the special tokens at the head of tokenizer.json: {exc}")
+        if self._added_tokens is not None and side is not None:
+            _write_side_cache(side, self._added_tokens)
         return self._added_tokens
+
+
+def _side_cache_path(repo_id: str | None, commit: str | None) -> Path | None:
+    """Where the added tokens read from a repo's tokenizer.json head are kept, per repo and commit.
+
+    The Hugging Face cache can only hold whole files (a truncated tokenizer.json there would break
+    loaders), so the few kilobytes read with Range requests are kept beside it, keyed by the commit,
+    which pins the content. This is what lets an offline import of a cached repo map ids to text.
+    """
+    if not repo_id or not commit:
+        return None
+    return hub_cache_dir().parent / "mlx-gallery" / "added-tokens" / ("models--" + repo_id.replace("/", "--")) / f"{commit}.json"
+
+
+def _write_side_cache(path: Path, tokens: list[dict[str, Any]]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([{"id": t.get("id"), "content": t.get("content")} for t in tokens]), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # best effort: a read-only cache never fails an import
 
 
 def _read_added_tokens(read_range: Callable[[str, int, int], bytes], size: int | None) -> list[dict[str, Any]] | None:

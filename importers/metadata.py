@@ -55,7 +55,7 @@ class RepoMetadata:
             except UnicodeDecodeError:
                 raise BadMetadata(f"{path} is not UTF-8 text") from None
             except json.JSONDecodeError as exc:
-                raise BadMetadata(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+                raise BadMetadata(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
             except RecursionError:
                 raise BadMetadata(f"{path} is nested too deeply to read") from None
             if not isinstance(parsed, dict):

@@ -57,7 +57,7 @@ def parse_source(spec: str, revision: str | None = None) -> ModelSource:
         if path.exists():
             raise UsageError(f"{spec!r} is a file; give a model folder or a repo id")
         if spec.startswith((".", "/", "~")):
-            raise UsageError(f"folder {spec!r} does not exist")
+            raise UsageError(f"no such file or folder: {spec!r}")
 
     url_revision: str | None = None
     for scheme in ("hf://", "huggingface://"):

@@ -175,6 +175,23 @@ def _render_checks(
     return check, supports_system, marker
 
 
+def _checked_named(
+    tok: dict[str, TemplateCandidate], chosen: TemplateCandidate, variables: dict[str, str], warnings: list[str]
+) -> dict[str, str]:
+    """The other named templates worth pinning: each must compile and render the text probe in the sandbox."""
+    named: dict[str, str] = {}
+    for name, cand in tok.items():
+        if cand.text == chosen.text:
+            continue
+        try:
+            render_chat(cand.text, PROBE_TEXT_NO_SYSTEM, variables=variables, deadline_s=2.0)
+        except TemplateError as exc:
+            warnings.append(f"named template {name!r} in {cand.source} not pinned: {exc}")
+            continue
+        named[name] = cand.text
+    return named
+
+
 def decide_template(meta: RepoMetadata, *, vlm: bool, image_token_text: str | None) -> TemplateDecision:
     """Pick the template to pin (processor's for VLMs, tokenizer's for text), pin its text and sha256, render-check it."""
     tok = tokenizer_templates(meta)
@@ -217,7 +234,7 @@ def decide_template(meta: RepoMetadata, *, vlm: bool, image_token_text: str | No
 
     markers = media_marker_candidates(meta, image_token_text)
     check, supports_system, marker = _render_checks(chosen.text, variables, vlm=vlm, markers=markers)
-    named = {name: cand.text for name, cand in tok.items() if cand.text != chosen.text}
+    named = _checked_named(tok, chosen, variables, warnings)
     if any(err.startswith("chat template is") and "limit" in err for err in check.errors) or (
         check.text_probe == "error" and any("syntax error" in err or "does not compile" in err for err in check.errors)
     ):

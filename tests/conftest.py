@@ -17,3 +17,17 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["HF_HUB_ETAG_TIMEOUT"] = "5"
 
 pytest_plugins = ["tests.plugins.hub", "tests.plugins.models"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def hub_env(hub, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """Point the importer at a fresh loopback hub with an empty Hugging Face cache of its own."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("GALLERY_HTTP_BACKOFF", "0.01")
+    return hub
