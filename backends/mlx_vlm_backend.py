@@ -76,6 +76,7 @@ class MlxVlmBackend:
         images = list(media.images) if media is not None else []
         audio = list(media.audio) if media is not None else []
         video = list(media.video) if media is not None else []
+        previous_count = -1
         for response in stream_generate(
             self.model,
             self.processor,
@@ -89,9 +90,14 @@ class MlxVlmBackend:
         ):
             finish = getattr(response, "finish_reason", None)
             token = response.token
+            token_id = int(token.item() if hasattr(token, "item") else token) if token is not None else None
+            count = int(response.generation_tokens)
+            if finish is not None and count == previous_count:
+                token_id = None  # mlx-vlm's closing response repeats the last token; it is not a new one
+            previous_count = count
             yield Step(
                 text=response.text,
-                token=int(token.item() if hasattr(token, "item") else token) if token is not None else None,
+                token=token_id,
                 prompt_tokens=int(response.prompt_tokens),
                 completion_tokens=int(response.generation_tokens),
                 prompt_tps=float(response.prompt_tps or 0.0),

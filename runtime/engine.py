@@ -17,7 +17,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ from runtime.prompt import check_media_allowed, check_media_markers, render_requ
 from runtime.textstream import ReasoningSplitter, StopStringMatcher, ToolCall, ToolCallExtractor
 
 DEFAULT_MAX_TOKENS = 512
+
+
+class QueueFull(RuntimeFailure):
+    """The request queue is full: the caller should retry later (a RuntimeFailure, so existing handlers still catch it)."""
 
 
 @dataclasses.dataclass
@@ -117,6 +121,7 @@ class RequestHandle:
         self._events: queue.Queue[Event] = queue.Queue()
         self._cancelled = threading.Event()
         self.finished = threading.Event()
+        self._notify: Callable[[], None] | None = None
 
     def cancel(self) -> None:
         """Stop this request; the worker closes it before its next decoding step."""
@@ -131,6 +136,26 @@ class RequestHandle:
         self._events.put(event)
         if event.done:
             self.finished.set()
+        notify = self._notify
+        if notify is not None:
+            notify()
+
+    def on_event(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` after each new event (from the producing thread; it must not block).
+
+        Lets an event loop wait for events without a thread per request: the callback wakes the loop,
+        which then drains them with poll(). Fires once at once if events are already waiting.
+        """
+        self._notify = callback
+        if not self._events.empty():
+            callback()
+
+    def poll(self) -> Event | None:
+        """The next event if one is ready, else None (never blocks)."""
+        try:
+            return self._events.get_nowait()
+        except queue.Empty:
+            return None
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """Events until (and including) the final one."""
@@ -408,7 +433,7 @@ class Engine:
             if self._pending >= self.max_queue:
                 if prepared.media is not None:
                     prepared.media.cleanup()
-                raise RuntimeFailure(f"the runtime is busy ({self._pending} requests queued); retry later")
+                raise QueueFull(f"the runtime is busy ({self._pending} requests queued); retry later")
             self._pending += 1
         handle = RequestHandle(prepared)
         self._queue.put(handle)

@@ -1,0 +1,144 @@
+"""Load-time options: LocalAI's `key:value` strings (ModelOptions.Options, or stdio `load` options).
+
+One table (OPTIONS) defines every key, its type and what it does; the parser, the error messages and
+the README table all come from it. Unknown keys are reported back (LocalAI users keep options for other
+backends in the same YAML), never silently applied; a known key with a bad value fails the load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from runtime.messages import RequestError
+
+
+class OptionError(RequestError):
+    """A load option with a value of the wrong type or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One option key: its value type, default and meaning."""
+
+    kind: str  # "int" | "float" | "bool" | "str" | "list"
+    default: Any
+    help: str
+    minimum: float | None = None
+
+
+MiB = 1024 * 1024
+
+OPTIONS: dict[str, OptionSpec] = {
+    "max_active": OptionSpec("int", 8, "requests decoded concurrently (round-robin, one token each)", 1),
+    "max_queue": OptionSpec("int", 256, "requests waiting beyond max_active; more are refused (busy)", 0),
+    "allow_download": OptionSpec("bool", False, "download missing weights at the pinned revision"),
+    "strict": OptionSpec("bool", False, "refuse a config without a usable chat template"),
+    "allow_remote_media": OptionSpec("bool", False, "accept http(s) URLs for media (fetched by the runtime)"),
+    "allow_local_media": OptionSpec("bool", None, "accept local file paths for media (default: stdio yes, gRPC no)"),
+    "max_media_items": OptionSpec("int", 16, "most images/audio/video inputs in one request", 0),
+    "max_media_mb": OptionSpec("float", 32.0, "largest single media input, in MiB", 0),
+    "max_request_bytes": OptionSpec("int", 4 * MiB, "largest prompt + messages + tools text of one request", 1),
+    "max_tokens_limit": OptionSpec("int", 32768, "largest max_tokens a request may ask for", 1),
+    "context_size": OptionSpec("int", None, "the model's context size (caps max_tokens; reported)", 1),
+    "catalog": OptionSpec("str", None, "catalog index to look model names up in"),
+    "model_identity": OptionSpec("list", (), "extra names a request's ModelIdentity may use (repeatable)"),
+    "enable_thinking": OptionSpec("bool", None, "default thinking switch for requests that do not set it"),
+    "temperature": OptionSpec("float", None, "default temperature (stdio requests that omit it)", 0),
+    "top_p": OptionSpec("float", None, "default top_p", 0),
+    "top_k": OptionSpec("int", None, "default top_k", 0),
+    "min_p": OptionSpec("float", None, "default min_p", 0),
+    "repeat_penalty": OptionSpec("float", None, "default repetition penalty", 0),
+    "max_tokens": OptionSpec("int", None, "default max new tokens", 1),
+    "seed": OptionSpec("int", None, "default random seed"),
+}
+# Other spellings people use for the same keys (LocalAI's mlx backend uses `temp`).
+ALIASES = {"temp": "temperature", "repetition_penalty": "repeat_penalty", "max_kv_size": "context_size",
+           "trust_remote_code": "trust_remote_code"}
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+@dataclasses.dataclass
+class LoadOptions:
+    """Parsed options: known values by key, plus the keys that were not understood."""
+
+    values: dict[str, Any]
+    unknown: list[str]
+
+    def get(self, key: str) -> Any:
+        """The value of a key (its default when not given)."""
+        return self.values.get(key, OPTIONS[key].default)
+
+    def given(self, key: str) -> bool:
+        """Whether the key was set explicitly."""
+        return key in self.values
+
+
+def _convert(key: str, raw: Any, spec: OptionSpec) -> Any:
+    text = str(raw).strip()
+    try:
+        if spec.kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if spec.kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError
+            value: Any = int(raw) if isinstance(raw, int) else int(text)
+        elif spec.kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw) if isinstance(raw, (int, float)) else float(text)
+        else:
+            return text
+    except ValueError:
+        want = {"bool": "true or false", "int": "an integer", "float": "a number"}[spec.kind]
+        raise OptionError(f"option {key}: expected {want}, got {text!r}") from None
+    if spec.minimum is not None and value < spec.minimum:
+        raise OptionError(f"option {key}: must be at least {spec.minimum:g}, got {value}")
+    return value
+
+
+def parse_options(options: Iterable[str] | Mapping[str, Any] | None) -> LoadOptions:
+    """Parse `key:value` strings (or a mapping) into LoadOptions. Raises OptionError on a bad value."""
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(options, Mapping):
+        pairs = [(str(k), v) for k, v in options.items()]
+    else:
+        for item in options or []:
+            if not isinstance(item, str):
+                raise OptionError(f"option {item!r}: must be a 'key:value' string")
+            key, sep, value = item.partition(":")
+            if not sep:
+                raise OptionError(f"option {item!r}: must be written key:value")
+            pairs.append((key, value))
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+    for raw_key, raw_value in pairs:
+        key = raw_key.strip().lower().replace("-", "_")
+        key = ALIASES.get(key, key)
+        spec = OPTIONS.get(key)
+        if spec is None:
+            unknown.append(raw_key.strip())
+            continue
+        if spec.kind == "list":
+            items = raw_value if isinstance(raw_value, (list, tuple)) else [raw_value]
+            values[key] = (*values.get(key, ()), *(str(i).strip() for i in items if str(i).strip()))
+            continue
+        values[key] = _convert(key, raw_value, spec)
+    return LoadOptions(values=values, unknown=unknown)
+
+
+def options_table() -> str:
+    """The options as a Markdown table (for the README)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, spec in OPTIONS.items():
+        default = "" if spec.default in (None, ()) else str(spec.default).lower()
+        rows.append(f"| `{key}` | {spec.kind} | {default} | {spec.help} |")
+    return "\n".join(rows)
