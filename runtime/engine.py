@@ -598,7 +598,7 @@ class Engine:
         usage = Usage(prompt_tokens=last.prompt_tokens if last else 0, completion_tokens=last.completion_tokens if last else 0)
         if last is None and error is None and job.gen is not None:
             usage.prompt_tokens = self._count_prompt(job)
-        finish = reason
+        finish = "stop" if job.stops.stopped and reason not in ("cancelled", "error") else reason
         if final.tool_calls or (job.tools.calls and reason == "stop"):
             finish = "tool_calls"
         final.done = True

@@ -41,6 +41,25 @@ class StopStringMatcher:
         self.stopped = False
         self.matched: str | None = None
 
+    def _scan(self, final: bool) -> str:
+        buffer = self._buffer
+        hits = [(buffer.find(s), s) for s in self.stops]
+        complete = min(((pos, s) for pos, s in hits if pos >= 0), default=None)
+        # A longer stop string may have started earlier and still complete: wait for it (unless the stream ended).
+        pending = None if final else len(buffer) - _held_suffix(buffer, self.stops)
+        if pending == len(buffer):
+            pending = None
+        if complete is not None and (pending is None or complete[0] <= pending):
+            self.stopped, self.matched = True, complete[1]
+            self._buffer = ""
+            return buffer[: complete[0]]
+        if final:
+            self._buffer = ""
+            return buffer
+        safe = min(pending if pending is not None else len(buffer), complete[0] if complete else len(buffer))
+        self._buffer = buffer[safe:]
+        return buffer[:safe]
+
     def feed(self, text: str) -> str:
         """Add streamed text; return what can be sent now. After a match, `stopped` is True."""
         if self.stopped:
@@ -48,22 +67,13 @@ class StopStringMatcher:
         if not self.stops:
             return text
         self._buffer += text
-        hits = [(self._buffer.find(s), s) for s in self.stops]
-        hits = [(pos, s) for pos, s in hits if pos >= 0]
-        if hits:
-            pos, stop = min(hits)
-            self.stopped, self.matched = True, stop
-            out, self._buffer = self._buffer[:pos], ""
-            return out
-        keep = _held_suffix(self._buffer, self.stops)
-        out = self._buffer[: len(self._buffer) - keep]
-        self._buffer = self._buffer[len(out):]
-        return out
+        return self._scan(final=False)
 
     def flush(self) -> str:
-        """The end of generation: held-back text was not a stop string after all."""
-        out, self._buffer = ("" if self.stopped else self._buffer), ""
-        return out
+        """The end of generation: held-back text is resolved (a match, or plain text after all)."""
+        if self.stopped or not self._buffer:
+            return ""
+        return self._scan(final=True)
 
 
 @dataclasses.dataclass
