@@ -8,6 +8,7 @@ almost no memory, and text-only logits equal the VLM's.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ def build_shared_text_backend(vlm_model: Any, config: dict[str, Any], model_path
     # Text-only classes (gemma3_text, gemma4_text) take the text sub-config; wrappers take the whole config.
     wants_text_config = module_name.endswith("_text") and isinstance(config.get("text_config"), dict)
     args_dict = {**config["text_config"], "model_type": module_name} if wants_text_config else config
+    args_dict = copy.deepcopy(args_dict)  # mlx-lm's ModelArgs may edit nested dicts in place
     text_model = module.Model(module.ModelArgs.from_dict(args_dict))
     src_params = tree_flatten(source.parameters())
     src_names = {name for name, _ in src_params}
