@@ -21,6 +21,7 @@ checks (templates, stop sets, hashes against the config) live in gallery.validat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gallery.catalog_yaml import YamlDocument, read_yaml_document
 from gallery.config import ModelConfig, RepoFile
 from gallery.configfile import MAX_CONFIG_BYTES
-from gallery.errors import BadConfig, UsageError
+from gallery.errors import BadConfig, OutputExists, UsageError
 from gallery.yamlio import YamlError, atomic_write, dump_yaml
 
 INDEX_FILE = "index.yaml"
@@ -50,6 +51,7 @@ INDEX_HEADER = (
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # Files an install skips: duplicates of the weights in other formats, docs media, git plumbing.
 _SKIP_SUFFIXES = (".gguf", ".pth", ".pt", ".onnx", ".onnx_data", ".h5", ".msgpack", ".ot", ".png", ".jpg", ".jpeg",
                   ".gif", ".webp", ".mp4")
@@ -82,10 +84,12 @@ def bundled_catalog_path() -> Path:
 
 
 def resolve_catalog_path(option: Path | str | None = None) -> Path:
-    """The catalog to use: --catalog, else $GALLERY_CATALOG, else the bundled one. A folder means its index.yaml."""
+    """The catalog to use: --catalog, else $GALLERY_CATALOG, else the bundled one (a folder means its index.yaml)."""
     chosen = option if option not in (None, "") else os.environ.get(CATALOG_ENV) or None
     path = Path(chosen).expanduser() if chosen is not None else bundled_catalog_path()
-    return path / INDEX_FILE if path.is_dir() else path
+    # A folder (existing, or a new path without a YAML suffix) means the index.yaml inside it.
+    is_folder = path.is_dir() or (not path.exists() and path.suffix.lower() not in (".yaml", ".yml"))
+    return path / INDEX_FILE if is_folder else path
 
 
 def path_problem(name: Any, what: str = "file name") -> str | None:
@@ -107,7 +111,7 @@ def path_problem(name: Any, what: str = "file name") -> str | None:
         return f"{what} {name!r} escapes its folder (a '..' component)"
     if any(part in ("", ".") for part in parts):
         return f"{what} {name!r} has an empty or '.' component"
-    if any(ord(char) < 0x20 for char in name):
+    if _CONTROL_RE.search(name):
         return f"{what} {name!r} contains a control character"
     return None
 
@@ -296,13 +300,14 @@ def read_document(path: Path, limit: int, what: str) -> YamlDocument:
 def schema_problems(exc: ValidationError, file: str, doc: YamlDocument, prefix: tuple[Any, ...],
                     entry: str | None) -> list[Problem]:
     """One Problem per pydantic error, at the line of the offending key, with a code for the kind of error."""
-    problems = []
+    problems: list[Problem] = []
     for error in exc.errors():
         loc = tuple(error.get("loc", ()))
-        # Union members add their type name to the location (config.str / config.dict): drop it.
-        loc = tuple(part for part in loc if part not in ("str", "dict[str,any]", "function-after[_config_ref(), str]"))
-        where = ".".join(str(part) for part in loc) or "(top level)"
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if len(loc) == 2 and loc[0] == "config" and loc[1] in ("str", "dict[str,any]"):
+            # `config: str | dict` reports one error per union member: say it once, plainly.
+            loc, message = ("config",), "must be a path to the entry's config file, or the config as a mapping"
+        where = ".".join(str(part) for part in loc) or "(top level)"
         code = "schema"
         kind = error.get("type")
         last = loc[-1] if loc else None
@@ -322,7 +327,9 @@ def schema_problems(exc: ValidationError, file: str, doc: YamlDocument, prefix: 
         elif last in ("filename", "config") and ("escapes" in message or "absolute" in message
                                                  or "backslash" in message or "NUL" in message):
             code = "unsafe-path"
-        problems.append(Problem(file, doc.line(*prefix, *loc), "error", code, f"{where}: {message}", entry))
+        problem = Problem(file, doc.line(*prefix, *loc), "error", code, f"{where}: {message}", entry)
+        if problem not in problems:
+            problems.append(problem)
     return problems
 
 
@@ -473,6 +480,7 @@ class Catalog:
     path: Path
     entries: list[Entry]
     problems: list[Problem]
+    fingerprint: str | None = None  # sha256 of the index as read: a rewrite refuses if it changed meanwhile
 
     def names(self) -> list[str]:
         """Every valid entry's name."""
@@ -483,11 +491,15 @@ class Catalog:
         for entry in self.entries:
             if entry.name == name:
                 return entry
-        broken = [p for p in self.problems if p.entry == name and p.severity == "error"]
+        # A duplicate key alone does not stop an entry from loading: name what did first.
+        broken = sorted((p for p in self.problems if p.entry == name and p.severity == "error"),
+                        key=lambda p: p.code == "duplicate-key")
         if broken:
             first = broken[0]
             where = f"{first.file}:{first.line}" if first.line else first.file
-            raise BadConfig(f"catalog entry {name!r} is invalid: {where}: {first.message} (run `gallery validate`)")
+            more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+            raise BadConfig(f"catalog entry {name!r} is invalid: {where}: {first.message}{more} "
+                            "(run `gallery validate`)")
         close = [n for n in self.names() if name.lower() in n.lower() or n.lower() in name.lower()]
         hint = f"; did you mean {', '.join(close[:3])}?" if close else "; see `gallery list`"
         raise UsageError(f"no entry named {name!r} in {self.path}{hint}")
@@ -503,26 +515,27 @@ def load_catalog(path: Path) -> Catalog:
 
     Raises BadConfig only when the index itself cannot be read or is not a list of entries.
     """
+    fingerprint = index_fingerprint(path)
     doc = read_index(path)
     problems = index_problems(path, doc)
     if not isinstance(doc.data, list):
         first = problems[-1]
         raise BadConfig(f"{path}:{first.line}: {first.message}")
     entries: list[Entry] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {}  # lowercased name -> position of its first entry
     for item in iter_entries(path, doc):
         problems.extend(item.problems)
         entry = item.entry()
         if entry is None:
             continue
         if entry.name.lower() in seen:
+            first_line = doc.line(seen[entry.name.lower()], "name")
             problems.append(Problem(str(path), item.index_line("name"), "error", "duplicate-name",
-                                    f"duplicate name {entry.name!r} (first at line {seen[entry.name.lower()]})",
-                                    entry.name))
+                                    f"duplicate name {entry.name!r} (first at line {first_line})", entry.name))
             continue
-        seen[entry.name.lower()] = item.index_line("name") or 0
+        seen[entry.name.lower()] = item.position
         entries.append(entry)
-    return Catalog(path=path, entries=entries, problems=problems)
+    return Catalog(path=path, entries=entries, problems=problems, fingerprint=fingerprint)
 
 
 def load_catalog_strict(path: Path) -> Catalog:
@@ -535,6 +548,33 @@ def load_catalog_strict(path: Path) -> Catalog:
         raise BadConfig(f"the catalog has errors; fix them before changing it: {where}: {first.message}{more} "
                         "(run `gallery validate`)")
     return catalog
+
+
+def find_config(name: str, catalog: str | Path | None = None) -> tuple[ModelConfig, Path | None]:
+    """The config the runtime should run for a catalog entry name, and the folder relative paths resolve against.
+
+    An installed copy (`<models-dir>/<name>.yaml`, models dir from $GALLERY_MODELS_DIR or ./models, written by
+    `gallery install`) wins, since it points at verified local files; else the catalog's pinned config.
+    Raises LookupError when `name` is not an entry (the caller then tries other meanings of the spec), and
+    BadConfig when the catalog or the entry is broken.
+    """
+    if not _NAME_RE.fullmatch(name) or ".." in name:
+        raise LookupError(name)
+    from gallery.configfile import read_config
+    from gallery.install import resolve_models_dir
+
+    installed = resolve_models_dir(None) / f"{name}.yaml"
+    if installed.is_file():
+        return read_config(installed), installed.parent
+    path = resolve_catalog_path(catalog)
+    if not path.exists() and catalog is None:
+        raise LookupError(name)
+    loaded = load_catalog(path)
+    try:
+        entry = loaded.get(name)
+    except UsageError:
+        raise LookupError(name) from None
+    return entry.config, path.parent
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -555,23 +595,45 @@ def render_config(config: ModelConfig) -> str:
     return dump_yaml(config.to_data())
 
 
+def index_fingerprint(path: Path) -> str | None:
+    """sha256 of the index file's bytes, or None when it does not exist (yet)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BadConfig(f"{path}: cannot read ({exc.strerror})") from None
+
+
 def write_catalog(path: Path, entries: list[Entry], *, changed: set[str] | None = None,
-                  new_configs: set[str] | None = None) -> None:
+                  new_configs: set[str] | None = None, expect_fingerprint: str | bool | None = False) -> None:
     """Write the config files of the `changed` entries (all when None), then the index; each write is atomic.
 
     Configs go first so a reader never sees an index that names a config file that is not there yet;
-    `new_configs` names entries whose config file must not exist yet (refusing to clobber one).
+    `new_configs` names entries whose config file must not exist yet (refusing to clobber one), and those
+    are removed again if the index cannot be written. With `expect_fingerprint` (a Catalog.fingerprint),
+    the write is refused when another writer changed the index since it was read.
     """
-    for entry in entries:
-        if entry.config_ref is None or (changed is not None and entry.name not in changed):
-            continue
-        target = path.parent / entry.config_ref
-        overwrite = not (new_configs and entry.name in new_configs)
-        try:
-            atomic_write(target, render_config(entry.config), overwrite=overwrite)
-        except FileExistsError:
-            raise BadConfig(f"{target} already exists; remove it or choose another --name") from None
-    atomic_write(path, render_index(entries))
+    if expect_fingerprint is not False and index_fingerprint(path) != expect_fingerprint:
+        raise BadConfig(f"{path} changed while this command ran (another writer?): nothing was written; run it again")
+    created: list[Path] = []
+    try:
+        for entry in entries:
+            if entry.config_ref is None or (changed is not None and entry.name not in changed):
+                continue
+            target = path.parent / entry.config_ref
+            fresh = bool(new_configs and entry.name in new_configs)
+            try:
+                atomic_write(target, render_config(entry.config), overwrite=not fresh)
+            except FileExistsError:
+                raise OutputExists(f"{target} already exists; remove it or choose another --name") from None
+            if fresh:
+                created.append(target)
+        atomic_write(path, render_index(entries))
+    except BaseException:
+        for target in created:
+            target.unlink(missing_ok=True)
+        raise
 
 
 def describe_location(file: str, line: int | None) -> str:

@@ -23,8 +23,8 @@ from gallery.catalog import (
     repo_url,
 )
 from gallery.config import ModelConfig, RepoFile
-from gallery.errors import UsageError
-from gallery.hubfiles import download_file, sha256_file
+from gallery.errors import NetworkFailure, OfflineNotCached, UsageError
+from gallery.hubfiles import download_file, is_offline, sha256_file
 
 _HASH_WORKERS = 8
 
@@ -140,6 +140,12 @@ def build_entry(
     from importers import import_model
 
     result = import_model(source, revision=revision, backend=backend, name=name, token=token, cache_dir=cache_dir)
+    if result.origin == "cache":
+        # The importer falls back to the local cache when the Hub is unreachable; a catalog pin (or a drift check)
+        # built from that would silently be stale, so it is an error here.
+        error = OfflineNotCached if is_offline() else NetworkFailure
+        raise error(f"{source}: the Hub could not be used, and catalog entries are only built from the Hub "
+                    f"({result.warnings[0] if result.warnings else 'the import read the local cache'})")
     config = result.config.model_copy(deep=True)
     pinned = config.mlx.source
     if pinned.repo is None or pinned.revision is None or pinned.local_path is not None:

@@ -120,6 +120,9 @@ class ChatTemplate(_Strict):
     supports_system: bool = Field(
         default=True, description="False when the template rejects system messages (the runtime folds them in)."
     )
+    content_format: Literal["string", "parts"] = Field(
+        default="string", description="parts: the template only renders list-of-parts message content."
+    )
     accept_missing: bool = Field(
         default=False, description="A catalog entry sets this to say a missing template is known and accepted."
     )

@@ -90,8 +90,8 @@ def translate_hub_error(exc: BaseException, repo_id: str, what: str) -> GalleryE
         # huggingface_hub says "not in the local cache" when the Hub could not be reached at all.
         return NetworkFailure(f"{what}: could not reach {hub_endpoint()}")
     if isinstance(exc, EntryNotFoundError):
-        return RepoNotFound(f"{what}: the file does not exist at the pinned revision of {repo_id} "
-                            "(the catalog entry is stale: run `gallery refresh`)")
+        return RepoNotFound(f"{what}: the Hub cannot serve this file at the pinned revision of {repo_id} (HTTP 404); "
+                            "if a catalog entry pins it, `gallery refresh` re-pins the entry")
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else None
         if status == 401:

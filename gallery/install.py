@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -68,32 +69,9 @@ def _target(folder: Path, filename: str) -> Path:
     return target
 
 
-def install_entry(
-    entry: Entry,
-    models_dir: Path,
-    *,
-    token: str | bool | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> InstallResult:
-    """Install an entry into models_dir. Raises HashMismatch (16), network/auth errors, or BadConfig."""
-    say = progress or (lambda message: print(f"gallery: {message}", file=sys.stderr))
-    config = entry.config
-    repo, revision = config.mlx.source.repo, config.mlx.source.revision
-    if repo is None or revision is None:
-        raise BadConfig(f"entry {entry.name!r} does not pin a Hub repo at a commit (run `gallery validate`)")
-    folder = models_dir / entry.name
-    config_path = models_dir / f"{entry.name}.yaml"
-    if config_path.exists() and not config_path.is_file():
-        raise OutputExists(f"{config_path} exists and is not a file")
-    if folder.exists() and not folder.is_dir():
-        raise OutputExists(f"{folder} exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputExists(f"cannot create {folder}: {exc.strerror}") from None
-
-    verified: list[str] = []
-    downloaded: list[str] = []
+def _fetch_all(entry: Entry, folder: Path, repo: str, revision: str, token: str | bool | None,
+               say: Callable[[str], None], verified: list[str], downloaded: list[str]) -> None:
+    """Verify or download every file of the entry, in order; fills `verified` and `downloaded` as it goes."""
     total = len(entry.meta.files)
     for number, file in enumerate(entry.meta.files, start=1):
         target = _target(folder, file.filename)
@@ -117,6 +95,42 @@ def install_entry(
             )
         downloaded.append(file.filename)
         say(f"{label}: downloaded, sha256 verified")
+
+
+def install_entry(
+    entry: Entry,
+    models_dir: Path,
+    *,
+    token: str | bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> InstallResult:
+    """Install an entry into models_dir. Raises HashMismatch (16), network/auth errors, or BadConfig."""
+    say = progress or (lambda message: print(f"gallery: {message}", file=sys.stderr))
+    config = entry.config
+    repo, revision = config.mlx.source.repo, config.mlx.source.revision
+    if repo is None or revision is None:
+        raise BadConfig(f"entry {entry.name!r} does not pin a Hub repo at a commit (run `gallery validate`)")
+    folder = models_dir / entry.name
+    config_path = models_dir / f"{entry.name}.yaml"
+    if config_path.exists() and not config_path.is_file():
+        raise OutputExists(f"{config_path} exists and is not a file")
+    if folder.exists() and not folder.is_dir():
+        raise OutputExists(f"{folder} exists and is not a folder")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputExists(f"cannot create {folder}: {exc.strerror}") from None
+
+    verified: list[str] = []
+    downloaded: list[str] = []
+    try:
+        _fetch_all(entry, folder, repo, revision, token, say, verified, downloaded)
+    except BaseException:
+        if created and not verified and not downloaded:
+            # Nothing was installed (e.g. a gated repo): leave no empty folder behind.
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
     installed = config.model_copy(deep=True)
     installed.parameters.model = str(folder.resolve())

@@ -61,6 +61,9 @@ def decide_quantization(meta: RepoMetadata) -> Fact:
             mode=optional_str(block.get("mode"), "config.json", f"{key}.mode") or method
             or ("affine" if key == "quantization" else None),
         )
+        if quant.bits is None and quant.group_size is None and quant.mode is None:
+            return Fact(None, Decision(value=f"none usable ({key} is empty)", evidence=[
+                Evidence(source="config.json", field=key, detail="present but empty")]))
         detail = f"bits {quant.bits}, group size {quant.group_size}, mode {quant.mode}"
         conflicts = []
         if method and method not in ("mlx", "affine", "mxfp4", "nvfp4", "mxfp8"):

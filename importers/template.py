@@ -131,39 +131,66 @@ def media_marker_candidates(meta: RepoMetadata, image_token_text: str | None) ->
     return list(dict.fromkeys(candidates))
 
 
-def _render_checks(
-    text: str, variables: dict[str, str], *, vlm: bool, markers: list[str]
-) -> tuple[RenderCheck, bool, str | None]:
-    """Render the probes. Returns the check, whether system messages are accepted, and the image marker."""
-    check = RenderCheck()
-    supports_system = True
+@dataclasses.dataclass
+class ProbeResult:
+    """What rendering the probes showed about a template."""
+
+    check: RenderCheck
+    supports_system: bool = True
+    content_format: str = "string"
     marker: str | None = None
+
+
+def _as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages]
+
+
+def _text_probe(text: str, variables: dict[str, str], messages: list[dict[str, Any]]) -> tuple[str, bool]:
+    """Render the text probe (falling back to no system message). Returns (prompt, system accepted)."""
+    try:
+        return render_chat(text, messages, variables=variables, deadline_s=2.0), True
+    except TemplateError:
+        no_system = [m for m in messages if m["role"] != "system"]
+        return render_chat(text, no_system, variables=variables, deadline_s=2.0), False
+
+
+def _render_checks(text: str, variables: dict[str, str], *, vlm: bool, markers: list[str]) -> ProbeResult:
+    """Render the probes: the conversation must render and keep its text; for VLMs an image part must show."""
+    result = ProbeResult(check=RenderCheck())
+    check = result.check
     try:
         compile_template(text)
     except TemplateError as exc:
         check.text_probe = "error"
         check.errors.append(str(exc))
-        return check, supports_system, marker
-    try:
-        render_chat(text, PROBE_TEXT, variables=variables, deadline_s=2.0)
-        check.text_probe = "ok"
-    except TemplateError as exc:
+        return result
+    failures: list[str] = []
+    # Plain-string content first (what transformers' tokenizer templates take); some processor templates only
+    # render list-of-parts content and silently drop string content (llava-1.5), so try that form too.
+    for content_format, messages in (("string", PROBE_TEXT), ("parts", _as_parts(PROBE_TEXT))):
         try:
-            render_chat(text, PROBE_TEXT_NO_SYSTEM, variables=variables, deadline_s=2.0)
+            prompt, supports_system = _text_probe(text, variables, messages)
+        except TemplateError as exc:
+            failures.append(str(exc))
+            continue
+        if all(m["content"] in prompt for m in PROBE_TEXT if m["role"] == "user"):
             check.text_probe = "ok"
-            supports_system = False
-            check.errors.append(f"system messages rejected ({exc}); the runtime folds them into the first user turn")
-        except TemplateError as exc2:
-            check.text_probe = "error"
-            check.errors.append(str(exc2))
+            result.supports_system, result.content_format = supports_system, content_format
+            if not supports_system:
+                check.errors.append("system messages are rejected; the runtime folds them into the first user turn")
+            break
+        failures.append(f"the rendered prompt drops the user's text when content is a {content_format}")
+    else:
+        check.text_probe = "error"
+        check.errors.append(failures[0] if len(set(failures)) == 1 else "; ".join(dict.fromkeys(failures)))
     if vlm:
+        question = {"type": "text", "text": "What is in this image?"}
         try:
             with_image = render_chat(text, PROBE_IMAGE, variables=variables, deadline_s=2.0)
-            text_only = render_chat(
-                text, [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"}]}],
-                variables=variables, deadline_s=2.0,
-            )
-            marker = next((m for m in markers if with_image.count(m) > text_only.count(m)), None)
+            text_only = render_chat(text, [{"role": "user", "content": [question]}], variables=variables,
+                                    deadline_s=2.0)
+            result.marker = next((m for m in markers if with_image.count(m) > text_only.count(m)), None)
             if with_image == text_only:
                 check.image_probe = "error"
                 check.errors.append("the template drops image parts: a rendered image message equals the text-only one")
@@ -172,7 +199,7 @@ def _render_checks(
         except TemplateError as exc:
             check.image_probe = "error"
             check.errors.append(f"image probe: {exc}")
-    return check, supports_system, marker
+    return result
 
 
 def _checked_named(
@@ -233,7 +260,8 @@ def decide_template(meta: RepoMetadata, *, vlm: bool, image_token_text: str | No
         return TemplateDecision(template=template, media_marker=None, decision=decision, warnings=warnings)
 
     markers = media_marker_candidates(meta, image_token_text)
-    check, supports_system, marker = _render_checks(chosen.text, variables, vlm=vlm, markers=markers)
+    probes = _render_checks(chosen.text, variables, vlm=vlm, markers=markers)
+    check = probes.check
     named = _checked_named(tok, chosen, variables, warnings)
     if any(err.startswith("chat template is") and "limit" in err for err in check.errors) or (
         check.text_probe == "error" and any("syntax error" in err or "does not compile" in err for err in check.errors)
@@ -244,7 +272,7 @@ def decide_template(meta: RepoMetadata, *, vlm: bool, image_token_text: str | No
         decision = Decision(value=f"rejected: {chosen.source}: {check.errors[0]}", evidence=evidence, conflicts=conflicts)
         return TemplateDecision(template=template, media_marker=None, decision=decision, warnings=warnings)
     for err in check.errors:
-        if not err.startswith("system messages rejected"):
+        if not err.startswith("system messages are rejected"):
             warnings.append(f"chat template render check: {err}")
     template = ChatTemplate(
         status="pinned",
@@ -255,8 +283,9 @@ def decide_template(meta: RepoMetadata, *, vlm: bool, image_token_text: str | No
         named=named,
         variables=variables,
         render_check=check,
-        supports_system=supports_system,
+        supports_system=probes.supports_system,
+        content_format=probes.content_format,
     )
     value = f"pinned from {chosen.source}: {why}"
-    return TemplateDecision(template=template, media_marker=marker, decision=Decision(
+    return TemplateDecision(template=template, media_marker=probes.marker, decision=Decision(
         value=value, evidence=evidence, conflicts=conflicts), warnings=warnings)

@@ -157,8 +157,12 @@ def _join(a: Any, b: Any) -> Any:
     return parts_a + parts_b
 
 
-def normalize_messages(raw_messages: Any, *, supports_system: bool = True) -> NormalizedChat:
-    """Normalize a chat request's messages (see the module docstring). Raises RequestError."""
+def normalize_messages(raw_messages: Any, *, supports_system: bool = True, content_as_parts: bool = False) -> NormalizedChat:
+    """Normalize a chat request's messages (see the module docstring). Raises RequestError.
+
+    content_as_parts: the template renders only list-of-parts content (string content would be dropped),
+    so every string content becomes `[{"type": "text", "text": …}]`.
+    """
     if raw_messages is None or isinstance(raw_messages, (str, bytes, Mapping)) or not isinstance(raw_messages, Sequence):
         raise RequestError("messages must be a list of message objects")
     if not raw_messages:
@@ -226,4 +230,8 @@ def normalize_messages(raw_messages: Any, *, supports_system: bool = True) -> No
             changes.append(f"consecutive {message['role']} messages merged")
         else:
             merged_list.append(message)
+    if content_as_parts:
+        for message in merged_list:
+            if isinstance(message.get("content"), str):
+                message["content"] = [{"type": "text", "text": message["content"]}]
     return NormalizedChat(messages=merged_list, media=media, changes=changes)

@@ -52,7 +52,8 @@ def render_request_prompt(
             f"{config.name} has no chat template, so chat messages cannot be formatted as the model expects; "
             "send a raw prompt, or pin a template in the config (mlx.chat_template)"
         )
-    chat = normalize_messages(messages, supports_system=template.supports_system)
+    chat = normalize_messages(messages, supports_system=template.supports_system,
+                              content_as_parts=template.content_format == "parts")
     check_media_allowed(config, chat.media)
     reasoning = config.mlx.reasoning
     thinking = thinking_setting(config, enable_thinking)

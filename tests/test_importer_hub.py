@@ -232,3 +232,13 @@ def test_local_folder_import(tmp_path) -> None:
     config = import_model(str(folder)).config
     assert config.mlx.source.local_path == str(folder)
     assert config.backend == "mlx" and 151645 in _stops(config)
+
+
+def test_template_that_drops_string_content_is_pinned_with_list_content(hub_env) -> None:
+    from runtime.prompt import render_request_prompt
+
+    config = import_model("llava-hf/llava-1.5-7b-hf").config
+    template = config.mlx.chat_template
+    assert template.content_format == "parts" and template.render_check.text_probe == "ok"
+    prompt = render_request_prompt(config, [{"role": "user", "content": "Hello there"}]).text
+    assert "Hello there" in prompt  # a plain-string client message still reaches the prompt

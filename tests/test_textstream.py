@@ -157,3 +157,8 @@ def test_media_decoding_limits_and_errors(tmp_path) -> None:
     import os
 
     assert not os.path.exists(path)
+
+
+def test_string_content_as_parts_for_templates_that_need_it() -> None:
+    chat = normalize_messages([{"role": "user", "content": "hi"}], content_as_parts=True)
+    assert chat.messages == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
