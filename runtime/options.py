@@ -42,6 +42,7 @@ OPTIONS: dict[str, OptionSpec] = {
     "max_request_bytes": OptionSpec("int", 4 * MiB, "largest prompt + messages + tools text of one request", 1),
     "max_tokens_limit": OptionSpec("int", 32768, "largest max_tokens a request may ask for", 1),
     "context_size": OptionSpec("int", None, "the model's context size (caps max_tokens; reported)", 1),
+    "trust_remote_code": OptionSpec("bool", False, "let transformers run the repo's own tokenizer code"),
     "catalog": OptionSpec("str", None, "catalog index to look model names up in"),
     "model_identity": OptionSpec("list", (), "extra names a request's ModelIdentity may use (repeatable)"),
     "enable_thinking": OptionSpec("bool", None, "default thinking switch for requests that do not set it"),
@@ -54,8 +55,7 @@ OPTIONS: dict[str, OptionSpec] = {
     "seed": OptionSpec("int", None, "default random seed"),
 }
 # Other spellings people use for the same keys (LocalAI's mlx backend uses `temp`).
-ALIASES = {"temp": "temperature", "repetition_penalty": "repeat_penalty", "max_kv_size": "context_size",
-           "trust_remote_code": "trust_remote_code"}
+ALIASES = {"temp": "temperature", "repetition_penalty": "repeat_penalty"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 

@@ -85,55 +85,64 @@ class BackendServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Health(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Liveness: answers message "OK" whenever the process serves (before, during and after a load).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Free(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Unload the model and release its memory.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Predict(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Generate a whole answer in one reply.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LoadModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Load a model (config path, catalog name, model folder or Hub repo id); frees the previous one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PredictStream(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Generate an answer as a stream of replies; the last one carries token counts and timings.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def TokenizeString(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Token ids of Prompt (or of the rendered Messages) as the model encodes a prompt.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Detokenize(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Text of token ids.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """READY / BUSY / ERROR / UNINITIALIZED and memory use.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ModelMetadata(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Thinking support, the rendered template and the media marker of the loaded (or named) model.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -1,0 +1,355 @@
+"""The model host: which model is loaded, loading a new one, freeing it, and what state it is in.
+
+Both interfaces (gRPC and stdio) drive one ModelHost. It resolves a model spec (config path, catalog
+name, model folder, Hub repo id) to a config, applies load options, starts an Engine, and frees the
+previous engine first — but only after the new spec resolved, so asking for a model that does not
+exist never unloads the one that works. Loads are serialized; requests read the current engine
+without a lock (a request racing a reload is cancelled cleanly by the old engine's shutdown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from gallery.config import ModelConfig
+from gallery.errors import GalleryError, RuntimeFailure, UsageError
+from runtime.engine import Engine, GenerationRequest, QueueFull, RequestHandle, _rss_bytes
+from runtime.faults import IdentityMismatch, LoadFailed, ModelNotFound, NotLoaded, ShuttingDown
+from runtime.media import MediaPolicy
+from runtime.messages import RequestError
+from runtime.options import LoadOptions, parse_options
+
+log = logging.getLogger("runtime")
+
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a load did, for the caller's reply."""
+
+    name: str
+    backend: str
+    spec: str
+    seconds: float
+    warnings: list[str]
+    unknown_options: list[str]
+    reused: bool = False
+
+    @property
+    def message(self) -> str:
+        """One line for LoadModel's Result.message."""
+        text = f"loaded {self.name} ({self.backend})" + (" (already loaded)" if self.reused else
+                                                         f" in {self.seconds:.1f} s")
+        if self.unknown_options:
+            text += f"; ignored unknown options: {', '.join(self.unknown_options)}"
+        if self.warnings:
+            text += f"; warnings: {' | '.join(self.warnings)}"
+        return text
+
+
+@dataclasses.dataclass
+class Overrides:
+    """Load settings that come from typed ModelOptions fields rather than `key:value` options."""
+
+    context_size: int | None = None
+    seed: int | None = None
+    trust_remote_code: bool = False
+    draft_model: str | None = None
+
+
+def locate_spec(spec: str, model_path: str | None) -> str:
+    """The spec to resolve: relative paths that exist under model_path (LocalAI's models dir) win."""
+    spec = spec.strip()
+    if not spec:
+        raise UsageError("no model given: send a config path, catalog name, model folder or Hub repo id")
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and model_path:
+        candidate = Path(model_path).expanduser() / spec
+        if candidate.exists():
+            return str(candidate)
+    if path.suffix.lower() in _CONFIG_SUFFIXES and not path.exists():
+        raise ModelNotFound(f"{spec}: no such config file")
+    if spec.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise ModelNotFound(f"{spec}: no such file or folder")
+    return spec
+
+
+def resolve(spec: str, catalog: str | None) -> tuple[ModelConfig, Path | None]:
+    """Resolve a located spec to a config (no weights are read). Unknown names raise ModelNotFound."""
+    from runtime.loader import resolve_config
+
+    try:
+        return resolve_config(spec, catalog=catalog)
+    except UsageError as exc:  # "not a repo id or an existing folder": the name names nothing
+        raise ModelNotFound(f"{spec}: not a config file, catalog entry, model folder or Hub repo id ({exc})") from None
+
+
+def apply_options(config: ModelConfig, options: LoadOptions, overrides: Overrides) -> ModelConfig:
+    """A copy of config with the sampling defaults, context size and trust settings the load asked for."""
+    config = config.model_copy(deep=True)
+    params = config.parameters
+    for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed"):
+        if options.given(key):
+            setattr(params, key, options.get(key))
+    if overrides.seed is not None and not options.given("seed"):
+        params.seed = overrides.seed
+    context = options.get("context_size") or overrides.context_size
+    if context:
+        config.context_size = int(context)
+    if overrides.trust_remote_code or options.get("trust_remote_code"):
+        config.mlx.trust_remote_code = True
+    if overrides.draft_model:
+        config.mlx.speculative.draft_model = overrides.draft_model
+    return config
+
+
+def identity_names(config: ModelConfig, spec: str, options: LoadOptions) -> set[str]:
+    """Every name a request may use to mean this model (ModelIdentity / `model`)."""
+    names = {config.name, spec, config.parameters.model, *options.get("model_identity")}
+    source = config.mlx.source
+    if source.repo:
+        names.add(source.repo)
+        if source.revision:
+            names.add(f"{source.repo}@{source.revision}")
+    if source.local_path:
+        names.add(source.local_path)
+    path = Path(spec)
+    names.update({path.name, path.stem})
+    return {name for name in names if name}
+
+
+def _mlx_memory() -> dict[str, int]:
+    if "mlx.core" not in sys.modules:  # never import MLX just to report on it
+        return {}
+    import mlx.core as mx
+
+    memory = {}
+    for key, getter in (("mlx_active", "get_active_memory"), ("mlx_peak", "get_peak_memory"),
+                        ("mlx_cache", "get_cache_memory")):
+        with contextlib.suppress(AttributeError, RuntimeError):
+            memory[key] = int(getattr(mx, getter)())
+    return memory
+
+
+def _release_mlx_cache() -> None:
+    """Give freed model memory back to the system (MLX keeps freed buffers in its cache)."""
+    if "mlx.core" not in sys.modules:
+        return
+    import mlx.core as mx
+
+    from backends import run_on_mlx_thread
+
+    run_on_mlx_thread(mx.clear_cache, name="mlx-free").wait(10)
+
+
+class ModelHost:
+    """Owns at most one loaded Engine; thread-safe."""
+
+    def __init__(self, *, interface: str, catalog: str | None = None) -> None:
+        self.interface = interface
+        self.catalog = catalog
+        self.engine: Engine | None = None
+        self.options = parse_options(None)
+        self.spec: str | None = None
+        self.names: set[str] = set()
+        self.loading: str | None = None
+        self.error: str | None = None
+        self.draining = False
+        self._load_lock = threading.Lock()
+        self._loaded_key: tuple[Any, ...] | None = None
+
+    # ----- loading -----
+    def load(self, spec: str, options: Any = None, *, model_path: str | None = None,
+             overrides: Overrides | None = None) -> LoadReport:
+        """Load a model, freeing the previous one. Raises ModelNotFound, RequestError, LoadFailed…"""
+        if self.draining:
+            raise ShuttingDown("the runtime is shutting down")
+        parsed = parse_options(options)
+        overrides = overrides or Overrides()
+        with self._load_lock:
+            started = time.perf_counter()
+            located = locate_spec(spec, model_path)
+            key = (located, repr(sorted(parsed.values.items())), dataclasses.astuple(overrides))
+            if self.engine is not None and self._loaded_key == key and self.engine.ready:
+                return LoadReport(self.engine.config.name, self.engine.config.backend, located, 0.0,
+                                  list(self.engine.warnings), parsed.unknown, reused=True)
+            catalog = parsed.get("catalog") or self.catalog
+            config, base = resolve(located, catalog)
+            config = apply_options(config, parsed, overrides)
+            self._free_locked()
+            self.loading, self.error = config.name, None
+            log.info("loading %s (%s) from %s", config.name, config.backend, located)
+            try:
+                engine = self._start_engine(config, base, parsed)
+            except GalleryError as exc:
+                self.error = str(exc)
+                if type(exc) is RuntimeFailure:  # a plain runtime failure means "found, but would not load"
+                    raise LoadFailed(str(exc)) from None
+                raise
+            except Exception as exc:  # an MLX or library failure while loading: report it, keep serving
+                self.error = f"could not load {config.name}: {type(exc).__name__}: {exc}"
+                raise LoadFailed(self.error) from None
+            finally:
+                self.loading = None
+            self.engine, self.options, self.spec = engine, parsed, located
+            self.names = identity_names(config, located, parsed)
+            self._loaded_key = key
+            seconds = time.perf_counter() - started
+            log.info("loaded %s in %.1f s", config.name, seconds)
+            return LoadReport(config.name, config.backend, located, seconds, list(engine.warnings), parsed.unknown)
+
+    def _start_engine(self, config: ModelConfig, base: Path | None, options: LoadOptions) -> Engine:
+        local_media = options.get("allow_local_media")
+        policy = MediaPolicy(
+            allow_local_paths=(self.interface == "stdio") if local_media is None else bool(local_media),
+            allow_remote_urls=bool(options.get("allow_remote_media")),
+            max_items=int(options.get("max_media_items")),
+            max_bytes=int(float(options.get("max_media_mb")) * 1024 * 1024),
+        )
+        limit = int(options.get("max_tokens_limit"))
+        if config.context_size:
+            limit = min(limit, config.context_size)
+        engine = Engine(config, base=base, allow_download=bool(options.get("allow_download")),
+                        strict=bool(options.get("strict")), max_active=int(options.get("max_active")),
+                        max_queue=int(options.get("max_queue")), media_policy=policy, max_tokens_limit=limit)
+        return engine.start()
+
+    def free(self) -> str | None:
+        """Unload the model and release its memory; returns the freed model's name (None if none)."""
+        with self._load_lock:
+            return self._free_locked()
+
+    def _free_locked(self) -> str | None:
+        engine, self.engine = self.engine, None
+        self._loaded_key, self.names, self.spec, self.options = None, set(), None, parse_options(None)
+        if engine is None:
+            return None
+        name = engine.config.name
+        engine.shutdown(cancel=True)
+        engine.loaded = None  # drop the model's arrays now, not whenever the engine object goes away
+        del engine
+        gc.collect()
+        _release_mlx_cache()
+        log.info("freed %s", name)
+        return name
+
+    def close(self, *, cancel: bool = True) -> None:
+        """Stop serving: refuse new work and shut the engine down."""
+        self.draining = True
+        engine = self.engine
+        if engine is not None:
+            engine.shutdown(cancel=cancel)
+
+    # ----- requests -----
+    def current(self) -> Engine:
+        """The loaded engine. Raises NotLoaded / ShuttingDown."""
+        if self.draining:
+            raise ShuttingDown("the runtime is shutting down")
+        engine = self.engine
+        if engine is None:
+            if self.loading:
+                raise NotLoaded(f"{self.loading} is still loading; retry when Status is READY")
+            raise NotLoaded("no model is loaded: call LoadModel first" + (f" (last load failed: {self.error})"
+                                                                          if self.error else ""))
+        return engine
+
+    def check_identity(self, identity: str | None) -> None:
+        """Refuse a request meant for another model. Empty identity means "whatever is loaded"."""
+        if not identity:
+            return
+        engine = self.current()
+        if identity not in self.names:
+            source = engine.config.mlx.source
+            raise IdentityMismatch(
+                f"request is for model {identity!r} but {engine.config.name!r}"
+                + (f" ({source.repo})" if source.repo else "") + " is loaded"
+            )
+
+    def submit(self, request: GenerationRequest, identity: str | None = None) -> RequestHandle:
+        """Apply load-time request defaults and queue the request on the current engine."""
+        engine = self.current()
+        self.check_identity(identity)
+        if request.enable_thinking is None and self.options.get("enable_thinking") is not None:
+            request.enable_thinking = bool(self.options.get("enable_thinking"))
+        try:
+            return engine.submit(request)
+        except (QueueFull, RequestError):
+            raise
+        except RuntimeFailure:
+            # The engine stopped between current() and submit(): a drain, or a reload / Free racing us.
+            if self.draining:
+                raise ShuttingDown("the runtime is shutting down") from None
+            if engine is not self.engine:
+                raise NotLoaded("the model was unloaded while this request was being prepared; retry") from None
+            raise
+
+    # ----- state -----
+    def status(self) -> dict[str, Any]:
+        """State (UNINITIALIZED / READY / BUSY / ERROR), the model, load and memory."""
+        engine = self.engine
+        memory: dict[str, int] = {"rss": _rss_bytes(), **_mlx_memory()}
+        info: dict[str, Any] = {"model": None, "backend": None, "active": 0, "queued": 0, "completed": 0,
+                                "warnings": [], "error": self.error, "loading": self.loading,
+                                "draining": self.draining}
+        if engine is not None:
+            status = engine.status()
+            state = {"READY": "READY", "BUSY": "BUSY", "STOPPING": "BUSY", "ERROR": "ERROR"}.get(
+                status["state"], "UNINITIALIZED")
+            info.update({key: status[key] for key in ("model", "backend", "active", "queued", "completed",
+                                                      "warnings")})
+            info["error"] = status["error"]
+        elif self.loading:
+            state = "UNINITIALIZED"
+        else:
+            state = "ERROR" if self.error else "UNINITIALIZED"
+        return {"state": state, "memory": {"total": memory["rss"], "breakdown": memory}, **info}
+
+
+# A small conversation the pinned template renders for ModelMetadata: a system turn and a user turn,
+# with the generation prompt, so a client sees how turns are framed and whether the answer opens
+# inside a reasoning block (LocalAI's rendered_template is "the template rendered with thinking on").
+PROBE_CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hello!"},
+]
+
+
+def model_metadata(config: ModelConfig) -> dict[str, Any]:
+    """supports_thinking, the probe conversation rendered with the pinned template, and the media marker."""
+    from runtime.prompt import render_request_prompt
+
+    reasoning = config.mlx.reasoning
+    rendered = ""
+    if config.mlx.chat_template.status == "pinned":
+        try:
+            rendered = render_request_prompt(config, [dict(m) for m in PROBE_CONVERSATION],
+                                             enable_thinking=True if reasoning.supported else None).text
+        except GalleryError as exc:
+            log.warning("%s: the pinned template does not render the probe conversation: %s", config.name, exc)
+    return {
+        "supports_thinking": bool(reasoning.supported),
+        "rendered_template": rendered,
+        "media_marker": config.mlx.media.marker or "",
+        "reasoning_start": reasoning.start or "",
+        "reasoning_end": reasoning.end or "",
+        "tool_format": config.mlx.tool_calls.format or "",
+    }
+
+
+def prompt_text(config: ModelConfig, request: GenerationRequest) -> str:
+    """The exact prompt text a request renders to (messages through the pinned template), without media."""
+    from runtime.prompt import render_request_prompt
+
+    if request.prompt is not None:
+        return request.prompt
+    return render_request_prompt(config, request.messages, tools=request.tools, enable_thinking=request.enable_thinking,
+                                 template_kwargs=request.template_kwargs).text
