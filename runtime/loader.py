@@ -83,20 +83,33 @@ def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -
     from importers.fetch import hub_endpoint, is_offline
 
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, local_files_only=True))
+        cached = Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        pass
+        cached = None
+    # An import caches the small metadata files at the same commit, so the snapshot folder exists
+    # without any weights; that is "not installed", not a model to hand to mlx-lm.
+    if cached is not None and _has_weights(cached):
+        return cached
     if not allow_download or is_offline():
         raise RuntimeFailure(
             f"the weights of {repo}@{(revision or 'main')[:12]} are not in the local cache; run "
-            "`gallery install NAME`, or allow downloads (--allow-download)"
+            "`gallery install NAME` for a catalog entry, or allow downloads (`--allow-download`, or the "
+            "load option `allow_download:true`)"
             + (" and unset HF_HUB_OFFLINE" if is_offline() else "")
         )
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS,
-                                      endpoint=hub_endpoint()))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS,
+                                        endpoint=hub_endpoint()))
     except Exception as exc:
         raise RuntimeFailure(f"could not download {repo}@{(revision or 'main')[:12]}: {type(exc).__name__}: {exc}") from None
+    if not _has_weights(folder):
+        raise RuntimeFailure(f"{repo}@{(revision or 'main')[:12]} has no .safetensors weights (not an MLX conversion?)")
+    return folder
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether a snapshot folder holds safetensors weights (top level or one folder down)."""
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*/*.safetensors"))
 
 
 def model_folder(config: ModelConfig, base: Path | None, *, allow_download: bool) -> Path:
