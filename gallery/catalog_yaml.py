@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from gallery.yamlio import PathKey, YamlError
+from gallery.yamlio import PathKey, YamlError, yaml_error
 
 _BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -159,17 +159,8 @@ def _parse(text: str, *, track_lines: bool) -> tuple[Any, list[tuple[PathKey, in
             return None, [], {}
         data, duplicates = loader.build(node, lines)
         return data, duplicates, lines or {}
-    except YamlError:
-        raise
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise YamlError(f"invalid YAML: {problem}", line) from None
-    except yaml.YAMLError as exc:
-        raise YamlError(f"invalid YAML: {' '.join(str(exc).split())}") from None
-    except (RecursionError, MemoryError):
-        raise YamlError("invalid YAML: nested too deeply or too large") from None
+    except (yaml.YAMLError, RecursionError, MemoryError) as exc:
+        raise yaml_error(exc) from None
     finally:
         loader.dispose()
 

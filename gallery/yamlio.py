@@ -154,19 +154,21 @@ def load_yaml(text: str) -> tuple[Any, dict[PathKey, int]]:
             raise YamlError("expected one YAML document, found several")
         data = loader.construct_document(node) if node is not None else None
         return data, loader.lines
-    except YamlError:
-        raise
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise YamlError(f"invalid YAML: {problem}", line) from None
-    except yaml.YAMLError as exc:
-        raise YamlError(f"invalid YAML: {exc}") from None
-    except RecursionError:
-        raise YamlError("invalid YAML: nested too deeply") from None
+    except (yaml.YAMLError, RecursionError, MemoryError) as exc:
+        raise yaml_error(exc) from None
     finally:
         loader.dispose()
+
+
+def yaml_error(exc: BaseException) -> YamlError:
+    """One-line YamlError (with the line when PyYAML knows it) for a failure while loading YAML."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        return YamlError(f"invalid YAML: {' '.join(problem.split())}", mark.line + 1 if mark else None)
+    if isinstance(exc, yaml.YAMLError):
+        return YamlError(f"invalid YAML: {' '.join(str(exc).split())}")
+    return YamlError("invalid YAML: nested too deeply or too large")  # RecursionError, MemoryError
 
 
 def atomic_write(path: Path, text: str, *, overwrite: bool = True) -> None:

@@ -433,9 +433,7 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
     def read_range(path: str, start: int, end: int) -> bytes:
         cached_path = _cached_path(cache, commit, path)
         if cached_path is not None:
-            with open(cached_path, "rb") as handle:
-                handle.seek(start)
-                return handle.read(end - start + 1)
+            return _read_file_range(cached_path, start, end)
         try:
             return get(path, {"Range": f"bytes={start}-{end}"})
         except EntryNotFoundError:
@@ -622,9 +620,7 @@ def _fetch_local(source: ModelSource) -> RepoSnapshot:
     repo_id, commit = _cache_identity(folder)
 
     def read_range(path: str, start: int, end: int) -> bytes:
-        with open(folder / path, "rb") as handle:
-            handle.seek(start)
-            return handle.read(end - start + 1)
+        return _read_file_range(folder / path, start, end)
 
     snapshot = RepoSnapshot(
         source=source,
@@ -639,6 +635,13 @@ def _fetch_local(source: ModelSource) -> RepoSnapshot:
     )
     _require_config(snapshot)
     return snapshot
+
+
+def _read_file_range(path: str | Path, start: int, end: int) -> bytes:
+    """Bytes start..end (inclusive, as in an HTTP Range) of a local file."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        return handle.read(end - start + 1)
 
 
 def _cache_identity(folder: Path) -> tuple[str | None, str | None]:

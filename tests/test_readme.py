@@ -25,3 +25,17 @@ def test_exit_code_table_matches_the_code() -> None:
     start = readme.index("<!-- exit-codes")
     table = readme[readme.index("\n", start) + 1: readme.index("<!-- /exit-codes -->")].strip()
     assert table == exit_code_table()
+
+
+def _block(readme: str, marker: str) -> str:
+    start = readme.index(f"<!-- {marker}")
+    return readme[readme.index("\n", start) + 1: readme.index(f"<!-- /{marker} -->")].strip()
+
+
+def test_load_option_and_fault_tables_match_the_code() -> None:
+    from runtime.faults import faults_table
+    from runtime.options import options_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert _block(readme, "load-options") == options_table()
+    assert _block(readme, "faults") == faults_table()
