@@ -14,6 +14,11 @@ from importers.metadata import RepoMetadata, optional_int, optional_number, opti
 
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions", "max_seq_len",
                  "model_max_length")
+# When a language config declares no position limit, transformers (and mlx-lm) use the config class's
+# default. Only families whose default *is* the released models' context are listed (gemma3_text and
+# gemma4_text default to 128K, as the 4B+ checkpoints that omit the key have); a family whose default
+# is a placeholder (llama's 2048) is left unknown rather than guessed.
+_CLASS_DEFAULT_CONTEXT = {"gemma3_text": ("Gemma3TextConfig", 131072), "gemma4_text": ("Gemma4TextConfig", 131072)}
 _MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers", "mtp_num_layers")
 
 
@@ -42,6 +47,16 @@ def decide_context(meta: RepoMetadata) -> Fact:
         if isinstance(raw, int) and not isinstance(raw, bool) and 0 < raw < 10_000_000:
             chosen = raw
             evidence.append(Evidence(source="tokenizer_config.json", field="model_max_length", detail=str(raw)))
+    if chosen is None:
+        for path, node in meta.sub_configs():
+            default = _CLASS_DEFAULT_CONTEXT.get(str(node.get("model_type")))
+            if default is not None:
+                chosen = default[1]
+                field = f"{path}.model_type" if path else "model_type"
+                evidence.append(Evidence(source="config.json", field=field, detail=(
+                    f"{node.get('model_type')}: no position limit declared; transformers' {default[0]} "
+                    f"default max_position_embeddings is {chosen}")))
+                break
     value = str(chosen) if chosen is not None else "unknown (no position limit declared)"
     return Fact(chosen, Decision(value=value, evidence=evidence))
 

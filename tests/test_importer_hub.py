@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gallery.chat_template import render_chat, template_sha256
@@ -95,6 +97,22 @@ def test_text_only_conversion_records_the_disagreement(hub_env) -> None:
     assert config.backend == "mlx"
     assert any("pipeline_tag" in c for c in config.mlx.decisions["backend"].conflicts)
     assert not config.mlx.media.image
+
+
+def test_text_only_conversion_gets_its_context_from_the_config_class_default(hub_env) -> None:
+    config = import_model("mlx-community/gemma-3-4b-it-text-4bit").config
+    assert config.context_size == 131072
+    evidence = config.mlx.decisions["context_size"].evidence
+    assert [(e.field, "Gemma3TextConfig" in e.detail) for e in evidence] == [("text_config.model_type", True)]
+
+
+@pytest.mark.parametrize(("model_type", "expected"), [("gemma3_text", 131072), ("llama", None)])
+def test_undeclared_context_uses_only_defaults_that_are_real(tmp_path, model_type: str, expected: int | None) -> None:
+    """A family whose class default is a placeholder (llama's 2048) stays unknown rather than guessed."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": ["X"],
+                                                      "eos_token_id": 1}))
+    config = import_model(str(tmp_path)).config
+    assert config.context_size == expected
 
 
 def test_explicit_backend_wins_with_a_warning(hub_env) -> None:
