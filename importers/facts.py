@@ -14,7 +14,7 @@ from importers.metadata import RepoMetadata, optional_int, optional_number, opti
 
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions", "max_seq_len",
                  "model_max_length")
-# When a language config declares no position limit, transformers (and mlx-lm) use the config class's
+# When a language config declares no position limit, transformers uses the config class's
 # default. Only families whose default *is* the released models' context are listed (gemma3_text and
 # gemma4_text default to 128K, as the 4B+ checkpoints that omit the key have); a family whose default
 # is a placeholder (llama's 2048) is left unknown rather than guessed.
