@@ -118,7 +118,7 @@ def bench_process_start(model: Path) -> dict[str, Any]:
     )
     ours, raw = [], []
     for _ in range(REPEATS):
-        ours.append(_time_to_first_stdout([sys.executable, "-m", "gallery", "run", str(model), "-p", "hi",
+        ours.append(_time_to_first_stdout([sys.executable, "-m", "cli", "run", str(model), "-p", "hi",
                                            "--max-tokens", "8"])[0])
         raw.append(_time_to_first_stdout([sys.executable, "-c", raw_script])[0])
     check = (

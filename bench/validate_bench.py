@@ -28,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gallery import chat_template, validate  # noqa: E402
-from gallery.catalog import (  # noqa: E402
+from catalog import validate  # noqa: E402
+from gallery import chat_template  # noqa: E402
+from catalog.index import (  # noqa: E402
     CatalogFile,
     Entry,
     file_uri,
@@ -39,7 +40,7 @@ from gallery.catalog import (  # noqa: E402
     render_index,
 )
 from gallery.config import RepoFile  # noqa: E402
-from gallery.validate import Report, validate_paths  # noqa: E402
+from catalog.validate import Report, validate_paths  # noqa: E402
 
 
 def build_catalog(folder: Path, count: int) -> tuple[Path, int]:
@@ -48,7 +49,7 @@ def build_catalog(folder: Path, count: int) -> tuple[Path, int]:
     Each starter entry is rendered once by the project's own writer; the copies only change the name, the
     description and the config path (as text, which keeps building 2,000 entries fast).
     """
-    starters = [_with_weights(entry) for entry in load_catalog(ROOT / "gallery" / "index.yaml").entries]
+    starters = [_with_weights(entry) for entry in load_catalog(ROOT / "catalog" / "index.yaml").entries]
     (folder / "entries").mkdir(parents=True)
     config_texts = [render_config(entry.config) for entry in starters]
     index_texts = [render_index([entry]).split("\n- name: ", 1)[1] for entry in starters]

@@ -35,6 +35,8 @@ class Evidence(_Strict):
     source: str = Field(description="Where it was read: a repo file, `hub` (model info), `cli`, `weights index`.")
     field: str | None = Field(default=None, description="The field or key inside the source, if any.")
     detail: str = Field(description="What this evidence says, in one line.")
+    value: str | None = Field(default=None, description="The raw value read there (e.g. a token's text), when a "
+                              "check needs it as data rather than in the sentence.")
 
 
 class Decision(_Strict):

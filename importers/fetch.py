@@ -3,12 +3,14 @@
 Three sources behave the same way for the decision code:
 - the Hub (or a mirror at HF_ENDPOINT): one model-info call with file metadata resolves the revision
   to a commit and lists every file with its size and hashes; then the small metadata files are read
-  concurrently at that commit (one GET each, no HEAD), and stored in the standard Hugging Face cache
-  layout so a later offline import finds them; the head of `tokenizer.json` is read with Range
-  requests only when special-token ids must be mapped to text and no smaller file has them;
+  concurrently at that commit (one GET each), checked against that listing (size, git blob id or sha256)
+  and only then stored in the standard Hugging Face cache layout, so a later offline import finds them and
+  a lying server cannot poison the cache; the listing itself is kept beside the cache, so an offline
+  import knows which files it should have had. The head of `tokenizer.json` is read with Range requests
+  only when special-token ids must be mapped to text and no smaller file has them;
 - the local Hugging Face cache, when offline (HF_HUB_OFFLINE=1) or when the network fails;
-- a local folder.
-Weights are never downloaded. Retries: 429, 5xx and timeouts are retried with backoff; other 4xx stop.
+- a local folder (regular files inside it only: a symlink out of the folder is never followed).
+Weights are never downloaded. Hub access (timeouts, retries, errors) is gallery.hub's.
 """
 
 from __future__ import annotations
@@ -18,41 +20,14 @@ import dataclasses
 import fnmatch
 import json
 import os
-import random
-import time
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import huggingface_hub
-from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-from gallery.errors import (
-    GalleryError,
-    GatedRepo,
-    NetworkFailure,
-    NoConfig,
-    OfflineNotCached,
-    RepoNotFound,
-    RevisionNotFound,
-)
+from gallery import hub
+from gallery.errors import BadMetadata, GalleryError, NetworkFailure, NoConfig, OfflineNotCached, UsageError
 from importers.source import COMMIT_RE, ModelSource
-
-try:  # huggingface_hub 2.x speaks httpx2; 1.x speaks httpx
-    import httpx2 as _http
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    import httpx as _http  # type: ignore[no-redef]
-
-T = TypeVar("T")
 
 # The small files an import reads. Everything else (weights, tokenizer.json, vocab files) is only listed.
 METADATA_FILES = (
@@ -74,9 +49,9 @@ MAX_METADATA_BYTES = 16 * 1024 * 1024
 TOKENIZER_JSON = "tokenizer.json"
 MAX_TOKENIZER_HEAD_BYTES = 16 * 1024 * 1024
 _FIRST_HEAD_CHUNK = 64 * 1024
-
-RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".msgpack", ".h5", ".npz", ".model")
+# A model folder is flat or one or two levels deep; a walk that finds more is not a model folder.
+MAX_LOCAL_FILES = 20_000
+MAX_LOCAL_DEPTH = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +101,7 @@ class RepoSnapshot:
     listing: dict[str, FileMeta]
     files: dict[str, bytes]
     warnings: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)  # expected metadata files that could not be read
     stats: FetchStats = dataclasses.field(default_factory=FetchStats)
     _head_reader: Callable[[str, int, int], bytes] | None = None
     _added_tokens: list[dict[str, Any]] | None = None
@@ -144,15 +120,11 @@ class RepoSnapshot:
         if self._added_tokens_read:
             return self._added_tokens
         self._added_tokens_read = True
-        side = _side_cache_path(self.repo_id, self.commit)
-        if side is not None and side.is_file():
-            try:
-                cached = json.loads(side.read_text(encoding="utf-8"))
-                if isinstance(cached, list):
-                    self._added_tokens = cached
-                    return self._added_tokens
-            except (OSError, ValueError):
-                pass
+        side = _side_path("added-tokens", self.repo_id, self.commit)
+        cached = _read_side(side)
+        if isinstance(cached, list):
+            self._added_tokens = cached
+            return self._added_tokens
         if TOKENIZER_JSON not in self.listing or self._head_reader is None:
             return None
         self.stats.round_trips += 1
@@ -162,28 +134,41 @@ class RepoSnapshot:
             raise
         except (OSError, ValueError) as exc:
             self.warnings.append(f"could not read the special tokens at the head of tokenizer.json: {exc}")
-        if self._added_tokens is not None and side is not None:
-            _write_side_cache(side, self._added_tokens)
+        if self._added_tokens is not None:
+            _write_side(side, [{"id": t.get("id"), "content": t.get("content")} for t in self._added_tokens])
         return self._added_tokens
 
 
-def _side_cache_path(repo_id: str | None, commit: str | None) -> Path | None:
-    """Where the added tokens read from a repo's tokenizer.json head are kept, per repo and commit.
+# ----- the side cache: what this project keeps per repo and commit beside the HF cache -----
+def _side_path(kind: str, repo_id: str | None, commit: str | None) -> Path | None:
+    """Where `kind` data about a repo at a commit is kept.
 
-    The Hugging Face cache can only hold whole files (a truncated tokenizer.json there would break
-    loaders), so the few kilobytes read with Range requests are kept beside it, keyed by the commit,
-    which pins the content. This is what lets an offline import of a cached repo map ids to text.
+    The Hugging Face cache holds only whole files (a truncated tokenizer.json there would break loaders) and
+    no listings, so the few kilobytes read with Range requests and the Hub's file listing are kept beside
+    it, keyed by the commit, which pins their content. This is what lets an offline import of a cached repo
+    map ids to text and know which files it is missing.
     """
     if not repo_id or not commit:
         return None
-    return hub_cache_dir().parent / "mlx-gallery" / "added-tokens" / ("models--" + repo_id.replace("/", "--")) / f"{commit}.json"
+    return hub.side_cache_dir(kind) / ("models--" + repo_id.replace("/", "--")) / f"{commit}.json"
 
 
-def _write_side_cache(path: Path, tokens: list[dict[str, Any]]) -> None:
+def _read_side(path: Path | None) -> Any:
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_side(path: Path | None, data: Any) -> None:
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps([{"id": t.get("id"), "content": t.get("content")} for t in tokens]), encoding="utf-8")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, path)
     except OSError:
         pass  # best effort: a read-only cache never fails an import
@@ -224,33 +209,6 @@ def _parse_added_tokens(head: bytes) -> list[dict[str, Any]] | None:
     return [item for item in value if isinstance(item, dict)]
 
 
-def is_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it, but re-read now (tests and callers may set it late)."""
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if value is None:
-        return bool(constants.HF_HUB_OFFLINE)
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hub_endpoint() -> str:
-    """The Hub endpoint: HF_ENDPOINT when set (a mirror, or the test hub), else huggingface_hub's default."""
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache folder, honouring HF_HUB_CACHE and HF_HOME as set now."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    return Path(constants.HF_HUB_CACHE)
-
-
-def repo_cache_folder(repo_id: str, cache_dir: Path | None = None) -> Path:
-    """The cache folder of a model repo (`models--org--name`)."""
-    return (cache_dir or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
-
-
 def _wanted(paths: Iterable[str]) -> list[str]:
     wanted = []
     for path in paths:
@@ -259,76 +217,13 @@ def _wanted(paths: Iterable[str]) -> list[str]:
     return sorted(wanted)
 
 
-class _Retrier:
-    """Retry policy: 429/5xx/timeouts/connection errors back off and retry; other errors stop at once."""
-
-    def __init__(self, attempts: int | None = None, base_delay: float | None = None) -> None:
-        self.attempts = attempts or int(os.environ.get("GALLERY_HTTP_ATTEMPTS", "4"))
-        self.base_delay = base_delay if base_delay is not None else float(os.environ.get("GALLERY_HTTP_BACKOFF", "0.5"))
-
-    def run(self, what: str, call: Callable[[], T]) -> T:
-        last: BaseException | None = None
-        for attempt in range(self.attempts):
-            try:
-                return call()
-            except HfHubHTTPError as exc:
-                status = exc.response.status_code if exc.response is not None else None
-                if status not in RETRY_STATUS:
-                    raise
-                last = exc
-                delay = _retry_after(exc) if status == 429 else None
-            except (_http.TimeoutException, _http.NetworkError, _http.RemoteProtocolError) as exc:
-                last = exc
-                delay = None
-            if attempt + 1 < self.attempts:
-                wait = delay if delay is not None else self.base_delay * (2**attempt) * (0.5 + random.random())
-                time.sleep(min(wait, 10.0))
-        raise NetworkFailure(f"{what}: the Hub kept failing after {self.attempts} attempts ({_describe(last)})")
-
-
-def _retry_after(exc: HfHubHTTPError) -> float | None:
-    try:
-        value = exc.response.headers.get("Retry-After") if exc.response is not None else None
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _describe(exc: BaseException | None) -> str:
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        return f"HTTP {exc.response.status_code}"
-    return type(exc).__name__ if exc else "unknown error"
-
-
-def _hub_error(exc: Exception, repo_id: str, revision: str | None) -> GalleryError:
-    """Translate huggingface_hub's errors into one-line errors that say what to do next."""
-    if isinstance(exc, GatedRepoError):  # a subclass of RepositoryNotFoundError: check it first
-        return GatedRepo(
-            f"{repo_id} is gated: accept its terms at https://huggingface.co/{repo_id} and authenticate "
-            "(set HF_TOKEN or run `hf auth login`)"
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        return RepoNotFound(
-            f"repo {repo_id} not found on {hub_endpoint()} (if it is private, set HF_TOKEN or run `hf auth login`)"
-        )
-    if isinstance(exc, RevisionNotFoundError):
-        return RevisionNotFound(f"revision {revision!r} not found in {repo_id}")
-    if isinstance(exc, OfflineModeIsEnabled):
-        return OfflineNotCached(f"offline mode is on and {repo_id} is not in the local cache")
-    if isinstance(exc, HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "?"
-        if status == 403:
-            return GatedRepo(f"access to {repo_id} is forbidden (HTTP 403): check that your token can read it")
-        return NetworkFailure(f"the Hub answered HTTP {status} for {repo_id}")
-    return NetworkFailure(f"could not reach {hub_endpoint()}: {type(exc).__name__}")
-
-
+# ----- the three sources -----
 def fetch(source: ModelSource, *, token: str | bool | None = None, cache_dir: Path | None = None) -> RepoSnapshot:
     """Read a source's model info and small metadata files. Raises GalleryError subclasses."""
     if source.local_path is not None:
         return _fetch_local(source)
     assert source.repo_id is not None
-    if is_offline():
+    if hub.is_offline():
         return _fetch_cached(source, cache_dir, reason="offline mode is on (HF_HUB_OFFLINE)")
     try:
         return _fetch_hub(source, token=token, cache_dir=cache_dir)
@@ -344,33 +239,18 @@ def fetch(source: ModelSource, *, token: str | bool | None = None, cache_dir: Pa
 def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path | None) -> RepoSnapshot:
     repo_id = source.repo_id
     assert repo_id is not None
-    endpoint = hub_endpoint()
-    api = HfApi(endpoint=endpoint, token=token)
-    retrier = _Retrier()
-    stats = FetchStats()
-
-    def call_info() -> Any:
-        stats.requests += 1
-        return api.model_info(repo_id, revision=source.revision, files_metadata=True)
-
-    try:
-        info = retrier.run(f"model info for {repo_id}", call_info)
-    except GalleryError:
-        raise
-    except Exception as exc:
-        raise _hub_error(exc, repo_id, source.revision) from None
-    stats.round_trips += 1
+    stats = FetchStats(requests=1, round_trips=1)
+    info = hub.model_info(repo_id, source.revision, token=token)
     commit = info.sha
     if not commit or not COMMIT_RE.match(commit):
-        raise NetworkFailure(f"the Hub did not return a commit for {repo_id} (got {commit!r})")
+        raise BadMetadata(f"the Hub did not return a commit for {repo_id} (got {commit!r})", file="model info")
 
     listing: dict[str, FileMeta] = {}
     for sibling in info.siblings or []:
         lfs = getattr(sibling, "lfs", None)
         sha256 = getattr(lfs, "sha256", None) if lfs is not None else None
-        listing[sibling.rfilename] = FileMeta(
-            path=sibling.rfilename, size=sibling.size, blob_id=sibling.blob_id, sha256=sha256
-        )
+        listing[sibling.rfilename] = FileMeta(path=sibling.rfilename, size=sibling.size, blob_id=sibling.blob_id,
+                                              sha256=sha256)
     facts = HubFacts(
         pipeline_tag=info.pipeline_tag,
         library_name=info.library_name,
@@ -378,46 +258,33 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
         gated=info.gated if info.gated is not None else False,
         card_data=_card_dict(info.card_data),
     )
-    headers = build_hf_headers(token=token)
-    session = get_session()
-    cache = repo_cache_folder(repo_id, cache_dir)
+    cache = hub.repo_cache_folder(repo_id, cache_dir)
     warnings: list[str] = []
-
-    def url_of(path: str) -> str:
-        return f"{endpoint}/{repo_id}/resolve/{commit}/{_quote_path(path)}"
-
-    def get(path: str, extra: dict[str, str] | None = None) -> bytes:
-        def call() -> bytes:
-            stats.requests += 1
-            response = session.get(url_of(path), headers={**headers, **(extra or {})}, follow_redirects=True)
-            hf_raise_for_status(response)
-            return response.content
-
-        try:
-            data = retrier.run(f"{path} of {repo_id}", call)
-        except GalleryError:
-            raise
-        except EntryNotFoundError:
-            raise
-        except Exception as exc:
-            raise _hub_error(exc, repo_id, source.revision) from None
-        stats.bytes_received += len(data)
-        return data
+    missing: list[str] = []
 
     def read_file(path: str) -> tuple[str, bytes | None]:
         meta = listing[path]
-        cached = _cached_file(cache, commit, path)
+        cached = _cached_file(cache, commit, path, meta)
         if cached is not None:
             return path, cached
         if meta.size is not None and meta.size > MAX_METADATA_BYTES:
-            warnings.append(f"{path} is {meta.size} bytes, over the {MAX_METADATA_BYTES}-byte limit: not read")
-            return path, None
+            raise BadMetadata(f"{path} of {repo_id} is {meta.size} bytes, over the {MAX_METADATA_BYTES}-byte limit "
+                              "for a metadata file", file=path)
+        stats.requests += 1
         try:
-            data = get(path)
-        except EntryNotFoundError:
-            warnings.append(f"{path} is listed by the Hub but could not be downloaded (404)")
-            return path, None
-        _store_in_cache(cache, commit, source.revision, path, meta, data)
+            data = hub.read_file(repo_id, commit, path, token=token, limit=MAX_METADATA_BYTES)
+        except GalleryError as exc:
+            if exc.exit_code == 3:  # listed, but the Hub cannot serve it (404): decide without it, and say so
+                warnings.append(f"{path} is listed by the Hub but could not be downloaded (404)")
+                missing.append(path)
+                return path, None
+            raise
+        stats.bytes_received += len(data)
+        problem = hub.matches_listing(data, size=meta.size, blob_id=meta.blob_id, sha256=meta.sha256)
+        if problem:
+            raise BadMetadata(f"{path} of {repo_id}@{commit[:12]} from {hub.endpoint()} does not match the Hub's "
+                              f"listing ({problem}); it was not stored", file=path)
+        _store_in_cache(cache, commit, path, meta, data)
         return path, data
 
     wanted = _wanted(listing)
@@ -429,28 +296,22 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
                     files[path] = data
         stats.round_trips += 1
     _store_ref(cache, source.revision, commit)
+    _write_side(_side_path("listings", repo_id, commit), [dataclasses.asdict(meta) for meta in listing.values()])
 
     def read_range(path: str, start: int, end: int) -> bytes:
         cached_path = _cached_path(cache, commit, path)
         if cached_path is not None:
             return _read_file_range(cached_path, start, end)
+        stats.requests += 1
         try:
-            return get(path, {"Range": f"bytes={start}-{end}"})
-        except EntryNotFoundError:
-            return b""
+            return hub.read_file(repo_id, commit, path, token=token, limit=end - start + 1, byte_range=(start, end))
+        except GalleryError as exc:
+            if exc.exit_code == 3:
+                return b""
+            raise
 
-    snapshot = RepoSnapshot(
-        source=source,
-        origin="hub",
-        repo_id=repo_id,
-        commit=commit,
-        facts=facts,
-        listing=listing,
-        files=files,
-        warnings=warnings,
-        stats=stats,
-        _head_reader=read_range,
-    )
+    snapshot = RepoSnapshot(source=source, origin="hub", repo_id=repo_id, commit=commit, facts=facts, listing=listing,
+                            files=files, warnings=warnings, missing=missing, stats=stats, _head_reader=read_range)
     _require_config(snapshot)
     return snapshot
 
@@ -464,29 +325,29 @@ def _card_dict(card_data: Any) -> dict[str, Any]:
     return dict(to_dict()) if callable(to_dict) else {}
 
 
-def _quote_path(path: str) -> str:
-    from urllib.parse import quote
-
-    return quote(path, safe="/")
-
-
 def _cached_path(cache: Path, commit: str, path: str) -> Path | None:
     candidate = cache / "snapshots" / commit / path
     return candidate if candidate.is_file() else None
 
 
-def _cached_file(cache: Path, commit: str, path: str) -> bytes | None:
+def _cached_file(cache: Path, commit: str, path: str, meta: FileMeta | None = None) -> bytes | None:
+    """A file from the cache at a commit; with `meta`, only when it matches the listing (else it is re-read)."""
     found = _cached_path(cache, commit, path)
     if found is None:
         return None
     try:
-        return found.read_bytes()
+        if found.stat().st_size > MAX_METADATA_BYTES:
+            return None
+        data = found.read_bytes()
     except OSError:
         return None
+    if meta is not None and hub.matches_listing(data, size=meta.size, blob_id=meta.blob_id, sha256=meta.sha256):
+        return None
+    return data
 
 
-def _store_in_cache(cache: Path, commit: str, revision: str | None, path: str, meta: FileMeta, data: bytes) -> None:
-    """Store a downloaded file in the Hugging Face cache layout (blobs/, snapshots/<commit>/).
+def _store_in_cache(cache: Path, commit: str, path: str, meta: FileMeta, data: bytes) -> None:
+    """Store a verified file in the Hugging Face cache layout (blobs/, snapshots/<commit>/).
 
     Best effort: a read-only or full cache never fails an import.
     """
@@ -501,14 +362,13 @@ def _store_in_cache(cache: Path, commit: str, revision: str | None, path: str, m
             tmp.write_bytes(data)
             os.replace(tmp, blob)
         link = cache / "snapshots" / commit / path
-        if link.exists():
-            return
+        if link.is_symlink() or link.exists():
+            link.unlink()  # a stale or mismatching entry (it failed the listing check) is replaced
         link.parent.mkdir(parents=True, exist_ok=True)
-        relative = os.path.relpath(blob, link.parent)
         try:
-            os.symlink(relative, link)
+            os.symlink(os.path.relpath(blob, link.parent), link)
         except OSError:
-            tmp_copy = link.with_name(link.name + ".incomplete")
+            tmp_copy = link.with_name(link.name + f".{os.getpid()}.incomplete")
             tmp_copy.write_bytes(data)
             os.replace(tmp_copy, link)
     except OSError:
@@ -522,7 +382,7 @@ def _store_ref(cache: Path, revision: str | None, commit: str) -> None:
     try:
         ref_path = cache / "refs" / ref
         ref_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref_path.with_name(ref_path.name + ".incomplete")
+        tmp = ref_path.with_name(ref_path.name + f".{os.getpid()}.incomplete")
         tmp.write_text(commit)
         os.replace(tmp, ref_path)
     except OSError:
@@ -533,7 +393,7 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
     """Read a repo from the local Hugging Face cache only (no network)."""
     repo_id = source.repo_id
     assert repo_id is not None
-    cache = repo_cache_folder(repo_id, cache_dir)
+    cache = hub.repo_cache_folder(repo_id, cache_dir)
     revision = source.revision or "main"
     commit: str | None = revision if COMMIT_RE.match(revision) else None
     if commit is None:
@@ -541,53 +401,63 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
         if ref.is_file():
             commit = ref.read_text().strip()
     snapshot_dir = cache / "snapshots" / commit if commit else None
-    if snapshot_dir is None or not snapshot_dir.is_dir():
+    if commit is None or snapshot_dir is None or not snapshot_dir.is_dir():
         raise OfflineNotCached(
             f"{reason}, and {repo_id}@{revision} is not in the local cache ({cache}); "
-            "run the import once with network access, or unset HF_HUB_OFFLINE"
-        )
-    listing = _cached_listing(repo_id, commit, cache_dir, snapshot_dir)
+            "run the import once with network access, or unset HF_HUB_OFFLINE", repo_id=repo_id, revision=revision)
+    recorded = _read_side(_side_path("listings", repo_id, commit))
+    listing = _cached_listing(repo_id, commit, cache_dir, snapshot_dir, recorded)
     files: dict[str, bytes] = {}
+    missing: list[str] = []
     for path in _wanted(listing):
         data = _cached_file(cache, commit, path)
-        if data is not None and len(data) <= MAX_METADATA_BYTES:
+        if data is not None:
             files[path] = data
+        else:
+            missing.append(path)
+    warnings = [f"{reason}: read {repo_id}@{commit[:12]} from the local cache; Hub facts (pipeline tag, tags, "
+                "license) and hashes of files not in the cache are unavailable"]
+    if missing:
+        warnings.append(f"offline import without {', '.join(missing)}: the Hub lists "
+                        f"{'it' if len(missing) == 1 else 'them'} but the local cache does not have "
+                        f"{'it' if len(missing) == 1 else 'them'}, so decisions that depend on "
+                        f"{'it' if len(missing) == 1 else 'them'} may be incomplete (import once online to fix)")
+    elif recorded is None:
+        warnings.append("the Hub's file listing for this commit is not in the local cache: files the cache lacks "
+                        "cannot be named (import once online to record it)")
 
     def read_range(path: str, start: int, end: int) -> bytes:
         found = _cached_path(cache, commit, path)
         if found is None:
-            raise OfflineNotCached(f"{reason}, and {path} of {repo_id} is not in the local cache")
-        with open(found, "rb") as handle:
-            handle.seek(start)
-            return handle.read(end - start + 1)
+            raise OfflineNotCached(f"{reason}, and {path} of {repo_id} is not in the local cache", repo_id=repo_id,
+                                   revision=commit)
+        return _read_file_range(found, start, end)
 
-    snapshot = RepoSnapshot(
-        source=source,
-        origin="cache",
-        repo_id=repo_id,
-        commit=commit,
-        facts=None,
-        listing=listing,
-        files=files,
-        warnings=[f"{reason}: read {repo_id}@{commit[:12]} from the local cache; Hub facts (pipeline tag, tags, "
-                  "license) and hashes of files not in the cache are unavailable"],
-        _head_reader=read_range,
-    )
+    snapshot = RepoSnapshot(source=source, origin="cache", repo_id=repo_id, commit=commit, facts=None,
+                            listing=listing, files=files, warnings=warnings, missing=missing,
+                            _head_reader=read_range)
     _require_config(snapshot)
     return snapshot
 
 
-def _cached_listing(repo_id: str, commit: str, cache_dir: Path | None, snapshot_dir: Path) -> dict[str, FileMeta]:
+def _cached_listing(repo_id: str, commit: str, cache_dir: Path | None, snapshot_dir: Path,
+                    recorded: Any) -> dict[str, FileMeta]:
+    """The file listing of a cached commit: the one recorded at import, else snapshot_download's, else the folder."""
+    import huggingface_hub
+
     listing: dict[str, FileMeta] = {}
-    try:  # snapshot_download records the full tree listing; use it when present
-        for entry in huggingface_hub.get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache_dir):
-            lfs = getattr(entry, "lfs", None)
-            listing[entry.path] = FileMeta(
-                path=entry.path, size=entry.size, blob_id=getattr(entry, "blob_id", None),
-                sha256=getattr(lfs, "sha256", None) if lfs is not None else None,
-            )
-    except Exception:  # no recorded tree (or an older huggingface_hub): list the snapshot folder instead
-        listing = {}
+    if isinstance(recorded, list):
+        for item in recorded:
+            if isinstance(item, dict) and isinstance(item.get("path"), str):
+                listing[item["path"]] = FileMeta(**{k: item.get(k) for k in ("path", "size", "blob_id", "sha256")})
+    else:
+        try:  # snapshot_download records the full tree listing; use it when present
+            for entry in huggingface_hub.get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache_dir):
+                lfs = getattr(entry, "lfs", None)
+                listing[entry.path] = FileMeta(path=entry.path, size=entry.size, blob_id=getattr(entry, "blob_id", None),
+                                               sha256=getattr(lfs, "sha256", None) if lfs is not None else None)
+        except Exception:  # no recorded tree (or an older huggingface_hub): list the snapshot folder instead
+            listing = {}
     for file in sorted(snapshot_dir.rglob("*")):
         if file.is_file():
             rel = file.relative_to(snapshot_dir).as_posix()
@@ -601,40 +471,86 @@ def _cached_listing(repo_id: str, commit: str, cache_dir: Path | None, snapshot_
 
 
 def _fetch_local(source: ModelSource) -> RepoSnapshot:
-    """Read a local model folder. A folder inside the HF cache keeps its repo id and commit."""
+    """Read a local model folder: regular files inside it only. A folder inside the HF cache keeps its repo id."""
     folder = source.local_path
     assert folder is not None
+    repo_id, commit = _cache_identity(folder)
+    # Files of an HF cache snapshot are symlinks into the repo's blobs/: those may be followed, nothing else.
+    allowed_root = folder.parent.parent if repo_id else folder
+    if not any((folder / name).is_file() for name in ("config.json", "model_index.json")) and \
+            not any(folder.glob("*.gguf")):
+        raise NoConfig(f"{folder} has no config.json: not a transformers/MLX model folder")
     listing: dict[str, FileMeta] = {}
-    for file in sorted(folder.rglob("*")):
-        rel = file.relative_to(folder).as_posix()
-        if file.is_file() and not any(part.startswith(".") for part in Path(rel).parts):
-            listing[rel] = FileMeta(path=rel, size=file.stat().st_size)
-    files: dict[str, bytes] = {}
     warnings: list[str] = []
+    for rel, size in _walk_local(folder, allowed_root, warnings):
+        listing[rel] = FileMeta(path=rel, size=size)
+    files: dict[str, bytes] = {}
     for path in _wanted(listing):
         size = listing[path].size or 0
         if size > MAX_METADATA_BYTES:
+            if path == "config.json":
+                raise BadMetadata(f"{folder / path} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for a "
+                                  "metadata file", file=path)
             warnings.append(f"{path} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit: not read")
             continue
-        files[path] = (folder / path).read_bytes()
-    repo_id, commit = _cache_identity(folder)
+        try:
+            files[path] = (folder / path).read_bytes()
+        except OSError as exc:
+            raise BadMetadata(f"{folder / path}: cannot read ({exc.strerror})", file=path) from None
 
     def read_range(path: str, start: int, end: int) -> bytes:
         return _read_file_range(folder / path, start, end)
 
-    snapshot = RepoSnapshot(
-        source=source,
-        origin="local",
-        repo_id=repo_id,
-        commit=commit,
-        facts=None,
-        listing=listing,
-        files=files,
-        warnings=warnings,
-        _head_reader=read_range,
-    )
+    snapshot = RepoSnapshot(source=source, origin="local", repo_id=repo_id, commit=commit, facts=None, listing=listing,
+                            files=files, warnings=warnings, _head_reader=read_range)
     _require_config(snapshot)
     return snapshot
+
+
+def _walk_local(folder: Path, allowed_root: Path, warnings: list[str]) -> list[tuple[str, int]]:
+    """(relative path, size) of every regular file in a model folder, bounded in depth and count.
+
+    Hidden entries are skipped; symlinks are followed only when they resolve inside `allowed_root`;
+    devices, FIFOs and sockets are skipped. A walk that finds more than MAX_LOCAL_FILES files is refused:
+    that is not a model folder (e.g. `/`).
+    """
+    root = allowed_root.resolve()
+    found: list[tuple[str, int]] = []
+    skipped: list[str] = []
+    stack: list[tuple[Path, int]] = [(folder, 0)]
+    while stack:
+        current, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda entry: entry.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            rel = path.relative_to(folder).as_posix()
+            try:
+                if entry.is_symlink():
+                    target = path.resolve()
+                    if target != root and root not in target.parents:
+                        skipped.append(f"{rel} (a link out of the folder)")
+                        continue
+                info = path.stat()
+            except (OSError, RuntimeError):
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if depth + 1 < MAX_LOCAL_DEPTH and not entry.is_symlink():
+                    stack.append((path, depth + 1))
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                skipped.append(f"{rel} (not a regular file)")
+                continue
+            found.append((rel, info.st_size))
+            if len(found) > MAX_LOCAL_FILES:
+                raise UsageError(f"{folder} holds more than {MAX_LOCAL_FILES} files: not a model folder")
+    if skipped:
+        warnings.append(f"ignored in {folder}: {', '.join(skipped[:5])}" + (" …" if len(skipped) > 5 else ""))
+    return sorted(found)
 
 
 def _read_file_range(path: str | Path, start: int, end: int) -> bytes:
@@ -648,7 +564,7 @@ def _cache_identity(folder: Path) -> tuple[str | None, str | None]:
     """(repo id, commit) when folder is `…/models--org--name/snapshots/<commit>`, else (None, None)."""
     parent = folder.parent
     if parent.name == "snapshots" and COMMIT_RE.match(folder.name) and parent.parent.name.startswith("models--"):
-        parts = parent.parent.name[len("models--") :].split("--")
+        parts = parent.parent.name[len("models--"):].split("--")
         if len(parts) == 2:
             return f"{parts[0]}/{parts[1]}", folder.name
     return None, None
@@ -660,17 +576,11 @@ def _require_config(snapshot: RepoSnapshot) -> None:
     where = snapshot.source.local_path or f"{snapshot.repo_id}@{(snapshot.commit or '')[:12]}"
     if "config.json" in snapshot.listing:
         raise NoConfig(f"config.json of {where} is listed but could not be read")
-    return None if _allows_missing_config(snapshot) else _raise_no_config(where, snapshot)
-
-
-def _allows_missing_config(snapshot: RepoSnapshot) -> bool:
     # Repos without config.json that are still recognisable (GGUF-only, diffusers) get a better error
     # from the backend decision ("unsupported: …") than "no config.json".
     paths = list(snapshot.listing)
-    return "model_index.json" in paths or any(path.endswith(".gguf") for path in paths)
-
-
-def _raise_no_config(where: object, snapshot: RepoSnapshot) -> None:
+    if "model_index.json" in paths or any(path.endswith(".gguf") for path in paths):
+        return
     hint = ""
     if snapshot.facts and snapshot.facts.pipeline_tag:
         hint = f" (Hub pipeline tag: {snapshot.facts.pipeline_tag})"

@@ -7,12 +7,15 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from gallery import hub
 from gallery.errors import UsageError
 
 # The Hub's repo-id rules: one namespace, one name; letters, digits, - _ . ; no leading/trailing dot or dash.
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+MAX_SPEC_CHARS = 4096
+_HUB_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,11 +25,6 @@ class ModelSource:
     repo_id: str | None = None
     revision: str | None = None
     local_path: Path | None = None
-
-    @property
-    def is_local(self) -> bool:
-        """True for a local folder."""
-        return self.local_path is not None
 
     def __str__(self) -> str:
         if self.local_path is not None:
@@ -46,15 +44,21 @@ def parse_source(spec: str, revision: str | None = None) -> ModelSource:
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError("SOURCE is empty: give a repo id like org/name, a Hub URL, or a local folder")
     spec = spec.strip()
+    if len(spec) > MAX_SPEC_CHARS:
+        raise UsageError(f"SOURCE is {len(spec)} characters long: not a repo id, URL or folder")
     if revision is not None and not revision.strip():
         raise UsageError("--revision is empty")
 
     path = Path(spec).expanduser()
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1 or path.exists()
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise UsageError(f"{spec[:80]!r}…: not a usable path ({exc.strerror})") from None
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1 or exists
     if "://" not in spec and looks_like_path:
         if path.is_dir():
             return ModelSource(local_path=path.resolve(), revision=revision)
-        if path.exists():
+        if exists:
             raise UsageError(f"{spec!r} is a file; give a model folder or a repo id")
         if spec.startswith((".", "/", "~")):
             raise UsageError(f"no such file or folder: {spec!r}")
@@ -71,6 +75,11 @@ def parse_source(spec: str, revision: str | None = None) -> ModelSource:
 
     if spec.startswith(("http://", "https://")):
         parsed = urlparse(spec)
+        host = (parsed.hostname or "").lower()
+        configured = (urlparse(hub.endpoint()).hostname or "").lower()
+        if host not in _HUB_HOSTS and host != configured:
+            raise UsageError(f"{spec!r} is not a Hub URL: its host {host!r} is neither huggingface.co nor the "
+                             f"configured endpoint ({hub.endpoint()}); give org/name instead")
         parts = [unquote(p) for p in parsed.path.split("/") if p]
         if parts and parts[0] in ("models",):
             parts = parts[1:]

@@ -55,7 +55,8 @@ def decide_stops(meta: RepoMetadata, vocab: SpecialVocab) -> StopDecision:
         eos_source = "special_tokens_map.json:eos_token"
     if eos_text is not None:
         add_text(eos_text, eos_source)
-        evidence.append(Evidence(source=eos_source.split(":")[0], field="eos_token", detail=f"tokenizer eos {eos_text!r}"))
+        evidence.append(Evidence(source=eos_source.split(":")[0], field="eos_token", detail=f"tokenizer eos {eos_text!r}",
+                                 value=eos_text))
 
     for path, node in meta.sub_configs():
         field = f"{path}.eos_token_id" if path else "eos_token_id"
@@ -75,7 +76,7 @@ def decide_stops(meta: RepoMetadata, vocab: SpecialVocab) -> StopDecision:
     if eot_text is not None:
         add_text(eot_text, "tokenizer_config.json:eot_token")
         evidence.append(Evidence(source="tokenizer_config.json", field="eot_token",
-                                 detail=f"declared end-of-turn token {eot_text!r}"))
+                                 detail=f"declared end-of-turn token {eot_text!r}", value=eot_text))
 
     tokens: list[StopToken] = []
     for token_id in sorted(by_id):

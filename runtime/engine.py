@@ -26,7 +26,8 @@ from gallery.config import ModelConfig
 from gallery.errors import GalleryError, RuntimeFailure
 from runtime.loader import LoadedModel, load
 from runtime.media import DecodedMedia, MediaPolicy, decode_media
-from runtime.messages import MediaItem, RequestError
+from runtime.messages import MediaItem
+from gallery.errors import RequestError
 from runtime.prompt import check_media_allowed, check_media_markers, render_request_prompt, thinking_setting
 from runtime.textstream import ReasoningSplitter, StopStringMatcher, ToolCall, ToolCallExtractor
 

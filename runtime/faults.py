@@ -13,6 +13,7 @@ from gallery.errors import (
     BadConfig,
     BadMetadata,
     GalleryError,
+    ModelNotFound,
     NoConfig,
     OfflineNotCached,
     RepoNotFound,
@@ -23,7 +24,7 @@ from gallery.errors import (
     UsageError,
 )
 from runtime.engine import QueueFull
-from runtime.messages import RequestError
+from gallery.errors import RequestError
 
 
 class NotLoaded(RuntimeFailure):
@@ -36,12 +37,6 @@ class IdentityMismatch(RuntimeFailure):
 
 class ShuttingDown(RuntimeFailure):
     """The runtime is draining or stopping and takes no new work."""
-
-
-class ModelNotFound(GalleryError):
-    """LoadModel named something that is neither a config, a catalog entry, a folder nor a reachable repo."""
-
-    exit_code = 3
 
 
 class LoadFailed(RuntimeFailure):

@@ -1,7 +1,7 @@
 """The LocalAI-compatible gRPC backend: `backend.Backend` over grpc.aio, in front of one ModelHost.
 
 One event loop serves every RPC; generation happens on the engine's single MLX worker, which wakes
-the loop per event (runtime.streaming). So Health answers at once however many streams are open, a
+the loop per event (runtime.async_bridge). So Health answers at once however many streams are open, a
 client that cancels or disconnects has its generation stopped within one decoding step, and every
 failure becomes one gRPC status with a one-line message (runtime.faults) — never a traceback.
 """
@@ -21,13 +21,13 @@ import grpc
 
 from runtime.engine import Event, RequestHandle, Usage
 from runtime.faults import FAULTS, NotLoaded, classify
-from runtime.host import ModelHost, Overrides, locate_spec, model_metadata, prompt_text, resolve
+from runtime.host import ModelHost, Overrides, model_metadata, prompt_text, resolve
 from runtime.lifecycle import StopSignal, cancel_task, install_signal_handlers, settle, watch_parent
-from runtime.messages import RequestError
+from gallery.errors import RequestError
 from runtime.proto import backend_pb2 as pb
 from runtime.proto import backend_pb2_grpc as pb_grpc
-from runtime.streaming import handle_events, run_blocking
-from runtime.wire import predict_request
+from runtime.async_bridge import handle_events, run_blocking
+from runtime.grpc_request import predict_request
 
 log = logging.getLogger("runtime")
 
@@ -276,8 +276,7 @@ class BackendServicer(pb_grpc.BackendServicer):
             return engine.config
         if not spec:
             raise NotLoaded("no model is loaded and the request names none")
-        config, _ = resolve(locate_spec(spec, request.ModelPath or None), self.host.catalog)
-        return config
+        return resolve(spec, self.host.catalog, request.ModelPath or None).config
 
 
 # ----- the server -----

@@ -19,17 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from catalog.resolve import Resolved, resolve_spec
 from gallery.config import ModelConfig
-from gallery.errors import GalleryError, RuntimeFailure, UsageError
+from gallery.errors import GalleryError, RuntimeFailure
 from runtime.engine import Engine, GenerationRequest, QueueFull, RequestHandle, _rss_bytes
-from runtime.faults import IdentityMismatch, LoadFailed, ModelNotFound, NotLoaded, ShuttingDown
+from runtime.faults import IdentityMismatch, LoadFailed, NotLoaded, ShuttingDown
 from runtime.media import MediaPolicy
-from runtime.messages import RequestError
-from runtime.options import LoadOptions, parse_options
+from gallery.errors import RequestError
+from runtime.load_options import LoadOptions, parse_options
 
 log = logging.getLogger("runtime")
 
-_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclasses.dataclass
@@ -66,31 +66,9 @@ class Overrides:
     draft_model: str | None = None
 
 
-def locate_spec(spec: str, model_path: str | None) -> str:
-    """The spec to resolve: relative paths that exist under model_path (LocalAI's models dir) win."""
-    spec = spec.strip()
-    if not spec:
-        raise UsageError("no model given: send a config path, catalog name, model folder or Hub repo id")
-    path = Path(spec).expanduser()
-    if not path.is_absolute() and model_path:
-        candidate = Path(model_path).expanduser() / spec
-        if candidate.exists():
-            return str(candidate)
-    if path.suffix.lower() in _CONFIG_SUFFIXES and not path.exists():
-        raise ModelNotFound(f"{spec}: no such config file")
-    if spec.startswith(("/", "./", "../", "~")) and not path.exists():
-        raise ModelNotFound(f"{spec}: no such file or folder")
-    return spec
-
-
-def resolve(spec: str, catalog: str | None) -> tuple[ModelConfig, Path | None]:
-    """Resolve a located spec to a config (no weights are read). Unknown names raise ModelNotFound."""
-    from runtime.loader import resolve_config
-
-    try:
-        return resolve_config(spec, catalog=catalog)
-    except UsageError as exc:  # "not a repo id or an existing folder": the name names nothing
-        raise ModelNotFound(f"{spec}: not a config file, catalog entry, model folder or Hub repo id ({exc})") from None
+def resolve(spec: str, catalog: str | None, model_path: str | None = None) -> Resolved:
+    """Resolve a spec to its config (no weights are read); relative paths also under model_path."""
+    return resolve_spec(spec, catalog=catalog, base_dirs=[model_path] if model_path else [])
 
 
 def apply_options(config: ModelConfig, options: LoadOptions, overrides: Overrides) -> ModelConfig:
@@ -177,14 +155,17 @@ class ModelHost:
         overrides = overrides or Overrides()
         with self._load_lock:
             started = time.perf_counter()
-            located = locate_spec(spec, model_path)
-            key = (located, repr(sorted(parsed.values.items())), dataclasses.astuple(overrides))
+            located = spec.strip()
+            key = (located, model_path, repr(sorted(parsed.values.items())), dataclasses.astuple(overrides))
             if self.engine is not None and self._loaded_key == key and self.engine.ready:
                 return LoadReport(self.engine.config.name, self.engine.config.backend, located, 0.0,
                                   list(self.engine.warnings), parsed.unknown, reused=True)
             catalog = parsed.get("catalog") or self.catalog
-            config, base = resolve(located, catalog)
-            config = apply_options(config, parsed, overrides)
+            resolved = resolve(located, catalog, model_path)
+            for message in resolved.warnings:
+                log.warning("import of %s: %s", located, message)
+            config = apply_options(resolved.config, parsed, overrides)
+            base = resolved.base
             self._free_locked()
             self.loading, self.error = config.name, None
             log.info("loading %s (%s) from %s", config.name, config.backend, located)

@@ -1,21 +1,20 @@
-"""Resolve what to run (config file, catalog name, model folder, Hub repo) and load exactly one backend.
+"""Find a config's weights and load exactly one backend for it.
 
 A text (`mlx`) config imports mlx_lm only; an `mlx-vlm` config imports mlx_vlm, plus mlx_lm for the
 shared-weight text route. Weights come from a local folder, the Hugging Face cache at the pinned
-revision, or — only when allowed — a download at that revision.
+revision, or — only when allowed — a download at that revision. (Which config a spec names is
+catalog.resolve's job.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from gallery.chat_template import template_sha256
 from gallery.config import ModelConfig
-from gallery.configfile import read_config
 from gallery.errors import BadConfig, GalleryError, RuntimeFailure, StrictFailure
 
 # Files the runtime needs from a repo (never anything else: no GGUF, no PyTorch .bin duplicates).
@@ -33,54 +32,11 @@ class LoadedModel:
     warnings: list[str]
 
 
-def resolve_config(spec: str, *, catalog: str | None = None) -> tuple[ModelConfig, Path | None]:
-    """A config from a YAML/JSON file, a catalog entry name, a local model folder, or a Hub repo id.
-
-    Returns the config and the folder relative paths resolve against (the config file's folder).
-    """
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return read_config(path), path.parent.resolve()
-    if path.is_dir() and (path / "config.json").is_file():
-        return _import(str(path)), None
-    entry = _catalog_entry(spec, catalog)
-    if entry is not None:
-        return entry
-    if path.suffix.lower() in (".yaml", ".yml", ".json"):
-        raise BadConfig(f"{spec}: no such config file")
-    return _import(spec), None
-
-
-def _import(source: str) -> ModelConfig:
-    from importers import import_model
-
-    result = import_model(source)
-    for message in result.warnings:
-        print(f"runtime: import warning: {message}", file=sys.stderr)
-    return result.config
-
-
-def _catalog_entry(name: str, catalog: str | None) -> tuple[ModelConfig, Path | None] | None:
-    try:
-        from gallery import catalog as catalog_module
-    except ImportError:
-        return None
-    finder = getattr(catalog_module, "find_config", None)
-    if finder is None:
-        return None
-    try:
-        return finder(name, catalog)
-    except GalleryError:
-        raise
-    except LookupError:
-        return None
-
-
 def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from importers.fetch import hub_endpoint, is_offline
+    from gallery.hub import endpoint, hub_errors, is_offline
 
     try:
         cached = Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, local_files_only=True))
@@ -97,11 +53,9 @@ def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -
             "load option `allow_download:true`)"
             + (" and unset HF_HUB_OFFLINE" if is_offline() else "")
         )
-    try:
+    with hub_errors(repo_id=repo, revision=revision, what=f"the weights of {repo}@{(revision or 'main')[:12]}"):
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS,
-                                        endpoint=hub_endpoint()))
-    except Exception as exc:
-        raise RuntimeFailure(f"could not download {repo}@{(revision or 'main')[:12]}: {type(exc).__name__}: {exc}") from None
+                                        endpoint=endpoint()))
     if not _has_weights(folder):
         raise RuntimeFailure(f"{repo}@{(revision or 'main')[:12]} has no .safetensors weights (not an MLX conversion?)")
     return folder

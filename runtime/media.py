@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from runtime.messages import MediaItem, RequestError
+from runtime.messages import MediaItem
+
+from gallery.errors import RequestError
 
 MAX_MEDIA_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000

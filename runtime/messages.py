@@ -19,6 +19,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from gallery.errors import RequestError
+
 MediaKind = Literal["image", "audio", "video"]
 
 _PART_KINDS: dict[str, MediaKind] = {
@@ -34,10 +36,6 @@ _PART_KINDS: dict[str, MediaKind] = {
 }
 _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
 MAX_MESSAGES = 4096
-
-
-class RequestError(ValueError):
-    """A malformed request: the message says what is wrong, in one line."""
 
 
 @dataclasses.dataclass

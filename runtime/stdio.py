@@ -37,8 +37,8 @@ from runtime.engine import Completion, Event, GenerationRequest, RequestHandle, 
 from runtime.faults import FAULTS, NotLoaded, ShuttingDown, classify
 from runtime.host import ModelHost, model_metadata, prompt_text
 from runtime.lifecycle import StopSignal, cancel_task, install_signal_handlers, settle, watch_parent
-from runtime.messages import RequestError
-from runtime.stdio_params import (
+from gallery.errors import RequestError
+from runtime.stdio_request import (
     ChatParams,
     CompleteParams,
     DetokenizeParams,
@@ -48,8 +48,8 @@ from runtime.stdio_params import (
     complete_request,
     one_line,
 )
-from runtime.streaming import handle_events
-from runtime.wire import check_size
+from runtime.async_bridge import handle_events
+from runtime.grpc_request import check_size
 
 log = logging.getLogger("runtime")
 

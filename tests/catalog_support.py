@@ -15,11 +15,11 @@ import yaml
 
 from fixtures.hubserver import HUB_ROOT
 from gallery.chat_template import template_sha256
-from gallery.cli import main
+from cli.app import main
 from gallery.yamlio import dump_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = ROOT / "gallery"
+BUNDLED = ROOT / "catalog"
 TINY_REPO = "test-org/tiny-qwen3"
 
 
@@ -37,7 +37,7 @@ class CliResult:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> CliResult:
-    """Run `gallery ARGS…` in-process through gallery.cli.main and capture its output."""
+    """Run `gallery ARGS…` in-process through cli.app.main and capture its output."""
     capsys.readouterr()
     code = main([str(arg) for arg in args])
     captured = capsys.readouterr()

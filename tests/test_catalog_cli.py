@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gallery.catalog import load_catalog
+from catalog.index import load_catalog
 from tests.catalog_support import BUNDLED, copy_catalog, replace_in, run_cli
 
 GALLERY = Path(sys.executable).parent / "gallery"
@@ -164,7 +164,7 @@ def test_pre_commit_hook_definition() -> None:
 
 
 def test_validate_needs_neither_mlx_nor_the_network() -> None:
-    code = ("import sys\nfrom gallery.cli import main\nrc = main(['validate', '--format', 'json'])\n"
+    code = ("import sys\nfrom cli.app import main\nrc = main(['validate', '--format', 'json'])\n"
             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('mlx', 'mlx_lm', 'mlx_vlm', 'huggingface_hub', 'httpx', 'httpx2'))\n"
             "print(rc, loaded, file=sys.stderr)\n")

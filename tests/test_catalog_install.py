@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fixtures.hubserver import RecordedHub
-from gallery.catalog import load_catalog
+from catalog.index import load_catalog
 from tests.catalog_support import TINY_REPO, copy_catalog, make_tiny_repo, replace_in, run_cli
 
 NAME = "tiny-qwen3"
@@ -216,19 +216,19 @@ def test_add_inline_config(tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest
 def test_runtime_lookup_prefers_the_installed_config(catalog: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from gallery.catalog import find_config
+    from catalog.resolve import find_entry
 
     models = tmp_path / "models"
     monkeypatch.setenv("GALLERY_MODELS_DIR", str(models))
-    config, base = find_config(NAME, str(catalog))
-    assert config.parameters.model == TINY_REPO and base == catalog.parent
+    found = find_entry(NAME, catalog=str(catalog))
+    assert found is not None and found.kind == "entry"
+    assert found.config.parameters.model == TINY_REPO and found.base == catalog.parent
     assert run_cli(capsys, "install", NAME, "--catalog", catalog).code == 0  # models dir from the environment
-    config, base = find_config(NAME, str(catalog))
-    assert config.parameters.model == str((models / NAME).resolve()) and base == models.resolve()
-    with pytest.raises(LookupError):
-        find_config("org/repo", str(catalog))
-    with pytest.raises(LookupError):
-        find_config("not-an-entry", str(catalog))
+    found = find_entry(NAME, catalog=str(catalog))
+    assert found is not None and found.kind == "installed"
+    assert found.config.parameters.model == str((models / NAME).resolve()) and found.base == models.resolve()
+    assert find_entry("org/repo", catalog=str(catalog)) is None
+    assert find_entry("not-an-entry", catalog=str(catalog)) is None
 
 
 def test_add_refuses_a_template_that_drops_text_and_a_file_the_hub_cannot_serve(

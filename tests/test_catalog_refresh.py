@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.hubserver import HUB_ROOT, RecordedHub
-from gallery.catalog import load_catalog
+from catalog.index import load_catalog
 from tests.catalog_support import copy_catalog, run_cli
 
 QWEN = "mlx-community/Qwen3-4B-4bit"
@@ -143,7 +143,7 @@ def test_offline_refresh_is_an_error_not_a_false_all_clear(hub_env: RecordedHub,
 
 
 def test_a_rewrite_refuses_when_another_writer_changed_the_index(tmp_path: Path) -> None:
-    from gallery.catalog import write_catalog
+    from catalog.index import write_catalog
     from gallery.errors import BadConfig
 
     index = copy_catalog(tmp_path / "catalog")

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from fixtures.hubserver import RecordedHub
-from gallery import catalog_seed
-from gallery.catalog import load_catalog
+from fixtures import catalog_seed
+from catalog.index import load_catalog
 from tests.catalog_support import BUNDLED
 
 
 def test_shipped_catalog_equals_a_fresh_import(hub_session: RecordedHub, hub_token: str) -> None:
     files = catalog_seed.generate(hub_session.url, hub_token)
-    assert catalog_seed.differences(BUNDLED, files) == [], "run `python -m gallery.catalog_seed` to regenerate"
+    assert catalog_seed.differences(BUNDLED, files) == [], "run `python -m fixtures.catalog_seed` to regenerate"
     assert "HF_ENDPOINT" not in os.environ  # the seed restores the environment it changed
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gallery.catalog import describe_location
+from catalog.index import describe_location
 from tests.catalog_support import (
     BUNDLED,
     copy_catalog,

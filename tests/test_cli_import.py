@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gallery.cli import main
+from cli.app import main
 from gallery.configfile import parse_config_text, read_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _gallery(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gallery", *args], capture_output=True, text=True, env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=120)
 
 

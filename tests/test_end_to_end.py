@@ -26,7 +26,7 @@ def test_add_install_run(hub_factory, scripted_text_model: Path, tmp_path: Path)
                GALLERY_CATALOG=str(tmp_path / "catalog" / "index.yaml"), GALLERY_MODELS_DIR=str(tmp_path / "models"))
 
     def gallery(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gallery", *args], cwd=ROOT, env={**env, **extra},
+        return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env={**env, **extra},
                               capture_output=True, text=True, timeout=300)
 
     added = gallery("add", "test-org/scripted-text")

@@ -390,7 +390,7 @@ def test_bearer_token_is_required_on_every_rpc_and_message_size_is_bounded() -> 
 
 def test_sigterm_drains_in_flight_streams_then_exits_0(text_qwen3_model: Path) -> None:
     """`gallery serve` (model loaded at start): SIGTERM lets a short stream finish and cancels a long one at the grace."""
-    with running(GrpcProcess("--grace", "3", module=("-m", "gallery", "serve", str(text_qwen3_model)))) as process:
+    with running(GrpcProcess("--grace", "3", module=("-m", "cli", "serve", str(text_qwen3_model)))) as process:
         stub = process.stub
         assert _wait_state(stub, "READY", timeout=60) == "READY"
         short = stub.PredictStream(chat(Tokens=60), timeout=120)
@@ -500,7 +500,7 @@ def test_wire_names_match_the_localai_contract() -> None:
 
 
 def test_load_options_parse_and_reject_bad_values() -> None:
-    from runtime.options import OptionError, options_table, parse_options
+    from runtime.load_options import OptionError, options_table, parse_options
 
     parsed = parse_options(["max_active:2", "allow_download:true", "temp:0.3", "model_identity:a",
                             "model_identity:b", "weird:1", "context_size: 4096"])
@@ -515,8 +515,8 @@ def test_load_options_parse_and_reject_bad_values() -> None:
 
 
 def test_predict_options_become_generation_requests() -> None:
-    from runtime.messages import RequestError
-    from runtime.wire import predict_request
+    from gallery.errors import RequestError
+    from runtime.grpc_request import predict_request
 
     request, notes = predict_request(chat("hi", Temperature=0.0, TopP=0.9, TopK=0, Penalty=1.1, Seed=-1,
                                           StopPrompts=["x", ""], Images=["QUJD"], Metadata={

@@ -34,7 +34,7 @@ def _block(readme: str, marker: str) -> str:
 
 def test_load_option_and_fault_tables_match_the_code() -> None:
     from runtime.faults import faults_table
-    from runtime.options import options_table
+    from runtime.load_options import options_table
 
     readme = (ROOT / "README.md").read_text()
     assert _block(readme, "load-options") == options_table()

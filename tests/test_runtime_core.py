@@ -189,7 +189,7 @@ def test_quantized_vlm_text_route_still_shares_weights(vlm_model: Path) -> None:
 
 def test_media_to_a_text_config_is_a_clear_error(text_engine) -> None:
     from runtime.engine import GenerationRequest
-    from runtime.messages import RequestError
+    from gallery.errors import RequestError
 
     with pytest.raises(RequestError, match=r"text-only\) backend and cannot take image"):
         text_engine.submit(GenerationRequest(messages=_chat(image=_png())))
@@ -204,7 +204,7 @@ def test_media_to_a_text_config_is_a_clear_error(text_engine) -> None:
 )
 def test_bad_media_is_rejected_before_queueing(vlm_engine, url: str, message: str) -> None:
     from runtime.engine import GenerationRequest
-    from runtime.messages import RequestError
+    from gallery.errors import RequestError
 
     with pytest.raises(RequestError, match=message):
         vlm_engine.submit(GenerationRequest(messages=_chat(image=url)))
@@ -326,7 +326,7 @@ def test_speculative_draft_model_gives_the_same_answer(scripted_text_model: Path
 def test_missing_template_loads_loudly_and_refuses_chat(text_notemplate_model: Path, capsys) -> None:
     from gallery.errors import StrictFailure
     from runtime.engine import Engine, GenerationRequest
-    from runtime.messages import RequestError
+    from gallery.errors import RequestError
 
     config = _config(text_notemplate_model)
     assert config.mlx.chat_template.status == "missing"
@@ -376,7 +376,7 @@ def test_gallery_run_streams_and_reports_usage(scripted_think_model: Path, scrip
     Image.new("RGB", (64, 64), (255, 0, 0)).save(image)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gallery", "run", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "cli", "run", *args], capture_output=True, text=True,
                               cwd=ROOT, timeout=120)
 
     think = run(str(scripted_think_model), "--prompt", "hi")

@@ -222,8 +222,8 @@ def test_sigterm_drains_and_every_request_still_gets_its_response(text_qwen3_mod
 
 
 def test_chat_params_become_generation_requests() -> None:
-    from runtime.messages import RequestError
-    from runtime.stdio_params import ChatParams, CompleteParams, chat_request, complete_request
+    from gallery.errors import RequestError
+    from runtime.stdio_request import ChatParams, CompleteParams, chat_request, complete_request
 
     request = chat_request(ChatParams.model_validate({
         "messages": HI, "max_completion_tokens": 7, "repetition_penalty": 1.2, "stop": "END", "images": ["QUJD"],

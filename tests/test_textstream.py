@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.media import MediaError, MediaPolicy, decode_media
-from runtime.messages import MediaItem, RequestError, normalize_messages
+from runtime.messages import MediaItem, normalize_messages
+from gallery.errors import RequestError
 from runtime.textstream import ReasoningSplitter, StopStringMatcher, ToolCallExtractor
 
 

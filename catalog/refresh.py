@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from gallery.catalog import Catalog, Entry, write_catalog
-from gallery.catalog_build import build_entry
+from catalog.index import Catalog, Entry, write_catalog
+from catalog.build import build_entry
 from gallery.config import ModelConfig, StopToken
-from gallery.errors import DriftDetected, GalleryError, UsageError
+from gallery.errors import BadConfig, DriftDetected, GalleryError, UsageError
 
 DEFAULT_JOBS = 4
 _COVERED = {"name", "backend", "context_size", "description", "options", "stopwords",
@@ -142,7 +142,8 @@ def refresh_entry(entry: Entry, *, token: str | bool | None = None, cache_dir: P
     config = entry.config
     source = config.mlx.source
     if source.repo is None:
-        return EntryRefresh(entry.name, "error", error="the entry has no Hub repo to refresh from", exit_code=13)
+        return EntryRefresh(entry.name, "error", error="the entry has no Hub repo to refresh from",
+                            exit_code=BadConfig.exit_code)
     index_sha = {f.filename: f.sha256 for f in entry.meta.files}
     known = {f.blob_id: index_sha[f.path] for f in config.mlx.files if f.blob_id and f.path in index_sha}
     try:

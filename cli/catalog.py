@@ -1,6 +1,6 @@
 """The catalog commands of the `gallery` CLI: validate, list, show, search, add, refresh, install, export.
 
-Importing this module registers them on gallery.cli.app (see gallery.cli._register_extensions). Every
+The root app (cli.app) adds them. Every
 command takes --catalog PATH (default: $GALLERY_CATALOG, else the bundled gallery/index.yaml), prints human
 output by default and JSON with --json, and fails with one line and a documented exit code.
 """
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gallery.catalog import (
+from catalog.index import (
     Catalog,
     Entry,
     load_catalog,
@@ -24,7 +24,7 @@ from gallery.catalog import (
     resolve_catalog_path,
     write_catalog,
 )
-from gallery.cli import app, emit, warn
+from cli.output import emit, warn
 from gallery.errors import BadConfig, OutputExists, UsageError, ValidationFailed
 
 CatalogOpt = Annotated[
@@ -32,6 +32,9 @@ CatalogOpt = Annotated[
     typer.Option("--catalog", help="Catalog index (or its folder). Default: $GALLERY_CATALOG, else the bundled one."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+
+
+app = typer.Typer()
 
 
 class ValidateFormat(str, Enum):
@@ -98,7 +101,7 @@ def validate_command(
     catalog: CatalogOpt = None,
 ) -> None:
     """Check catalogs and configs offline (CI). Exit 0 ok, 14 problems found, 13 a file could not be read."""
-    from gallery.validate import format_report, validate_paths
+    from catalog.validate import format_report, validate_paths
 
     targets = list(paths or []) or [resolve_catalog_path(catalog)]
     report = validate_paths(targets)
@@ -180,7 +183,7 @@ def show_command(
 
 def _check_new_entry(entry: Entry) -> None:
     """Validate a freshly imported entry on its own (as CI would) before it goes into the catalog."""
-    from gallery.validate import validate_paths
+    from catalog.validate import validate_paths
 
     with tempfile.TemporaryDirectory(prefix="gallery-add-") as folder:
         index = Path(folder) / "index.yaml"
@@ -218,19 +221,20 @@ def add_command(
 
     Exit 11 when the name is taken, 14 when the new entry would fail `gallery validate`.
     """
-    from gallery.catalog import Catalog
-    from gallery.catalog_build import build_entry
+    from catalog.index import Catalog
+    from catalog.build import build_entry
 
     path = resolve_catalog_path(catalog)
     current = load_catalog_strict(path) if path.exists() else Catalog(path=path, entries=[], problems=[])
     taken = {n.lower() for n in current.names()}
     if name is not None and name.lower() in taken:
-        raise OutputExists(f"the catalog already has an entry named {name!r}")
+        raise OutputExists(f"the catalog already has an entry named {name!r}", path=path)
     built = build_entry(source, name=name, revision=revision, backend=backend, description=description, icon=icon,
                         tags=tags or None, accept_missing_template=accept_missing_template, inline=inline)
     entry = built.entry
     if entry.name.lower() in taken:
-        raise OutputExists(f"the catalog already has an entry named {entry.name!r} (choose another with --name)")
+        raise OutputExists(f"the catalog already has an entry named {entry.name!r} (choose another with --name)",
+                           path=path)
     for message in built.warnings:
         warn(message)
     repo = entry.config.mlx.source.repo
@@ -241,11 +245,8 @@ def add_command(
     if entry.config_ref is not None and (path.parent / entry.config_ref).exists():
         raise OutputExists(f"{path.parent / entry.config_ref} already exists (not in the index): remove it "
                            "or choose another --name")
-    try:
-        write_catalog(path, [*current.entries, entry], changed={entry.name}, new_configs={entry.name},
-                      expect_fingerprint=current.fingerprint)
-    except OSError as exc:
-        raise OutputExists(f"cannot write the catalog {path}: {exc.strerror}") from None
+    write_catalog(path, [*current.entries, entry], changed={entry.name}, new_configs={entry.name},
+                  expect_fingerprint=current.fingerprint)
     if as_json:
         emit(json.dumps(entry.index_data(), indent=2, ensure_ascii=False) + "\n")
     print(f"gallery: added {entry.name} ({entry.config.backend}, {len(entry.meta.files)} files, "
@@ -261,7 +262,7 @@ def refresh_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-import entries against the Hub and report drift. Exit 15 if any drifted (even with --write)."""
-    from gallery.refresh import format_refresh, refresh_catalog
+    from catalog.refresh import format_refresh, refresh_catalog
 
     path = resolve_catalog_path(catalog)
     loaded = load_catalog_strict(path) if write else _load(catalog)
@@ -284,7 +285,7 @@ def install_command(
 
     Exit 16 when a file does not match its sha256 (the file is removed), 4 for a gated repo without access.
     """
-    from gallery.install import check_models_dir, install_entry, resolve_models_dir
+    from catalog.install import check_models_dir, install_entry, resolve_models_dir
 
     loaded = _load(catalog)
     entry = loaded.get(name)
@@ -302,7 +303,7 @@ def install_command(
 
 def _refuse_invalid(loaded: Catalog, entry: Entry) -> None:
     """Run the full validation on the catalog and refuse an entry with errors (never install a broken pin)."""
-    from gallery.validate import validate_paths
+    from catalog.validate import validate_paths
 
     report = validate_paths([loaded.path])
     errors = [p for p in report.sorted_problems() if p.severity == "error" and p.entry == entry.name]
@@ -323,7 +324,7 @@ def export_command(
     catalog: CatalogOpt = None,
 ) -> None:
     """Export an entry as a LocalAI model YAML that carries its pins."""
-    from gallery.export import export_entry
+    from catalog.export import export_entry
     from gallery.yamlio import atomic_write
 
     entry = _load(catalog).get(name)
@@ -336,10 +337,5 @@ def export_command(
     if output is None:
         emit(text)
         return
-    try:
-        atomic_write(output, text, overwrite=force)
-    except FileExistsError:
-        raise OutputExists(f"{output} exists; use --force to replace it") from None
-    except OSError as exc:
-        raise OutputExists(f"cannot write {output}: {exc.strerror}") from None
+    atomic_write(output, text, overwrite=force)
     print(f"gallery: wrote {output}", file=sys.stderr)

@@ -21,13 +21,11 @@ thousands of entries built on a handful of templates renders each only once. No 
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import gc
 import json
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from gallery.catalog import (
+from catalog.index import (
     ENTRIES_DIR,
     INDEX_FILE,
     MAX_INDEX_BYTES,
@@ -61,14 +59,14 @@ from gallery.chat_template import (
     template_sha256,
 )
 from gallery.config import ModelConfig
-from gallery.errors import BadConfig
+from gallery.errors import BadConfig, ValidationFailed
 
 OutputFormat = Literal["text", "json", "github"]
 Locate = Callable[..., tuple[str, int | None]]
 
 EXIT_OK = 0
-EXIT_UNREADABLE = 13
-EXIT_PROBLEMS = 14
+EXIT_UNREADABLE = BadConfig.exit_code
+EXIT_PROBLEMS = ValidationFailed.exit_code
 
 _ASSISTANT_PROBE_TEXT = next(m["content"] for m in PROBE_TEXT if m["role"] == "assistant")
 _USER_PROBE_TEXTS = [m["content"] for m in PROBE_TEXT if m["role"] == "user"]
@@ -194,9 +192,6 @@ def _image_probe(text: str, variables: dict[str, str], marker: str | None) -> li
 
 
 # ----------------------------------------------------------------------------------------------- stop set
-_QUOTED_TOKEN = re.compile(r"token\s+('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\s*$")
-
-
 def declared_end_tokens(config: ModelConfig) -> list[tuple[str, str]]:
     """(what, token text) for every declared end token: the tokenizer's eos_token and any declared end-of-turn."""
     declared: list[tuple[str, str]] = []
@@ -208,15 +203,8 @@ def declared_end_tokens(config: ModelConfig) -> list[tuple[str, str]]:
             declared.append(("the declared end-of-turn token", token.text))
     decision = config.mlx.decisions.get("stop_tokens")
     for evidence in decision.evidence if decision else []:
-        if evidence.field == "eot_token":
-            match = _QUOTED_TOKEN.search(evidence.detail)
-            if match:
-                try:
-                    value = ast.literal_eval(match.group(1))
-                except (ValueError, SyntaxError):
-                    continue
-                if isinstance(value, str) and value:
-                    declared.append((f"the declared end-of-turn token (per {evidence.source}:eot_token)", value))
+        if evidence.field == "eot_token" and evidence.value:
+            declared.append((f"the declared end-of-turn token (per {evidence.source}:eot_token)", evidence.value))
     seen: set[str] = set()
     unique = []
     for what, text in declared:
@@ -376,10 +364,8 @@ def check_entry(item: RawEntry) -> list[Problem]:
 
 # ----------------------------------------------------------------------------------------------- files
 def _unreadable(report: Report, path: Path, exc: BadConfig) -> None:
-    message = str(exc)
-    match = re.match(r"^(.*?):(\d+): (.*)$", message)
-    line = int(match.group(2)) if match and match.group(1) == str(path) else None
-    text = match.group(3) if line is not None and match else message.removeprefix(f"{path}: ")
+    line = exc.line if exc.file == str(path) else None
+    text = ": ".join(part for part in (exc.field, exc.problem) if part)
     report.problems.append(Problem(str(path), line, "error", "unreadable", text))
     report.unreadable = True
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from gallery.catalog import Entry
+from catalog.index import Entry
 from gallery.yamlio import dump_yaml
 
 ExportFormat = Literal["localai"]

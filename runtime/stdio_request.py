@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runtime.engine import GenerationRequest
-from runtime.wire import apply_tool_choice, attach_media, check_size, check_tools, media_items
+from runtime.grpc_request import apply_tool_choice, attach_media, check_size, check_tools, media_items
 
 
 def one_line(exc: ValidationError) -> str:

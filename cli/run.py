@@ -1,6 +1,6 @@
 """`gallery run`: load one config and stream an answer to the terminal.
 
-Registered on the `gallery` app when the CLI starts; MLX is imported only when the command runs.
+The root app (cli.app) adds it; MLX is imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import Annotated
 
 import typer
 
-from gallery.cli import app, loud_template_warning
+from cli.output import loud_template_warning
 from gallery.errors import RuntimeFailure, UsageError
+
+app = typer.Typer()
 
 
 @app.command()
@@ -32,13 +34,17 @@ def run(
     catalog: Annotated[str | None, typer.Option("--catalog", help="Catalog index to look names up in.")] = None,
 ) -> None:
     """Run one prompt on a config and stream the answer (reasoning goes to stderr)."""
+    from catalog.resolve import resolve_spec
     from runtime.engine import Engine, GenerationRequest
-    from runtime.loader import resolve_config
-    from runtime.messages import MediaItem, RequestError
+    from runtime.messages import MediaItem
+    from gallery.errors import RequestError
 
     if thinking and no_thinking:
         raise UsageError("--thinking and --no-thinking contradict each other")
-    model_config, base = resolve_config(config, catalog=catalog)
+    resolved = resolve_spec(config, catalog=catalog)
+    model_config, base = resolved.config, resolved.base
+    for message in resolved.warnings:
+        print(f"gallery: warning: {message}", file=sys.stderr)
     loud_template_warning(model_config)
     media = [MediaItem(kind="image", data=str(path)) for path in image or []]
     if raw:

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from gallery.catalog import (
+from catalog.index import (
     CatalogFile,
     Entry,
     IndexEntry,
@@ -24,7 +24,7 @@ from gallery.catalog import (
 )
 from gallery.config import ModelConfig, RepoFile
 from gallery.errors import NetworkFailure, OfflineNotCached, UsageError
-from gallery.hubfiles import download_file, is_offline, sha256_file
+from gallery.hub import download_file, is_offline, sha256_file
 
 _HASH_WORKERS = 8
 
@@ -76,7 +76,7 @@ def hash_files(
             to_download.append(repo_file.path)
 
     def fetch(path: str) -> tuple[str, str]:
-        local = download_file(repo, path, revision, cache_dir=cache_dir, token=token)
+        local = download_file(repo, path, revision, cache=cache_dir, token=token)
         return path, sha256_file(local)
 
     if to_download:

@@ -20,9 +20,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gallery.catalog import Entry, path_problem, render_config
-from gallery.errors import BadConfig, HashMismatch, OutputExists, UsageError
-from gallery.hubfiles import download_file, sha256_file
+from catalog.index import Entry, path_problem, render_config
+from gallery.errors import BadConfig, HashMismatch, OutputExists, UsageError, WriteFailed
+from gallery.hub import download_file, sha256_file
 from gallery.yamlio import atomic_write
 
 MODELS_DIR_ENV = "GALLERY_MODELS_DIR"
@@ -91,8 +91,7 @@ def _fetch_all(entry: Entry, folder: Path, repo: str, revision: str, token: str 
             raise HashMismatch(
                 f"{entry.name}: {file.filename} from {repo}@{revision[:12]} has sha256 {actual}, but the catalog pins "
                 f"{file.sha256}; the file was removed. The entry is stale or the download was tampered with "
-                f"(run `gallery refresh {entry.name}`)"
-            )
+                f"(run `gallery refresh {entry.name}`)", file=file.filename, expected=file.sha256, actual=actual)
         downloaded.append(file.filename)
         say(f"{label}: downloaded, sha256 verified")
 
@@ -113,14 +112,14 @@ def install_entry(
     folder = models_dir / entry.name
     config_path = models_dir / f"{entry.name}.yaml"
     if config_path.exists() and not config_path.is_file():
-        raise OutputExists(f"{config_path} exists and is not a file")
+        raise OutputExists(f"{config_path} exists and is not a file", path=config_path)
     if folder.exists() and not folder.is_dir():
-        raise OutputExists(f"{folder} exists and is not a folder")
+        raise OutputExists(f"{folder} exists and is not a folder", path=folder)
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputExists(f"cannot create {folder}: {exc.strerror}") from None
+        raise WriteFailed.from_os_error(folder, exc) from None
 
     verified: list[str] = []
     downloaded: list[str] = []
@@ -138,10 +137,7 @@ def install_entry(
     current = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
     written = current != text
     if written:
-        try:
-            atomic_write(config_path, text)
-        except OSError as exc:
-            raise OutputExists(f"cannot write {config_path}: {exc.strerror}") from None
+        atomic_write(config_path, text)
     return InstallResult(entry.name, folder, config_path, verified, downloaded, written)
 
 

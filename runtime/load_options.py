@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from runtime.messages import RequestError
+from gallery.errors import RequestError
 
 
 class OptionError(RequestError):

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from runtime.engine import GenerationRequest
-from runtime.messages import MediaItem, RequestError
+from runtime.messages import MediaItem
+from gallery.errors import RequestError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}

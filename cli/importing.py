@@ -1,8 +1,4 @@
-"""The `gallery` command line: a thin typed layer over the library.
-
-Human output by default, machine output with --json; every failure is one line on stderr
-(`gallery: error: …`) and a documented exit code (see gallery.errors.EXIT_CODES).
-"""
+"""`gallery import`, `explain` and `schema`: a repo or folder into a pinned config, and the decisions behind it."""
 
 from __future__ import annotations
 
@@ -10,57 +6,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import click
 import typer
 
+from catalog.resolve import looks_like_config_file
+from cli.output import emit, loud_template_warning, warn
 from gallery.config import ModelConfig, json_schema
 from gallery.configfile import config_to_json, config_to_yaml, read_config, write_config
-from gallery.errors import EXIT_CODES, GalleryError, OutputExists, StrictFailure
+from gallery.errors import OutputExists, StrictFailure
 
-try:  # typer >= 0.20 vendors its own click: its exceptions are not click's, so catch both kinds
-    from typer._click import exceptions as _typer_click
-except ImportError:  # pragma: no cover - older typer raises click's own exceptions
-    _typer_click = click.exceptions  # type: ignore[assignment]
-_EXIT = (click.exceptions.Exit, typer.Exit)
-_ABORT = (click.exceptions.Abort, typer.Abort)
-_CLICK_ERROR = (click.ClickException, _typer_click.ClickException)
-_USAGE_ERROR = (click.UsageError, _typer_click.UsageError)
-
-app = typer.Typer(
-    name="gallery",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    help="Import Hugging Face repos into pinned MLX model configs, keep a catalog of them, and run them.\n\n"
-    "Exit codes: " + "; ".join(f"{code} {name}" for code, (name, _) in EXIT_CODES.items()),
-)
-
-
-def warn(message: str) -> None:
-    """Print a warning line to stderr."""
-    print(f"gallery: warning: {message}", file=sys.stderr)
-
-
-def loud_template_warning(config: ModelConfig) -> None:
-    """The banner shown whenever a config has no usable chat template."""
-    template = config.mlx.chat_template
-    if template.status == "pinned":
-        return
-    why = "none was found in any home" if template.status == "missing" else f"the one in {template.source} is unusable"
-    print(
-        f"gallery: WARNING: {config.name} HAS NO CHAT TEMPLATE ({why}). Chat requests will not be formatted "
-        "the way the model was trained; answers may be garbage.",
-        file=sys.stderr,
-    )
-
-
-def emit(text: str) -> None:
-    """Write command output to stdout."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+app = typer.Typer()
 
 
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="Force a backend: mlx or mlx-vlm.")]
@@ -82,7 +38,7 @@ def import_command(
     from importers import import_model
 
     if output is not None and output.exists() and not force:
-        raise OutputExists(f"{output} exists; use --force to replace it")
+        raise OutputExists(f"{output} exists; use --force to replace it", path=output)
     result = import_model(source, revision=revision, backend=backend, name=name)
     config = result.config
     for message in result.warnings:
@@ -93,12 +49,7 @@ def import_command(
     if output is None:
         emit(config_to_json(config) if as_json else config_to_yaml(config))
         return
-    try:
-        write_config(config, output, overwrite=force, as_json=as_json)
-    except FileExistsError:
-        raise OutputExists(f"{output} exists; use --force to replace it") from None
-    except OSError as exc:
-        raise OutputExists(f"cannot write {output}: {exc.strerror}") from None
+    write_config(config, output, overwrite=force, as_json=as_json)
     print(f"gallery: wrote {output} ({config.backend}, {len(config.mlx.stop_tokens)} stop tokens, "
           f"template {config.mlx.chat_template.status})", file=sys.stderr)
 
@@ -114,12 +65,6 @@ def _check_strict(config: ModelConfig) -> None:
                             f"{check.errors[-1] if check.errors else 'see render_check'}")
 
 
-def _looks_like_config(target: str) -> bool:
-    # A YAML/JSON path is a config even when missing: "no such file" beats trying it as a repo id.
-    path = Path(target)
-    return path.suffix.lower() in (".yaml", ".yml", ".json") and not path.is_dir()
-
-
 @app.command()
 def explain(
     target: Annotated[str, typer.Argument(help="A config file, or a SOURCE to import first.")],
@@ -128,7 +73,7 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="Decisions as JSON.")] = False,
 ) -> None:
     """Show every decision in a config and the evidence behind it."""
-    if _looks_like_config(target):
+    if looks_like_config_file(target) and not Path(target).is_dir():
         config = read_config(target)
         warnings = config.mlx.warnings
     else:
@@ -174,50 +119,3 @@ def render_explanation(config: ModelConfig, warnings: list[str]) -> str:
 def schema() -> None:
     """Print the ModelConfig JSON Schema."""
     emit(json.dumps(json_schema(), indent=2) + "\n")
-
-
-def _register_extensions() -> None:
-    # Catalog and runtime commands live next to their code; importing them registers their commands.
-    # Neither imports MLX at import time, so `gallery --help` stays fast and works without the runtime extra.
-    import importlib
-
-    for module in ("gallery.catalog_cli", "runtime.cli", "runtime.serve_cli"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and turn every failure into one line and an exit code."""
-    _register_extensions()
-    debug = os.environ.get("GALLERY_DEBUG") == "1"
-    try:
-        result: Any = app(args=argv, prog_name="gallery", standalone_mode=False)
-        return result if isinstance(result, int) else 0
-    except GalleryError as exc:
-        if debug:
-            raise
-        print(f"gallery: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except _EXIT as exc:
-        return exc.exit_code
-    except _ABORT:
-        print("gallery: interrupted", file=sys.stderr)
-        return 130
-    except _CLICK_ERROR as exc:
-        exc.show(file=sys.stderr)
-        return 2 if isinstance(exc, _USAGE_ERROR) else exc.exit_code
-    except KeyboardInterrupt:
-        print("gallery: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as exc:  # a bug, not a user error: say so, in one line, with a way to see more
-        if debug:
-            raise
-        print(f"gallery: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
-              "(set GALLERY_DEBUG=1 for the traceback; please report it)", file=sys.stderr)
-        return 1
-

@@ -15,7 +15,7 @@
 
 Reading is lenient where it can be (one broken entry must not hide the others, the lesson of LocalAI's
 gallery) and exact about where each problem is: every Problem carries its file and line. The deep
-checks (templates, stop sets, hashes against the config) live in gallery.validate.
+checks (templates, stop sets, hashes against the config) live in catalog.validate.
 """
 
 from __future__ import annotations
@@ -31,22 +31,21 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gallery.catalog_yaml import YamlDocument, read_yaml_document
-from gallery.config import ModelConfig, RepoFile
-from gallery.configfile import MAX_CONFIG_BYTES
+from gallery.config import SUPPORTED_BACKENDS, ModelConfig, RepoFile
+from gallery.configfile import MAX_CONFIG_BYTES, schema_errors
 from gallery.errors import BadConfig, OutputExists, UsageError
-from gallery.yamlio import YamlError, atomic_write, dump_yaml
+from gallery.hub import HUB_WEB
+from gallery.yamlio import YamlDocument, atomic_write, dump_yaml, read_yaml_file
 
 INDEX_FILE = "index.yaml"
 ENTRIES_DIR = "entries"
 CATALOG_ENV = "GALLERY_CATALOG"
-HUB_WEB = "https://huggingface.co"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 INDEX_HEADER = (
     "# MLX model gallery: a LocalAI-style index. Each entry pins a ModelConfig (`config:`) and every file an\n"
     "# install downloads, with its sha256. Check it with `gallery validate`; re-pin it with `gallery refresh --write`.\n"
-    "# Written by `gallery add` / `gallery refresh --write` / `python -m gallery.catalog_seed`.\n"
+    "# Written by `gallery add` / `gallery refresh --write` / `python -m fixtures.catalog_seed`.\n"
 )
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -79,7 +78,7 @@ class Problem:
 
 # ----------------------------------------------------------------------------------------------- paths
 def bundled_catalog_path() -> Path:
-    """The catalog shipped inside the package (gallery/index.yaml)."""
+    """The catalog shipped inside the package (catalog/index.yaml): read-only, never written by a command."""
     return Path(__file__).resolve().parent / INDEX_FILE
 
 
@@ -270,56 +269,25 @@ class Entry:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def read_text(path: Path, limit: int, what: str) -> str:
-    """A UTF-8 file's text. Raises BadConfig (exit 13) when it is missing, too large or unreadable."""
-    try:
-        size = path.stat().st_size
-        if size > limit:
-            raise BadConfig(f"{path}: {size} bytes is too large for a {what}")
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadConfig(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise BadConfig(f"{path}: is a folder, not a {what}") from None
-    except UnicodeDecodeError:
-        raise BadConfig(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise BadConfig(f"{path}: cannot read ({exc.strerror})") from None
-
-
 def read_document(path: Path, limit: int, what: str) -> YamlDocument:
     """Read and parse a YAML file. Raises BadConfig naming the file and line when it cannot be read."""
-    text = read_text(path, limit, what)
-    try:
-        return read_yaml_document(text)
-    except YamlError as exc:
-        where = f"{path}:{exc.line}" if exc.line else str(path)
-        raise BadConfig(f"{where}: {exc}") from None
+    return read_yaml_file(path, limit=limit, what=what)
 
 
 def schema_problems(exc: ValidationError, file: str, doc: YamlDocument, prefix: tuple[Any, ...],
                     entry: str | None) -> list[Problem]:
     """One Problem per pydantic error, at the line of the offending key, with a code for the kind of error."""
     problems: list[Problem] = []
-    for error in exc.errors():
-        loc = tuple(error.get("loc", ()))
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    for loc, kind, message, value in schema_errors(exc):
         if len(loc) == 2 and loc[0] == "config" and loc[1] in ("str", "dict[str,any]"):
             # `config: str | dict` reports one error per union member: say it once, plainly.
             loc, message = ("config",), "must be a path to the entry's config file, or the config as a mapping"
         where = ".".join(str(part) for part in loc) or "(top level)"
         code = "schema"
-        kind = error.get("type")
         last = loc[-1] if loc else None
-        if kind == "extra_forbidden":
-            message = "unknown key (typo?)"
-        elif kind == "missing":
-            message = "required key is missing"
-        elif loc == ("backend",) and kind == "literal_error":
-            from gallery.config import SUPPORTED_BACKENDS
-
+        if loc == ("backend",) and kind == "literal_error":
             code = "unsupported-backend"
-            message = f"backend {error.get('input')!r} is not supported (supported: {', '.join(SUPPORTED_BACKENDS)})"
+            message = f"backend {value!r} is not supported (supported: {', '.join(SUPPORTED_BACKENDS)})"
         elif last == "revision":
             code = "bad-revision"
         elif last == "sha256":
@@ -435,8 +403,7 @@ def load_entry(path: Path, doc: YamlDocument, position: int, raw: Any) -> RawEnt
         try:
             item.config_doc = read_document(config_file, MAX_CONFIG_BYTES, "model config")
         except BadConfig as exc:
-            line = _line_of(str(exc))
-            item.problems.append(Problem(str(config_file), line, "error", "unreadable", _strip_where(str(exc)), name))
+            item.problems.append(Problem(str(config_file), exc.line, "error", "unreadable", exc.problem, name))
             item.unreadable = True
             return item
         config_doc = item.config_doc
@@ -459,17 +426,6 @@ def _load_config(item: RawEntry, data: dict[str, Any], file: str, doc: YamlDocum
             code = "config-schema" if problem.code == "schema" else problem.code
             item.problems.append(dataclasses.replace(problem, code=code, message=f"config: {problem.message}"
                                                      if prefix else problem.message))
-
-
-def _line_of(message: str) -> int | None:
-    match = re.match(r"^.*?:(\d+): ", message)
-    return int(match.group(1)) if match else None
-
-
-def _strip_where(message: str) -> str:
-    # BadConfig messages start with "path[:line]: "; the Problem carries those separately.
-    match = re.match(r"^.*?(?::\d+)?: (.*)$", message)
-    return match.group(1) if match else message
 
 
 # ----------------------------------------------------------------------------------------------- the catalog
@@ -520,7 +476,7 @@ def load_catalog(path: Path) -> Catalog:
     problems = index_problems(path, doc)
     if not isinstance(doc.data, list):
         first = problems[-1]
-        raise BadConfig(f"{path}:{first.line}: {first.message}")
+        raise BadConfig(first.message, file=path, line=first.line)
     entries: list[Entry] = []
     seen: dict[str, int] = {}  # lowercased name -> position of its first entry
     for item in iter_entries(path, doc):
@@ -550,33 +506,6 @@ def load_catalog_strict(path: Path) -> Catalog:
     return catalog
 
 
-def find_config(name: str, catalog: str | Path | None = None) -> tuple[ModelConfig, Path | None]:
-    """The config the runtime should run for a catalog entry name, and the folder relative paths resolve against.
-
-    An installed copy (`<models-dir>/<name>.yaml`, models dir from $GALLERY_MODELS_DIR or ./models, written by
-    `gallery install`) wins, since it points at verified local files; else the catalog's pinned config.
-    Raises LookupError when `name` is not an entry (the caller then tries other meanings of the spec), and
-    BadConfig when the catalog or the entry is broken.
-    """
-    if not _NAME_RE.fullmatch(name) or ".." in name:
-        raise LookupError(name)
-    from gallery.configfile import read_config
-    from gallery.install import resolve_models_dir
-
-    installed = resolve_models_dir(None) / f"{name}.yaml"
-    if installed.is_file():
-        return read_config(installed), installed.parent
-    path = resolve_catalog_path(catalog)
-    if not path.exists() and catalog is None:
-        raise LookupError(name)
-    loaded = load_catalog(path)
-    try:
-        entry = loaded.get(name)
-    except UsageError:
-        raise LookupError(name) from None
-    return entry.config, path.parent
-
-
 # ----------------------------------------------------------------------------------------------- writing
 def config_ref_for(name: str) -> str:
     """Where `gallery add` writes an entry's config, relative to the index."""
@@ -602,7 +531,7 @@ def index_fingerprint(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise BadConfig(f"{path}: cannot read ({exc.strerror})") from None
+        raise BadConfig(f"cannot read ({exc.strerror})", file=path) from None
 
 
 def write_catalog(path: Path, entries: list[Entry], *, changed: set[str] | None = None,
@@ -624,12 +553,12 @@ def write_catalog(path: Path, entries: list[Entry], *, changed: set[str] | None 
             target = path.parent / entry.config_ref
             fresh = bool(new_configs and entry.name in new_configs)
             try:
-                atomic_write(target, render_config(entry.config), overwrite=not fresh)
-            except FileExistsError:
-                raise OutputExists(f"{target} already exists; remove it or choose another --name") from None
+                atomic_write(target, render_config(entry.config), overwrite=not fresh, create_parents=True)
+            except OutputExists:
+                raise OutputExists(f"{target} already exists; remove it or choose another --name", path=target) from None
             if fresh:
                 created.append(target)
-        atomic_write(path, render_index(entries))
+        atomic_write(path, render_index(entries), create_parents=True)  # `add` may start a new catalog
     except BaseException:
         for target in created:
             target.unlink(missing_ok=True)
