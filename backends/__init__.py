@@ -1,89 +1,22 @@
-"""Backends: thin adapters over mlx-lm and mlx-vlm behind one small interface.
+"""Backends: the only code that imports mlx, mlx_lm or mlx_vlm — and only lazily, when it runs.
 
-Nothing here imports mlx, mlx_lm or mlx_vlm at module import time: each adapter imports its own
-library when it loads a model, so a text config never pays for (or depends on) mlx_vlm.
+- mlx_lm_backend / mlx_vlm_backend: loading a model folder, tokenizing as each library does;
+- text_route: the zero-copy mlx-lm text model of a VLM;
+- decoding: the decoders the engine steps (batched text, per-request text and VLM streams, prefix caches);
+- sampling / grammar: per-request samplers, logits processors, structured output;
+- this module: the long-lived MLX thread, memory readings, and mlx-lm's tool-call parsers.
+A text config never pays for (or depends on) mlx_vlm, and nothing imports MLX at module import time.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import importlib
 import queue
+import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
-
-
-@dataclasses.dataclass
-class SamplingParams:
-    """Sampling settings for one request (None means the library default)."""
-
-    max_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    seed: int | None = None
-
-
-@dataclasses.dataclass
-class Step:
-    """What one decoding step produced: new text, the token, and running usage and timings."""
-
-    text: str
-    token: int | None
-    prompt_tokens: int
-    completion_tokens: int
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    peak_memory_gb: float = 0.0
-    finish_reason: str | None = None  # "stop" (a pinned stop id) | "length" | None
-
-
-class Backend(Protocol):
-    """The interface the runtime drives: load once, then tokenize and stream."""
-
-    name: str
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids for a rendered prompt (special tokens added the way the library adds them)."""
-        ...
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Text for token ids."""
-        ...
-
-    def generate(
-        self, prompt: str, params: SamplingParams, stop_ids: Sequence[int], media: Any | None = None
-    ) -> Iterator[Step]:
-        """Stream the answer to a rendered prompt, stopping exactly on stop_ids."""
-        ...
-
-
-def make_sampler_and_processors(params: SamplingParams) -> tuple[Any, list[Any]]:
-    """mlx-lm's sampler and logits processors for these params (used on every route, so routes agree)."""
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-    sampler = make_sampler(
-        temp=max(params.temperature, 0.0),
-        top_p=params.top_p or 0.0,
-        min_p=params.min_p or 0.0,
-        top_k=params.top_k or 0,
-    )
-    processors = make_logits_processors(
-        repetition_penalty=params.repeat_penalty if params.repeat_penalty not in (None, 1.0) else None
-    )
-    return sampler, processors
-
-
-def seed_everything(seed: int | None) -> None:
-    """Seed MLX's random generator when a request asks for reproducible sampling."""
-    if seed is not None:
-        import mlx.core as mx
-
-        mx.random.seed(seed)
-
-
+from collections.abc import Callable
+from typing import Any
 
 _IDLE_INBOXES: list[queue.Queue[tuple[Callable[[], None], threading.Event]]] = []
 _IDLE_LOCK = threading.Lock()
@@ -118,3 +51,36 @@ def _mlx_thread_loop(inbox: queue.Queue[tuple[Callable[[], None], threading.Even
             with _IDLE_LOCK:
                 _IDLE_INBOXES.append(inbox)
             done.set()
+
+
+def memory_stats() -> dict[str, int]:
+    """MLX's own memory counters (active, peak, cache), without importing MLX when nothing has loaded it."""
+    if "mlx.core" not in sys.modules:
+        return {}
+    import mlx.core as mx
+
+    stats = {}
+    for key, getter in (("mlx_active", "get_active_memory"), ("mlx_peak", "get_peak_memory"),
+                        ("mlx_cache", "get_cache_memory")):
+        with contextlib.suppress(AttributeError, RuntimeError):
+            stats[key] = int(getattr(mx, getter)())
+    return stats
+
+
+def release_memory(timeout: float = 10.0) -> None:
+    """Give freed model memory back to the system (MLX keeps freed buffers in its cache)."""
+    if "mlx.core" not in sys.modules:
+        return
+    import mlx.core as mx
+
+    run_on_mlx_thread(mx.clear_cache, name="mlx-free").wait(timeout)
+
+
+def tool_parser(fmt: str) -> tuple[Callable[[str, Any], Any] | None, str | None, str | None]:
+    """mlx-lm's parser for a tool-call format: (parse function, start marker, end marker); Nones if it has none."""
+    try:
+        module = importlib.import_module(f"mlx_lm.tool_parsers.{fmt}")
+    except ImportError:
+        return None, None, None
+    return (getattr(module, "parse_tool_call", None), getattr(module, "tool_call_start", None),
+            getattr(module, "tool_call_end", None))

@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from catalog import validate  # noqa: E402
-from gallery import chat_template  # noqa: E402
 from catalog.index import (  # noqa: E402
     CatalogFile,
     Entry,
@@ -39,8 +38,9 @@ from catalog.index import (  # noqa: E402
     render_config,
     render_index,
 )
-from gallery.config import RepoFile  # noqa: E402
 from catalog.validate import Report, validate_paths  # noqa: E402
+from gallery import chat_template  # noqa: E402
+from gallery.config import RepoFile  # noqa: E402
 
 
 def build_catalog(folder: Path, count: int) -> tuple[Path, int]:

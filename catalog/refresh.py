@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from catalog.index import Catalog, Entry, write_catalog
 from catalog.build import build_entry
+from catalog.index import Catalog, Entry, write_catalog
 from gallery.config import ModelConfig, StopToken
 from gallery.errors import BadConfig, DriftDetected, GalleryError, UsageError
 

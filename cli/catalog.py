@@ -221,8 +221,8 @@ def add_command(
 
     Exit 11 when the name is taken, 14 when the new entry would fail `gallery validate`.
     """
-    from catalog.index import Catalog
     from catalog.build import build_entry
+    from catalog.index import Catalog
 
     path = resolve_catalog_path(catalog)
     current = load_catalog_strict(path) if path.exists() else Catalog(path=path, entries=[], problems=[])

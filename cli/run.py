@@ -1,17 +1,18 @@
-"""`gallery run`: load one config and stream an answer to the terminal.
+"""`gallery run`: load one model and stream an answer to the terminal.
 
-The root app (cli.app) adds it; MLX is imported only when the command runs.
+The model is loaded through the runtime's ModelHost (the same spec resolution, load options and engine as
+every server interface); MLX is imported only when the command runs.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from cli.output import loud_template_warning
+from cli.output import loud_template_warning, warn
 from gallery.errors import RuntimeFailure, UsageError
 
 app = typer.Typer()
@@ -34,37 +35,32 @@ def run(
     catalog: Annotated[str | None, typer.Option("--catalog", help="Catalog index to look names up in.")] = None,
 ) -> None:
     """Run one prompt on a config and stream the answer (reasoning goes to stderr)."""
-    from catalog.resolve import resolve_spec
-    from runtime.engine import Engine, GenerationRequest
-    from runtime.messages import MediaItem
-    from gallery.errors import RequestError
+    from runtime.host import ModelHost
+    from runtime.request import GenerationRequest
 
     if thinking and no_thinking:
         raise UsageError("--thinking and --no-thinking contradict each other")
-    resolved = resolve_spec(config, catalog=catalog)
-    model_config, base = resolved.config, resolved.base
-    for message in resolved.warnings:
-        print(f"gallery: warning: {message}", file=sys.stderr)
-    loud_template_warning(model_config)
-    media = [MediaItem(kind="image", data=str(path)) for path in image or []]
+    media: list[dict[str, Any]] = [{"type": "image", "image": str(path)} for path in image or []]
     if raw:
-        request = GenerationRequest(prompt=prompt, media=media)
+        from runtime.messages import MediaItem
+
+        request = GenerationRequest(prompt=prompt, media=[MediaItem(kind="image", data=str(p)) for p in image or []])
     else:
-        content: object = prompt
-        if media:
-            content = [{"type": "image", "image": str(path)} for path in image or []] + [{"type": "text", "text": prompt}]
+        content: object = [*media, {"type": "text", "text": prompt}] if media else prompt
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         request = GenerationRequest(messages=messages)
     request.max_tokens = max_tokens
     request.temperature = temperature
     request.seed = seed
     request.enable_thinking = False if no_thinking else True if thinking else None
-    engine = Engine(model_config, base=base, allow_download=allow_download, strict=strict).start()
+    host = ModelHost(interface="cli", catalog=catalog)
+    report = host.load(config, {"allow_download": allow_download, "strict": strict})
+    for message in report.import_warnings:
+        warn(message)
+    assert host.engine is not None
+    loud_template_warning(host.engine.config)
     try:
-        try:
-            handle = engine.submit(request)
-        except RequestError as exc:
-            raise UsageError(str(exc)) from None
+        handle = host.submit(request)
         in_reasoning = False
         final = None
         for event in handle:
@@ -96,4 +92,4 @@ def run(
             file=sys.stderr,
         )
     finally:
-        engine.shutdown()
+        host.close()

@@ -10,7 +10,14 @@ from pydantic import ValidationError
 
 from gallery.config import ModelConfig
 from gallery.errors import BadConfig
-from gallery.yamlio import YamlDocument, YamlError, atomic_write, dump_yaml, read_yaml_document, read_yaml_file
+from gallery.yamlio import (
+    YamlDocument,
+    YamlError,
+    atomic_write,
+    dump_yaml,
+    read_yaml_document,
+    read_yaml_file,
+)
 
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 

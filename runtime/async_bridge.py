@@ -14,7 +14,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from runtime.engine import Event, RequestHandle
+from runtime.engine import RequestHandle
+from runtime.request import Event
 
 T = TypeVar("T")
 

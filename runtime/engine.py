@@ -1,10 +1,15 @@
 """The engine: one worker thread owns the model and every MLX array; requests are handed to it.
 
-Callers (the CLI, the gRPC server, the stdio loop) prepare a request on their own thread — normalize
-messages, render the pinned template, decode media, so bad input fails before it queues — and get a
-RequestHandle that streams Events. The worker admits up to `max_active` requests and advances them
-round-robin, one decoding step each, so concurrent streams progress fairly; a cancelled request is
-closed before its next step, which frees the worker within one decoding step.
+Callers (the CLI, the gRPC, stdio and HTTP servers) prepare a request on their own thread (runtime.prepare:
+template, media, tokens, sampling, route — bad input fails before it queues) and get a RequestHandle that
+streams Events. The worker admits up to `max_active` requests in arrival order and drives the decoders
+(backends.decoding): text requests join one continuous batch, media requests run on the vision path, and
+each step every active request advances by one token (or its prompt by one chunk). Between steps the
+worker drops cancelled requests (freeing the slot within one step) and admits new ones.
+
+Per-request state lives with the request: sampler, processors, stop set, seed. A processor or sampler
+that fails marks only its own request as failed; a failure of a whole batch step fails that batch's
+requests, resets the random state and starts a fresh batch, and the engine keeps serving.
 """
 
 from __future__ import annotations
@@ -21,94 +26,92 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from backends import SamplingParams, Step, run_on_mlx_thread
+from backends import memory_stats, run_on_mlx_thread, tool_parser
+from backends.decoding import (
+    DecodeSpec,
+    PrefixCache,
+    TextBatcher,
+    TextStreams,
+    Token,
+    VlmStreams,
+    check_kv_quantization,
+)
+from backends.sampling import ThinkingBudget, make_processors, make_sampler, recover_random_state
 from gallery.config import ModelConfig
 from gallery.errors import GalleryError, RuntimeFailure
+from runtime.load_options import LoadOptions, parse_options
 from runtime.loader import LoadedModel, load
-from runtime.media import DecodedMedia, MediaPolicy, decode_media
-from runtime.messages import MediaItem
-from gallery.errors import RequestError
-from runtime.prompt import check_media_allowed, check_media_markers, render_request_prompt, thinking_setting
-from runtime.textstream import ReasoningSplitter, StopStringMatcher, ToolCall, ToolCallExtractor
-
-DEFAULT_MAX_TOKENS = 512
+from runtime.media import MediaPolicy
+from runtime.prepare import ROUTE_NAMES, Prepared, Runtime, prepare
+from runtime.request import (
+    Answer,
+    Completion,
+    Event,
+    GenerationRequest,
+    RequestLimits,
+    Timings,
+    TokenLogprob,
+    Usage,
+)
+from runtime.textstream import ReasoningSplitter, StopStringMatcher, ToolCallExtractor
 
 
 class QueueFull(RuntimeFailure):
-    """The request queue is full: the caller should retry later (a RuntimeFailure, so existing handlers still catch it)."""
+    """The request queue is full: the caller should retry later."""
 
 
-@dataclasses.dataclass
-class GenerationRequest:
-    """One request: chat messages (rendered with the pinned template) or a raw prompt."""
-
-    messages: Any = None
-    prompt: str | None = None
-    media: list[MediaItem] = dataclasses.field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] = dataclasses.field(default_factory=list)
-    enable_thinking: bool | None = None
-    template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    correlation_id: str | None = None
+class LoadFailedOption(RuntimeFailure):
+    """A load option the model cannot work with (found once the model is loaded)."""
 
 
-@dataclasses.dataclass
-class Usage:
-    """Token counts of one request (prompt tokens include expanded image tokens)."""
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """How the engine serves, from the load options (see runtime.load_options)."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    max_active: int = 32
+    max_queue: int = 256
+    batching: bool = True
+    prefill_step: int = 512
+    prefill_batch: int = 8
+    prefix_cache: bool = True
+    prefix_cache_entries: int = 32
+    prefix_cache_bytes: int = 1024 * 1024 * 1024
+    max_kv_size: int | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    num_draft_tokens: int | None = None
+    context_size: int | None = None
+    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    media_policy: MediaPolicy = dataclasses.field(default_factory=MediaPolicy)
+    defaults: tuple[tuple[str, Any], ...] = ()  # request defaults from load options (temperature, …)
 
-    @property
-    def total_tokens(self) -> int:
-        """Prompt plus completion tokens."""
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclasses.dataclass
-class Timings:
-    """Where the time went, in seconds, plus the backend's rates."""
-
-    queued_s: float = 0.0
-    prompt_s: float = 0.0
-    generation_s: float = 0.0
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-
-
-@dataclasses.dataclass
-class Event:
-    """A streamed piece of an answer; the last one has done=True and the totals."""
-
-    content: str = ""
-    reasoning: str = ""
-    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
-    done: bool = False
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    timings: Timings | None = None
-    error: str | None = None
-    route: str | None = None
-
-
-@dataclasses.dataclass
-class Completion:
-    """A whole answer, aggregated from its events."""
-
-    content: str
-    reasoning: str
-    tool_calls: list[ToolCall]
-    finish_reason: str | None
-    usage: Usage
-    timings: Timings
-    route: str | None
+    @classmethod
+    def from_options(cls, options: LoadOptions | None = None, *, interface: str = "stdio") -> EngineSettings:
+        """Settings from parsed load options (defaults for what they leave out)."""
+        options = options or parse_options(None)
+        local_media = options.get("allow_local_media")
+        policy = MediaPolicy(
+            allow_local_paths=(interface in ("stdio", "cli")) if local_media is None else bool(local_media),
+            allow_remote_urls=bool(options.get("allow_remote_media")),
+            max_items=int(options.get("max_media_items")),
+            max_bytes=int(float(options.get("max_media_mb")) * 1024 * 1024),
+        )
+        defaults = tuple((key, options.get(key)) for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                                                           "max_tokens", "seed") if options.given(key))
+        return cls(
+            max_active=int(options.get("max_active")), max_queue=int(options.get("max_queue")),
+            batching=bool(options.get("batching")), prefill_step=int(options.get("prefill_step")),
+            prefill_batch=int(options.get("prefill_batch")), prefix_cache=bool(options.get("prefix_cache")),
+            prefix_cache_entries=int(options.get("prefix_cache_entries")),
+            prefix_cache_bytes=int(float(options.get("prefix_cache_mb")) * 1024 * 1024),
+            max_kv_size=options.get("max_kv_size"), kv_bits=options.get("kv_bits"),
+            kv_group_size=int(options.get("kv_group_size")), quantized_kv_start=int(options.get("quantized_kv_start")),
+            num_draft_tokens=options.get("num_draft_tokens"), context_size=options.get("context_size"),
+            limits=RequestLimits(max_request_bytes=int(options.get("max_request_bytes")),
+                                 max_tokens=int(options.get("max_tokens_limit"))),
+            media_policy=policy, defaults=defaults,
+        )
 
 
 class RequestHandle:
@@ -116,7 +119,7 @@ class RequestHandle:
 
     _ids = itertools.count(1)
 
-    def __init__(self, prepared: _Prepared) -> None:
+    def __init__(self, prepared: Prepared) -> None:
         self.id = next(self._ids)
         self.prepared = prepared
         self._events: queue.Queue[Event] = queue.Queue()
@@ -125,7 +128,7 @@ class RequestHandle:
         self._notify: Callable[[], None] | None = None
 
     def cancel(self) -> None:
-        """Stop this request; the worker closes it before its next decoding step."""
+        """Stop this request; the worker drops it before its next step."""
         self._cancelled.set()
 
     @property
@@ -170,68 +173,63 @@ class RequestHandle:
         return self.events()
 
     def result(self) -> Completion:
-        """Wait for the whole answer."""
-        content, reasoning, calls = [], [], []
-        final = Event(done=True)
+        """Wait for the whole answer. Raises RuntimeFailure when generation failed."""
+        answer = Answer()
         for event in self.events():
-            content.append(event.content)
-            reasoning.append(event.reasoning)
-            calls.extend(event.tool_calls)
-            final = event
-        if final.error:
-            raise RuntimeFailure(final.error)
-        return Completion("".join(content), "".join(reasoning), calls, final.finish_reason,
-                          final.usage or Usage(), final.timings or Timings(), final.route)
+            answer.add(event)
+        completion = answer.completion()
+        if completion.error:
+            raise RuntimeFailure(completion.error)
+        return completion
 
 
-@dataclasses.dataclass
-class _Prepared:
-    prompt: str
-    media: DecodedMedia | None
-    params: SamplingParams
-    stops: list[str]
-    thinking: bool
-    starts_inside: bool
-    tools: list[dict[str, Any]] | None
-    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+class _Guard:
+    """Runs one request's sampler or processor; a failure marks that request, not the whole batch."""
 
+    def __init__(self, fn: Callable[..., Any], job: _Job, *, sampler: bool = False) -> None:
+        self.fn, self.job, self.sampler = fn, job, sampler
 
-_WAKE = object()
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.fn(*args)
+        except Exception as exc:
+            self.job.failure = self.job.failure or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            if self.sampler:
+                import mlx.core as mx
 
-
-class _Call:
-    """A function to run on the worker thread, with its result."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
+                return mx.argmax(args[0], axis=-1)
+            return args[-1]
 
 
 class _Job:
-    """Worker-side state of one request."""
+    """Worker-side state of one request: its text pipeline, its counters, its decoder."""
 
-    def __init__(self, handle: RequestHandle, backend: Any, route: str, config: ModelConfig) -> None:
+    def __init__(self, handle: RequestHandle, config: ModelConfig, backend: Any, decoder: Any) -> None:
+        prepared = handle.prepared
         self.handle = handle
-        self.prepared = handle.prepared
+        self.prepared = prepared
+        self.uid = handle.id
         self.backend = backend
-        self.route = route
-        self.gen: Iterator[Step] | None = None
+        self.decoder = decoder
+        self.route = ROUTE_NAMES[prepared.route]
         reasoning = config.mlx.reasoning
+        self.stops = StopStringMatcher(prepared.stops)
+        self.splitter = ReasoningSplitter(reasoning.start if reasoning.supported else None,
+                                          reasoning.end if reasoning.supported else None,
+                                          thinking=prepared.thinking, starts_inside=prepared.starts_inside)
         tool_calls = config.mlx.tool_calls
-        self.stops = StopStringMatcher(self.prepared.stops)
-        self.splitter = ReasoningSplitter(
-            reasoning.start if reasoning.supported else None,
-            reasoning.end if reasoning.supported else None,
-            thinking=self.prepared.thinking,
-            starts_inside=self.prepared.starts_inside,
-        )
-        self.tools = ToolCallExtractor(tool_calls.format if self.prepared.tools else None, tool_calls.start,
-                                       tool_calls.end, self.prepared.tools)
-        self.last: Step | None = None
-        self.started = 0.0
+        fmt = tool_calls.format if prepared.tools else None
+        self.tools = ToolCallExtractor(fmt, tool_calls.start, tool_calls.end, prepared.tools,
+                                       library=tool_parser(fmt) if fmt else (None, None, None))
+        self.detokenizer = backend.detokenizer() if prepared.route != "vlm" else None
+        self.failure: str | None = None
+        self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.prompt_tokens = len(prepared.prompt_ids) if prepared.prompt_ids is not None else 0
+        self.cached_tokens = 0
+        self.completion_tokens = 0
+        self.reasoning_tokens = 0
+        self.draft_accepted = 0
 
     def pipe(self, text: str, *, final: bool = False) -> Event:
         """Run text through stop strings, reasoning split and tool extraction."""
@@ -256,7 +254,7 @@ class _Job:
         return event
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     """Current resident memory of this process."""
     try:
         with open("/proc/self/statm", encoding="ascii") as handle:
@@ -268,41 +266,47 @@ def _rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since the engine started (Status, metrics)."""
+
+    requests: int = 0
+    finished: dict[str, int] = dataclasses.field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    batch_steps: int = 0
+    batch_rows: int = 0
+
+
 class Engine:
     """Load one config on a worker thread and serve requests against it."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        base: Path | None = None,
-        model_path: Path | None = None,
-        allow_download: bool = False,
-        strict: bool = False,
-        max_active: int = 8,
-        max_queue: int = 256,
-        media_policy: MediaPolicy | None = None,
-        max_tokens_limit: int = 32768,
-    ) -> None:
+    def __init__(self, config: ModelConfig, *, settings: EngineSettings | None = None, base: Path | None = None,
+                 model_path: Path | None = None, allow_download: bool = False, strict: bool = False) -> None:
         self.config = config
+        self.settings = settings or EngineSettings()
         self._load_args = {"base": base, "model_path": model_path, "allow_download": allow_download, "strict": strict}
-        self.max_active = max(1, max_active)
-        self.max_queue = max_queue
-        self.media_policy = media_policy or MediaPolicy()
-        self.max_tokens_limit = max_tokens_limit
         self.loaded: LoadedModel | None = None
+        self.runtime: Runtime | None = None
         self.warnings: list[str] = []
         self.error: str | None = None
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._calls: queue.Queue[_Call] = queue.Queue()
-        self._active: list[_Job] = []
+        self.stats = EngineStats()
+        self.listeners: list[Callable[[Event], None]] = []  # called with every final event (metrics)
+        self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
+        self._jobs: dict[int, _Job] = {}
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._stopping = threading.Event()
+        self._hard_stop = threading.Event()
         self._done: threading.Event | None = None
         self._lock = threading.Lock()
         self._pending = 0
         self.completed = 0
+        self._batcher: TextBatcher | None = None
+        self._streams: TextStreams | None = None
+        self._vlm: VlmStreams | None = None
+        self._prefix: PrefixCache | None = None
 
     # ----- lifecycle -----
     def start(self, timeout: float | None = None) -> Engine:
@@ -320,8 +324,9 @@ class Engine:
         """Stop the worker: cancel (or let finish) in-flight requests, refuse new ones."""
         self._stopping.set()
         if cancel:
+            self._hard_stop.set()
             with self._lock:
-                for job in self._active:
+                for job in list(self._jobs.values()):
                     job.handle.cancel()
             while True:
                 try:
@@ -340,7 +345,7 @@ class Engine:
         return self.loaded is not None and not self._stopping.is_set()
 
     def status(self) -> dict[str, Any]:
-        """State (LOADING, READY, BUSY, ERROR, STOPPING), load, memory and warnings."""
+        """State (LOADING, READY, BUSY, ERROR, STOPPING), load, memory, caches and warnings."""
         if self.error or self._load_error is not None:
             state = "ERROR"
         elif self.loaded is None:
@@ -348,92 +353,50 @@ class Engine:
         elif self._stopping.is_set():
             state = "STOPPING"
         else:
-            state = "BUSY" if (self._active or self._pending) else "READY"
-        memory: dict[str, int] = {"rss": _rss_bytes()}
-        if self.loaded is not None:
-            try:
-                import mlx.core as mx
-
-                memory["mlx_active"] = int(mx.get_active_memory())
-                memory["mlx_peak"] = int(mx.get_peak_memory())
-            except (ImportError, AttributeError):
-                pass
+            state = "BUSY" if (self._jobs or self._pending) else "READY"
+        caches: dict[str, Any] = {}
+        if self._prefix is not None:
+            caches["text"] = self._prefix.describe()
+        if self._vlm is not None:
+            caches["vlm"] = self._vlm.describe()
+        draft = {}
+        if self._streams is not None and self._streams.drafted:
+            draft = {"draft_tokens": self._streams.drafted, "accepted": self._streams.accepted,
+                     "acceptance": round(self._streams.accepted / self._streams.drafted, 4)}
         return {
             "state": state,
             "model": self.config.name,
             "backend": self.config.backend,
-            "active": len(self._active),
+            "active": len(self._jobs),
             "queued": self._pending,
             "completed": self.completed,
-            "memory": memory,
+            "batch": len(self._batcher.specs) if self._batcher is not None else 0,
+            "memory": {"rss": rss_bytes(), **memory_stats()},
+            "prefix_cache": caches,
+            "speculative": draft,
+            "stats": dataclasses.asdict(self.stats),
             "warnings": list(self.warnings),
             "error": self.error or (str(self._load_error) if self._load_error else None),
             "text_route": bool(self.loaded and self.loaded.text_route is not None),
         }
 
     # ----- requests -----
-    def _params(self, request: GenerationRequest) -> SamplingParams:
-        defaults = self.config.parameters
-        max_tokens = request.max_tokens if request.max_tokens is not None else defaults.max_tokens
-        max_tokens = DEFAULT_MAX_TOKENS if not max_tokens or max_tokens < 0 else max_tokens
-        if max_tokens > self.max_tokens_limit:
-            raise RequestError(f"max_tokens {max_tokens} is over this runtime's limit of {self.max_tokens_limit}")
-        temperature = request.temperature if request.temperature is not None else defaults.temperature
-
-        def pick(value: Any, default: Any) -> Any:
-            return value if value is not None else default
-
-        return SamplingParams(
-            max_tokens=int(max_tokens),
-            temperature=float(temperature) if temperature is not None else 0.0,
-            top_p=pick(request.top_p, defaults.top_p),
-            top_k=pick(request.top_k, defaults.top_k),
-            min_p=pick(request.min_p, defaults.min_p),
-            repeat_penalty=pick(request.repeat_penalty, defaults.repeat_penalty),
-            seed=pick(request.seed, defaults.seed),
-        )
-
-    def prepare(self, request: GenerationRequest) -> _Prepared:
-        """Validate and render a request on the caller's thread. Raises RequestError."""
-        if (request.messages is None) == (request.prompt is None):
-            raise RequestError("send either messages (chat) or a prompt (raw completion)")
-        if request.messages is not None:
-            rendered = render_request_prompt(self.config, request.messages, tools=request.tools,
-                                             enable_thinking=request.enable_thinking,
-                                             template_kwargs=request.template_kwargs)
-            prompt, media_items = rendered.text, rendered.media + list(request.media)
-            thinking, starts_inside = rendered.thinking, rendered.starts_inside_reasoning
-        else:
-            if not isinstance(request.prompt, str):
-                raise RequestError("prompt must be a string")
-            prompt, media_items = request.prompt, list(request.media)
-            if len(prompt) > 4 * 1024 * 1024:
-                raise RequestError("prompt too large (over 4 MiB)")
-            check_media_markers(self.config, prompt, media_items)
-            thinking = thinking_setting(self.config, request.enable_thinking)
-            reasoning = self.config.mlx.reasoning
-            starts_inside = bool(reasoning.supported and reasoning.start and prompt.rstrip().endswith(reasoning.start))
-        check_media_allowed(self.config, media_items)
-        for stop in request.stop:
-            if not isinstance(stop, str):
-                raise RequestError("stop strings must be strings")
-        params = self._params(request)
-        media = decode_media(media_items, self.media_policy) if media_items else None
-        stops = list(dict.fromkeys([*self.config.stopwords, *request.stop]))
-        return _Prepared(prompt=prompt, media=media, params=params, stops=stops, thinking=thinking,
-                         starts_inside=starts_inside, tools=request.tools)
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        """Validate, render and route a request on the caller's thread. Raises RequestError."""
+        if self.runtime is None:
+            raise RuntimeFailure(self.error or "the model is not loaded")
+        return prepare(request, self.runtime)
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Prepare and queue a request; returns its handle. Raises RequestError / RuntimeFailure."""
+        """Prepare and queue a request; returns its handle. Raises RequestError / RuntimeFailure / QueueFull."""
         if self._stopping.is_set():
             raise RuntimeFailure("the runtime is shutting down")
         if self.loaded is None:
             raise RuntimeFailure(self.error or "the model is not loaded")
         prepared = self.prepare(request)
         with self._lock:
-            if self._pending >= self.max_queue:
-                if prepared.media is not None:
-                    prepared.media.cleanup()
+            if self._pending >= self.settings.max_queue:
+                prepared.cleanup()
                 raise QueueFull(f"the runtime is busy ({self._pending} requests queued); retry later")
             self._pending += 1
         handle = RequestHandle(prepared)
@@ -444,181 +407,291 @@ class Engine:
         """Submit a request and wait for the whole answer."""
         return self.submit(request).result()
 
-    def _on_worker(self, fn: Any, timeout: float = 60.0) -> Any:
-        """Run fn on the worker thread (tokenizers and MLX state are not shared across threads)."""
-        if self.loaded is None or self._done is None or self._done.is_set():
+    def _tokenizer_backend(self) -> Any:
+        runtime = self.runtime
+        if runtime is None:
             raise RuntimeFailure(self.error or "the model is not loaded")
-        call = _Call(fn)
-        self._calls.put(call)
-        self._queue.put(_WAKE)
-        if not call.done.wait(timeout):
-            raise RuntimeFailure("the worker did not answer in time")
-        if call.error is not None:
-            raise call.error
-        return call.value
+        return runtime.text_backend or runtime.vlm_backend
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of text, as the primary backend encodes a prompt."""
-        def run() -> list[int]:
-            assert self.loaded is not None
-            return (self.loaded.text_route or self.loaded.primary).tokenize(text)
-
-        return self._on_worker(run)
+        """Token ids of text, as the text route encodes a prompt (tokenizers are safe to share across threads)."""
+        return self._tokenizer_backend().tokenize(text)
 
     def detokenize(self, ids: list[int]) -> str:
         """Text of token ids."""
-        def run() -> str:
-            assert self.loaded is not None
-            return (self.loaded.text_route or self.loaded.primary).detokenize(ids)
-
-        return self._on_worker(run)
+        return self._tokenizer_backend().detokenize(ids)
 
     # ----- the worker -----
     def _run(self) -> None:
         try:
             self.loaded = load(self.config, **self._load_args)  # type: ignore[arg-type]
             self.warnings.extend(self.loaded.warnings)
+            self._build_decoders(self.loaded)
         except BaseException as exc:
             self._load_error = exc if isinstance(exc, GalleryError) else RuntimeFailure(
                 f"{type(exc).__name__}: {exc}")
             self.error = str(self._load_error)
+            self.loaded = None
             self._ready.set()
             return
         self._ready.set()
         exiting = False
         while True:
             exiting = self._admit(exiting)
-            self._run_calls()
-            if exiting and not self._active:
+            self._drop_cancelled()
+            if exiting and not self._jobs:
                 break
-            for job in list(self._active):
-                if not self._advance(job):
-                    with self._lock:
-                        self._active.remove(job)
-                    self.completed += 1
-        self._run_calls()
+            self._step()
+        self._close_decoders()
 
-    def _run_calls(self) -> None:
-        while True:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                call.value = call.fn()
-            except Exception as exc:
-                call.error = exc
-            call.done.set()
+    def _build_decoders(self, loaded: LoadedModel) -> None:
+        settings, config = self.settings, self.config
+        text_backend = loaded.primary if config.backend == "mlx" else loaded.text_route
+        vlm_backend = loaded.primary if config.backend == "mlx-vlm" else None
+        self._prefix = PrefixCache(entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
+                                   max_bytes=settings.prefix_cache_bytes)
+        kv = {"max_kv_size": settings.max_kv_size, "kv_bits": settings.kv_bits, "kv_group_size": settings.kv_group_size,
+              "quantized_kv_start": settings.quantized_kv_start}
+        for backend in (text_backend, vlm_backend):
+            problem = check_kv_quantization(backend.model, settings.kv_bits, settings.kv_group_size) if backend else None
+            if problem:
+                raise LoadFailedOption(f"{config.name}: {problem} (load options kv_bits / kv_group_size)")
+        if text_backend is not None:
+            if settings.batching and settings.kv_bits is None:
+                self._batcher = self._new_batcher(text_backend)
+            self._streams = TextStreams(text_backend.model, self._prefix, draft_model=text_backend.draft_model,
+                                        num_draft_tokens=settings.num_draft_tokens or config.mlx.speculative.num_draft_tokens
+                                        or 3, prefill_step=settings.prefill_step, **kv)
+        if vlm_backend is not None:
+            self._vlm = VlmStreams(vlm_backend.model, vlm_backend.processor,
+                                   prefix_entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
+                                   prefill_step=settings.prefill_step, draft_model=vlm_backend.draft_model,
+                                   draft_kind=vlm_backend.draft_kind, **kv)
+        vlm_drafts = vlm_backend is not None and vlm_backend.draft_model is not None
+        self.runtime = Runtime(
+            config=config, text_backend=None if vlm_drafts else text_backend, vlm_backend=vlm_backend,
+            limits=settings.limits, media_policy=settings.media_policy,
+            context_size=settings.context_size or config.context_size,
+            speculative=text_backend is not None and text_backend.draft_model is not None,
+            vlm_for_text=vlm_backend is not None and (text_backend is None or vlm_drafts),
+            defaults=dict(settings.defaults),
+        )
+
+    def _new_batcher(self, backend: Any) -> TextBatcher:
+        settings = self.settings
+        assert self._prefix is not None
+        return TextBatcher(backend.model, self._prefix, max_batch=settings.max_active,
+                           prefill_batch=settings.prefill_batch, prefill_step=settings.prefill_step,
+                           max_kv_size=settings.max_kv_size)
+
+    def _close_decoders(self) -> None:
+        for decoder in (self._batcher, self._streams, self._vlm):
+            if decoder is not None:
+                decoder.close()
 
     def _admit(self, exiting: bool) -> bool:
-        """Move queued requests into the active set, blocking only while idle. Returns whether to exit when idle."""
-        while len(self._active) < self.max_active:
-            idle = not self._active and not exiting and self._calls.empty()
+        """Start queued requests while there is room, blocking only while idle. Returns whether to exit when idle."""
+        while len(self._jobs) < self.settings.max_active:
+            idle = not self._jobs and not exiting
             try:
-                item = self._queue.get(block=idle)
+                handle = self._queue.get(block=idle)
             except queue.Empty:
                 return exiting
-            if item is None:
+            if handle is None:
                 exiting = True
                 continue
-            if item is _WAKE:
-                return exiting
-            assert isinstance(item, RequestHandle)
             with self._lock:
                 self._pending -= 1
-            if item.cancelled:
-                self._finish_unstarted(item, "cancelled", None)
+            if handle.cancelled:
+                self._finish_unstarted(handle, "cancelled", None)
                 continue
-            with self._lock:
-                self._active.append(self._make_job(item))
+            self._start(handle)
         return exiting
 
-    def _make_job(self, handle: RequestHandle) -> _Job:
-        loaded = self.loaded
-        assert loaded is not None
-        media = handle.prepared.media
-        if media is not None and media.count:
-            return _Job(handle, loaded.primary, loaded.primary.name, self.config)
-        if loaded.text_route is not None:
-            return _Job(handle, loaded.text_route, "text-route", self.config)
-        return _Job(handle, loaded.primary, loaded.primary.name, self.config)
+    def _decoder_for(self, prepared: Prepared) -> Any:
+        if prepared.route == "vlm":
+            return self._vlm
+        if self._batcher is not None and not prepared.speculative:
+            return self._batcher
+        return self._streams
+
+    def _start(self, handle: RequestHandle) -> None:
+        prepared = handle.prepared
+        runtime = self.runtime
+        assert runtime is not None
+        backend = runtime.vlm_backend if prepared.route == "vlm" else runtime.text_backend
+        decoder = self._decoder_for(prepared)
+        job = _Job(handle, self.config, backend, decoder)
+        self.stats.requests += 1
+        try:
+            spec = self._spec(job, backend)
+            started = decoder.add(spec)
+        except Exception as exc:
+            self._jobs[job.uid] = job
+            self._close(job, "error", error=f"generation failed to start: {type(exc).__name__}: "
+                                            f"{' '.join(str(exc).split())[:300]}")
+            return
+        job.cached_tokens = started.cached_tokens
+        self._jobs[job.uid] = job
+
+    def _spec(self, job: _Job, backend: Any) -> DecodeSpec:
+        prepared = job.prepared
+        reasoning = self.config.mlx.reasoning
+        sampler = make_sampler(prepared.params, backend.vocab_size)
+        processors: list[Any] = make_processors(prepared.params)
+        end_ids = backend.encode_plain(reasoning.end) if reasoning.supported and reasoning.end else []
+        start_ids = backend.encode_plain(reasoning.start) if reasoning.supported and reasoning.start else []
+        if prepared.thinking_budget is not None:
+            processors.append(ThinkingBudget(prepared.thinking_budget, start_ids, end_ids,
+                                             inside=prepared.starts_inside and prepared.thinking))
+        if prepared.grammar is not None:
+            from backends.grammar import GrammarProcessor, llg_tokenizer
+
+            processors.append(GrammarProcessor(
+                prepared.grammar, llg_tokenizer(backend.hf_tokenizer),
+                sorted(prepared.stop_ids) or self.config.mlx.stop_token_ids, reasoning_start=start_ids,
+                reasoning_end=end_ids, inside=prepared.starts_inside and prepared.thinking,
+                may_think=prepared.thinking))
+        media = prepared.media
+        handle = job.handle
+        return DecodeSpec(
+            uid=job.uid, max_tokens=prepared.max_tokens, stop_ids=prepared.stop_ids,
+            sampler=_Guard(sampler, job, sampler=True) if sampler is not None else None,
+            processors=[_Guard(processor, job) for processor in processors],
+            logprobs=prepared.logprobs, prompt=prepared.prompt_ids or [], prompt_text=prepared.prompt_text,
+            images=list(media.images) if media else [], audio=list(media.audio) if media else [],
+            video=list(media.video) if media else [], media_key=tuple(media.hashes) if media else (),
+            speculative=prepared.speculative, num_draft_tokens=prepared.num_draft_tokens,
+            should_stop=lambda: handle.cancelled or self._hard_stop.is_set(),
+        )
+
+    def _drop_cancelled(self) -> None:
+        for job in list(self._jobs.values()):
+            if job.handle.cancelled:
+                job.decoder.cancel(job.uid)
+                self._close(job, "cancelled")
+
+    def _step(self) -> None:
+        for decoder in (self._batcher, self._streams, self._vlm):
+            if decoder is None or not decoder.busy():
+                continue
+            try:
+                tokens = decoder.step()
+            except Exception as exc:  # a whole batch step failed: fail its requests, keep serving
+                self._fail_decoder(decoder, exc)
+                continue
+            if decoder is self._batcher:
+                self.stats.batch_steps += 1
+                self.stats.batch_rows += len(tokens)
+            for token in tokens:
+                job = self._jobs.get(token.uid)
+                if job is not None:
+                    self._on_token(job, token)
+        for job in list(self._jobs.values()):
+            if job.failure is not None:
+                job.decoder.cancel(job.uid)
+                self._close(job, "error", error=f"generation failed: {job.failure}")
+
+    def _fail_decoder(self, decoder: Any, exc: Exception) -> None:
+        message = f"generation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        for job in [job for job in self._jobs.values() if job.decoder is decoder]:
+            self._close(job, "error", error=message)
+        recover_random_state()
+        if decoder is self._batcher:
+            decoder.close()
+            runtime = self.runtime
+            assert runtime is not None
+            self._batcher = self._new_batcher(runtime.text_backend)
+        else:
+            decoder.close()
+
+    def _on_token(self, job: _Job, token: Token) -> None:
+        if job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+        if token.prompt_tokens is not None:
+            job.prompt_tokens = token.prompt_tokens
+        if token.cached_tokens is not None:
+            job.cached_tokens = token.cached_tokens
+        if token.finish in ("cancelled", "error"):
+            self._close(job, token.finish, error=token.error)
+            return
+        text = token.text or ""
+        event_logprob = None
+        if token.token is not None:
+            job.completion_tokens += 1
+            job.draft_accepted += int(token.from_draft)
+            if job.splitter.inside:
+                job.reasoning_tokens += 1
+            is_stop = token.finish == "stop" and token.token in job.prepared.stop_ids
+            if token.text is None and not is_stop:
+                job.detokenizer.add_token(token.token)
+                text = job.detokenizer.last_segment
+            if job.prepared.logprobs is not None and token.logprob is not None and not is_stop:
+                event_logprob = self._logprob(job, token)
+        if token.finish is not None and job.detokenizer is not None:
+            job.detokenizer.finalize()
+            text += job.detokenizer.last_segment
+        event = job.pipe(text)
+        if event_logprob is not None:
+            event.logprobs.append(event_logprob)
+        if job.stops.stopped:
+            if token.finish is None:
+                job.decoder.cancel(job.uid)
+            self._close(job, "stop", event)
+            return
+        if token.finish is not None:
+            self._close(job, token.finish, event)
+            return
+        if event.has_output:
+            job.handle._put(event)
+
+    def _logprob(self, job: _Job, token: Token) -> TokenLogprob:
+        decode = job.backend.detokenize
+        assert token.token is not None and token.logprob is not None
+        return TokenLogprob(decode([token.token]), token.token, token.logprob,
+                            [(decode([i]), i, lp) for i, lp in token.top_logprobs or []])
 
     def _finish_unstarted(self, handle: RequestHandle, reason: str, error: str | None) -> None:
-        if handle.prepared.media is not None:
-            handle.prepared.media.cleanup()
+        handle.prepared.cleanup()
         handle._put(Event(done=True, finish_reason=reason, usage=Usage(), timings=Timings(), error=error))
 
-    def _advance(self, job: _Job) -> bool:
-        """One decoding step of a job. False when the job is finished."""
-        handle = job.handle
-        try:
-            if handle.cancelled:
-                self._close(job, "cancelled")
-                return False
-            if job.gen is None:
-                job.started = time.perf_counter()
-                job.gen = job.backend.generate(job.prepared.prompt, job.prepared.params, self._stop_ids(),
-                                               job.prepared.media)
-            step = next(job.gen, None)
-            if step is None:
-                self._close(job, job.last.finish_reason if job.last else "stop")
-                return False
-            if job.first_token_at is None:
-                job.first_token_at = time.perf_counter()
-            job.last = step
-            event = job.pipe(step.text)
-            if job.stops.stopped:
-                self._close(job, "stop", event)
-                return False
-            if step.finish_reason is not None:
-                self._close(job, step.finish_reason, event)
-                return False
-            if event.content or event.reasoning or event.tool_calls:
-                handle._put(event)
-            return True
-        except Exception as exc:  # one bad request must not take the worker down
-            message = exc.args[0] if isinstance(exc, GalleryError) else f"generation failed: {type(exc).__name__}: {exc}"
-            self._close(job, "error", error=" ".join(str(message).split())[:500])
-            return False
-
-    def _stop_ids(self) -> list[int]:
-        return self.config.mlx.stop_token_ids
-
-    def _close(self, job: _Job, reason: str | None, pending: Event | None = None, error: str | None = None) -> None:
-        if job.gen is not None:
-            with contextlib.suppress(Exception):
-                job.gen.close()  # release the generator's KV cache now, not at garbage collection
-        tail = job.pipe("", final=True) if error is None and reason != "cancelled" else Event(route=job.route)
+    def _close(self, job: _Job, reason: str, pending: Event | None = None, error: str | None = None) -> None:
+        self._jobs.pop(job.uid, None)
+        clean = error is None and reason not in ("cancelled", "error")
+        tail = job.pipe("", final=True) if clean else Event(route=job.route)
         final = pending or Event(route=job.route)
         final.content += tail.content
         final.reasoning += tail.reasoning
         final.tool_calls.extend(tail.tool_calls)
-        last = job.last
+        finish = "stop" if job.stops.stopped and reason not in ("cancelled", "error") else reason
+        if clean and (final.tool_calls or (job.tools.calls and finish == "stop")):
+            finish = "tool_calls"
         now = time.perf_counter()
         first = job.first_token_at or now
-        usage = Usage(prompt_tokens=last.prompt_tokens if last else 0, completion_tokens=last.completion_tokens if last else 0)
-        if last is None and error is None and job.gen is not None:
-            usage.prompt_tokens = self._count_prompt(job)
-        finish = "stop" if job.stops.stopped and reason not in ("cancelled", "error") else reason
-        if final.tool_calls or (job.tools.calls and reason == "stop"):
-            finish = "tool_calls"
+        prompt_s = max(first - job.started, 0.0)
+        generation_s = max(now - first, 0.0)
+        computed = max(job.prompt_tokens - job.cached_tokens, 0)
         final.done = True
         final.finish_reason = finish
-        final.usage = usage
         final.error = error
+        final.seed = job.prepared.params.seed if not job.prepared.params.greedy else None
+        final.usage = Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens,
+                            cached_tokens=job.cached_tokens, reasoning_tokens=job.reasoning_tokens,
+                            draft_tokens_accepted=job.draft_accepted)
         final.timings = Timings(
-            queued_s=max(job.started - job.prepared.submitted, 0.0) if job.started else now - job.prepared.submitted,
-            prompt_s=max(first - job.started, 0.0) if job.started else 0.0,
-            generation_s=max(now - first, 0.0),
-            prompt_tps=last.prompt_tps if last else 0.0,
-            generation_tps=last.generation_tps if last else 0.0,
+            queued_s=max(job.started - job.prepared.submitted, 0.0), prompt_s=prompt_s, generation_s=generation_s,
+            prompt_tps=computed / prompt_s if prompt_s > 0 and job.first_token_at else 0.0,
+            generation_tps=(job.completion_tokens - 1) / generation_s if generation_s > 0 and job.completion_tokens > 1
+            else 0.0,
         )
-        if job.prepared.media is not None:
-            job.prepared.media.cleanup()
+        job.prepared.cleanup()
+        self.completed += 1
+        stats = self.stats
+        stats.finished[finish] = stats.finished.get(finish, 0) + 1
+        stats.prompt_tokens += job.prompt_tokens
+        stats.cached_tokens += job.cached_tokens
+        stats.completion_tokens += job.completion_tokens
+        for listener in self.listeners:
+            with contextlib.suppress(Exception):  # metrics must never take a request down
+                listener(final)
         job.handle._put(final)
-
-    def _count_prompt(self, job: _Job) -> int:
-        try:
-            return len(job.backend.tokenize(job.prepared.prompt))
-        except Exception:
-            return 0

@@ -17,6 +17,7 @@ from gallery.errors import (
     NoConfig,
     OfflineNotCached,
     RepoNotFound,
+    RequestError,
     RevisionNotFound,
     RuntimeFailure,
     StrictFailure,
@@ -24,7 +25,6 @@ from gallery.errors import (
     UsageError,
 )
 from runtime.engine import QueueFull
-from gallery.errors import RequestError
 
 
 class NotLoaded(RuntimeFailure):

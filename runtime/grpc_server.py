@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hmac
+import json
 import logging
 import os
 import time
@@ -19,15 +20,17 @@ from typing import Any
 
 import grpc
 
-from runtime.engine import Event, RequestHandle, Usage
+from gallery.errors import RequestError
+from runtime.async_bridge import handle_events, run_blocking
+from runtime.engine import RequestHandle
 from runtime.faults import FAULTS, NotLoaded, classify
+from runtime.grpc_request import predict_request
 from runtime.host import ModelHost, Overrides, model_metadata, prompt_text, resolve
 from runtime.lifecycle import StopSignal, cancel_task, install_signal_handlers, settle, watch_parent
-from gallery.errors import RequestError
+from runtime.openai_response import logprobs_json
 from runtime.proto import backend_pb2 as pb
 from runtime.proto import backend_pb2_grpc as pb_grpc
-from runtime.async_bridge import handle_events, run_blocking
-from runtime.grpc_request import predict_request
+from runtime.request import Answer, Event, Usage, check_request
 
 log = logging.getLogger("runtime")
 
@@ -83,8 +86,12 @@ def _delta(event: Event) -> list[pb.ChatDelta]:
 
 
 def chunk_reply(event: Event) -> pb.Reply:
-    """A streamed piece: the answer text in `message`, and content/reasoning/tool calls as a ChatDelta."""
-    return pb.Reply(message=event.content.encode("utf-8"), chat_deltas=_delta(event))
+    """A streamed piece: the answer text in `message`, content/reasoning/tool calls as a ChatDelta, and the
+    tokens' log-probabilities (JSON, OpenAI's shape) when the request asked for them."""
+    reply = pb.Reply(message=event.content.encode("utf-8"), chat_deltas=_delta(event))
+    if event.logprobs:
+        reply.logprobs = json.dumps(logprobs_json(event.logprobs), ensure_ascii=False).encode("utf-8")
+    return reply
 
 
 def add_totals(reply: pb.Reply, final: Event) -> pb.Reply:
@@ -122,15 +129,10 @@ class BackendServicer(pb_grpc.BackendServicer):
             log.info("%s%s refused (%s): %s", tag, rpc, FAULTS[kind].grpc_code, message)
         await context.abort(_status_code(kind), message)
 
-    def _limit(self) -> int:
-        return int(self.host.options.get("max_request_bytes"))  # the loaded model's option, or the default
-
     async def _submit(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext, rpc: str) -> RequestHandle:
         tag = _tag(request.CorrelationId)
         try:
-            generation, notes = predict_request(request, max_request_bytes=self._limit())
-            for note in notes:
-                log.warning("%s%s: %s", tag, rpc, note)
+            generation = predict_request(request)
             handle = await run_blocking(self.executor, self.host.submit, generation, request.ModelIdentity or None)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -200,20 +202,19 @@ class BackendServicer(pb_grpc.BackendServicer):
         """The whole answer in one reply."""
         started, tag = time.perf_counter(), _tag(request.CorrelationId)
         handle = await self._submit(request, context, "Predict")
-        whole = Event()
+        answer = Answer()
         try:
             async for event in handle_events(handle):
-                whole.content += event.content
-                whole.reasoning += event.reasoning
-                whole.tool_calls.extend(event.tool_calls)
-                if event.done:
-                    whole.done, whole.finish_reason, whole.error = True, event.finish_reason, event.error
-                    whole.usage, whole.timings = event.usage, event.timings
+                answer.add(event)
         finally:
             if not handle.finished.is_set():
                 log.info("%sPredict ended before its answer (client gone or server stopping); generation cancelled",
                          tag)
             handle.cancel()
+        done = answer.completion()
+        whole = Event(content=done.content, reasoning=done.reasoning, tool_calls=done.tool_calls, logprobs=done.logprobs,
+                      done=True, finish_reason=done.finish_reason, usage=done.usage, timings=done.timings,
+                      error=done.error, route=done.route)
         await self._finish(whole, context, "Predict", tag, started)
         return add_totals(chunk_reply(whole), whole)
 
@@ -221,7 +222,8 @@ class BackendServicer(pb_grpc.BackendServicer):
         """Token ids of Prompt, or of Messages rendered with the pinned template."""
         try:
             engine = self.host.current()
-            generation, _ = predict_request(request, max_request_bytes=self._limit())
+            generation = predict_request(request)
+            check_request(generation, engine.settings.limits)
             text = await run_blocking(self.executor, prompt_text, engine.config, generation)
             tokens = await run_blocking(self.executor, engine.tokenize, text)
         except (asyncio.CancelledError, grpc.aio.AbortError):

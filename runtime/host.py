@@ -9,24 +9,22 @@ without a lock (a request racing a reload is cancelled cleanly by the old engine
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import logging
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from backends import memory_stats, release_memory
 from catalog.resolve import Resolved, resolve_spec
 from gallery.config import ModelConfig
-from gallery.errors import GalleryError, RuntimeFailure
-from runtime.engine import Engine, GenerationRequest, QueueFull, RequestHandle, _rss_bytes
+from gallery.errors import GalleryError, RequestError, RuntimeFailure
+from runtime.engine import Engine, EngineSettings, QueueFull, RequestHandle, rss_bytes
 from runtime.faults import IdentityMismatch, LoadFailed, NotLoaded, ShuttingDown
-from runtime.media import MediaPolicy
-from gallery.errors import RequestError
 from runtime.load_options import LoadOptions, parse_options
+from runtime.request import GenerationRequest
 
 log = logging.getLogger("runtime")
 
@@ -43,6 +41,7 @@ class LoadReport:
     warnings: list[str]
     unknown_options: list[str]
     reused: bool = False
+    import_warnings: list[str] = dataclasses.field(default_factory=list)  # when the spec was imported on the fly
 
     @property
     def message(self) -> str:
@@ -105,30 +104,6 @@ def identity_names(config: ModelConfig, spec: str, options: LoadOptions) -> set[
     return {name for name in names if name}
 
 
-def _mlx_memory() -> dict[str, int]:
-    if "mlx.core" not in sys.modules:  # never import MLX just to report on it
-        return {}
-    import mlx.core as mx
-
-    memory = {}
-    for key, getter in (("mlx_active", "get_active_memory"), ("mlx_peak", "get_peak_memory"),
-                        ("mlx_cache", "get_cache_memory")):
-        with contextlib.suppress(AttributeError, RuntimeError):
-            memory[key] = int(getattr(mx, getter)())
-    return memory
-
-
-def _release_mlx_cache() -> None:
-    """Give freed model memory back to the system (MLX keeps freed buffers in its cache)."""
-    if "mlx.core" not in sys.modules:
-        return
-    import mlx.core as mx
-
-    from backends import run_on_mlx_thread
-
-    run_on_mlx_thread(mx.clear_cache, name="mlx-free").wait(10)
-
-
 class ModelHost:
     """Owns at most one loaded Engine; thread-safe."""
 
@@ -186,22 +161,13 @@ class ModelHost:
             self._loaded_key = key
             seconds = time.perf_counter() - started
             log.info("loaded %s in %.1f s", config.name, seconds)
-            return LoadReport(config.name, config.backend, located, seconds, list(engine.warnings), parsed.unknown)
+            return LoadReport(config.name, config.backend, located, seconds, list(engine.warnings), parsed.unknown,
+                              import_warnings=list(resolved.warnings))
 
     def _start_engine(self, config: ModelConfig, base: Path | None, options: LoadOptions) -> Engine:
-        local_media = options.get("allow_local_media")
-        policy = MediaPolicy(
-            allow_local_paths=(self.interface == "stdio") if local_media is None else bool(local_media),
-            allow_remote_urls=bool(options.get("allow_remote_media")),
-            max_items=int(options.get("max_media_items")),
-            max_bytes=int(float(options.get("max_media_mb")) * 1024 * 1024),
-        )
-        limit = int(options.get("max_tokens_limit"))
-        if config.context_size:
-            limit = min(limit, config.context_size)
-        engine = Engine(config, base=base, allow_download=bool(options.get("allow_download")),
-                        strict=bool(options.get("strict")), max_active=int(options.get("max_active")),
-                        max_queue=int(options.get("max_queue")), media_policy=policy, max_tokens_limit=limit)
+        settings = EngineSettings.from_options(options, interface=self.interface)
+        engine = Engine(config, settings=settings, base=base, allow_download=bool(options.get("allow_download")),
+                        strict=bool(options.get("strict")))
         return engine.start()
 
     def free(self) -> str | None:
@@ -219,7 +185,7 @@ class ModelHost:
         engine.loaded = None  # drop the model's arrays now, not whenever the engine object goes away
         del engine
         gc.collect()
-        _release_mlx_cache()
+        release_memory()
         log.info("freed %s", name)
         return name
 
@@ -277,7 +243,7 @@ class ModelHost:
     def status(self) -> dict[str, Any]:
         """State (UNINITIALIZED / READY / BUSY / ERROR), the model, load and memory."""
         engine = self.engine
-        memory: dict[str, int] = {"rss": _rss_bytes(), **_mlx_memory()}
+        memory: dict[str, int] = {"rss": rss_bytes(), **memory_stats()}
         info: dict[str, Any] = {"model": None, "backend": None, "active": 0, "queued": 0, "completed": 0,
                                 "warnings": [], "error": self.error, "loading": self.loading,
                                 "draining": self.draining}
@@ -285,8 +251,8 @@ class ModelHost:
             status = engine.status()
             state = {"READY": "READY", "BUSY": "BUSY", "STOPPING": "BUSY", "ERROR": "ERROR"}.get(
                 status["state"], "UNINITIALIZED")
-            info.update({key: status[key] for key in ("model", "backend", "active", "queued", "completed",
-                                                      "warnings")})
+            info.update({key: status[key] for key in ("model", "backend", "active", "queued", "completed", "batch",
+                                                      "prefix_cache", "speculative", "stats", "warnings")})
             info["error"] = status["error"]
         elif self.loading:
             state = "UNINITIALIZED"

@@ -103,21 +103,22 @@ def load(config: ModelConfig, *, base: Path | None = None, model_path: Path | No
         warnings.append(f"{config.name} pins no stop tokens: answers run to max_tokens unless a stop string matches")
     folder = model_path or model_folder(config, base, allow_download=allow_download)
     trust = bool(config.mlx.trust_remote_code)
+    speculative = config.mlx.speculative
+    draft_path = Path(speculative.draft_model).expanduser() if speculative.draft_model else None
+    if draft_path is not None and not draft_path.is_absolute() and base is not None:
+        draft_path = base / draft_path
     try:
         if config.backend == "mlx":
             from backends.mlx_lm_backend import MlxLmBackend
 
-            draft = config.mlx.speculative.draft_model
-            draft_path = Path(draft).expanduser() if draft else None
-            if draft_path is not None and not draft_path.is_absolute() and base is not None:
-                draft_path = base / draft_path
-            primary = MlxLmBackend.load(folder, draft_path=draft_path,
-                                        num_draft_tokens=config.mlx.speculative.num_draft_tokens,
-                                        trust_remote_code=trust)
+            primary = MlxLmBackend.load(folder, draft_path=draft_path, trust_remote_code=trust)
             return LoadedModel(config, folder, primary, None, warnings)
         from backends.mlx_vlm_backend import MlxVlmBackend
 
-        primary = MlxVlmBackend.load(folder, trust_remote_code=trust)
+        if speculative.mtp and draft_path is None:
+            draft_path = folder  # bundled multi-token-prediction layers: mlx-vlm splits them into a drafter
+        primary = MlxVlmBackend.load(folder, trust_remote_code=trust, draft_path=draft_path,
+                                     draft_kind=speculative.draft_kind or ("mtp" if speculative.mtp else None))
         text_route = None
         if config.mlx.text_route == "shared-weights":
             from backends.text_route import TextRouteUnavailable, build_shared_text_backend

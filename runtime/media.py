@@ -11,17 +11,16 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import hashlib
 import io
 import os
 import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from runtime.messages import MediaItem
-
 from gallery.errors import RequestError
+from runtime.messages import MediaItem
 
 MAX_MEDIA_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
@@ -53,6 +52,7 @@ class DecodedMedia:
     images: list[Any]
     audio: list[str]
     video: list[str]
+    hashes: list[str] = dataclasses.field(default_factory=list)  # sha256 of each input's bytes, in order
     _tmpdir: tempfile.TemporaryDirectory[str] | None = None
 
     def cleanup(self) -> None:
@@ -103,9 +103,12 @@ def _read_bytes(data: Any, label: str, policy: MediaPolicy) -> bytes:
             raise MediaError(f"{label}: remote URLs are disabled (send the bytes as a data URL or base64, "
                              "or start the runtime with --allow-remote-media)")
         return _fetch_remote(text, label, policy)
-    # Base64 may start with "/" (every JPEG does: "/9j/"), so only text that cannot be base64 is a path.
+    # Base64 may start with "/" (every JPEG does: "/9j/"), so only text that cannot be base64 is a path:
+    # long base64-looking text is base64, a file:// URL or path-looking text is a path, and short text is a
+    # path when such a file exists (`red.png`), else base64.
     looks_b64 = len(text) >= 64 and _BASE64_TEXT.fullmatch(text) is not None
-    if text.startswith("file://") or (not looks_b64 and (text.startswith(("/", "./", "../", "~")) or os.sep in text)):
+    looks_path = text.startswith(("/", "./", "../", "~")) or os.sep in text or _is_file(text)
+    if text.startswith("file://") or (not looks_b64 and looks_path):
         if not policy.allow_local_paths:
             raise MediaError(f"{label}: local file paths are disabled for this runtime")
         path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
@@ -121,6 +124,13 @@ def _read_bytes(data: Any, label: str, policy: MediaPolicy) -> bytes:
         except OSError as exc:
             raise MediaError(f"{label}: cannot read {path} ({exc.strerror})") from None
     return _b64decode(text, label, policy.max_bytes)
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return len(text) < 4096 and "\x00" not in text and Path(text).expanduser().is_file()
+    except OSError:
+        return False
 
 
 def _fetch_remote(url: str, label: str, policy: MediaPolicy) -> bytes:
@@ -141,14 +151,10 @@ def _fetch_remote(url: str, label: str, policy: MediaPolicy) -> bytes:
         raise MediaError(f"{label}: could not fetch {url} ({type(exc).__name__})") from None
 
 
-def decode_image(data: Any, label: str = "image", policy: MediaPolicy | None = None) -> Any:
-    """Decode one image reference into an RGB PIL image. Raises MediaError."""
+def _decode_image_bytes(raw: bytes, label: str) -> Any:
+    """Decode an image fully into an RGB PIL image. Raises MediaError."""
     from PIL import Image, UnidentifiedImageError
 
-    policy = policy or MediaPolicy()
-    if isinstance(data, Image.Image):
-        return data.convert("RGB")
-    raw = _read_bytes(data, label, policy)
     if not raw:
         raise MediaError(f"{label}: empty")
     previous = Image.MAX_IMAGE_PIXELS
@@ -185,10 +191,11 @@ def decode_media(items: list[MediaItem], policy: MediaPolicy | None = None) -> D
         for item in items:
             counts[item.kind] += 1
             label = f"{item.kind} {counts[item.kind]}"
-            if item.kind == "image":
-                decoded.images.append(decode_image(item.data, label, policy))
-                continue
             raw = _read_bytes(item.data, label, policy)
+            decoded.hashes.append(f"{item.kind}:{hashlib.sha256(raw).hexdigest()}")
+            if item.kind == "image":
+                decoded.images.append(_decode_image_bytes(raw, label))
+                continue
             if not raw:
                 raise MediaError(f"{label}: empty")
             if decoded._tmpdir is None:
@@ -207,13 +214,3 @@ def decode_media(items: list[MediaItem], policy: MediaPolicy | None = None) -> D
         decoded.cleanup()
         raise
     return decoded
-
-
-@contextlib.contextmanager
-def decoded(items: list[MediaItem], policy: MediaPolicy | None = None) -> Iterator[DecodedMedia]:
-    """Decode media for the duration of a block, then delete temporary files."""
-    media = decode_media(items, policy)
-    try:
-        yield media
-    finally:
-        media.cleanup()

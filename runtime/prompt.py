@@ -12,8 +12,8 @@ from typing import Any
 
 from gallery.chat_template import TemplateError, render_chat
 from gallery.config import ModelConfig
-from runtime.messages import MediaItem, normalize_messages
 from gallery.errors import RequestError
+from runtime.messages import MediaItem, normalize_messages
 
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 _RESERVED_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})

@@ -22,7 +22,6 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import math
 import os
 import queue
 import sys
@@ -33,12 +32,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from runtime.engine import Completion, Event, GenerationRequest, RequestHandle, Timings, Usage
+from gallery.errors import RequestError
+from runtime.async_bridge import handle_events
+from runtime.engine import RequestHandle
 from runtime.faults import FAULTS, NotLoaded, ShuttingDown, classify
 from runtime.host import ModelHost, model_metadata, prompt_text
 from runtime.lifecycle import StopSignal, cancel_task, install_signal_handlers, settle, watch_parent
-from gallery.errors import RequestError
-from runtime.stdio_request import (
+from runtime.openai_request import (
     ChatParams,
     CompleteParams,
     DetokenizeParams,
@@ -48,8 +48,8 @@ from runtime.stdio_request import (
     complete_request,
     one_line,
 )
-from runtime.async_bridge import handle_events
-from runtime.grpc_request import check_size
+from runtime.openai_response import logprobs_json, timings_json, tool_calls_json, usage_json
+from runtime.request import Answer, Completion, GenerationRequest, check_request
 
 log = logging.getLogger("runtime")
 
@@ -84,29 +84,6 @@ class RpcError(Exception):
     def __init__(self, code: int, message: str, data: Any = None) -> None:
         super().__init__(message)
         self.code, self.message, self.data = code, message, data
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else 0.0
-
-
-def usage_json(usage: Usage | None) -> dict[str, int]:
-    """OpenAI-shaped usage."""
-    usage = usage or Usage()
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
-
-
-def timings_json(timings: Timings | None) -> dict[str, float]:
-    """Timings in seconds and rates (non-finite numbers become 0: JSON has no infinity)."""
-    timings = timings or Timings()
-    return {key: round(_finite(float(value)), 6) for key, value in dataclasses.asdict(timings).items()}
-
-
-def tool_calls_json(calls: list[Any]) -> list[dict[str, Any]]:
-    """OpenAI-shaped tool calls."""
-    return [{"index": call.index, "id": call.id, "type": "function",
-             "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
 
 
 def _rpc_error_for(exc: BaseException) -> RpcError:
@@ -386,14 +363,11 @@ class StdioServer:
         entry.handle = handle
         if entry.cancelled:
             handle.cancel()
-        content, reasoning, calls = [], [], []
-        final = Event(done=True)
+        answer = Answer()
         try:
             async for event in handle_events(handle):
-                content.append(event.content)
-                reasoning.append(event.reasoning)
-                calls.extend(event.tool_calls)
-                if stream and (event.content or event.reasoning or event.tool_calls):
+                answer.add(event)
+                if stream and event.has_output:
                     delta: dict[str, Any] = {"id": request_id}
                     if event.content:
                         delta["content"] = event.content
@@ -401,25 +375,33 @@ class StdioServer:
                         delta["reasoning_content"] = event.reasoning
                     if event.tool_calls:
                         delta["tool_calls"] = tool_calls_json(event.tool_calls)
+                    if event.logprobs:
+                        delta["logprobs"] = logprobs_json(event.logprobs)
                     self._send({"jsonrpc": "2.0", "method": notification, "params": delta})
-                final = event
         finally:
             handle.cancel()
-        if final.error and final.finish_reason != "cancelled":
-            raise RpcError(FAULTS["generation_failed"].jsonrpc_code, final.error,
-                           {"kind": "generation_failed", "partial_content": "".join(content)})
-        return Completion("".join(content), "".join(reasoning), calls, final.finish_reason, final.usage or Usage(),
-                          final.timings or Timings(), final.route)
+        done = answer.completion()
+        if done.error and done.finish_reason != "cancelled":
+            raise RpcError(FAULTS["generation_failed"].jsonrpc_code, done.error,
+                           {"kind": "generation_failed", "partial_content": done.content})
+        return done
 
-    def _limit(self) -> int:
-        return int(self.host.options.get("max_request_bytes"))
+    @staticmethod
+    def _extras(done: Completion) -> dict[str, Any]:
+        extras: dict[str, Any] = {"usage": usage_json(done.usage), "timings": timings_json(done.timings),
+                                  "route": done.route}
+        if done.logprobs:
+            extras["logprobs"] = logprobs_json(done.logprobs)
+        if done.seed is not None:
+            extras["seed"] = done.seed
+        return extras
 
     async def _chat(self, params: Any, request_id: Any, entry: InFlight) -> dict[str, Any]:
         chat = ChatParams.model_validate(params)
         self.host.current()
-        request = chat_request(chat, max_request_bytes=self._limit())
+        request = chat_request(chat)
         started = time.perf_counter()
-        done = await self._generate(request, chat.model, chat.stream, request_id, entry, "chat.delta")
+        done = await self._generate(request, chat.model, chat.stream is not False, request_id, entry, "chat.delta")
         log.info("chat %s done: %s, %d tokens in %.2f s", json.dumps(request_id), done.finish_reason,
                  done.usage.completion_tokens, time.perf_counter() - started)
         message: dict[str, Any] = {"role": "assistant", "content": done.content}
@@ -427,26 +409,28 @@ class StdioServer:
             message["reasoning_content"] = done.reasoning
         if done.tool_calls:
             message["tool_calls"] = tool_calls_json(done.tool_calls)
-        return {"message": message, "finish_reason": done.finish_reason, "usage": usage_json(done.usage),
-                "timings": timings_json(done.timings), "route": done.route}
+        return {"message": message, "finish_reason": done.finish_reason, **self._extras(done)}
 
     async def _complete(self, params: Any, request_id: Any, entry: InFlight) -> dict[str, Any]:
         spec = CompleteParams.model_validate(params)
         self.host.current()
-        request = complete_request(spec, max_request_bytes=self._limit())
-        done = await self._generate(request, spec.model, spec.stream, request_id, entry, "complete.delta")
+        request = complete_request(spec)
+        done = await self._generate(request, spec.model, spec.stream is not False, request_id, entry, "complete.delta")
         return {"text": done.content, "reasoning_content": done.reasoning or None, "finish_reason": done.finish_reason,
-                "usage": usage_json(done.usage), "timings": timings_json(done.timings), "route": done.route}
+                **self._extras(done)}
 
     async def _tokenize(self, params: Any, request_id: Any, entry: InFlight) -> dict[str, Any]:
         spec = TokenizeParams.model_validate(params)
         engine = self.host.current()
+        if (spec.text is None) == (spec.messages is None):
+            raise RequestError("tokenize: send either text or messages")
         if spec.text is not None:
             text = spec.text
-            check_size(GenerationRequest(prompt=text), self._limit())
+            check_request(GenerationRequest(prompt=text), engine.settings.limits)
         else:
             request = chat_request(ChatParams(messages=spec.messages or [], tools=spec.tools,
-                                              enable_thinking=spec.enable_thinking), max_request_bytes=self._limit())
+                                              enable_thinking=spec.enable_thinking))
+            check_request(request, engine.settings.limits)
             text = await self._blocking(prompt_text, engine.config, request)
         tokens = await self._blocking(engine.tokenize, text)
         return {"tokens": tokens, "length": len(tokens)}

@@ -7,15 +7,13 @@ Three stages, each holding back just enough text that no fragment of a marker ev
 2. ReasoningSplitter: splits reasoning (between the config's markers) from content. With thinking
    off, a reasoning block the model opens anyway is dropped, markers and all.
 3. ToolCallExtractor: when the request offered tools, text between the tool-call markers becomes
-   structured calls (parsed by mlx-lm's parser for the format where it has one).
+   structured calls (parsed by the model library's parser for the format where it has one).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import re
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -159,16 +157,6 @@ class ToolCall:
     index: int = 0
 
 
-def _load_parser(fmt: str) -> tuple[Callable[[str, Any], Any] | None, str | None, str | None]:
-    """mlx-lm's parser for a tool-call format: (parse function, start marker, end marker)."""
-    try:
-        module = importlib.import_module(f"mlx_lm.tool_parsers.{fmt}")
-    except ImportError:
-        return None, None, None
-    return (getattr(module, "parse_tool_call", None), getattr(module, "tool_call_start", None),
-            getattr(module, "tool_call_end", None))
-
-
 def _parse_json_calls(text: str, _: Any = None) -> Any:
     """Fallback parser: one JSON object or a list of them ({name, arguments|parameters})."""
     text = text.strip()
@@ -189,11 +177,13 @@ def _parse_json_calls(text: str, _: Any = None) -> Any:
 class ToolCallExtractor:
     """Turn tool-call syntax in the content stream into structured calls."""
 
-    def __init__(self, fmt: str | None, start: str | None, end: str | None, tools: Any = None) -> None:
+    def __init__(self, fmt: str | None, start: str | None, end: str | None, tools: Any = None, *,
+                 library: tuple[Callable[[str, Any], Any] | None, str | None, str | None] = (None, None, None)) -> None:
+        """`library` is the model library's parser for `fmt` and its markers (backends.tool_parser)."""
         self.tools = tools
         self.calls: list[ToolCall] = []
         self.failed: list[str] = []
-        parser, lib_start, lib_end = _load_parser(fmt) if fmt else (None, None, None)
+        parser, lib_start, lib_end = library if fmt else (None, None, None)
         self.parse = parser or _parse_json_calls
         self.start = start or lib_start
         self.end = end if end is not None else lib_end
@@ -277,14 +267,3 @@ class ToolCallExtractor:
                 return (f"{self.start or ''}{buffer}", [])
             return "", self.calls[before:]
         return buffer, []
-
-
-def strip_markers(text: str, markers: Sequence[str]) -> str:
-    """Remove marker strings from text (used for stray end markers in content)."""
-    for marker in markers:
-        if marker:
-            text = text.replace(marker, "")
-    return text
-
-
-_WS = re.compile(r"\s+")

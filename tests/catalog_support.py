@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from cli.app import main
 from fixtures.hubserver import HUB_ROOT
 from gallery.chat_template import template_sha256
-from cli.app import main
 from gallery.yamlio import dump_yaml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures.hubserver import RecordedHub
 from catalog.index import load_catalog
+from fixtures.hubserver import RecordedHub
 from tests.catalog_support import TINY_REPO, copy_catalog, make_tiny_repo, replace_in, run_cli
 
 NAME = "tiny-qwen3"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.hubserver import HUB_ROOT, RecordedHub
 from catalog.index import load_catalog
+from fixtures.hubserver import HUB_ROOT, RecordedHub
 from tests.catalog_support import copy_catalog, run_cli
 
 QWEN = "mlx-community/Qwen3-4B-4bit"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.hubserver import RecordedHub
-from fixtures import catalog_seed
 from catalog.index import load_catalog
+from fixtures import catalog_seed
+from fixtures.hubserver import RecordedHub
 from tests.catalog_support import BUNDLED
 
 

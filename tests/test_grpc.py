@@ -234,7 +234,7 @@ def test_bad_requests_get_error_statuses_and_the_server_keeps_serving(server: Se
         (chat(Tokens=5, Metadata={"chat_template_kwargs": "[1"}), grpc.StatusCode.INVALID_ARGUMENT, "chat_template_kwargs"),
         (chat(Tokens=5, Metadata={"enable_thinking": "perhaps"}), grpc.StatusCode.INVALID_ARGUMENT, "enable_thinking"),
         (pb.PredictOptions(Prompt="x" * (5 << 20), Tokens=5), grpc.StatusCode.INVALID_ARGUMENT, "max_request_bytes"),
-        (chat(Tokens=10**6), grpc.StatusCode.INVALID_ARGUMENT, "over this runtime's limit"),
+        (chat(Tokens=10**6), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be between 1 and"),
         (pb.PredictOptions(Tokens=5), grpc.StatusCode.INVALID_ARGUMENT, "empty request"),
         (chat(Tokens=5, ModelIdentity="someone/else"), grpc.StatusCode.FAILED_PRECONDITION, "someone/else"),
     ]
@@ -517,28 +517,43 @@ def test_load_options_parse_and_reject_bad_values() -> None:
 def test_predict_options_become_generation_requests() -> None:
     from gallery.errors import RequestError
     from runtime.grpc_request import predict_request
+    from runtime.request import RequestLimits, check_request
 
-    request, notes = predict_request(chat("hi", Temperature=0.0, TopP=0.9, TopK=0, Penalty=1.1, Seed=-1,
-                                          StopPrompts=["x", ""], Images=["QUJD"], Metadata={
-                                              "chat_template_kwargs": '{"enable_thinking": false, "x": 1}',
-                                              "reasoning_effort": "low"}, Grammar="root ::= x"),
-                                     max_request_bytes=1 << 20)
+    request = predict_request(chat("hi", Temperature=0.0, TopP=0.9, TopK=0, Penalty=1.1, Seed=-1, Repeat=64,
+                                   StopPrompts=["x", ""], Images=["QUJD"], LogitBias='{"5": -100}', NDraft=4,
+                                   IgnoreEOS=True, Logprobs=1, TopLogprobs=3, PresencePenalty=0.5,
+                                   FrequencyPenalty=0.25, MinP=0.05, Metadata={
+                                       "chat_template_kwargs": '{"enable_thinking": false, "x": 1}',
+                                       "reasoning_effort": "low", "thinking_budget": "16", "truncate": "true"},
+                                   Grammar='root ::= "yes" | "no"'))
     assert request.temperature == 0.0 and request.top_p == pytest.approx(0.9) and request.top_k is None
     assert request.seed is None and request.stop == ["x"] and request.repeat_penalty == pytest.approx(1.1)
+    assert request.repetition_context_size == 64 and request.logit_bias == {5: -100.0}
+    assert request.ignore_eos and request.num_draft_tokens == 4 and request.min_p == pytest.approx(0.05)
+    assert request.logprobs and request.top_logprobs == 3 and request.thinking_budget == 16 and request.truncate
+    assert request.presence_penalty == pytest.approx(0.5) and request.frequency_penalty == pytest.approx(0.25)
     assert request.enable_thinking is False and request.template_kwargs == {"x": 1, "reasoning_effort": "low"}
     assert request.messages[0]["content"][0] == {"type": "image", "image": "QUJD"}
-    assert any("Grammar" in note for note in notes)
+    assert request.response_format is not None and request.response_format.kind == "lark"
     tools = json.dumps([{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "b"}}])
-    request, _ = predict_request(chat(Tools=tools, ToolChoice='{"type": "function", "function": {"name": "b"}}'),
-                                 max_request_bytes=1 << 20)
+    request = predict_request(chat(Tools=tools, ToolChoice='{"type": "function", "function": {"name": "b"}}'))
     assert [t["function"]["name"] for t in request.tools] == ["b"]
-    request, _ = predict_request(chat(Tools=tools, ToolChoice="none"), max_request_bytes=1 << 20)
-    assert request.tools is None
+    assert predict_request(chat(Tools=tools, ToolChoice="none")).tools is None
     with pytest.raises(RequestError, match="max_request_bytes"):
-        predict_request(chat("x" * 2000), max_request_bytes=1000)
+        check_request(predict_request(chat("x" * 2000)), RequestLimits(max_request_bytes=1000))
     with pytest.raises(RequestError, match="tool_calls"):
         predict_request(pb.PredictOptions(UseTokenizerTemplate=True, Messages=[
-            pb.Message(role="assistant", content="", tool_calls="{bad")]), max_request_bytes=1 << 20)
+            pb.Message(role="assistant", content="", tool_calls="{bad")]))
+    # Fields that would change the answer and cannot be honoured are refused by name, never ignored.
+    for field, value in (("Mirostat", 2), ("TypicalP", 0.5), ("TailFreeSamplingZ", 0.9), ("NegativePrompt", "no"),
+                         ("RopeFreqBase", 10000.0), ("PenalizeNL", True)):
+        with pytest.raises(RequestError, match=field):
+            predict_request(chat("hi", **{field: value}))
+    assert predict_request(chat("hi", TypicalP=1.0, TailFreeSamplingZ=1.0, Threads=4, Batch=512, MMap=True)).messages
+    with pytest.raises(RequestError, match="'mystery'"):
+        predict_request(chat("hi", Metadata={"mystery": "1"}))
+    with pytest.raises(RequestError, match="required"):
+        predict_request(chat(Tools=tools, ToolChoice="required"))
 
 
 def test_loopback_detection() -> None:

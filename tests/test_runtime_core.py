@@ -25,10 +25,10 @@ def _config(folder: Path, **changes):  # type: ignore[no-untyped-def]
     return config.model_copy(update=changes) if changes else config
 
 
-def _engine(config, **kwargs):  # type: ignore[no-untyped-def]
-    from runtime.engine import Engine
+def _engine(config, **settings):  # type: ignore[no-untyped-def]
+    from runtime.engine import Engine, EngineSettings
 
-    return Engine(config, **kwargs).start()
+    return Engine(config, settings=EngineSettings(**settings)).start()
 
 
 def _png(color: tuple[int, int, int] = (200, 30, 30), size: int = 64) -> str:
@@ -62,7 +62,7 @@ def vlm_engine(scripted_vlm_model: Path) -> Iterator:
 
 def test_end_of_turn_declared_only_in_generation_config_stops_on_every_route(
         scripted_text_model: Path, scripted_vlm_model: Path, text_engine, vlm_engine) -> None:
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     info = fixture_info(scripted_text_model)
     config = text_engine.config
@@ -87,7 +87,7 @@ def test_end_of_turn_declared_only_in_generation_config_stops_on_every_route(
 
 
 def test_without_the_pinned_end_of_turn_the_answer_runs_into_junk(scripted_text_model: Path) -> None:
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     info = fixture_info(scripted_text_model)
     config = _config(scripted_text_model)
@@ -102,7 +102,7 @@ def test_without_the_pinned_end_of_turn_the_answer_runs_into_junk(scripted_text_
 
 
 def test_stop_strings_never_leak_while_streaming(text_engine, scripted_text_model: Path) -> None:
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     info = fixture_info(scripted_text_model)
     stop = " scripted model"
@@ -116,7 +116,7 @@ def test_stop_strings_never_leak_while_streaming(text_engine, scripted_text_mode
 
 
 def test_image_reaches_the_vision_tower_and_counts_as_prompt_tokens(vlm_engine, scripted_vlm_model: Path) -> None:
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     tower = vlm_engine.loaded.primary.model.vision_tower
     calls = []
@@ -128,7 +128,9 @@ def test_image_reaches_the_vision_tower_and_counts_as_prompt_tokens(vlm_engine, 
 
     type(tower).__call__ = spy
     try:
-        with_image = vlm_engine.generate(GenerationRequest(messages=_chat("Describe.", image=_png()), max_tokens=5))
+        # An image no earlier test sent: a cached prefix holding it would (rightly) skip the tower.
+        with_image = vlm_engine.generate(GenerationRequest(messages=_chat("Describe.", image=_png((1, 2, 3))),
+                                                           max_tokens=5))
         without = vlm_engine.generate(GenerationRequest(messages=_chat("Describe."), max_tokens=5))
     finally:
         type(tower).__call__ = original
@@ -139,30 +141,42 @@ def test_image_reaches_the_vision_tower_and_counts_as_prompt_tokens(vlm_engine, 
 
 
 def test_text_route_shares_weights_and_matches_the_vlm_path(vlm_model: Path) -> None:
-    from backends import SamplingParams
     from backends.text_route import shares_weights
+    from runtime.request import GenerationRequest
 
-    engine = _engine(_config(vlm_model))
+    config = _config(vlm_model)
+    assert config.mlx.text_route == "shared-weights"
+    engine = _engine(config)
+    vlm_only = _engine(config.model_copy(update={"mlx": config.mlx.model_copy(update={"text_route": "vlm"})}))
     try:
         loaded = engine.loaded
         assert loaded.text_route is not None and shares_weights(loaded.text_route, loaded.primary.model)
         prompt = "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n"
-        params = SamplingParams(max_tokens=24, temperature=0.0)
-
-        def tokens(backend) -> list[int]:  # type: ignore[no-untyped-def]
-            return engine._on_worker(lambda: [s.token for s in backend.generate(prompt, params, [1026])
-                                              if s.token is not None])
-
         assert loaded.text_route.tokenize(prompt) == loaded.primary.tokenize(prompt)
-        assert tokens(loaded.text_route) == tokens(loaded.primary)
+        request = GenerationRequest(prompt=prompt, max_tokens=24, temperature=0.0, logprobs=True)
+        via_text, via_vlm = engine.generate(request), vlm_only.generate(request)
+        assert (via_text.route, via_vlm.route) == ("text-route", "mlx-vlm")
+        assert [t.id for t in via_text.logprobs] == [t.id for t in via_vlm.logprobs]
+        assert via_text.content == via_vlm.content and via_text.usage == via_vlm.usage
     finally:
         engine.shutdown()
+        vlm_only.shutdown()
+
+
+def _greedy(decoder, spec) -> list[int]:  # type: ignore[no-untyped-def]
+    decoder.add(spec)
+    tokens: list[int] = []
+    while decoder.busy():
+        for token in decoder.step():
+            if token.token is not None:
+                tokens.append(token.token)
+    return tokens
 
 
 def test_quantized_vlm_text_route_still_shares_weights(vlm_model: Path) -> None:
     import mlx.nn as nn
 
-    from backends import SamplingParams
+    from backends.decoding import DecodeSpec, PrefixCache, TextBatcher, VlmStreams
     from backends.mlx_vlm_backend import MlxVlmBackend
     from backends.text_route import build_shared_text_backend, shares_weights
 
@@ -175,10 +189,12 @@ def test_quantized_vlm_text_route_still_shares_weights(vlm_model: Path) -> None:
         text = build_shared_text_backend(vlm.model, config, vlm_model)
         quantized = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in text.model.named_modules())
         prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        params = SamplingParams(max_tokens=8)
-        same = ([s.token for s in text.generate(prompt, params, [1026]) if s.token is not None]
-                == [s.token for s in vlm.generate(prompt, params, [1026]) if s.token is not None])
-        return quantized > 0 and same and shares_weights(text, vlm.model)
+        stops = frozenset({1026})
+        via_text = _greedy(TextBatcher(text.model, PrefixCache(entries=0, max_bytes=0)),
+                           DecodeSpec(uid=1, max_tokens=8, stop_ids=stops, prompt=text.tokenize(prompt)))
+        via_vlm = _greedy(VlmStreams(vlm.model, vlm.processor, prefix_entries=0),
+                          DecodeSpec(uid=1, max_tokens=8, stop_ids=stops, prompt_text=prompt))
+        return quantized > 0 and via_text == via_vlm and shares_weights(text, vlm.model)
 
     from backends import run_on_mlx_thread
 
@@ -188,8 +204,8 @@ def test_quantized_vlm_text_route_still_shares_weights(vlm_model: Path) -> None:
 
 
 def test_media_to_a_text_config_is_a_clear_error(text_engine) -> None:
-    from runtime.engine import GenerationRequest
     from gallery.errors import RequestError
+    from runtime.request import GenerationRequest
 
     with pytest.raises(RequestError, match=r"text-only\) backend and cannot take image"):
         text_engine.submit(GenerationRequest(messages=_chat(image=_png())))
@@ -203,8 +219,8 @@ def test_media_to_a_text_config_is_a_clear_error(text_engine) -> None:
      ("/no/such/file.png", "no such file")],
 )
 def test_bad_media_is_rejected_before_queueing(vlm_engine, url: str, message: str) -> None:
-    from runtime.engine import GenerationRequest
     from gallery.errors import RequestError
+    from runtime.request import GenerationRequest
 
     with pytest.raises(RequestError, match=message):
         vlm_engine.submit(GenerationRequest(messages=_chat(image=url)))
@@ -212,7 +228,7 @@ def test_bad_media_is_rejected_before_queueing(vlm_engine, url: str, message: st
 
 
 def test_thinking_off_strips_markers_the_model_emits_anyway(scripted_think_model: Path) -> None:
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     info = fixture_info(scripted_think_model)
     engine = _engine(_config(scripted_think_model))
@@ -230,7 +246,7 @@ def test_thinking_off_strips_markers_the_model_emits_anyway(scripted_think_model
 def test_tool_calls_become_structured(scripted_tool_model: Path) -> None:
     import json
 
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
@@ -247,7 +263,7 @@ def test_tool_calls_become_structured(scripted_tool_model: Path) -> None:
 
 def test_strict_template_accepts_real_client_traffic(scripted_text_model: Path) -> None:
     from gallery.chat_template import template_sha256
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     strict = (
         "{% if messages[0].role == 'system' %}{% set rest = messages[1:] %}<<SYS>>{{ messages[0].content }}<</SYS>>"
@@ -280,7 +296,7 @@ def test_strict_template_accepts_real_client_traffic(scripted_text_model: Path) 
 
 
 def test_cancel_frees_the_worker_and_the_next_request_succeeds(smollm2_model: Path) -> None:
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     engine = _engine(_config(smollm2_model))
     try:
@@ -301,7 +317,7 @@ def test_cancel_frees_the_worker_and_the_next_request_succeeds(smollm2_model: Pa
 
 
 def test_concurrent_requests_all_complete_correctly(text_engine, scripted_text_model: Path) -> None:
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     answer = fixture_info(scripted_text_model)["answer"]
     handles = [text_engine.submit(GenerationRequest(messages=_chat(f"hello {i}"), max_tokens=30)) for i in range(16)]
@@ -311,7 +327,7 @@ def test_concurrent_requests_all_complete_correctly(text_engine, scripted_text_m
 
 def test_speculative_draft_model_gives_the_same_answer(scripted_text_model: Path) -> None:
     from gallery.config import Speculative
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     config = _config(scripted_text_model)
     spec = Speculative(draft_model=str(scripted_text_model), num_draft_tokens=3)
@@ -324,9 +340,9 @@ def test_speculative_draft_model_gives_the_same_answer(scripted_text_model: Path
 
 
 def test_missing_template_loads_loudly_and_refuses_chat(text_notemplate_model: Path, capsys) -> None:
-    from gallery.errors import StrictFailure
-    from runtime.engine import Engine, GenerationRequest
-    from gallery.errors import RequestError
+    from gallery.errors import RequestError, StrictFailure
+    from runtime.engine import Engine
+    from runtime.request import GenerationRequest
 
     config = _config(text_notemplate_model)
     assert config.mlx.chat_template.status == "missing"
@@ -346,7 +362,7 @@ def test_missing_template_loads_loudly_and_refuses_chat(text_notemplate_model: P
 
 
 def test_smollm2_answers_a_factual_question(smollm2_model: Path) -> None:
-    from runtime.engine import GenerationRequest
+    from runtime.request import GenerationRequest
 
     engine = _engine(_config(smollm2_model))
     try:
@@ -358,7 +374,8 @@ def test_smollm2_answers_a_factual_question(smollm2_model: Path) -> None:
 
 def test_text_config_never_imports_mlx_vlm(scripted_text_model: Path) -> None:
     code = (
-        "import sys\nfrom importers import import_model\nfrom runtime.engine import Engine, GenerationRequest\n"
+        "import sys\nfrom importers import import_model\nfrom runtime.engine import Engine\n"
+        "from runtime.request import GenerationRequest\n"
         f"e = Engine(import_model({str(scripted_text_model)!r}).config).start()\n"
         "print(e.generate(GenerationRequest(messages=[{'role': 'user', 'content': 'hi'}])).content)\n"
         "e.shutdown()\nprint('mlx_vlm' in sys.modules)\n"

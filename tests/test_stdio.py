@@ -222,17 +222,27 @@ def test_sigterm_drains_and_every_request_still_gets_its_response(text_qwen3_mod
 
 
 def test_chat_params_become_generation_requests() -> None:
+    from pydantic import ValidationError
+
     from gallery.errors import RequestError
-    from runtime.stdio_request import ChatParams, CompleteParams, chat_request, complete_request
+    from runtime.openai_request import ChatParams, CompleteParams, chat_request, complete_request
+    from runtime.request import RequestLimits, check_request
 
     request = chat_request(ChatParams.model_validate({
         "messages": HI, "max_completion_tokens": 7, "repetition_penalty": 1.2, "stop": "END", "images": ["QUJD"],
-        "chat_template_kwargs": {"enable_thinking": False, "foo": 1}, "n": 1, "user": "ignored"}),
-        max_request_bytes=1 << 20)
+        "chat_template_kwargs": {"enable_thinking": False, "foo": 1}, "n": 1, "user": "someone",
+        "logit_bias": {"3": 2.5}, "logprobs": True, "top_logprobs": 2, "presence_penalty": 0.3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}))
     assert request.max_tokens == 7 and request.repeat_penalty == 1.2 and request.stop == ["END"]
     assert request.enable_thinking is False and request.template_kwargs == {"foo": 1}
     assert request.messages[0]["content"][0] == {"type": "image", "image": "QUJD"}
-    raw = complete_request(CompleteParams.model_validate({"prompt": "p", "temperature": 0.5}), max_request_bytes=10)
-    assert raw.prompt == "p" and raw.temperature == 0.5
+    assert request.logit_bias == {3: 2.5} and request.logprobs and request.top_logprobs == 2
+    assert request.response_format is not None and request.response_format.kind == "json_schema"
+    raw = complete_request(CompleteParams.model_validate({"prompt": "p", "temperature": 0.5, "logprobs": 2}))
+    assert raw.prompt == "p" and raw.temperature == 0.5 and raw.logprobs and raw.top_logprobs == 2
     with pytest.raises(RequestError, match="max_request_bytes"):
-        complete_request(CompleteParams.model_validate({"prompt": "p" * 11}), max_request_bytes=10)
+        check_request(complete_request(CompleteParams.model_validate({"prompt": "p" * 11})),
+                      RequestLimits(max_request_bytes=10))
+    for body in ({"messages": HI, "n": 2}, {"messages": HI, "mystery_field": 1}, {"prompt": "p", "echo": True}):
+        with pytest.raises(ValidationError):
+            (ChatParams if "messages" in body else CompleteParams).model_validate(body)

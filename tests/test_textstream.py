@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backends import tool_parser
+from gallery.errors import RequestError
 from runtime.media import MediaError, MediaPolicy, decode_media
 from runtime.messages import MediaItem, normalize_messages
-from gallery.errors import RequestError
 from runtime.textstream import ReasoningSplitter, StopStringMatcher, ToolCallExtractor
 
 
@@ -68,7 +69,8 @@ def test_reasoning_opened_by_the_prompt() -> None:
 @given(st.lists(st.integers(0, 120), max_size=12))
 def test_tool_calls_are_extracted_whatever_the_chunking(cuts: list[int]) -> None:
     text = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    extractor = ToolCallExtractor("json_tools", "<tool_call>", "</tool_call>", tools=[])
+    extractor = ToolCallExtractor("json_tools", "<tool_call>", "</tool_call>", tools=[],
+                                  library=tool_parser("json_tools"))
     content, calls = "", []
     for chunk in _chunks(text, cuts):
         out, new = extractor.feed(chunk)
@@ -82,7 +84,8 @@ def test_tool_calls_are_extracted_whatever_the_chunking(cuts: list[int]) -> None
 
 
 def test_malformed_tool_call_is_kept_as_text() -> None:
-    extractor = ToolCallExtractor("json_tools", "<tool_call>", "</tool_call>", tools=[])
+    extractor = ToolCallExtractor("json_tools", "<tool_call>", "</tool_call>", tools=[],
+                                  library=tool_parser("json_tools"))
     out, calls = extractor.feed("<tool_call>{not json</tool_call> ok")
     tail, more = extractor.flush()
     assert calls == [] and more == [] and "{not json" in out + tail

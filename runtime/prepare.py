@@ -1,0 +1,185 @@
+"""Prepare a request on the caller's thread, so bad input fails before it queues.
+
+Preparing renders the pinned template (or takes the raw prompt), decodes media, tokenizes text-route
+prompts and enforces the context size, resolves every sampling value (request, then load options, then
+the config's defaults), compiles a structured-output grammar, and decides the route: media to the
+vision path, text to the fastest text path. The worker thread then only generates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Literal
+
+from backends.sampling import SamplingParams, random_seed
+from gallery.config import ModelConfig
+from gallery.errors import RequestError
+from runtime.media import DecodedMedia, MediaPolicy, decode_media
+from runtime.prompt import check_media_allowed, check_media_markers, render_request_prompt, thinking_setting
+from runtime.request import GenerationRequest, RequestLimits, check_request
+
+DEFAULT_MAX_TOKENS = 512
+Route = Literal["text", "text-route", "vlm"]
+# What a route is called in answers and logs: the library that runs it.
+ROUTE_NAMES: dict[Route, str] = {"text": "mlx", "text-route": "text-route", "vlm": "mlx-vlm"}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A request ready for the worker."""
+
+    route: Route
+    prompt_text: str
+    prompt_ids: list[int] | None  # None on the VLM route (mlx-vlm tokenizes with the media)
+    media: DecodedMedia | None
+    params: SamplingParams
+    max_tokens: int
+    stop_ids: frozenset[int]
+    stops: list[str]
+    thinking: bool
+    starts_inside: bool
+    tools: list[dict[str, Any]] | None
+    logprobs: int | None
+    grammar: str | None
+    thinking_budget: int | None
+    speculative: bool
+    num_draft_tokens: int | None = None
+    truncated_tokens: int = 0
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def cleanup(self) -> None:
+        """Delete the request's temporary media files."""
+        if self.media is not None:
+            self.media.cleanup()
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What preparing needs to know about the loaded model (filled in by the engine once it has loaded)."""
+
+    config: ModelConfig
+    text_backend: Any | None  # mlx-lm backend for the text routes (the text model, or a VLM's text route)
+    vlm_backend: Any | None
+    limits: RequestLimits
+    media_policy: MediaPolicy
+    context_size: int | None
+    speculative: bool  # a draft model is loaded for the text route
+    vlm_for_text: bool  # text requests go to mlx-vlm too (no text route, or bundled MTP drafting there)
+    defaults: dict[str, Any]
+
+
+def _pick(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)
+
+
+def sampling_params(request: GenerationRequest, runtime: Runtime) -> SamplingParams:
+    """The request's sampling values, falling back to the load options' defaults, then the config's."""
+    config_defaults = runtime.config.parameters
+    defaults = runtime.defaults
+    temperature = _pick(request.temperature, defaults.get("temperature"), config_defaults.temperature, 0.0)
+    seed = _pick(request.seed, defaults.get("seed"), config_defaults.seed)
+    if seed is None and temperature > 0:
+        seed = random_seed()
+    return SamplingParams(
+        temperature=float(temperature),
+        top_p=float(_pick(request.top_p, defaults.get("top_p"), config_defaults.top_p, 1.0)),
+        top_k=int(_pick(request.top_k, defaults.get("top_k"), config_defaults.top_k, 0)),
+        min_p=float(_pick(request.min_p, defaults.get("min_p"), config_defaults.min_p, 0.0)),
+        repetition_penalty=_pick(request.repeat_penalty, defaults.get("repeat_penalty"), config_defaults.repeat_penalty),
+        repetition_context_size=request.repetition_context_size or 20,
+        presence_penalty=request.presence_penalty,
+        presence_context_size=request.presence_context_size or 20,
+        frequency_penalty=request.frequency_penalty,
+        frequency_context_size=request.frequency_context_size or 20,
+        logit_bias=dict(request.logit_bias) if request.logit_bias else None,
+        seed=seed,
+    )
+
+
+def _check_sampling_defaults(params: SamplingParams) -> None:
+    # Defaults come from a config or load options, not a request: still never hand a bad one to the model.
+    check_request(GenerationRequest(prompt="", temperature=params.temperature, top_p=params.top_p,
+                                    top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repetition_penalty),
+                  RequestLimits())
+
+
+def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
+    """Validate, render, tokenize and route a request. Raises RequestError (one line, naming the field)."""
+    config = runtime.config
+    check_request(request, runtime.limits)
+    if (request.messages is None) == (request.prompt is None):
+        raise RequestError("send either messages (chat) or a prompt (raw completion)")
+    if request.messages is not None:
+        rendered = render_request_prompt(config, request.messages, tools=request.tools,
+                                         enable_thinking=request.enable_thinking,
+                                         template_kwargs=request.template_kwargs)
+        prompt, media_items = rendered.text, rendered.media + list(request.media)
+        thinking, starts_inside = rendered.thinking, rendered.starts_inside_reasoning
+    else:
+        if not isinstance(request.prompt, str):
+            raise RequestError("prompt must be a string", field="prompt")
+        prompt, media_items = request.prompt, list(request.media)
+        check_media_markers(config, prompt, media_items)
+        thinking = thinking_setting(config, request.enable_thinking)
+        reasoning = config.mlx.reasoning
+        starts_inside = bool(reasoning.supported and reasoning.start and prompt.rstrip().endswith(reasoning.start))
+    check_media_allowed(config, media_items)
+    params = sampling_params(request, runtime)
+    _check_sampling_defaults(params)
+    route: Route = "vlm" if media_items or runtime.vlm_for_text or runtime.text_backend is None else (
+        "text" if config.backend == "mlx" else "text-route")
+    backend = runtime.vlm_backend if route == "vlm" else runtime.text_backend
+    vocab = backend.vocab_size
+    if params.logit_bias and max(params.logit_bias) >= vocab:
+        raise RequestError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary (0..{vocab - 1})",
+                           field="logit_bias")
+    max_tokens = _pick(request.max_tokens, runtime.defaults.get("max_tokens"), config.parameters.max_tokens,
+                       DEFAULT_MAX_TOKENS)
+    max_tokens = min(int(max_tokens), runtime.limits.max_tokens)
+    prompt_ids: list[int] | None = None
+    truncated = 0
+    counted = backend.tokenize(prompt)
+    if route != "vlm":
+        prompt_ids = counted
+    context = runtime.context_size
+    if context:
+        if len(counted) >= context:
+            if not request.truncate or route == "vlm":
+                raise RequestError(f"the prompt is {len(counted)} tokens, and the context of {config.name} is {context} "
+                                   "tokens (send a shorter conversation, or ask for truncation)", field="messages")
+            keep = max(context - max_tokens, context // 2)
+            truncated = len(counted) - keep
+            prompt_ids = counted[-keep:]
+            counted = prompt_ids
+        max_tokens = max(1, min(max_tokens, context - len(counted)))
+    stop_ids = frozenset() if request.ignore_eos else frozenset(config.mlx.stop_token_ids)
+    grammar = _grammar(request, backend, thinking)
+    budget = request.thinking_budget
+    if budget is not None and not (config.mlx.reasoning.supported and config.mlx.reasoning.end):
+        raise RequestError(f"thinking_budget: {config.name} has no reasoning block to limit", field="thinking_budget")
+    speculative = route != "vlm" and runtime.speculative
+    if request.num_draft_tokens and not runtime.speculative and not runtime.vlm_for_text:
+        raise RequestError(f"num_draft_tokens: {config.name} has no draft model (pin one in mlx.speculative)",
+                           field="num_draft_tokens")
+    media = decode_media(media_items, runtime.media_policy) if media_items else None
+    # The config's stopwords are its stop tokens as text: with ignore_eos they stop nothing either.
+    stops = list(dict.fromkeys([*([] if request.ignore_eos else config.stopwords), *request.stop]))
+    return Prepared(route=route, prompt_text=prompt, prompt_ids=prompt_ids, media=media, params=params,
+                    max_tokens=max_tokens, stop_ids=stop_ids, stops=stops, thinking=thinking,
+                    starts_inside=starts_inside, tools=request.tools,
+                    logprobs=request.top_logprobs if request.logprobs else None, grammar=grammar,
+                    thinking_budget=budget, speculative=speculative, num_draft_tokens=request.num_draft_tokens,
+                    truncated_tokens=truncated)
+
+
+def _grammar(request: GenerationRequest, backend: Any, thinking: bool) -> str | None:
+    if request.response_format is None:
+        return None
+    from backends.grammar import GrammarError, compile_grammar, llg_tokenizer
+
+    try:
+        return compile_grammar(request.response_format.kind, request.response_format.value,
+                               llg_tokenizer(backend.hf_tokenizer))
+    except GrammarError as exc:
+        raise RequestError(f"response_format: {exc}", field="response_format") from None
