@@ -60,8 +60,11 @@ def memory_stats() -> dict[str, int]:
     import mlx.core as mx
 
     stats = {}
-    for key, getter in (("mlx_active", "get_active_memory"), ("mlx_peak", "get_peak_memory"),
-                        ("mlx_cache", "get_cache_memory")):
+    for key, getter in (
+        ("mlx_active", "get_active_memory"),
+        ("mlx_peak", "get_peak_memory"),
+        ("mlx_cache", "get_cache_memory"),
+    ):
         with contextlib.suppress(AttributeError, RuntimeError):
             stats[key] = int(getattr(mx, getter)())
     return stats
@@ -82,5 +85,8 @@ def tool_parser(fmt: str) -> tuple[Callable[[str, Any], Any] | None, str | None,
         module = importlib.import_module(f"mlx_lm.tool_parsers.{fmt}")
     except ImportError:
         return None, None, None
-    return (getattr(module, "parse_tool_call", None), getattr(module, "tool_call_start", None),
-            getattr(module, "tool_call_end", None))
+    return (
+        getattr(module, "parse_tool_call", None),
+        getattr(module, "tool_call_start", None),
+        getattr(module, "tool_call_end", None),
+    )

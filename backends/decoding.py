@@ -91,7 +91,9 @@ class CacheStats:
     stored: int = 0
 
 
-def _logprobs(spec: DecodeSpec, logprobs: Any, token: int) -> tuple[float | None, list[tuple[int, float]] | None]:
+def _logprobs(
+    spec: DecodeSpec, logprobs: Any, token: int
+) -> tuple[float | None, list[tuple[int, float]] | None]:
     if spec.logprobs is None or logprobs is None:
         return None, None
     chosen, top = token_logprobs(logprobs, token, spec.logprobs)
@@ -166,25 +168,43 @@ class PrefixCache:
 
     def describe(self) -> dict[str, Any]:
         """Entries, bytes and counters."""
-        return {"enabled": self.enabled, "entries": len(self.lru), "bytes": int(self.lru.nbytes),
-                **dataclasses.asdict(self.stats)}
+        return {
+            "enabled": self.enabled,
+            "entries": len(self.lru),
+            "bytes": int(self.lru.nbytes),
+            **dataclasses.asdict(self.stats),
+        }
 
 
 # ----------------------------------------------------------------------------------------------- text, batched
 class TextBatcher:
     """Continuous batching over mlx-lm's BatchGenerator (see the module docstring)."""
 
-    def __init__(self, model: Any, prefix: PrefixCache, *, key: str = "text", max_batch: int = 32,
-                 prefill_batch: int = 8, prefill_step: int = 512, max_kv_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        prefix: PrefixCache,
+        *,
+        key: str = "text",
+        max_batch: int = 32,
+        prefill_batch: int = 8,
+        prefill_step: int = 512,
+        max_kv_size: int | None = None,
+    ) -> None:
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
         self.model = model
         self.prefix = prefix
         self.key = key
-        self.generator = BatchGenerator(model, max_tokens=1, completion_batch_size=max_batch,
-                                        prefill_batch_size=min(prefill_batch, max_batch),
-                                        prefill_step_size=prefill_step, max_kv_size=max_kv_size)
+        self.generator = BatchGenerator(
+            model,
+            max_tokens=1,
+            completion_batch_size=max_batch,
+            prefill_batch_size=min(prefill_batch, max_batch),
+            prefill_step_size=prefill_step,
+            max_kv_size=max_kv_size,
+        )
         self.specs: dict[int, DecodeSpec] = {}  # generator uid -> spec
         self.uids: dict[int, int] = {}  # request uid -> generator uid
         # A trimmable cache of (prompt + answer) serves the next turn by trimming; one that cannot be trimmed
@@ -202,8 +222,12 @@ class TextBatcher:
         prompt = spec.prompt
         cache, cached = self.prefix.fetch(self.key, prompt)
         (guid,) = self.generator.insert(
-            [prompt[cached:]], max_tokens=[spec.max_tokens], caches=[cache], all_tokens=[prompt[:cached]],
-            samplers=[spec.sampler], logits_processors=[list(spec.processors)],
+            [prompt[cached:]],
+            max_tokens=[spec.max_tokens],
+            caches=[cache],
+            all_tokens=[prompt[:cached]],
+            samplers=[spec.sampler],
+            logits_processors=[list(spec.processors)],
             stop_sequences=[StopSequences([(i,) for i in sorted(spec.stop_ids)])],
         )
         self.specs[guid] = spec
@@ -214,7 +238,11 @@ class TextBatcher:
         """One generation step for every decoding row, and one prompt chunk for the rows still prefilling."""
         prompt_responses, responses = self.generator.next()
         if self.checkpoints:
-            ends = [r.uid for r in prompt_responses if r.end_of_segment and not r.end_of_prompt and r.uid in self.specs]
+            ends = [
+                r.uid
+                for r in prompt_responses
+                if r.end_of_segment and not r.end_of_prompt and r.uid in self.specs
+            ]
             for cache, tokens in self.generator.extract_cache(ends).values():
                 self.prefix.store(self.key, list(tokens), cache, kind="user")
         out: list[Token] = []
@@ -223,8 +251,15 @@ class TextBatcher:
             if spec is None:
                 continue
             logprob, top = _logprobs(spec, response.logprobs, response.token)
-            out.append(Token(spec.uid, int(response.token), finish=response.finish_reason, logprob=logprob,
-                             top_logprobs=top))
+            out.append(
+                Token(
+                    spec.uid,
+                    int(response.token),
+                    finish=response.finish_reason,
+                    logprob=logprob,
+                    top_logprobs=top,
+                )
+            )
             if response.finish_reason is not None:
                 self._forget(response.uid)
                 if response.prompt_cache is not None and response.all_tokens:
@@ -302,7 +337,12 @@ class _RoundRobin:
             except PrefillAborted:
                 token = Token(uid, None, finish="cancelled")
             except Exception as exc:  # one request's failure must not take the others down
-                token = Token(uid, None, finish="error", error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+                token = Token(
+                    uid,
+                    None,
+                    finish="error",
+                    error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                )
             if token is None:
                 continue
             out.append(token)
@@ -326,9 +366,20 @@ class _RoundRobin:
 class TextStreams(_RoundRobin):
     """mlx-lm generators, one per request, for speculative decoding and quantized KV caches."""
 
-    def __init__(self, model: Any, prefix: PrefixCache, *, key: str = "text", draft_model: Any = None,
-                 num_draft_tokens: int = 3, prefill_step: int = 512, max_kv_size: int | None = None,
-                 kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> None:
+    def __init__(
+        self,
+        model: Any,
+        prefix: PrefixCache,
+        *,
+        key: str = "text",
+        draft_model: Any = None,
+        num_draft_tokens: int = 3,
+        prefill_step: int = 512,
+        max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
+    ) -> None:
         super().__init__()
         self.model = model
         self.prefix = prefix
@@ -337,7 +388,11 @@ class TextStreams(_RoundRobin):
         self.num_draft_tokens = num_draft_tokens
         self.prefill_step = prefill_step
         self.max_kv_size = max_kv_size
-        self.kv = {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "quantized_kv_start": quantized_kv_start}
+        self.kv = {
+            "kv_bits": kv_bits,
+            "kv_group_size": kv_group_size,
+            "quantized_kv_start": quantized_kv_start,
+        }
         self.drafted = 0
         self.accepted = 0
 
@@ -365,17 +420,35 @@ class TextStreams(_RoundRobin):
         sampler = spec.sampler or greedy_sampler
         if speculative:
             generator = speculative_generate_step(
-                prompt, self.model, self.draft_model, num_draft_tokens=spec.num_draft_tokens or self.num_draft_tokens,
-                max_tokens=spec.max_tokens, sampler=sampler, logits_processors=list(spec.processors),
-                prompt_cache=cache, prefill_step_size=self.prefill_step, **self.kv)
+                prompt,
+                self.model,
+                self.draft_model,
+                num_draft_tokens=spec.num_draft_tokens or self.num_draft_tokens,
+                max_tokens=spec.max_tokens,
+                sampler=sampler,
+                logits_processors=list(spec.processors),
+                prompt_cache=cache,
+                prefill_step_size=self.prefill_step,
+                **self.kv,
+            )
         else:
             generator = (
-                (token, logprobs, False) for token, logprobs in generate_step(
-                    prompt, self.model, max_tokens=spec.max_tokens, sampler=sampler,
-                    logits_processors=list(spec.processors), prompt_cache=cache,
-                    prefill_step_size=self.prefill_step, prompt_progress_callback=progress, **self.kv))
-        self.streams[spec.uid] = _Stream(spec, generator, cached_tokens=cached, tokens=list(spec.prompt),
-                                         cache=cache if plain else None)
+                (token, logprobs, False)
+                for token, logprobs in generate_step(
+                    prompt,
+                    self.model,
+                    max_tokens=spec.max_tokens,
+                    sampler=sampler,
+                    logits_processors=list(spec.processors),
+                    prompt_cache=cache,
+                    prefill_step_size=self.prefill_step,
+                    prompt_progress_callback=progress,
+                    **self.kv,
+                )
+            )
+        self.streams[spec.uid] = _Stream(
+            spec, generator, cached_tokens=cached, tokens=list(spec.prompt), cache=cache if plain else None
+        )
         return Started(cached_tokens=cached)
 
     def _advance(self, stream: _Stream) -> Token | None:
@@ -390,9 +463,13 @@ class TextStreams(_RoundRobin):
             self.drafted += 1
             self.accepted += int(bool(from_draft))
         logprob, top = _logprobs(spec, logprobs, token)
-        finish = "stop" if token in spec.stop_ids else "length" if stream.produced >= spec.max_tokens else None
+        finish = (
+            "stop" if token in spec.stop_ids else "length" if stream.produced >= spec.max_tokens else None
+        )
         stream.tokens.append(token)
-        return Token(spec.uid, token, finish=finish, logprob=logprob, top_logprobs=top, from_draft=bool(from_draft))
+        return Token(
+            spec.uid, token, finish=finish, logprob=logprob, top_logprobs=top, from_draft=bool(from_draft)
+        )
 
     def _finished(self, stream: _Stream, *, cancelled: bool) -> None:
         if stream.cache is not None:
@@ -403,9 +480,20 @@ class TextStreams(_RoundRobin):
 class VlmStreams(_RoundRobin):
     """mlx-vlm generators, one per request: media to the towers, text on VLMs without a text route."""
 
-    def __init__(self, model: Any, processor: Any, *, prefix_entries: int, prefill_step: int = 512,
-                 max_kv_size: int | None = None, kv_bits: int | None = None, kv_group_size: int = 64,
-                 quantized_kv_start: int = 0, draft_model: Any = None, draft_kind: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        prefix_entries: int,
+        prefill_step: int = 512,
+        max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
+        draft_model: Any = None,
+        draft_kind: str | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.processor = processor
@@ -418,7 +506,9 @@ class VlmStreams(_RoundRobin):
         if max_kv_size:
             self.options["max_kv_size"] = max_kv_size
         if kv_bits:
-            self.options.update(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
+            self.options.update(
+                kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
+            )
         if draft_model is not None:
             self.options.update(draft_model=draft_model, draft_kind=draft_kind or "mtp")
 
@@ -435,9 +525,18 @@ class VlmStreams(_RoundRobin):
 
         sampler = spec.sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
         generator = stream_generate(
-            self.model, self.processor, spec.prompt_text, image=spec.images or None, audio=spec.audio or None,
-            video=spec.video or None, max_tokens=spec.max_tokens, sampler=sampler,
-            logits_processors=list(spec.processors) or None, prompt_cache_state=state, **self.options)
+            self.model,
+            self.processor,
+            spec.prompt_text,
+            image=spec.images or None,
+            audio=spec.audio or None,
+            video=spec.video or None,
+            max_tokens=spec.max_tokens,
+            sampler=sampler,
+            logits_processors=list(spec.processors) or None,
+            prompt_cache_state=state,
+            **self.options,
+        )
         stream = _Stream(spec, generator, prefix_state=state)
         stream.state = {"stopping_criteria": _StopIds(spec.stop_ids)}
         self.streams[spec.uid] = stream
@@ -486,8 +585,16 @@ class VlmStreams(_RoundRobin):
         if token_id is not None:
             stream.produced += 1
         logprob, top = _logprobs(spec, result.logprobs, token_id) if token_id is not None else (None, None)
-        return Token(spec.uid, token_id, text=result.text, finish=finish, logprob=logprob, top_logprobs=top,
-                     prompt_tokens=int(result.prompt_tokens), cached_tokens=stream.cached_tokens)
+        return Token(
+            spec.uid,
+            token_id,
+            text=result.text,
+            finish=finish,
+            logprob=logprob,
+            top_logprobs=top,
+            prompt_tokens=int(result.prompt_tokens),
+            cached_tokens=stream.cached_tokens,
+        )
 
     def _finished(self, stream: _Stream, *, cancelled: bool) -> None:
         if stream.prefix_state is None or cancelled:
@@ -502,7 +609,11 @@ class VlmStreams(_RoundRobin):
 
     def describe(self) -> dict[str, Any]:
         """Entries and counters of the VLM prefix cache."""
-        return {"enabled": self.prefix_entries > 0, "entries": len(self.states), **dataclasses.asdict(self.stats)}
+        return {
+            "enabled": self.prefix_entries > 0,
+            "entries": len(self.states),
+            **dataclasses.asdict(self.stats),
+        }
 
 
 class _StopIds:

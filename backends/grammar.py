@@ -70,9 +70,17 @@ class GrammarProcessor:
     also allows that token, and if the model opens a reasoning block the constraint waits for its end.
     """
 
-    def __init__(self, grammar: str, tokenizer: Any, stop_ids: Sequence[int], *,
-                 reasoning_start: Sequence[int] = (), reasoning_end: Sequence[int] = (), inside: bool = False,
-                 may_think: bool = False) -> None:
+    def __init__(
+        self,
+        grammar: str,
+        tokenizer: Any,
+        stop_ids: Sequence[int],
+        *,
+        reasoning_start: Sequence[int] = (),
+        reasoning_end: Sequence[int] = (),
+        inside: bool = False,
+        may_think: bool = False,
+    ) -> None:
         from llguidance import LLMatcher
 
         self.matcher = LLMatcher(tokenizer, grammar)
@@ -110,14 +118,20 @@ class GrammarProcessor:
         last = None if self.first else int(tokens[-1].item()) if len(tokens) else None
         self.first = False
         if last is not None:
-            self.recent = [*self.recent, last][-max(len(self.end_ids), 1):]
+            self.recent = [*self.recent, last][-max(len(self.end_ids), 1) :]
             if self.phase == "maybe":
                 self.phase = "reasoning" if last == self.start_ids[0] else "grammar"
                 self.consume_next = self.phase == "grammar"
-            elif self.phase == "reasoning" and self.end_ids and self.recent[-len(self.end_ids):] == self.end_ids:
+            elif (
+                self.phase == "reasoning"
+                and self.end_ids
+                and self.recent[-len(self.end_ids) :] == self.end_ids
+            ):
                 self.phase = "grammar"
             if self.consume_next and not self.matcher.consume_token(last):
-                raise GrammarError(f"token {last} broke the grammar: {self.matcher.get_error() or 'rejected'}")
+                raise GrammarError(
+                    f"token {last} broke the grammar: {self.matcher.get_error() or 'rejected'}"
+                )
         if self.phase == "reasoning":
             self.consume_next = False
             return logits

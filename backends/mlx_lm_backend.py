@@ -18,7 +18,9 @@ class MlxLmBackend:
         self.draft_model = draft_model
 
     @classmethod
-    def load(cls, path: Path, *, draft_path: Path | None = None, trust_remote_code: bool = False) -> MlxLmBackend:
+    def load(
+        cls, path: Path, *, draft_path: Path | None = None, trust_remote_code: bool = False
+    ) -> MlxLmBackend:
         """Load a model folder with mlx_lm (and an optional draft model sharing its tokenizer)."""
         import mlx_lm
 

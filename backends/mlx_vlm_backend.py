@@ -12,7 +12,9 @@ class MlxVlmBackend:
 
     name = "mlx-vlm"
 
-    def __init__(self, model: Any, processor: Any, *, draft_model: Any = None, draft_kind: str | None = None) -> None:
+    def __init__(
+        self, model: Any, processor: Any, *, draft_model: Any = None, draft_kind: str | None = None
+    ) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
@@ -20,8 +22,14 @@ class MlxVlmBackend:
         self.draft_kind = draft_kind
 
     @classmethod
-    def load(cls, path: Path, *, trust_remote_code: bool = False, draft_path: Path | None = None,
-             draft_kind: str | None = None) -> MlxVlmBackend:
+    def load(
+        cls,
+        path: Path,
+        *,
+        trust_remote_code: bool = False,
+        draft_path: Path | None = None,
+        draft_kind: str | None = None,
+    ) -> MlxVlmBackend:
         """Load a model folder with mlx_vlm; a drafter (bundled MTP layers, or a separate one) when asked."""
         import mlx_vlm
 

@@ -83,6 +83,13 @@ class KeyedSampler:
         return mx.random.categorical(logprobs * (1.0 / params.temperature), key=key)
 
 
+def greedy_token(logprobs: Any) -> Any:
+    """The argmax token of log-probabilities (what a failed sampler falls back to for its one step)."""
+    import mlx.core as mx
+
+    return mx.argmax(logprobs, axis=-1)
+
+
 def make_sampler(params: SamplingParams, vocab_size: int) -> KeyedSampler | None:
     """The request's sampler; None for greedy decoding (the batch's shared argmax)."""
     if params.greedy:
@@ -94,15 +101,19 @@ def make_processors(params: SamplingParams) -> list[Processor]:
     """mlx-lm's logits processors for the request's bias and penalties (each with its context size)."""
     from mlx_lm.sample_utils import make_logits_processors
 
-    return list(make_logits_processors(
-        logit_bias=params.logit_bias or None,
-        repetition_penalty=params.repetition_penalty if params.repetition_penalty not in (None, 1.0) else None,
-        repetition_context_size=params.repetition_context_size,
-        presence_penalty=params.presence_penalty or None,
-        presence_context_size=params.presence_context_size,
-        frequency_penalty=params.frequency_penalty or None,
-        frequency_context_size=params.frequency_context_size,
-    ))
+    return list(
+        make_logits_processors(
+            logit_bias=params.logit_bias or None,
+            repetition_penalty=params.repetition_penalty
+            if params.repetition_penalty not in (None, 1.0)
+            else None,
+            repetition_context_size=params.repetition_context_size,
+            presence_penalty=params.presence_penalty or None,
+            presence_context_size=params.presence_context_size,
+            frequency_penalty=params.frequency_penalty or None,
+            frequency_context_size=params.frequency_context_size,
+        )
+    )
 
 
 def token_logprobs(logprobs: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
@@ -130,7 +141,9 @@ class ThinkingBudget:
     the start marker's tokens are generated.
     """
 
-    def __init__(self, budget: int, start_ids: Sequence[int], end_ids: Sequence[int], *, inside: bool) -> None:
+    def __init__(
+        self, budget: int, start_ids: Sequence[int], end_ids: Sequence[int], *, inside: bool
+    ) -> None:
         self.budget = budget
         self.start_ids = list(start_ids)
         self.end_ids = list(end_ids)
@@ -142,12 +155,12 @@ class ThinkingBudget:
         self.closed_by_budget = False
 
     def _seen(self, token: int) -> None:
-        self.recent = [*self.recent, token][-max(len(self.start_ids), len(self.end_ids), 1):]
+        self.recent = [*self.recent, token][-max(len(self.start_ids), len(self.end_ids), 1) :]
         if self.inside:
             self.count += 1
-            if self.end_ids and self.recent[-len(self.end_ids):] == self.end_ids:
+            if self.end_ids and self.recent[-len(self.end_ids) :] == self.end_ids:
                 self.inside = False
-        elif self.start_ids and self.recent[-len(self.start_ids):] == self.start_ids:
+        elif self.start_ids and self.recent[-len(self.start_ids) :] == self.start_ids:
             self.inside, self.count = True, 0
 
     def __call__(self, tokens: Any, logits: Any) -> Any:

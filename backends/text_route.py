@@ -26,8 +26,11 @@ def _quantized_layers(module: Any) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for path, child in module.named_modules():
         if hasattr(child, "scales") and hasattr(child, "bits"):
-            found[path] = {"group_size": child.group_size, "bits": child.bits,
-                           "mode": getattr(child, "mode", "affine")}
+            found[path] = {
+                "group_size": child.group_size,
+                "bits": child.bits,
+                "mode": getattr(child, "mode", "affine"),
+            }
     return found
 
 

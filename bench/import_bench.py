@@ -34,13 +34,19 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 LATENCY = 0.05
-REPOS = ["mlx-community/gemma-4-E4B-it-qat-4bit", "mlx-community/Qwen3-4B-4bit", "Qwen/Qwen2.5-VL-3B-Instruct",
-         "bench/qwen3.6-big-tokenizer"]
+REPOS = [
+    "mlx-community/gemma-4-E4B-it-qat-4bit",
+    "mlx-community/Qwen3-4B-4bit",
+    "Qwen/Qwen2.5-VL-3B-Instruct",
+    "bench/qwen3.6-big-tokenizer",
+]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-to-printable-character table used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -62,7 +68,7 @@ def _merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, 
                 best, best_rank = i, pair_rank
         if best < 0:
             return None
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
     return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
@@ -90,27 +96,91 @@ def build_big_tokenizer_json(out: Path) -> int:
             pair = _merge_of(token, rank, ranks)
             if pair is not None:
                 merges.append([text(pair[0]), text(pair[1])])
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
-                "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-                "<tool_response>", "</tool_response>", "<think>", "</think>"]
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|object_ref_start|>",
+        "<|object_ref_end|>",
+        "<|box_start|>",
+        "<|box_end|>",
+        "<|quad_start|>",
+        "<|quad_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+    ]
     base = len(ranks)
-    added = [{"id": base + i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": not tok.startswith(("<think", "</think", "<tool", "</tool"))}
-             for i, tok in enumerate(specials)]
+    added = [
+        {
+            "id": base + i,
+            "content": tok,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": not tok.startswith(("<think", "</think", "<tool", "</tool")),
+        }
+        for i, tok in enumerate(specials)
+    ]
     data = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
         "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
-             "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": merges},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {
+                        "Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+                    },
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        },
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
     }
     path = out / "tokenizer.json"
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
@@ -151,8 +221,12 @@ def measure(hub: Any, run: Any) -> dict[str, float]:
     run()
     wall = time.perf_counter() - started
     records = list(hub.requests)
-    return {"wall_s": wall, "requests": len(records), "bytes": sum(r.bytes_sent for r in records),
-            "round_trips": round_trips(records)}
+    return {
+        "wall_s": wall,
+        "requests": len(records),
+        "bytes": sum(r.bytes_sent for r in records),
+        "round_trips": round_trips(records),
+    }
 
 
 def main() -> int:
@@ -165,8 +239,12 @@ def main() -> int:
         tmp_path = Path(tmp)
         started = time.perf_counter()
         size = build_big_repo(tmp_path / "big")
-        print(f"built a real-size tokenizer.json: {size / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s")
-        with RecordedHub(latency=LATENCY, extra_repos={"bench/qwen3.6-big-tokenizer": tmp_path / "big"}) as hub:
+        print(
+            f"built a real-size tokenizer.json: {size / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s"
+        )
+        with RecordedHub(
+            latency=LATENCY, extra_repos={"bench/qwen3.6-big-tokenizer": tmp_path / "big"}
+        ) as hub:
             os.environ["HF_ENDPOINT"] = hub.url
             os.environ["GALLERY_HTTP_BACKOFF"] = "0.05"
             from importers import import_model
@@ -176,13 +254,21 @@ def main() -> int:
                 os.environ["HF_HUB_CACHE"] = str(tmp_path / f"ours-{index}")
                 ours = measure(hub, lambda repo=repo: import_model(repo))
                 base_cache = tmp_path / f"base-{index}"
-                baseline = measure(hub, lambda repo=repo, cache=base_cache: snapshot_download(
-                    repo, allow_patterns=["*.json", "*.jinja"], cache_dir=cache, endpoint=hub.url))
+                baseline = measure(
+                    hub,
+                    lambda repo=repo, cache=base_cache: snapshot_download(
+                        repo, allow_patterns=["*.json", "*.jinja"], cache_dir=cache, endpoint=hub.url
+                    ),
+                )
                 rows.append((repo, ours, baseline))
-    print(f"\nloopback hub, {int(LATENCY * 1000)} ms added per request; importer vs "
-          "snapshot_download(allow_patterns=['*.json', '*.jinja'])\n")
-    header = (f"{'repo':<42} {'wall s':>7} {'base s':>7} {'req':>4} {'base':>5} {'rounds':>6} {'base':>5} "
-              f"{'bytes':>10} {'base bytes':>11} {'bytes %':>8}")
+    print(
+        f"\nloopback hub, {int(LATENCY * 1000)} ms added per request; importer vs "
+        "snapshot_download(allow_patterns=['*.json', '*.jinja'])\n"
+    )
+    header = (
+        f"{'repo':<42} {'wall s':>7} {'base s':>7} {'req':>4} {'base':>5} {'rounds':>6} {'base':>5} "
+        f"{'bytes':>10} {'base bytes':>11} {'bytes %':>8}"
+    )
     print(header)
     print("-" * len(header))
     worst_rounds, big_ratio = 0, 0.0
@@ -191,11 +277,15 @@ def main() -> int:
         worst_rounds = max(worst_rounds, int(ours["round_trips"]))
         if repo.startswith("bench/"):
             big_ratio = ratio
-        print(f"{repo:<42} {ours['wall_s']:>7.2f} {base['wall_s']:>7.2f} {ours['requests']:>4.0f} "
-              f"{base['requests']:>5.0f} {ours['round_trips']:>6.0f} {base['round_trips']:>5.0f} "
-              f"{ours['bytes']:>10,.0f} {base['bytes']:>11,.0f} {ratio:>7.1f}%")
-    print(f"\ntargets: <= 3 sequential round trips per import (worst: {worst_rounds}); "
-          f"< 10% of the baseline's bytes on the big-tokenizer repo (got {big_ratio:.1f}%)")
+        print(
+            f"{repo:<42} {ours['wall_s']:>7.2f} {base['wall_s']:>7.2f} {ours['requests']:>4.0f} "
+            f"{base['requests']:>5.0f} {ours['round_trips']:>6.0f} {base['round_trips']:>5.0f} "
+            f"{ours['bytes']:>10,.0f} {base['bytes']:>11,.0f} {ratio:>7.1f}%"
+        )
+    print(
+        f"\ntargets: <= 3 sequential round trips per import (worst: {worst_rounds}); "
+        f"< 10% of the baseline's bytes on the big-tokenizer repo (got {big_ratio:.1f}%)"
+    )
     return 0
 
 

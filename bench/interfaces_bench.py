@@ -67,8 +67,11 @@ class InProcess:
     def submit(self, tokens: int) -> Any:
         from runtime.engine import GenerationRequest
 
-        return self.engine.submit(GenerationRequest(messages=[{"role": "user", "content": PROMPT}],
-                                                    max_tokens=tokens, temperature=0.0))
+        return self.engine.submit(
+            GenerationRequest(
+                messages=[{"role": "user", "content": PROMPT}], max_tokens=tokens, temperature=0.0
+            )
+        )
 
     def run(self, tokens: int) -> tuple[int, float]:
         first = None
@@ -112,12 +115,21 @@ class GrpcPath:
         self.pb = pb
         self.port = _free_port()
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "--addr", f"127.0.0.1:{self.port}"], cwd=ROOT,
-                                     env=_env(), stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime", "--addr", f"127.0.0.1:{self.port}"],
+            cwd=ROOT,
+            env=_env(),
+            stderr=subprocess.DEVNULL,
+        )
         # Reconnect quickly: the default backoff (1 s and up) would be measured as start-up time.
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=[
-            ("grpc.initial_reconnect_backoff_ms", 5), ("grpc.min_reconnect_backoff_ms", 5),
-            ("grpc.max_reconnect_backoff_ms", 20)])
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{self.port}",
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 5),
+                ("grpc.min_reconnect_backoff_ms", 5),
+                ("grpc.max_reconnect_backoff_ms", 20),
+            ],
+        )
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
         self.health_s = self._wait_health()
         started = time.perf_counter()
@@ -138,8 +150,12 @@ class GrpcPath:
                 time.sleep(0.005)
 
     def request(self, tokens: int) -> Any:
-        return self.pb.PredictOptions(UseTokenizerTemplate=True, Messages=[self.pb.Message(role="user", content=PROMPT)],
-                                      Tokens=tokens, Temperature=0.0)
+        return self.pb.PredictOptions(
+            UseTokenizerTemplate=True,
+            Messages=[self.pb.Message(role="user", content=PROMPT)],
+            Tokens=tokens,
+            Temperature=0.0,
+        )
 
     def stream(self, tokens: int) -> tuple[int, float, float]:
         """One stream: (tokens, seconds to the first reply, seconds from the first reply to the end)."""
@@ -166,8 +182,14 @@ class StdioPath:
     """`python -m runtime --stdio MODEL`; timed from the first chat.delta to the result."""
 
     def __init__(self, folder: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "--stdio", str(folder)], cwd=ROOT, env=_env(),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime", "--stdio", str(folder)],
+            cwd=ROOT,
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         self.ids = 0
         self.call("status")  # answered once the model is loaded (it loads before the loop starts)
 
@@ -186,8 +208,10 @@ class StdioPath:
             first = first or time.perf_counter()
 
     def run(self, tokens: int) -> tuple[int, float]:
-        response, first = self.call("chat", {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
-                                             "temperature": 0})
+        response, first = self.call(
+            "chat",
+            {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "temperature": 0},
+        )
         assert first is not None
         return response["result"]["usage"]["completion_tokens"], time.perf_counter() - first
 
@@ -201,8 +225,12 @@ class StdioPath:
 def per_token(folder: Path, tokens: int, reps: int) -> dict[str, tuple[float, float, float, int]]:
     """Per path: (median, min, max) decode tokens/s over alternating runs after a warm-up, and the token count."""
     inner = InProcess(folder)
-    paths = {"engine alone": EngineAlone(inner), "in-process": inner, "gRPC stream": GrpcPath(folder),
-             "stdio": StdioPath(folder)}
+    paths = {
+        "engine alone": EngineAlone(inner),
+        "in-process": inner,
+        "gRPC stream": GrpcPath(folder),
+        "stdio": StdioPath(folder),
+    }
     rates: dict[str, list[float]] = {name: [] for name in paths}
     counts: dict[str, int] = {}
     try:
@@ -242,7 +270,9 @@ def concurrency(folder: Path, levels: list[int], tokens: int) -> list[tuple[int,
                 results = list(pool.map(lambda _: path.stream(tokens), range(level)))
             wall = time.perf_counter() - started
             total = sum(r[0] for r in results)
-            rows.append((level, total / wall, statistics.mean(r[1] for r in results), total))  # includes prefill
+            rows.append(
+                (level, total / wall, statistics.mean(r[1] for r in results), total)
+            )  # includes prefill
     finally:
         path.close()
     return rows
@@ -257,10 +287,14 @@ def batched_reference(folder: Path, streams: int, tokens: int) -> float:
         from mlx_lm.generate import batch_generate
 
         model, tokenizer = mlx_lm.load(str(folder))
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], add_generation_prompt=True
+        )
         batch_generate(model, tokenizer, [list(prompt)] * 2, max_tokens=8)  # warm-up
         started = time.perf_counter()
-        out = batch_generate(model, tokenizer, [list(prompt)] * streams, max_tokens=tokens, return_token_ids=True)
+        out = batch_generate(
+            model, tokenizer, [list(prompt)] * streams, max_tokens=tokens, return_token_ids=True
+        )
         wall = time.perf_counter() - started
         result["tps"] = sum(len(ids) for ids in out.token_ids or []) / wall
 
@@ -287,11 +321,15 @@ def main() -> int:
     if not args.no_smollm2:
         plan.append(("SmolLM2-135M Q4 (real)", models["smollm2"], 16 if args.quick else 40, reps))
 
-    print("\n1. Per-token cost of each interface: decode tokens/s from the first streamed piece to the end, as the "
-          "consumer sees it (same model, prompt and max tokens; median [min-max] of alternating runs; ratios against "
-          "the engine alone)\n")
-    print("| model | tokens x runs | engine alone tok/s | in-process stream tok/s (ratio) | gRPC stream tok/s (ratio) | "
-          "stdio tok/s (ratio) | gRPC overhead/token | stdio overhead/token |")
+    print(
+        "\n1. Per-token cost of each interface: decode tokens/s from the first streamed piece to the end, as the "
+        "consumer sees it (same model, prompt and max tokens; median [min-max] of alternating runs; ratios against "
+        "the engine alone)\n"
+    )
+    print(
+        "| model | tokens x runs | engine alone tok/s | in-process stream tok/s (ratio) | gRPC stream tok/s (ratio) | "
+        "stdio tok/s (ratio) | gRPC overhead/token | stdio overhead/token |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, folder, tokens, runs in plan:
         result = per_token(folder, tokens, runs)
@@ -310,13 +348,17 @@ def main() -> int:
         config_path = Path(tmp) / "text-qwen3.yaml"
         write_config(import_model(str(models["text-qwen3"])).config, config_path)
         health, load = startup(config_path, reps)
-    print(f"\n2. Start-up (median of {reps}): process start -> Health OK {health:.2f} s; "
-          f"LoadModel of a text config (YAML, text-qwen3) {load:.2f} s\n")
+    print(
+        f"\n2. Start-up (median of {reps}): process start -> Health OK {health:.2f} s; "
+        f"LoadModel of a text config (YAML, text-qwen3) {load:.2f} s\n"
+    )
 
     tokens = 100 if args.quick else 200
-    print(f"3. Concurrent gRPC streams on text-qwen3 ({tokens} tokens each; engine max_active 8, round-robin one "
-          "token per stream per step), and mlx-lm's batch_generate on the same model and prompts in-process as a "
-          "reference for batched decoding (not used by the engine)\n")
+    print(
+        f"3. Concurrent gRPC streams on text-qwen3 ({tokens} tokens each; engine max_active 8, round-robin one "
+        "token per stream per step), and mlx-lm's batch_generate on the same model and prompts in-process as a "
+        "reference for batched decoding (not used by the engine)\n"
+    )
     print("| streams | aggregate tok/s | vs 1 stream | mean time to first token |")
     print("|---|---|---|---|")
     rows = concurrency(models["text-qwen3"], [1, 4, 16], tokens)

@@ -59,8 +59,9 @@ def bench_throughput(model: Path) -> dict[str, float]:
         started = time.perf_counter()
         first = last = 0.0
         count = 0
-        for response in mlx_lm.stream_generate(raw_model, raw_tokenizer, mx.array(ids), max_tokens=MAX_TOKENS,
-                                               sampler=make_sampler(temp=0.0)):
+        for response in mlx_lm.stream_generate(
+            raw_model, raw_tokenizer, mx.array(ids), max_tokens=MAX_TOKENS, sampler=make_sampler(temp=0.0)
+        ):
             now = time.perf_counter()
             if count == 0:
                 first = now
@@ -71,7 +72,9 @@ def bench_throughput(model: Path) -> dict[str, float]:
         started = time.perf_counter()
         first = last = 0.0
         final = None
-        for event in engine.submit(GenerationRequest(prompt=prompt_text, max_tokens=MAX_TOKENS, temperature=0.0)):
+        for event in engine.submit(
+            GenerationRequest(prompt=prompt_text, max_tokens=MAX_TOKENS, temperature=0.0)
+        ):
             now = time.perf_counter()
             if not first and (event.content or event.reasoning):
                 first = now
@@ -87,9 +90,12 @@ def bench_throughput(model: Path) -> dict[str, float]:
         ours.append(runtime_run())
     engine.shutdown()
     result = {
-        "raw_ttft_s": _median([r[0] for r in raw]), "runtime_ttft_s": _median([r[0] for r in ours]),
-        "raw_tps": _median([r[1] for r in raw]), "runtime_tps": _median([r[1] for r in ours]),
-        "tokens": ours[-1][2], "raw_tokens": raw[-1][2],
+        "raw_ttft_s": _median([r[0] for r in raw]),
+        "runtime_ttft_s": _median([r[0] for r in ours]),
+        "raw_tps": _median([r[1] for r in raw]),
+        "runtime_tps": _median([r[1] for r in ours]),
+        "tokens": ours[-1][2],
+        "raw_tokens": raw[-1][2],
     }
     result["tps_ratio"] = result["runtime_tps"] / result["raw_tps"] if result["raw_tps"] else 0.0
     return result
@@ -118,8 +124,11 @@ def bench_process_start(model: Path) -> dict[str, Any]:
     )
     ours, raw = [], []
     for _ in range(REPEATS):
-        ours.append(_time_to_first_stdout([sys.executable, "-m", "cli", "run", str(model), "-p", "hi",
-                                           "--max-tokens", "8"])[0])
+        ours.append(
+            _time_to_first_stdout(
+                [sys.executable, "-m", "cli", "run", str(model), "-p", "hi", "--max-tokens", "8"]
+            )[0]
+        )
         raw.append(_time_to_first_stdout([sys.executable, "-c", raw_script])[0])
     check = (
         "import sys\nfrom importers import import_model\nfrom runtime.engine import Engine, GenerationRequest\n"
@@ -127,7 +136,9 @@ def bench_process_start(model: Path) -> dict[str, Any]:
         "e.generate(GenerationRequest(messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2))\n"
         "print('mlx_vlm' in sys.modules, 'mlx_lm' in sys.modules)\n"
     )
-    modules = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    modules = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     imported_vlm = modules.stdout.split()[0] if modules.stdout else "?"
     return {"runtime_start_s": _median(ours), "raw_start_s": _median(raw), "mlx_vlm_imported": imported_vlm}
 
@@ -141,12 +152,20 @@ def build_medium_vlm(out: Path, small: Path) -> float:
 
     shutil.copytree(small, out)
     config = json.loads((out / "config.json").read_text())
-    config.update(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                  num_key_value_heads=4, max_window_layers=8)
+    config.update(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_window_layers=8,
+    )
     config["rope_scaling"] = {"type": "mrope", "mrope_section": [8, 12, 12]}
     config["vision_config"] = {**config["vision_config"], "hidden_size": 1024}
     raw = json.loads(json.dumps(config))
-    model_config = update_module_configs(qwen2_vl.ModelConfig.from_dict(raw), qwen2_vl, raw, ["text", "vision"])
+    model_config = update_module_configs(
+        qwen2_vl.ModelConfig.from_dict(raw), qwen2_vl, raw, ["text", "vision"]
+    )
     mx.random.seed(0)
     model = qwen2_vl.Model(model_config)
     weights = dict(tree_flatten(model.parameters()))
@@ -181,8 +200,13 @@ def bench_text_route(folder: Path) -> dict[str, Any]:
     """C: the shared-weight text route vs the mlx-vlm path, each in a fresh process."""
     results = {}
     for route in ("shared-weights", "vlm"):
-        done = subprocess.run([sys.executable, "-c", _ROUTE_SCRIPT, str(folder), route], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", _ROUTE_SCRIPT, str(folder), route],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-800:])
         results[route] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -194,8 +218,11 @@ def main() -> int:
     from fixtures.build_models import ensure_models
 
     models = ensure_models(["smollm2", "scripted-text", "vlm-qwen2vl"])
-    print(f"A. runtime vs raw mlx_lm.stream_generate on SmolLM2-135M, {MAX_TOKENS} tokens, greedy, "
-          f"median of {REPEATS} interleaved runs ...", flush=True)
+    print(
+        f"A. runtime vs raw mlx_lm.stream_generate on SmolLM2-135M, {MAX_TOKENS} tokens, greedy, "
+        f"median of {REPEATS} interleaved runs ...",
+        flush=True,
+    )
     a = bench_throughput(models["smollm2"])
     print("B. process start to first token ...", flush=True)
     b = bench_process_start(models["scripted-text"])
@@ -207,19 +234,31 @@ def main() -> int:
     mem_ratio = shared["rss_after_load"] / vlm["rss_after_load"]
     print("\n| measurement | runtime | alternative | ratio |")
     print("|---|---|---|---|")
-    print(f"| SmolLM2 tokens/s (stream, {a['tokens']} tokens) | {a['runtime_tps']:.2f} | {a['raw_tps']:.2f} (raw mlx_lm) "
-          f"| {a['tps_ratio']:.3f} |")
-    print(f"| SmolLM2 time to first token (s) | {a['runtime_ttft_s']:.2f} | {a['raw_ttft_s']:.2f} (raw mlx_lm) "
-          f"| {a['runtime_ttft_s'] / a['raw_ttft_s']:.3f} |")
-    print(f"| process start to first token, text config (s) | {b['runtime_start_s']:.2f} (gallery run) | "
-          f"{b['raw_start_s']:.2f} (raw mlx_lm script) | {b['runtime_start_s'] / b['raw_start_s']:.3f} |")
+    print(
+        f"| SmolLM2 tokens/s (stream, {a['tokens']} tokens) | {a['runtime_tps']:.2f} | {a['raw_tps']:.2f} (raw mlx_lm) "
+        f"| {a['tps_ratio']:.3f} |"
+    )
+    print(
+        f"| SmolLM2 time to first token (s) | {a['runtime_ttft_s']:.2f} | {a['raw_ttft_s']:.2f} (raw mlx_lm) "
+        f"| {a['runtime_ttft_s'] / a['raw_ttft_s']:.3f} |"
+    )
+    print(
+        f"| process start to first token, text config (s) | {b['runtime_start_s']:.2f} (gallery run) | "
+        f"{b['raw_start_s']:.2f} (raw mlx_lm script) | {b['runtime_start_s'] / b['raw_start_s']:.3f} |"
+    )
     print(f"| mlx_vlm imported by a text config | {b['mlx_vlm_imported']} | - | - |")
-    print(f"| medium VLM ({size:.0f} MB weights): RSS after load (MB) | {shared['rss_after_load'] / 1e6:.0f} "
-          f"(with text route) | {vlm['rss_after_load'] / 1e6:.0f} (mlx-vlm path only) | {mem_ratio:.3f} |")
-    print(f"| medium VLM text-only tokens/s | {shared['tps']:.1f} ({shared['route']}) | {vlm['tps']:.1f} "
-          f"({vlm['route']}) | {shared['tps'] / vlm['tps']:.3f} |")
-    print(f"\ntargets: tokens/s ratio >= 0.97 (got {a['tps_ratio']:.3f}); no mlx_vlm import for text configs "
-          f"(imported: {b['mlx_vlm_imported']}); text route adds <= 5% memory (got {100 * (mem_ratio - 1):+.1f}%)")
+    print(
+        f"| medium VLM ({size:.0f} MB weights): RSS after load (MB) | {shared['rss_after_load'] / 1e6:.0f} "
+        f"(with text route) | {vlm['rss_after_load'] / 1e6:.0f} (mlx-vlm path only) | {mem_ratio:.3f} |"
+    )
+    print(
+        f"| medium VLM text-only tokens/s | {shared['tps']:.1f} ({shared['route']}) | {vlm['tps']:.1f} "
+        f"({vlm['route']}) | {shared['tps'] / vlm['tps']:.3f} |"
+    )
+    print(
+        f"\ntargets: tokens/s ratio >= 0.97 (got {a['tps_ratio']:.3f}); no mlx_vlm import for text configs "
+        f"(imported: {b['mlx_vlm_imported']}); text route adds <= 5% memory (got {100 * (mem_ratio - 1):+.1f}%)"
+    )
     return 0
 
 

@@ -64,7 +64,9 @@ def build_catalog(folder: Path, count: int) -> tuple[Path, int]:
         config_text = config_text.replace(old_description, new_description, 1)
         (folder / "entries" / f"{name}.yaml").write_text(config_text, encoding="utf-8")
         entry_text = index_texts[which].replace(f"{base.name}\n", f"{name}\n", 1)
-        entry_text = entry_text.replace(f"config: entries/{base.name}.yaml", f"config: entries/{name}.yaml", 1)
+        entry_text = entry_text.replace(
+            f"config: entries/{base.name}.yaml", f"config: entries/{name}.yaml", 1
+        )
         parts.append("- name: " + entry_text)
     index = folder / "index.yaml"
     index.write_text("".join(parts), encoding="utf-8")
@@ -81,11 +83,19 @@ def _with_weights(entry: Entry) -> Entry:
     repo, revision = config.mlx.source.repo or "", config.mlx.source.revision or ""
     digest = hashlib.sha256(f"bench weights of {repo}".encode()).hexdigest()
     config = config.model_copy(deep=True)
-    config.mlx.files = sorted([*config.mlx.files, RepoFile(path="model.safetensors", size=6_000_000_000, sha256=digest)],
-                              key=lambda f: f.path)
-    files = sorted([*entry.meta.files, CatalogFile(filename="model.safetensors", sha256=digest,
-                                                   uri=file_uri(repo, revision, "model.safetensors"))],
-                   key=lambda f: f.filename)
+    config.mlx.files = sorted(
+        [*config.mlx.files, RepoFile(path="model.safetensors", size=6_000_000_000, sha256=digest)],
+        key=lambda f: f.path,
+    )
+    files = sorted(
+        [
+            *entry.meta.files,
+            CatalogFile(
+                filename="model.safetensors", sha256=digest, uri=file_uri(repo, revision, "model.safetensors")
+            ),
+        ],
+        key=lambda f: f.filename,
+    )
     total = sum(f.size or 0 for f in config.mlx.files if f.path in {c.filename for c in files})
     meta = entry.meta.model_copy(update={"files": files, "size": human_size(total)})
     return Entry(meta=meta, config=config, config_ref=entry.config_ref)
@@ -147,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         size_mb = sum(p.stat().st_size for p in folder.rglob("*.yaml")) / 1e6
 
         report, cached_s, cached_best = timed(lambda: validate_paths([index]))
-        rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+        rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+            1024 if sys.platform != "darwin" else 2**20
+        )
         peak_mib = traced_peak(lambda: validate_paths([index]))
 
         sample = sample_catalog(index, folder, args.sample)
         sample_cached, sample_cached_s, _ = timed(lambda: validate_paths([sample]))
         original = validate._template_verdict
+
         def uncached(text: str, sha256: str, *rest: object) -> object:
             chat_template._CACHE.clear()  # no compiled-template cache either: compile and render every time
             return validate._render_probes(text, *rest)  # type: ignore[arg-type]
@@ -166,24 +179,38 @@ def main(argv: list[str] | None = None) -> int:
     rate = report.entries / cached_s
     uncached_rate = sample_report.entries / uncached_s
     cached_sample_rate = sample_cached.entries / sample_cached_s
-    print(f"catalog: {report.entries} entries, {report.files} files, {size_mb:.1f} MB of YAML, "
-          f"{unique} distinct templates (built in {build_s:.1f} s); problems found: {report.errors} errors, "
-          f"{report.warnings} warnings")
+    print(
+        f"catalog: {report.entries} entries, {report.files} files, {size_mb:.1f} MB of YAML, "
+        f"{unique} distinct templates (built in {build_s:.1f} s); problems found: {report.errors} errors, "
+        f"{report.warnings} warnings"
+    )
     print()
     print("median of 3 runs, each from cold template caches")
     print()
-    print("| run                                   | entries | seconds | entries/s | peak memory              |")
-    print("|---------------------------------------|--------:|--------:|----------:|--------------------------|")
-    print(f"| validate, template cache (full)       | {report.entries:7d} | {cached_s:7.2f} | {rate:9.0f} | "
-          f"{peak_mib:6.1f} MiB heap, {rss_mib:6.1f} MiB RSS |")
-    print(f"| validate, template cache (sample)     | {sample_cached.entries:7d} | {sample_cached_s:7.2f} | "
-          f"{cached_sample_rate:9.0f} |                          |")
-    print(f"| validate, no template cache (sample)  | {sample_report.entries:7d} | {uncached_s:7.2f} | "
-          f"{uncached_rate:9.0f} |                          |")
+    print(
+        "| run                                   | entries | seconds | entries/s | peak memory              |"
+    )
+    print(
+        "|---------------------------------------|--------:|--------:|----------:|--------------------------|"
+    )
+    print(
+        f"| validate, template cache (full)       | {report.entries:7d} | {cached_s:7.2f} | {rate:9.0f} | "
+        f"{peak_mib:6.1f} MiB heap, {rss_mib:6.1f} MiB RSS |"
+    )
+    print(
+        f"| validate, template cache (sample)     | {sample_cached.entries:7d} | {sample_cached_s:7.2f} | "
+        f"{cached_sample_rate:9.0f} |                          |"
+    )
+    print(
+        f"| validate, no template cache (sample)  | {sample_report.entries:7d} | {uncached_s:7.2f} | "
+        f"{uncached_rate:9.0f} |                          |"
+    )
     print()
-    print(f"template cache speed-up on the sample: {cached_sample_rate / uncached_rate:.1f}x; "
-          f"full catalog {'within' if cached_s < 3 else 'OVER'} the 3 s target ({cached_s:.2f} s median, "
-          f"{cached_best:.2f} s best)")
+    print(
+        f"template cache speed-up on the sample: {cached_sample_rate / uncached_rate:.1f}x; "
+        f"full catalog {'within' if cached_s < 3 else 'OVER'} the 3 s target ({cached_s:.2f} s median, "
+        f"{cached_best:.2f} s best)"
+    )
     return 0
 
 

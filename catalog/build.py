@@ -108,9 +108,14 @@ def entry_from_config(
         icon=icon,
         tags=tags if tags is not None else default_tags(config),
         urls=urls if urls is not None else [repo_url(repo)],
-        size=human_size(sum(s for s in sizes if s is not None)) if all(s is not None for s in sizes) else None,
+        size=human_size(sum(s for s in sizes if s is not None))
+        if all(s is not None for s in sizes)
+        else None,
         config=config.to_data() if inline else config_ref_for(config.name),
-        files=[CatalogFile(filename=f.path, sha256=hashes[f.path], uri=file_uri(repo, revision, f.path)) for f in files],
+        files=[
+            CatalogFile(filename=f.path, sha256=hashes[f.path], uri=file_uri(repo, revision, f.path))
+            for f in files
+        ],
     )
     return Entry(meta=meta, config=config, config_ref=None if inline else config_ref_for(config.name))
 
@@ -139,13 +144,17 @@ def build_entry(
     """
     from importers import import_model
 
-    result = import_model(source, revision=revision, backend=backend, name=name, token=token, cache_dir=cache_dir)
+    result = import_model(
+        source, revision=revision, backend=backend, name=name, token=token, cache_dir=cache_dir
+    )
     if result.origin == "cache":
         # The importer falls back to the local cache when the Hub is unreachable; a catalog pin (or a drift check)
         # built from that would silently be stale, so it is an error here.
         error = OfflineNotCached if is_offline() else NetworkFailure
-        raise error(f"{source}: the Hub could not be used, and catalog entries are only built from the Hub "
-                    f"({result.warnings[0] if result.warnings else 'the import read the local cache'})")
+        raise error(
+            f"{source}: the Hub could not be used, and catalog entries are only built from the Hub "
+            f"({result.warnings[0] if result.warnings else 'the import read the local cache'})"
+        )
     config = result.config.model_copy(deep=True)
     pinned = config.mlx.source
     if pinned.repo is None or pinned.revision is None or pinned.local_path is not None:
@@ -156,6 +165,10 @@ def build_entry(
         config.options = list(options)
     if accept_missing_template:
         config.mlx.chat_template.accept_missing = True
-    hashes = hash_files(config, install_files(config), token=token, cache_dir=cache_dir, known_sha256=known_sha256)
-    entry = entry_from_config(config, hashes, description=description, icon=icon, tags=tags, urls=urls, inline=inline)
+    hashes = hash_files(
+        config, install_files(config), token=token, cache_dir=cache_dir, known_sha256=known_sha256
+    )
+    entry = entry_from_config(
+        config, hashes, description=description, icon=icon, tags=tags, urls=urls, inline=inline
+    )
     return BuiltEntry(entry=entry, warnings=result.warnings)

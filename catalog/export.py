@@ -22,7 +22,9 @@ def localai_data(entry: Entry, *, model_path: Path | None = None) -> dict[str, A
     config = entry.config
     source = config.mlx.source
     parameters = {key: value for key, value in config.parameters.model_dump().items() if value is not None}
-    parameters["model"] = str(model_path) if model_path is not None else (source.repo or config.parameters.model)
+    parameters["model"] = (
+        str(model_path) if model_path is not None else (source.repo or config.parameters.model)
+    )
     options = list(config.options)
     if source.revision and not any(option.startswith("revision:") for option in options):
         options.append(f"revision:{source.revision}")
@@ -51,5 +53,7 @@ def export_entry(entry: Entry, output: ExportFormat = "localai", *, model_path: 
     if source.repo and source.revision:
         header.append(f"# Pinned: {source.repo}@{source.revision}")
     if template.sha256:
-        header.append(f"# Chat template sha256: {template.sha256} (the tokenizer's template at that revision)")
+        header.append(
+            f"# Chat template sha256: {template.sha256} (the tokenizer's template at that revision)"
+        )
     return "\n".join(header) + "\n" + dump_yaml(localai_data(entry, model_path=model_path))

@@ -52,8 +52,22 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # Files an install skips: duplicates of the weights in other formats, docs media, git plumbing.
-_SKIP_SUFFIXES = (".gguf", ".pth", ".pt", ".onnx", ".onnx_data", ".h5", ".msgpack", ".ot", ".png", ".jpg", ".jpeg",
-                  ".gif", ".webp", ".mp4")
+_SKIP_SUFFIXES = (
+    ".gguf",
+    ".pth",
+    ".pt",
+    ".onnx",
+    ".onnx_data",
+    ".h5",
+    ".msgpack",
+    ".ot",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".webp",
+    ".mp4",
+)
 _SKIP_DIRS = ("original/", "onnx/", "gguf/", "coreml/", "openvino/")
 
 Severity = Literal["error", "warning"]
@@ -207,7 +221,9 @@ class IndexEntry(_Strict):
     @classmethod
     def _safe_name(cls, value: str) -> str:
         if not _NAME_RE.fullmatch(value) or ".." in value:
-            raise ValueError(f"name {value!r} must be letters, digits and . _ + - (no path separators, no '..')")
+            raise ValueError(
+                f"name {value!r} must be letters, digits and . _ + - (no path separators, no '..')"
+            )
         return value
 
     @field_validator("config")
@@ -274,14 +290,18 @@ def read_document(path: Path, limit: int, what: str) -> YamlDocument:
     return read_yaml_file(path, limit=limit, what=what)
 
 
-def schema_problems(exc: ValidationError, file: str, doc: YamlDocument, prefix: tuple[Any, ...],
-                    entry: str | None) -> list[Problem]:
+def schema_problems(
+    exc: ValidationError, file: str, doc: YamlDocument, prefix: tuple[Any, ...], entry: str | None
+) -> list[Problem]:
     """One Problem per pydantic error, at the line of the offending key, with a code for the kind of error."""
     problems: list[Problem] = []
     for loc, kind, message, value in schema_errors(exc):
         if len(loc) == 2 and loc[0] == "config" and loc[1] in ("str", "dict[str,any]"):
             # `config: str | dict` reports one error per union member: say it once, plainly.
-            loc, message = ("config",), "must be a path to the entry's config file, or the config as a mapping"
+            loc, message = (
+                ("config",),
+                "must be a path to the entry's config file, or the config as a mapping",
+            )
         where = ".".join(str(part) for part in loc) or "(top level)"
         code = "schema"
         last = loc[-1] if loc else None
@@ -292,8 +312,9 @@ def schema_problems(exc: ValidationError, file: str, doc: YamlDocument, prefix: 
             code = "bad-revision"
         elif last == "sha256":
             code = "bad-sha256"
-        elif last in ("filename", "config") and ("escapes" in message or "absolute" in message
-                                                 or "backslash" in message or "NUL" in message):
+        elif last in ("filename", "config") and (
+            "escapes" in message or "absolute" in message or "backslash" in message or "NUL" in message
+        ):
             code = "unsafe-path"
         problem = Problem(file, doc.line(*prefix, *loc), "error", code, f"{where}: {message}", entry)
         if problem not in problems:
@@ -350,13 +371,26 @@ def read_index(path: Path) -> YamlDocument:
 
 def index_problems(path: Path, doc: YamlDocument) -> list[Problem]:
     """Problems of the index document as a whole: duplicate keys and a top level that is not a list."""
-    problems = [Problem(str(path), line, "error", "duplicate-key", message, _entry_name(doc, key))
-                for key, line, message in doc.duplicates]
+    problems = [
+        Problem(str(path), line, "error", "duplicate-key", message, _entry_name(doc, key))
+        for key, line, message in doc.duplicates
+    ]
     if doc.data is None:
-        problems.append(Problem(str(path), 1, "error", "not-a-catalog", "the catalog is empty (expected a list of entries)"))
+        problems.append(
+            Problem(
+                str(path), 1, "error", "not-a-catalog", "the catalog is empty (expected a list of entries)"
+            )
+        )
     elif not isinstance(doc.data, list):
-        problems.append(Problem(str(path), 1, "error", "not-a-catalog",
-                                f"a catalog index must be a list of entries, got a {type(doc.data).__name__}"))
+        problems.append(
+            Problem(
+                str(path),
+                1,
+                "error",
+                "not-a-catalog",
+                f"a catalog index must be a list of entries, got a {type(doc.data).__name__}",
+            )
+        )
     return problems
 
 
@@ -381,8 +415,15 @@ def load_entry(path: Path, doc: YamlDocument, position: int, raw: Any) -> RawEnt
     item = RawEntry(position=position, index_path=path, index_doc=doc, raw=raw)
     file = str(path)
     if not isinstance(raw, dict):
-        item.problems.append(Problem(file, item.index_line(), "error", "schema",
-                                     f"entry {position + 1} must be a mapping, got {type(raw).__name__}"))
+        item.problems.append(
+            Problem(
+                file,
+                item.index_line(),
+                "error",
+                "schema",
+                f"entry {position + 1} must be a mapping, got {type(raw).__name__}",
+            )
+        )
         return item
     name = item.name
     try:
@@ -397,35 +438,64 @@ def load_entry(path: Path, doc: YamlDocument, position: int, raw: Any) -> RawEnt
         item.config_ref = config_value
         item.config_file = config_file
         if not config_file.is_file():
-            item.problems.append(Problem(file, item.index_line("config"), "error", "config-missing",
-                                         f"config: {config_value} does not exist next to the index", name))
+            item.problems.append(
+                Problem(
+                    file,
+                    item.index_line("config"),
+                    "error",
+                    "config-missing",
+                    f"config: {config_value} does not exist next to the index",
+                    name,
+                )
+            )
             return item
         try:
             item.config_doc = read_document(config_file, MAX_CONFIG_BYTES, "model config")
         except BadConfig as exc:
-            item.problems.append(Problem(str(config_file), exc.line, "error", "unreadable", exc.problem, name))
+            item.problems.append(
+                Problem(str(config_file), exc.line, "error", "unreadable", exc.problem, name)
+            )
             item.unreadable = True
             return item
         config_doc = item.config_doc
-        item.problems.extend(Problem(str(config_file), line, "error", "duplicate-key", message, name)
-                             for _key, line, message in config_doc.duplicates)
+        item.problems.extend(
+            Problem(str(config_file), line, "error", "duplicate-key", message, name)
+            for _key, line, message in config_doc.duplicates
+        )
         if not isinstance(config_doc.data, dict):
-            item.problems.append(Problem(str(config_file), 1, "error", "config-schema",
-                                         f"a model config must be a mapping, got {type(config_doc.data).__name__}", name))
+            item.problems.append(
+                Problem(
+                    str(config_file),
+                    1,
+                    "error",
+                    "config-schema",
+                    f"a model config must be a mapping, got {type(config_doc.data).__name__}",
+                    name,
+                )
+            )
             return item
         _load_config(item, config_doc.data, str(config_file), config_doc, (), name)
     return item
 
 
-def _load_config(item: RawEntry, data: dict[str, Any], file: str, doc: YamlDocument, prefix: tuple[Any, ...],
-                 name: str | None) -> None:
+def _load_config(
+    item: RawEntry,
+    data: dict[str, Any],
+    file: str,
+    doc: YamlDocument,
+    prefix: tuple[Any, ...],
+    name: str | None,
+) -> None:
     try:
         item.config = ModelConfig.model_validate(data)
     except ValidationError as exc:
         for problem in schema_problems(exc, file, doc, prefix, name):
             code = "config-schema" if problem.code == "schema" else problem.code
-            item.problems.append(dataclasses.replace(problem, code=code, message=f"config: {problem.message}"
-                                                     if prefix else problem.message))
+            item.problems.append(
+                dataclasses.replace(
+                    problem, code=code, message=f"config: {problem.message}" if prefix else problem.message
+                )
+            )
 
 
 # ----------------------------------------------------------------------------------------------- the catalog
@@ -448,14 +518,17 @@ class Catalog:
             if entry.name == name:
                 return entry
         # A duplicate key alone does not stop an entry from loading: name what did first.
-        broken = sorted((p for p in self.problems if p.entry == name and p.severity == "error"),
-                        key=lambda p: p.code == "duplicate-key")
+        broken = sorted(
+            (p for p in self.problems if p.entry == name and p.severity == "error"),
+            key=lambda p: p.code == "duplicate-key",
+        )
         if broken:
             first = broken[0]
             where = f"{first.file}:{first.line}" if first.line else first.file
             more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
-            raise BadConfig(f"catalog entry {name!r} is invalid: {where}: {first.message}{more} "
-                            "(run `gallery validate`)")
+            raise BadConfig(
+                f"catalog entry {name!r} is invalid: {where}: {first.message}{more} (run `gallery validate`)"
+            )
         close = [n for n in self.names() if name.lower() in n.lower() or n.lower() in name.lower()]
         hint = f"; did you mean {', '.join(close[:3])}?" if close else "; see `gallery list`"
         raise UsageError(f"no entry named {name!r} in {self.path}{hint}")
@@ -486,8 +559,16 @@ def load_catalog(path: Path) -> Catalog:
             continue
         if entry.name.lower() in seen:
             first_line = doc.line(seen[entry.name.lower()], "name")
-            problems.append(Problem(str(path), item.index_line("name"), "error", "duplicate-name",
-                                    f"duplicate name {entry.name!r} (first at line {first_line})", entry.name))
+            problems.append(
+                Problem(
+                    str(path),
+                    item.index_line("name"),
+                    "error",
+                    "duplicate-name",
+                    f"duplicate name {entry.name!r} (first at line {first_line})",
+                    entry.name,
+                )
+            )
             continue
         seen[entry.name.lower()] = item.position
         entries.append(entry)
@@ -501,8 +582,10 @@ def load_catalog_strict(path: Path) -> Catalog:
         first = catalog.errors[0]
         where = f"{first.file}:{first.line}" if first.line else first.file
         more = f" (and {len(catalog.errors) - 1} more)" if len(catalog.errors) > 1 else ""
-        raise BadConfig(f"the catalog has errors; fix them before changing it: {where}: {first.message}{more} "
-                        "(run `gallery validate`)")
+        raise BadConfig(
+            f"the catalog has errors; fix them before changing it: {where}: {first.message}{more} "
+            "(run `gallery validate`)"
+        )
     return catalog
 
 
@@ -534,8 +617,14 @@ def index_fingerprint(path: Path) -> str | None:
         raise BadConfig(f"cannot read ({exc.strerror})", file=path) from None
 
 
-def write_catalog(path: Path, entries: list[Entry], *, changed: set[str] | None = None,
-                  new_configs: set[str] | None = None, expect_fingerprint: str | bool | None = False) -> None:
+def write_catalog(
+    path: Path,
+    entries: list[Entry],
+    *,
+    changed: set[str] | None = None,
+    new_configs: set[str] | None = None,
+    expect_fingerprint: str | bool | None = False,
+) -> None:
     """Write the config files of the `changed` entries (all when None), then the index; each write is atomic.
 
     Configs go first so a reader never sees an index that names a config file that is not there yet;
@@ -544,7 +633,9 @@ def write_catalog(path: Path, entries: list[Entry], *, changed: set[str] | None 
     the write is refused when another writer changed the index since it was read.
     """
     if expect_fingerprint is not False and index_fingerprint(path) != expect_fingerprint:
-        raise BadConfig(f"{path} changed while this command ran (another writer?): nothing was written; run it again")
+        raise BadConfig(
+            f"{path} changed while this command ran (another writer?): nothing was written; run it again"
+        )
     created: list[Path] = []
     try:
         for entry in entries:
@@ -555,7 +646,9 @@ def write_catalog(path: Path, entries: list[Entry], *, changed: set[str] | None 
             try:
                 atomic_write(target, render_config(entry.config), overwrite=not fresh, create_parents=True)
             except OutputExists:
-                raise OutputExists(f"{target} already exists; remove it or choose another --name", path=target) from None
+                raise OutputExists(
+                    f"{target} already exists; remove it or choose another --name", path=target
+                ) from None
             if fresh:
                 created.append(target)
         atomic_write(path, render_index(entries), create_parents=True)  # `add` may start a new catalog

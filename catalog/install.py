@@ -69,8 +69,16 @@ def _target(folder: Path, filename: str) -> Path:
     return target
 
 
-def _fetch_all(entry: Entry, folder: Path, repo: str, revision: str, token: str | bool | None,
-               say: Callable[[str], None], verified: list[str], downloaded: list[str]) -> None:
+def _fetch_all(
+    entry: Entry,
+    folder: Path,
+    repo: str,
+    revision: str,
+    token: str | bool | None,
+    say: Callable[[str], None],
+    verified: list[str],
+    downloaded: list[str],
+) -> None:
     """Verify or download every file of the entry, in order; fills `verified` and `downloaded` as it goes."""
     total = len(entry.meta.files)
     for number, file in enumerate(entry.meta.files, start=1):
@@ -91,7 +99,11 @@ def _fetch_all(entry: Entry, folder: Path, repo: str, revision: str, token: str 
             raise HashMismatch(
                 f"{entry.name}: {file.filename} from {repo}@{revision[:12]} has sha256 {actual}, but the catalog pins "
                 f"{file.sha256}; the file was removed. The entry is stale or the download was tampered with "
-                f"(run `gallery refresh {entry.name}`)", file=file.filename, expected=file.sha256, actual=actual)
+                f"(run `gallery refresh {entry.name}`)",
+                file=file.filename,
+                expected=file.sha256,
+                actual=actual,
+            )
         downloaded.append(file.filename)
         say(f"{label}: downloaded, sha256 verified")
 

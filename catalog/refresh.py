@@ -26,11 +26,27 @@ from gallery.config import ModelConfig, StopToken
 from gallery.errors import BadConfig, DriftDetected, GalleryError, UsageError
 
 DEFAULT_JOBS = 4
-_COVERED = {"name", "backend", "context_size", "description", "options", "stopwords",
-            "mlx.source", "mlx.files", "mlx.total_size", "mlx.stop_tokens", "mlx.chat_template", "mlx.decisions.revision"}
+_COVERED = {
+    "name",
+    "backend",
+    "context_size",
+    "description",
+    "options",
+    "stopwords",
+    "mlx.source",
+    "mlx.files",
+    "mlx.total_size",
+    "mlx.stop_tokens",
+    "mlx.chat_template",
+    "mlx.decisions.revision",
+}
 # A decision record changes with the value it explains: not worth a second line when that value's change is shown.
-_DECISION_OF = {"stop set": "stop_tokens", "chat template": "chat_template", "backend": "backend",
-                "context size": "context_size"}
+_DECISION_OF = {
+    "stop set": "stop_tokens",
+    "chat template": "chat_template",
+    "backend": "backend",
+    "context size": "context_size",
+}
 
 
 @dataclasses.dataclass
@@ -93,7 +109,9 @@ def describe_drift(old: Entry, new: Entry) -> list[str]:
     changes: list[str] = []
     o, n = old.config, new.config
     if o.mlx.source.revision != n.mlx.source.revision:
-        changes.append(f"new commit: {(o.mlx.source.revision or '-')[:12]} → {(n.mlx.source.revision or '-')[:12]}")
+        changes.append(
+            f"new commit: {(o.mlx.source.revision or '-')[:12]} → {(n.mlx.source.revision or '-')[:12]}"
+        )
     old_files = {f.filename: f.sha256 for f in old.meta.files}
     new_files = {f.filename: f.sha256 for f in new.meta.files}
     changed = [p for p in old_files if p in new_files and old_files[p] != new_files[p]]
@@ -105,10 +123,14 @@ def describe_drift(old: Entry, new: Entry) -> list[str]:
         changes.append(f"files added: {', '.join(added)}")
     if removed:
         changes.append(f"files removed: {', '.join(removed)}")
-    if [(t.id, t.text) for t in o.mlx.stop_tokens] != [(t.id, t.text) for t in n.mlx.stop_tokens] \
-            or o.stopwords != n.stopwords:
+    if [(t.id, t.text) for t in o.mlx.stop_tokens] != [
+        (t.id, t.text) for t in n.mlx.stop_tokens
+    ] or o.stopwords != n.stopwords:
         changes.append(f"stop set: {_stop_text(o.mlx.stop_tokens)} → {_stop_text(n.mlx.stop_tokens)}")
-    if (o.mlx.chat_template.status, o.mlx.chat_template.sha256) != (n.mlx.chat_template.status, n.mlx.chat_template.sha256):
+    if (o.mlx.chat_template.status, o.mlx.chat_template.sha256) != (
+        n.mlx.chat_template.status,
+        n.mlx.chat_template.sha256,
+    ):
         changes.append(f"chat template: {_template_label(o)} → {_template_label(n)}")
     elif o.mlx.chat_template != n.mlx.chat_template:
         changes.append("chat template settings changed (same text)")
@@ -116,10 +138,16 @@ def describe_drift(old: Entry, new: Entry) -> list[str]:
         changes.append(f"backend: {o.backend} → {n.backend}")
     if o.context_size != n.context_size:
         changes.append(f"context size: {o.context_size} → {n.context_size}")
-    covered = _COVERED | {f"mlx.decisions.{key}" for label, key in _DECISION_OF.items()
-                          if any(change.startswith(label) for change in changes)}
-    other = [p for p in _changed_paths(o.to_data(), n.to_data(), "", 3)
-             if not any(p == c or p.startswith(c + ".") for c in covered)]
+    covered = _COVERED | {
+        f"mlx.decisions.{key}"
+        for label, key in _DECISION_OF.items()
+        if any(change.startswith(label) for change in changes)
+    }
+    other = [
+        p
+        for p in _changed_paths(o.to_data(), n.to_data(), "", 3)
+        if not any(p == c or p.startswith(c + ".") for c in covered)
+    ]
     if other:
         changes.append(f"other config fields: {', '.join(other)}")
     meta_old = old.meta.model_dump(exclude={"files", "config"})
@@ -137,13 +165,19 @@ def _forced_backend(config: ModelConfig) -> str | None:
     return None
 
 
-def refresh_entry(entry: Entry, *, token: str | bool | None = None, cache_dir: Path | None = None) -> EntryRefresh:
+def refresh_entry(
+    entry: Entry, *, token: str | bool | None = None, cache_dir: Path | None = None
+) -> EntryRefresh:
     """Re-import one entry and compare. Never raises a GalleryError: failures become an 'error' outcome."""
     config = entry.config
     source = config.mlx.source
     if source.repo is None:
-        return EntryRefresh(entry.name, "error", error="the entry has no Hub repo to refresh from",
-                            exit_code=BadConfig.exit_code)
+        return EntryRefresh(
+            entry.name,
+            "error",
+            error="the entry has no Hub repo to refresh from",
+            exit_code=BadConfig.exit_code,
+        )
     index_sha = {f.filename: f.sha256 for f in entry.meta.files}
     known = {f.blob_id: index_sha[f.path] for f in config.mlx.files if f.blob_id and f.path in index_sha}
     try:
@@ -162,14 +196,20 @@ def refresh_entry(entry: Entry, *, token: str | bool | None = None, cache_dir: P
         )
     except GalleryError as exc:
         return EntryRefresh(entry.name, "error", error=str(exc), exit_code=exc.exit_code)
-    meta = built.entry.meta.model_copy(update={
-        "description": entry.meta.description, "icon": entry.meta.icon, "tags": list(entry.meta.tags),
-        "urls": list(entry.meta.urls),
-        "config": entry.config_ref if entry.config_ref is not None else built.entry.config.to_data(),
-    })
+    meta = built.entry.meta.model_copy(
+        update={
+            "description": entry.meta.description,
+            "icon": entry.meta.icon,
+            "tags": list(entry.meta.tags),
+            "urls": list(entry.meta.urls),
+            "config": entry.config_ref if entry.config_ref is not None else built.entry.config.to_data(),
+        }
+    )
     new_entry = Entry(meta=meta, config=built.entry.config, config_ref=entry.config_ref)
     changes = describe_drift(entry, new_entry)
-    return EntryRefresh(entry.name, "drifted" if changes else "up-to-date", changes=changes, new_entry=new_entry)
+    return EntryRefresh(
+        entry.name, "drifted" if changes else "up-to-date", changes=changes, new_entry=new_entry
+    )
 
 
 def select_entries(catalog: Catalog, names: Iterable[str]) -> list[Entry]:
@@ -207,11 +247,18 @@ def refresh_catalog(
 def format_refresh(report: RefreshReport, *, as_json: bool, write: bool) -> str:
     """The report as text (an entry per block) or JSON."""
     if as_json:
-        return json.dumps({
-            "exit_code": report.exit_code(),
-            "written": report.written,
-            "entries": [r.as_dict() for r in report.results],
-        }, indent=2, ensure_ascii=False) + "\n"
+        return (
+            json.dumps(
+                {
+                    "exit_code": report.exit_code(),
+                    "written": report.written,
+                    "entries": [r.as_dict() for r in report.results],
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
     lines = []
     for result in report.results:
         if result.status == "error":
@@ -219,10 +266,14 @@ def format_refresh(report: RefreshReport, *, as_json: bool, write: bool) -> str:
             continue
         lines.append(f"{result.name}: {result.status}")
         lines.extend(f"  - {change}" for change in result.changes)
-    counts = {status: sum(1 for r in report.results if r.status == status)
-              for status in ("drifted", "up-to-date", "error")}
-    summary = (f"{len(report.results)} entries: {counts['drifted']} drifted, {counts['up-to-date']} up to date, "
-               f"{counts['error']} failed")
+    counts = {
+        status: sum(1 for r in report.results if r.status == status)
+        for status in ("drifted", "up-to-date", "error")
+    }
+    summary = (
+        f"{len(report.results)} entries: {counts['drifted']} drifted, {counts['up-to-date']} up to date, "
+        f"{counts['error']} failed"
+    )
     if report.written:
         summary += f"; rewrote {len(report.written)} entr{'y' if len(report.written) == 1 else 'ies'}"
     elif counts["drifted"] and not write:

@@ -50,8 +50,13 @@ def looks_like_config_file(spec: str) -> bool:
     return Path(spec).suffix.lower() in CONFIG_SUFFIXES
 
 
-def resolve_spec(spec: str, *, catalog: str | Path | None = None, models_dir: str | Path | None = None,
-                 base_dirs: Sequence[str | Path] = ()) -> Resolved:
+def resolve_spec(
+    spec: str,
+    *,
+    catalog: str | Path | None = None,
+    models_dir: str | Path | None = None,
+    base_dirs: Sequence[str | Path] = (),
+) -> Resolved:
     """Resolve a model spec to its config (no weights are read). See the module docstring for the order.
 
     Raises ModelNotFound (exit 3) when the spec names nothing, BadConfig for a broken config or catalog entry,
@@ -59,9 +64,13 @@ def resolve_spec(spec: str, *, catalog: str | Path | None = None, models_dir: st
     """
     spec = spec.strip() if isinstance(spec, str) else ""
     if not spec:
-        raise UsageError("no model given: give a config file, catalog entry name, model folder or Hub repo id")
+        raise UsageError(
+            "no model given: give a config file, catalog entry name, model folder or Hub repo id"
+        )
     if len(spec) > MAX_SPEC_CHARS or "\x00" in spec:
-        raise UsageError(f"model spec of {len(spec)} characters is not a config file, entry name, folder or repo id")
+        raise UsageError(
+            f"model spec of {len(spec)} characters is not a config file, entry name, folder or repo id"
+        )
     path = _locate(spec, base_dirs)
     if path is not None and path.is_file():
         return Resolved(read_config(path), path.parent.resolve(), "file", spec)
@@ -79,8 +88,9 @@ def resolve_spec(spec: str, *, catalog: str | Path | None = None, models_dir: st
     try:
         return _import(spec, spec, "repo")
     except UsageError as exc:  # not a repo id either: the spec names nothing
-        raise ModelNotFound(f"{spec}: not a config file, catalog entry, model folder or Hub repo id ({exc})",
-                            spec=spec) from None
+        raise ModelNotFound(
+            f"{spec}: not a config file, catalog entry, model folder or Hub repo id ({exc})", spec=spec
+        ) from None
 
 
 def _locate(spec: str, base_dirs: Sequence[str | Path]) -> Path | None:
@@ -98,7 +108,9 @@ def _locate(spec: str, base_dirs: Sequence[str | Path]) -> Path | None:
     return None
 
 
-def find_entry(name: str, *, catalog: str | Path | None = None, models_dir: str | Path | None = None) -> Resolved | None:
+def find_entry(
+    name: str, *, catalog: str | Path | None = None, models_dir: str | Path | None = None
+) -> Resolved | None:
     """A catalog entry by name: its installed copy when there is one, else the catalog's pinned config.
 
     None when `name` is not an entry name of the catalog (the caller then tries the spec's other meanings);

@@ -75,9 +75,18 @@ _IMAGE_PROBE_TEXT_ONLY: list[dict[str, Any]] = [
 ]
 _RENDER_DEADLINE_S = 2.0
 _WEIGHT_SUFFIXES = (".safetensors",)
-_REQUIRED_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-                   "tokenizer.model", "generation_config.json", "chat_template.jinja", "chat_template.json",
-                   "preprocessor_config.json", "processor_config.json")
+_REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -127,8 +136,14 @@ _VERDICTS_LOCK = threading.Lock()
 _VERDICTS_MAX = 512
 
 
-def _template_verdict(text: str, sha256: str, variables: dict[str, str], supports_system: bool, image_probe: bool,
-                      marker: str | None) -> _TemplateVerdict:
+def _template_verdict(
+    text: str,
+    sha256: str,
+    variables: dict[str, str],
+    supports_system: bool,
+    image_probe: bool,
+    marker: str | None,
+) -> _TemplateVerdict:
     """Compile and render a template on the probes, cached by everything the result depends on."""
     key = (sha256, tuple(sorted(variables.items())), supports_system, image_probe, marker)
     with _VERDICTS_LOCK:
@@ -144,14 +159,17 @@ def _template_verdict(text: str, sha256: str, variables: dict[str, str], support
     return verdict
 
 
-def _render_probes(text: str, variables: dict[str, str], supports_system: bool, image_probe: bool,
-                   marker: str | None) -> _TemplateVerdict:
+def _render_probes(
+    text: str, variables: dict[str, str], supports_system: bool, image_probe: bool, marker: str | None
+) -> _TemplateVerdict:
     problems: list[tuple[str, tuple[str, ...], str]] = []
     where = ("mlx", "chat_template", "text")
     try:
         compile_template(text)
     except TemplateError as exc:
-        return _TemplateVerdict(((("template-error", where, f"the chat template does not compile: {exc}"),)), None)
+        return _TemplateVerdict(
+            ((("template-error", where, f"the chat template does not compile: {exc}"),)), None
+        )
     rendered: str | None = None
     probe = PROBE_TEXT if supports_system else PROBE_TEXT_NO_SYSTEM
     try:
@@ -161,33 +179,57 @@ def _render_probes(text: str, variables: dict[str, str], supports_system: bool, 
         if supports_system:
             try:
                 render_chat(text, PROBE_TEXT_NO_SYSTEM, variables=variables, deadline_s=_RENDER_DEADLINE_S)
-                hint = " (it renders without the system message: set mlx.chat_template.supports_system: false)"
+                hint = (
+                    " (it renders without the system message: set mlx.chat_template.supports_system: false)"
+                )
             except TemplateError:
                 pass
         problems.append(("template-error", where, f"the chat template fails the text probe: {exc}{hint}"))
     if rendered is not None:
         missing = [text for text in _USER_PROBE_TEXTS if text not in rendered]
         if missing:
-            problems.append(("template-error", where, f"the rendered text probe lacks the user's message {missing[0]!r}: "
-                             "the template drops conversation content"))
+            problems.append(
+                (
+                    "template-error",
+                    where,
+                    f"the rendered text probe lacks the user's message {missing[0]!r}: "
+                    "the template drops conversation content",
+                )
+            )
     if image_probe:
         problems.extend(_image_probe(text, variables, marker))
     return _TemplateVerdict(tuple(problems), rendered)
 
 
-def _image_probe(text: str, variables: dict[str, str], marker: str | None) -> list[tuple[str, tuple[str, ...], str]]:
+def _image_probe(
+    text: str, variables: dict[str, str], marker: str | None
+) -> list[tuple[str, tuple[str, ...], str]]:
     where = ("mlx", "chat_template", "text")
     try:
         with_image = render_chat(text, PROBE_IMAGE, variables=variables, deadline_s=_RENDER_DEADLINE_S)
-        text_only = render_chat(text, _IMAGE_PROBE_TEXT_ONLY, variables=variables, deadline_s=_RENDER_DEADLINE_S)
+        text_only = render_chat(
+            text, _IMAGE_PROBE_TEXT_ONLY, variables=variables, deadline_s=_RENDER_DEADLINE_S
+        )
     except TemplateError as exc:
         return [("template-image", where, f"the chat template fails the image probe: {exc}")]
     if marker is None:
-        return [("template-image", ("mlx", "media"), "an mlx-vlm config must record the image marker "
-                 "(mlx.media.marker or mlx.media.image_token) so the image probe can prove images reach the prompt")]
+        return [
+            (
+                "template-image",
+                ("mlx", "media"),
+                "an mlx-vlm config must record the image marker "
+                "(mlx.media.marker or mlx.media.image_token) so the image probe can prove images reach the prompt",
+            )
+        ]
     if with_image.count(marker) <= text_only.count(marker):
-        return [("template-image", where, f"the image probe does not show the image marker {marker!r}: "
-                 "images would be dropped silently")]
+        return [
+            (
+                "template-image",
+                where,
+                f"the image probe does not show the image marker {marker!r}: "
+                "images would be dropped silently",
+            )
+        ]
     return []
 
 
@@ -204,7 +246,9 @@ def declared_end_tokens(config: ModelConfig) -> list[tuple[str, str]]:
     decision = config.mlx.decisions.get("stop_tokens")
     for evidence in decision.evidence if decision else []:
         if evidence.field == "eot_token" and evidence.value:
-            declared.append((f"the declared end-of-turn token (per {evidence.source}:eot_token)", evidence.value))
+            declared.append(
+                (f"the declared end-of-turn token (per {evidence.source}:eot_token)", evidence.value)
+            )
     seen: set[str] = set()
     unique = []
     for what, text in declared:
@@ -219,37 +263,72 @@ def _stop_problems(config: ModelConfig, rendered: str | None) -> list[tuple[str,
     problems: list[tuple[str, str, tuple[str, ...], str]] = []
     tokens = config.mlx.stop_tokens
     if not tokens and not config.stopwords:
-        return [("error", "stop-set", ("mlx", "stop_tokens"),
-                 "the stop set is empty: generation would run to max_tokens (mlx.stop_tokens and stopwords)")]
+        return [
+            (
+                "error",
+                "stop-set",
+                ("mlx", "stop_tokens"),
+                "the stop set is empty: generation would run to max_tokens (mlx.stop_tokens and stopwords)",
+            )
+        ]
     if not tokens:
-        problems.append(("warning", "stop-set", ("stopwords",),
-                         "no stop token ids (mlx.stop_tokens): the runtime can only stop on strings"))
+        problems.append(
+            (
+                "warning",
+                "stop-set",
+                ("stopwords",),
+                "no stop token ids (mlx.stop_tokens): the runtime can only stop on strings",
+            )
+        )
     for token in tokens:
         if token.text and token.text not in config.stopwords:
-            problems.append(("error", "stopwords", ("stopwords",),
-                             f"stopwords lacks {token.text!r} (stop token {token.id}): LocalAI stops on stopwords"))
+            problems.append(
+                (
+                    "error",
+                    "stopwords",
+                    ("stopwords",),
+                    f"stopwords lacks {token.text!r} (stop token {token.id}): LocalAI stops on stopwords",
+                )
+            )
     stop_texts = {t.text for t in tokens if t.text} | set(config.stopwords)
     for what, text in declared_end_tokens(config):
         if text not in stop_texts:
             kind, _, origin = what.partition(" (")
             origin = f" ({origin}" if origin else ""
-            problems.append(("error", "stop-set", ("mlx", "stop_tokens"),
-                             f"{kind} {text!r}{origin} is not in the stop set: generation would run past the end "
-                             "of the turn"))
+            problems.append(
+                (
+                    "error",
+                    "stop-set",
+                    ("mlx", "stop_tokens"),
+                    f"{kind} {text!r}{origin} is not in the stop set: generation would run past the end "
+                    "of the turn",
+                )
+            )
     if rendered is not None:
         at = rendered.find(_ASSISTANT_PROBE_TEXT)
-        after = rendered[at + len(_ASSISTANT_PROBE_TEXT):].lstrip(" \t\r\n") if at >= 0 else ""
+        after = rendered[at + len(_ASSISTANT_PROBE_TEXT) :].lstrip(" \t\r\n") if at >= 0 else ""
         declared = {text for _, text in declared_end_tokens(config)}
-        if after and not any(after.startswith(s) for s in stop_texts if s) \
-                and not any(after.startswith(d) for d in declared):
-            problems.append(("warning", "stop-set", ("mlx", "stop_tokens"),
-                             f"assistant turns end with {after[:24]!r}, which no stop token or declared eos/eot "
-                             "matches: check that the stop set covers the end of a turn"))
+        if (
+            after
+            and not any(after.startswith(s) for s in stop_texts if s)
+            and not any(after.startswith(d) for d in declared)
+        ):
+            problems.append(
+                (
+                    "warning",
+                    "stop-set",
+                    ("mlx", "stop_tokens"),
+                    f"assistant turns end with {after[:24]!r}, which no stop token or declared eos/eot "
+                    "matches: check that the stop set covers the end of a turn",
+                )
+            )
     return problems
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def check_config(config: ModelConfig, locate: Locate, entry: str | None, *, in_catalog: bool) -> list[Problem]:
+def check_config(
+    config: ModelConfig, locate: Locate, entry: str | None, *, in_catalog: bool
+) -> list[Problem]:
     """The semantic checks of one valid config; `locate(*keypath)` gives (file, line) for a key path."""
     problems: list[Problem] = []
 
@@ -259,11 +338,19 @@ def check_config(config: ModelConfig, locate: Locate, entry: str | None, *, in_c
 
     source = config.mlx.source
     if in_catalog and source.local_path is not None:
-        add("error", "local-source", ("mlx", "source", "local_path"),
-            "a catalog entry must come from a Hub repo, not a local folder (not portable)")
+        add(
+            "error",
+            "local-source",
+            ("mlx", "source", "local_path"),
+            "a catalog entry must come from a Hub repo, not a local folder (not portable)",
+        )
     if source.repo is not None and source.revision is None:
-        add("error", "bad-revision", ("mlx", "source"),
-            "mlx.source.revision is not pinned: it must be a full 40-hex commit hash")
+        add(
+            "error",
+            "bad-revision",
+            ("mlx", "source"),
+            "mlx.source.revision is not pinned: it must be a full 40-hex commit hash",
+        )
     for index, repo_file in enumerate(config.mlx.files):
         problem = path_problem(repo_file.path)
         if problem:
@@ -274,27 +361,45 @@ def check_config(config: ModelConfig, locate: Locate, entry: str | None, *, in_c
     if template.status == "pinned" and template.text:
         actual = template_sha256(template.text)
         if template.sha256 is None:
-            add("error", "template-sha256", ("mlx", "chat_template"),
-                f"the pinned template has no sha256 (its text hashes to {actual})")
+            add(
+                "error",
+                "template-sha256",
+                ("mlx", "chat_template"),
+                f"the pinned template has no sha256 (its text hashes to {actual})",
+            )
         elif template.sha256 != actual:
-            add("error", "template-sha256", ("mlx", "chat_template", "sha256"),
+            add(
+                "error",
+                "template-sha256",
+                ("mlx", "chat_template", "sha256"),
                 f"the template text's sha256 is {actual[:16]}…, not the pinned {template.sha256[:16]}…: "
-                "the text was changed without re-pinning")
-        vlm_images = config.backend == "mlx-vlm" and (config.mlx.media.image or not
-                                                       (config.mlx.media.audio or config.mlx.media.video))
+                "the text was changed without re-pinning",
+            )
+        vlm_images = config.backend == "mlx-vlm" and (
+            config.mlx.media.image or not (config.mlx.media.audio or config.mlx.media.video)
+        )
         marker = config.mlx.media.marker or config.mlx.media.image_token
-        verdict = _template_verdict(template.text, actual, dict(template.variables), template.supports_system,
-                                    vlm_images, marker)
+        verdict = _template_verdict(
+            template.text, actual, dict(template.variables), template.supports_system, vlm_images, marker
+        )
         for code, where, message in verdict.problems:
             add("error", code, where, message)
         rendered = verdict.text_render
     elif template.accept_missing:
-        add("warning", "template-missing", ("mlx", "chat_template", "status"),
-            f"no usable chat template (status {template.status}), accepted by mlx.chat_template.accept_missing")
+        add(
+            "warning",
+            "template-missing",
+            ("mlx", "chat_template", "status"),
+            f"no usable chat template (status {template.status}), accepted by mlx.chat_template.accept_missing",
+        )
     else:
-        add("error", "template-missing", ("mlx", "chat_template", "status"),
+        add(
+            "error",
+            "template-missing",
+            ("mlx", "chat_template", "status"),
             f"no usable chat template (status {template.status}): chat requests cannot be formatted as the model "
-            "expects; set mlx.chat_template.accept_missing: true to accept this knowingly")
+            "expects; set mlx.chat_template.accept_missing: true to accept this knowingly",
+        )
 
     for severity, code, where, message in _stop_problems(config, rendered):
         add(severity, code, where, message)
@@ -317,33 +422,58 @@ def check_entry(item: RawEntry) -> list[Problem]:
         problems.append(Problem(index_file, item.index_line(*where), severity, code, message, name))  # type: ignore[arg-type]
 
     if meta.name != config.name:
-        add("error", "name-mismatch", ("name",),
-            f"entry name {meta.name!r} differs from its config's name {config.name!r}")
+        add(
+            "error",
+            "name-mismatch",
+            ("name",),
+            f"entry name {meta.name!r} differs from its config's name {config.name!r}",
+        )
     if meta.license and config.license and meta.license != config.license:
-        add("warning", "license", ("license",), f"license {meta.license!r} differs from the config's {config.license!r}")
+        add(
+            "warning",
+            "license",
+            ("license",),
+            f"license {meta.license!r} differs from the config's {config.license!r}",
+        )
     repo, revision = config.mlx.source.repo, config.mlx.source.revision
     pinned = {f.path: f for f in config.mlx.files}
     seen: dict[str, int] = {}
     total: int | None = 0
     for index, file in enumerate(meta.files):
         if file.filename in seen:
-            add("error", "duplicate-file", ("files", index, "filename"),
-                f"file {file.filename!r} is listed twice (first as files[{seen[file.filename]}])")
+            add(
+                "error",
+                "duplicate-file",
+                ("files", index, "filename"),
+                f"file {file.filename!r} is listed twice (first as files[{seen[file.filename]}])",
+            )
             continue
         seen[file.filename] = index
         repo_file = pinned.get(file.filename)
         if repo_file is None:
-            add("error", "unknown-file", ("files", index, "filename"),
-                f"{file.filename!r} is not a file of the pinned revision (mlx.files)")
+            add(
+                "error",
+                "unknown-file",
+                ("files", index, "filename"),
+                f"{file.filename!r} is not a file of the pinned revision (mlx.files)",
+            )
             total = None
             continue
         if repo_file.sha256 and repo_file.sha256 != file.sha256:
-            add("error", "sha256-mismatch", ("files", index, "sha256"),
+            add(
+                "error",
+                "sha256-mismatch",
+                ("files", index, "sha256"),
                 f"sha256 of {file.filename} is {file.sha256[:16]}…, but the Hub's LFS sha256 pinned in the config is "
-                f"{repo_file.sha256[:16]}…")
+                f"{repo_file.sha256[:16]}…",
+            )
         if repo and revision and file.uri != file_uri(repo, revision, file.filename):
-            add("error", "bad-uri", ("files", index, "uri"),
-                f"uri must be the pinned URL {file_uri(repo, revision, file.filename)}")
+            add(
+                "error",
+                "bad-uri",
+                ("files", index, "uri"),
+                f"uri must be the pinned URL {file_uri(repo, revision, file.filename)}",
+            )
         if total is not None and repo_file.size is not None:
             total += repo_file.size
         else:
@@ -351,14 +481,27 @@ def check_entry(item: RawEntry) -> list[Problem]:
     needed = [path for path in pinned if path in _REQUIRED_FILES or path.endswith(_WEIGHT_SUFFIXES)]
     missing = [path for path in needed if path not in seen]
     if missing:
-        add("error", "incomplete-files", ("files",),
+        add(
+            "error",
+            "incomplete-files",
+            ("files",),
             f"files lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''} of the pinned revision: "
-            "an install would be incomplete")
+            "an install would be incomplete",
+        )
     if not any(path.endswith(_WEIGHT_SUFFIXES) for path in pinned):
-        add("warning", "no-weights", ("files",),
-            "the pinned revision lists no *.safetensors weights: an install would not give a loadable model")
+        add(
+            "warning",
+            "no-weights",
+            ("files",),
+            "the pinned revision lists no *.safetensors weights: an install would not give a loadable model",
+        )
     if meta.size and total is not None and meta.size != human_size(total):
-        add("warning", "size", ("size",), f"size says {meta.size!r} but the files add up to {human_size(total)}")
+        add(
+            "warning",
+            "size",
+            ("size",),
+            f"size says {meta.size!r} but the files add up to {human_size(total)}",
+        )
     return problems
 
 
@@ -396,8 +539,16 @@ def validate_catalog(path: Path, report: Report, doc: Any = None) -> set[str]:
             key = name.lower()
             if key in first_position:  # lines are looked up only now: a clean catalog never needs them
                 first_line = doc.line(first_position[key], "name")
-                report.problems.append(Problem(str(path), item.index_line("name"), "error", "duplicate-name",
-                                               f"duplicate name {name!r} (first at line {first_line})", name))
+                report.problems.append(
+                    Problem(
+                        str(path),
+                        item.index_line("name"),
+                        "error",
+                        "duplicate-name",
+                        f"duplicate name {name!r} (first at line {first_line})",
+                        name,
+                    )
+                )
             else:
                 first_position[key] = item.position
     _orphans(path, covered, report)
@@ -410,8 +561,15 @@ def _orphans(path: Path, covered: set[str], report: Report) -> None:
         return
     for config_file in sorted(folder.glob("*.y*ml")):
         if os.path.abspath(config_file) not in covered:
-            report.problems.append(Problem(str(config_file), None, "warning", "orphan-config",
-                                           f"not referenced by {path.name}: remove it or add an entry for it"))
+            report.problems.append(
+                Problem(
+                    str(config_file),
+                    None,
+                    "warning",
+                    "orphan-config",
+                    f"not referenced by {path.name}: remove it or add an entry for it",
+                )
+            )
 
 
 def validate_config_file(path: Path, report: Report, doc: Any = None) -> None:
@@ -424,16 +582,26 @@ def validate_config_file(path: Path, report: Report, doc: Any = None) -> None:
             return
     report.files += 1
     file = str(path)
-    report.problems.extend(Problem(file, line, "error", "duplicate-key", message) for _k, line, message in doc.duplicates)
+    report.problems.extend(
+        Problem(file, line, "error", "duplicate-key", message) for _k, line, message in doc.duplicates
+    )
     try:
         config = ModelConfig.model_validate(doc.data)
     except ValidationError as exc:
-        name = doc.data.get("name") if isinstance(doc.data, dict) and isinstance(doc.data.get("name"), str) else None
-        report.problems.extend(dataclasses.replace(p, code="config-schema" if p.code == "schema" else p.code)
-                               for p in schema_problems(exc, file, doc, (), name))
+        name = (
+            doc.data.get("name")
+            if isinstance(doc.data, dict) and isinstance(doc.data.get("name"), str)
+            else None
+        )
+        report.problems.extend(
+            dataclasses.replace(p, code="config-schema" if p.code == "schema" else p.code)
+            for p in schema_problems(exc, file, doc, (), name)
+        )
         return
     report.entries += 1
-    report.problems.extend(check_config(config, lambda *key: (file, doc.line(*key)), config.name, in_catalog=False))
+    report.problems.extend(
+        check_config(config, lambda *key: (file, doc.line(*key)), config.name, in_catalog=False)
+    )
 
 
 def validate_paths(paths: Iterable[Path]) -> Report:
@@ -481,9 +649,15 @@ def _validate_paths(paths: list[Path]) -> Report:
         else:
             report.files += 1
             kind = "empty" if doc.data is None else f"a {type(doc.data).__name__}"
-            report.problems.append(Problem(str(path), 1, "error", "not-a-catalog",
-                                           f"expected a catalog (a list of entries) or a model config (a mapping), "
-                                           f"got {kind}"))
+            report.problems.append(
+                Problem(
+                    str(path),
+                    1,
+                    "error",
+                    "not-a-catalog",
+                    f"expected a catalog (a list of entries) or a model config (a mapping), got {kind}",
+                )
+            )
     for path, doc in standalone:
         if os.path.abspath(path) not in covered:
             validate_config_file(path, report, doc)
@@ -537,7 +711,9 @@ def format_report(report: Report, output: OutputFormat, *, strict: bool = False)
             kind = "error" if problem.severity == "error" or strict else "warning"
             lines.append(f"::{kind} {props}::{_github_escape(who + problem.message)}")
         else:
-            lines.append(f"{describe_location(problem.file, problem.line)}: {problem.severity}: "
-                         f"[{problem.code}] {who}{problem.message}")
+            lines.append(
+                f"{describe_location(problem.file, problem.line)}: {problem.severity}: "
+                f"[{problem.code}] {who}{problem.message}"
+            )
     lines.append(summary_line(report))
     return "\n".join(lines) + "\n"

@@ -29,7 +29,9 @@ from gallery.errors import BadConfig, OutputExists, UsageError, ValidationFailed
 
 CatalogOpt = Annotated[
     Path | None,
-    typer.Option("--catalog", help="Catalog index (or its folder). Default: $GALLERY_CATALOG, else the bundled one."),
+    typer.Option(
+        "--catalog", help="Catalog index (or its folder). Default: $GALLERY_CATALOG, else the bundled one."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
@@ -53,8 +55,10 @@ def _load(catalog: Path | None) -> Catalog:
     loaded_names = set(loaded.names())
     broken = sorted({p.entry or "?" for p in loaded.errors} - loaded_names)
     if broken:
-        warn(f"{len(broken)} invalid entr{'y' if len(broken) == 1 else 'ies'} skipped ({', '.join(broken[:5])}): "
-             f"run `gallery validate {loaded.path}`")
+        warn(
+            f"{len(broken)} invalid entr{'y' if len(broken) == 1 else 'ies'} skipped ({', '.join(broken[:5])}): "
+            f"run `gallery validate {loaded.path}`"
+        )
     elif loaded.errors:
         warn(f"the catalog has {len(loaded.errors)} problem(s): run `gallery validate {loaded.path}`")
     return loaded
@@ -83,8 +87,10 @@ def _table(entries: list[Entry]) -> str:
         return "(no entries)\n"
     rows = [_row(e) for e in entries]
     headers = ("NAME", "BACKEND", "SIZE", "LICENSE", "DESCRIPTION")
-    cells = [(r["name"], r["backend"], r["size"] or "-", r["license"] or "-", _clip(r["description"] or "", 70))
-             for r in rows]
+    cells = [
+        (r["name"], r["backend"], r["size"] or "-", r["license"] or "-", _clip(r["description"] or "", 70))
+        for r in rows
+    ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers[:-1])]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths, strict=True)) + "  " + headers[-1]]
     lines += ["  ".join(c[i].ljust(w) for i, w in enumerate(widths)) + "  " + c[-1] for c in cells]
@@ -93,10 +99,13 @@ def _table(entries: list[Entry]) -> str:
 
 @app.command("validate")
 def validate_command(
-    paths: Annotated[list[Path] | None, typer.Argument(help="Catalog indexes, catalog folders or config files. "
-                                                       "Default: the catalog.")] = None,
-    output: Annotated[ValidateFormat, typer.Option("--format", help="text, json, or github (Actions annotations).")]
-    = ValidateFormat.text,
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Catalog indexes, catalog folders or config files. Default: the catalog."),
+    ] = None,
+    output: Annotated[
+        ValidateFormat, typer.Option("--format", help="text, json, or github (Actions annotations).")
+    ] = ValidateFormat.text,
     strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as problems (exit 14).")] = False,
     catalog: CatalogOpt = None,
 ) -> None:
@@ -123,7 +132,9 @@ def list_command(catalog: CatalogOpt = None, as_json: JsonOpt = False) -> None:
 
 @app.command("search")
 def search_command(
-    query: Annotated[list[str], typer.Argument(help="Words to find in names, descriptions, tags, repos, licenses.")],
+    query: Annotated[
+        list[str], typer.Argument(help="Words to find in names, descriptions, tags, repos, licenses.")
+    ],
     catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -133,8 +144,18 @@ def search_command(
     found = []
     for entry in loaded.entries:
         row = _row(entry)
-        haystack = " ".join(str(v) for v in (row["name"], row["description"], " ".join(row["tags"]), row["repo"],
-                                              row["license"], row["backend"], entry.config.mlx.model_type)).lower()
+        haystack = " ".join(
+            str(v)
+            for v in (
+                row["name"],
+                row["description"],
+                " ".join(row["tags"]),
+                row["repo"],
+                row["license"],
+                row["backend"],
+                entry.config.mlx.model_type,
+            )
+        ).lower()
         if all(word in haystack for word in words):
             found.append(entry)
     if as_json:
@@ -153,8 +174,18 @@ def show_command(
     entry = _load(catalog).get(name)
     config = entry.config
     if as_json:
-        emit(json.dumps({"index": entry.meta.model_dump(exclude={"config"}), "config_file": entry.config_ref,
-                         "config": config.to_data()}, indent=2, ensure_ascii=False) + "\n")
+        emit(
+            json.dumps(
+                {
+                    "index": entry.meta.model_dump(exclude={"config"}),
+                    "config_file": entry.config_ref,
+                    "config": config.to_data(),
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
         return
     source = config.mlx.source
     template = config.mlx.chat_template
@@ -168,8 +199,8 @@ def show_command(
         f"size:         {entry.meta.size or '-'}",
         f"context size: {config.context_size or '-'}",
         f"stop tokens:  {stops}",
-        f"template:     {template.status}" + (f" (sha256 {template.sha256}, from {template.source})"
-                                              if template.sha256 else ""),
+        f"template:     {template.status}"
+        + (f" (sha256 {template.sha256}, from {template.source})" if template.sha256 else ""),
         f"tags:         {', '.join(entry.meta.tags) or '-'}",
         f"config:       {entry.config_ref or '(inline)'}",
         "files:",
@@ -194,26 +225,42 @@ def _check_new_entry(entry: Entry) -> None:
         if problem.severity == "warning":
             warn(f"{entry.name}: {problem.message}")
     if errors:
-        hint = (" (pass --accept-missing-template to accept a model without a chat template)"
-                if any(p.code == "template-missing" for p in errors) else "")
-        raise ValidationFailed(f"{entry.name} would fail `gallery validate`: [{errors[0].code}] {errors[0].message}"
-                               f"{f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''}{hint}")
+        hint = (
+            " (pass --accept-missing-template to accept a model without a chat template)"
+            if any(p.code == "template-missing" for p in errors)
+            else ""
+        )
+        raise ValidationFailed(
+            f"{entry.name} would fail `gallery validate`: [{errors[0].code}] {errors[0].message}"
+            f"{f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''}{hint}"
+        )
 
 
 @app.command("add")
 def add_command(
     source: Annotated[str, typer.Argument(help="Hub repo: org/name, hf://org/name or a Hub URL.")],
-    name: Annotated[str | None, typer.Option("--name", help="Entry name (default: from the repo name).")] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit to pin (default: main).")]
-    = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Entry name (default: from the repo name).")
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch, tag or commit to pin (default: main).")
+    ] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="Force a backend: mlx or mlx-vlm.")] = None,
     description: Annotated[str | None, typer.Option("--description", help="Curated description.")] = None,
     icon: Annotated[str | None, typer.Option("--icon", help="Icon URL (https).")] = None,
-    tags: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeatable; default: derived).")] = None,
-    accept_missing_template: Annotated[bool, typer.Option(
-        "--accept-missing-template", help="Accept a repo without a usable chat template (marks the entry).")] = False,
-    inline: Annotated[bool, typer.Option("--inline", help="Put the config inline in the index, not in entries/.")]
-    = False,
+    tags: Annotated[
+        list[str] | None, typer.Option("--tag", help="Tag (repeatable; default: derived).")
+    ] = None,
+    accept_missing_template: Annotated[
+        bool,
+        typer.Option(
+            "--accept-missing-template",
+            help="Accept a repo without a usable chat template (marks the entry).",
+        ),
+    ] = False,
+    inline: Annotated[
+        bool, typer.Option("--inline", help="Put the config inline in the index, not in entries/.")
+    ] = False,
     catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -229,12 +276,22 @@ def add_command(
     taken = {n.lower() for n in current.names()}
     if name is not None and name.lower() in taken:
         raise OutputExists(f"the catalog already has an entry named {name!r}", path=path)
-    built = build_entry(source, name=name, revision=revision, backend=backend, description=description, icon=icon,
-                        tags=tags or None, accept_missing_template=accept_missing_template, inline=inline)
+    built = build_entry(
+        source,
+        name=name,
+        revision=revision,
+        backend=backend,
+        description=description,
+        icon=icon,
+        tags=tags or None,
+        accept_missing_template=accept_missing_template,
+        inline=inline,
+    )
     entry = built.entry
     if entry.name.lower() in taken:
-        raise OutputExists(f"the catalog already has an entry named {entry.name!r} (choose another with --name)",
-                           path=path)
+        raise OutputExists(
+            f"the catalog already has an entry named {entry.name!r} (choose another with --name)", path=path
+        )
     for message in built.warnings:
         warn(message)
     repo = entry.config.mlx.source.repo
@@ -243,14 +300,24 @@ def add_command(
         warn(f"{repo} is already in the catalog as {', '.join(same_repo)}")
     _check_new_entry(entry)
     if entry.config_ref is not None and (path.parent / entry.config_ref).exists():
-        raise OutputExists(f"{path.parent / entry.config_ref} already exists (not in the index): remove it "
-                           "or choose another --name")
-    write_catalog(path, [*current.entries, entry], changed={entry.name}, new_configs={entry.name},
-                  expect_fingerprint=current.fingerprint)
+        raise OutputExists(
+            f"{path.parent / entry.config_ref} already exists (not in the index): remove it "
+            "or choose another --name"
+        )
+    write_catalog(
+        path,
+        [*current.entries, entry],
+        changed={entry.name},
+        new_configs={entry.name},
+        expect_fingerprint=current.fingerprint,
+    )
     if as_json:
         emit(json.dumps(entry.index_data(), indent=2, ensure_ascii=False) + "\n")
-    print(f"gallery: added {entry.name} ({entry.config.backend}, {len(entry.meta.files)} files, "
-          f"{entry.meta.size or 'size unknown'}) to {path}", file=sys.stderr)
+    print(
+        f"gallery: added {entry.name} ({entry.config.backend}, {len(entry.meta.files)} files, "
+        f"{entry.meta.size or 'size unknown'}) to {path}",
+        file=sys.stderr,
+    )
 
 
 @app.command("refresh")
@@ -276,8 +343,10 @@ def refresh_command(
 @app.command("install")
 def install_command(
     name: Annotated[str, typer.Argument(help="Entry name.")],
-    models_dir: Annotated[Path | None, typer.Option(
-        "--models-dir", help="Where models go (default: $GALLERY_MODELS_DIR, else ./models).")] = None,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option("--models-dir", help="Where models go (default: $GALLERY_MODELS_DIR, else ./models)."),
+    ] = None,
     catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -294,9 +363,20 @@ def install_command(
     check_models_dir(target)
     result = install_entry(entry, target)
     if as_json:
-        emit(json.dumps({"name": result.name, "folder": str(result.folder), "config": str(result.config_path),
-                         "downloaded": result.downloaded, "verified": result.verified,
-                         "config_written": result.config_written}, indent=2) + "\n")
+        emit(
+            json.dumps(
+                {
+                    "name": result.name,
+                    "folder": str(result.folder),
+                    "config": str(result.config_path),
+                    "downloaded": result.downloaded,
+                    "verified": result.verified,
+                    "config_written": result.config_written,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     state = "installed" if result.changed else "already installed, every file verified"
     print(f"gallery: {result.name}: {state}; config {result.config_path}", file=sys.stderr)
 
@@ -309,18 +389,28 @@ def _refuse_invalid(loaded: Catalog, entry: Entry) -> None:
     errors = [p for p in report.sorted_problems() if p.severity == "error" and p.entry == entry.name]
     if errors:
         first = errors[0]
-        raise BadConfig(f"catalog entry {entry.name!r} is invalid: [{first.code}] {first.message} "
-                        "(run `gallery validate`)")
+        raise BadConfig(
+            f"catalog entry {entry.name!r} is invalid: [{first.code}] {first.message} "
+            "(run `gallery validate`)"
+        )
 
 
 @app.command("export")
 def export_command(
     name: Annotated[str, typer.Argument(help="Entry name.")],
-    output_format: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.localai,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")] = None,
+    output_format: Annotated[
+        ExportFormat, typer.Option("--format", help="Output format.")
+    ] = ExportFormat.localai,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
-    models_dir: Annotated[Path | None, typer.Option(
-        "--models-dir", help="Point parameters.model at the installed folder <models-dir>/<name>.")] = None,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--models-dir", help="Point parameters.model at the installed folder <models-dir>/<name>."
+        ),
+    ] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Export an entry as a LocalAI model YAML that carries its pins."""
@@ -332,7 +422,9 @@ def export_command(
     if models_dir is not None:
         model_path = models_dir.expanduser().resolve() / entry.name
         if not model_path.is_dir():
-            raise UsageError(f"{entry.name} is not installed in {models_dir} (run `gallery install {entry.name}`)")
+            raise UsageError(
+                f"{entry.name} is not installed in {models_dir} (run `gallery install {entry.name}`)"
+            )
     text = export_entry(entry, output_format.value, model_path=model_path)
     if output is None:
         emit(text)

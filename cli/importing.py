@@ -29,10 +29,14 @@ def import_command(
     backend: BackendOpt = None,
     name: Annotated[str | None, typer.Option("--name", help="Config name (default: the repo name).")] = None,
     revision: RevisionOpt = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail when the chat template is missing or broken.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Fail when the chat template is missing or broken.")
+    ] = False,
 ) -> None:
     """Import a repo into a pinned, explained model config."""
     from importers import import_model
@@ -50,8 +54,11 @@ def import_command(
         emit(config_to_json(config) if as_json else config_to_yaml(config))
         return
     write_config(config, output, overwrite=force, as_json=as_json)
-    print(f"gallery: wrote {output} ({config.backend}, {len(config.mlx.stop_tokens)} stop tokens, "
-          f"template {config.mlx.chat_template.status})", file=sys.stderr)
+    print(
+        f"gallery: wrote {output} ({config.backend}, {len(config.mlx.stop_tokens)} stop tokens, "
+        f"template {config.mlx.chat_template.status})",
+        file=sys.stderr,
+    )
 
 
 def _check_strict(config: ModelConfig) -> None:
@@ -59,10 +66,16 @@ def _check_strict(config: ModelConfig) -> None:
     if template.status != "pinned":
         raise StrictFailure(f"--strict: {config.name} has no usable chat template ({template.status})")
     check = template.render_check
-    failed = [probe for probe, state in (("text", check.text_probe), ("image", check.image_probe)) if state == "error"]
+    failed = [
+        probe
+        for probe, state in (("text", check.text_probe), ("image", check.image_probe))
+        if state == "error"
+    ]
     if failed:
-        raise StrictFailure(f"--strict: the chat template failed its {' and '.join(failed)} render check: "
-                            f"{check.errors[-1] if check.errors else 'see render_check'}")
+        raise StrictFailure(
+            f"--strict: the chat template failed its {' and '.join(failed)} render check: "
+            f"{check.errors[-1] if check.errors else 'see render_check'}"
+        )
 
 
 @app.command()

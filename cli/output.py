@@ -32,7 +32,11 @@ def loud_template_warning(config: ModelConfig) -> None:
     template = config.mlx.chat_template
     if template.status == "pinned":
         return
-    why = "none was found in any home" if template.status == "missing" else f"the one in {template.source} is unusable"
+    why = (
+        "none was found in any home"
+        if template.status == "missing"
+        else f"the one in {template.source} is unusable"
+    )
     print(
         f"gallery: WARNING: {config.name} HAS NO CHAT TEMPLATE ({why}). Chat requests will not be formatted "
         "the way the model was trained; answers may be garbage.",

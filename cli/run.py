@@ -21,7 +21,9 @@ app = typer.Typer()
 @app.command()
 def run(
     config: Annotated[str, typer.Argument(help="A config file, catalog name, model folder or Hub repo id.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user message (or the raw prompt with --raw).")],
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="The user message (or the raw prompt with --raw).")
+    ],
     image: Annotated[list[Path] | None, typer.Option("--image", help="An image file (repeatable).")] = None,
     system: Annotated[str | None, typer.Option("--system", help="A system message.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate.")] = None,
@@ -29,10 +31,18 @@ def run(
     thinking: Annotated[bool, typer.Option("--thinking", help="Turn reasoning on.")] = False,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send --prompt as-is, without the chat template.")] = False,
-    allow_download: Annotated[bool, typer.Option("--allow-download", help="Download weights if not cached.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse a config without a chat template.")] = False,
-    catalog: Annotated[str | None, typer.Option("--catalog", help="Catalog index to look names up in.")] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send --prompt as-is, without the chat template.")
+    ] = False,
+    allow_download: Annotated[
+        bool, typer.Option("--allow-download", help="Download weights if not cached.")
+    ] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Refuse a config without a chat template.")
+    ] = False,
+    catalog: Annotated[
+        str | None, typer.Option("--catalog", help="Catalog index to look names up in.")
+    ] = None,
 ) -> None:
     """Run one prompt on a config and stream the answer (reasoning goes to stderr)."""
     from runtime.host import ModelHost
@@ -44,10 +54,14 @@ def run(
     if raw:
         from runtime.messages import MediaItem
 
-        request = GenerationRequest(prompt=prompt, media=[MediaItem(kind="image", data=str(p)) for p in image or []])
+        request = GenerationRequest(
+            prompt=prompt, media=[MediaItem(kind="image", data=str(p)) for p in image or []]
+        )
     else:
         content: object = [*media, {"type": "text", "text": prompt}] if media else prompt
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": content}
+        ]
         request = GenerationRequest(messages=messages)
     request.max_tokens = max_tokens
     request.temperature = temperature

@@ -41,7 +41,15 @@ MAX_WIDTH = 100_000
 DEFAULT_DEADLINE_S = 5.0
 
 # Special-token variables transformers passes to every template (its named special tokens).
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
@@ -157,13 +165,19 @@ def _raise_exception(message: Any) -> None:
 
 
 def _tojson(
-    value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: Any = None,
+    separators: Any = None,
+    sort_keys: bool = False,
 ) -> str:
     # transformers' tojson: no HTML escaping, with indent/separators/sort_keys exposed.
     if isinstance(indent, int) and indent > MAX_WIDTH:
         raise SecurityError("tojson indent too large")
     return _check_size(
-        json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        json.dumps(
+            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
     )
 
 
@@ -194,7 +208,11 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
         _tick()
         if operator == "*":
             for seq, count in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_VALUE_CHARS:
+                if (
+                    isinstance(seq, (str, list, tuple))
+                    and isinstance(count, int)
+                    and len(seq) * count > MAX_VALUE_CHARS
+                ):
                     raise SecurityError("template multiplied a value beyond the size limit")
         if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256:
             raise SecurityError("exponent too large in a chat template")

@@ -59,6 +59,9 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str, label: 
     except Exception as exc:  # a bug, not a user error: say so, in one line, with a way to see more
         if debug:
             raise
-        print(f"{label}: internal error: {type(exc).__name__}: {one_line(exc)[:300]} "
-              "(set GALLERY_DEBUG=1 for the traceback; please report it)", file=sys.stderr)
+        print(
+            f"{label}: internal error: {type(exc).__name__}: {one_line(exc)[:300]} "
+            "(set GALLERY_DEBUG=1 for the traceback; please report it)",
+            file=sys.stderr,
+        )
         return 1

@@ -32,11 +32,16 @@ class _Strict(BaseModel):
 class Evidence(_Strict):
     """One piece of evidence: where it was read and what it says."""
 
-    source: str = Field(description="Where it was read: a repo file, `hub` (model info), `cli`, `weights index`.")
+    source: str = Field(
+        description="Where it was read: a repo file, `hub` (model info), `cli`, `weights index`."
+    )
     field: str | None = Field(default=None, description="The field or key inside the source, if any.")
     detail: str = Field(description="What this evidence says, in one line.")
-    value: str | None = Field(default=None, description="The raw value read there (e.g. a token's text), when a "
-                              "check needs it as data rather than in the sentence.")
+    value: str | None = Field(
+        default=None,
+        description="The raw value read there (e.g. a token's text), when a "
+        "check needs it as data rather than in the sentence.",
+    )
 
 
 class Decision(_Strict):
@@ -44,7 +49,9 @@ class Decision(_Strict):
 
     value: str = Field(description="The decided value, as shown to a reviewer.")
     evidence: list[Evidence] = Field(default_factory=list)
-    conflicts: list[str] = Field(default_factory=list, description="Evidence that disagreed, and why it lost.")
+    conflicts: list[str] = Field(
+        default_factory=list, description="Evidence that disagreed, and why it lost."
+    )
 
 
 class Parameters(_Strict):
@@ -69,7 +76,9 @@ class TemplateSettings(_Strict):
 class Source(_Strict):
     """Where the model comes from, pinned to an exact commit."""
 
-    repo: str | None = Field(default=None, description="Hub repo id, e.g. mlx-community/gemma-4-E4B-it-qat-4bit.")
+    repo: str | None = Field(
+        default=None, description="Hub repo id, e.g. mlx-community/gemma-4-E4B-it-qat-4bit."
+    )
     revision: str | None = Field(default=None, description="The full commit hash the config is pinned to.")
     requested_revision: str | None = Field(default=None, description="What the user asked for (branch, tag).")
     local_path: str | None = Field(default=None, description="A local model folder, when imported from one.")
@@ -111,22 +120,27 @@ class ChatTemplate(_Strict):
         description="pinned: text below is used; missing: none anywhere; rejected: found but unusable (see render_check)."
     )
     source: str | None = Field(default=None, description="File (and key) the pinned template came from.")
-    name: str | None = Field(default=None, description="Which named template was pinned, when the home had several.")
+    name: str | None = Field(
+        default=None, description="Which named template was pinned, when the home had several."
+    )
     text: str | None = None
     sha256: str | None = None
     named: dict[str, str] = Field(default_factory=dict, description="Other named templates (e.g. tool_use).")
     variables: dict[str, str] = Field(
-        default_factory=dict, description="Special tokens the template sees as variables (bos_token, eos_token, …)."
+        default_factory=dict,
+        description="Special tokens the template sees as variables (bos_token, eos_token, …).",
     )
     render_check: RenderCheck = Field(default_factory=RenderCheck)
     supports_system: bool = Field(
-        default=True, description="False when the template rejects system messages (the runtime folds them in)."
+        default=True,
+        description="False when the template rejects system messages (the runtime folds them in).",
     )
     content_format: Literal["string", "parts"] = Field(
         default="string", description="parts: the template only renders list-of-parts message content."
     )
     accept_missing: bool = Field(
-        default=False, description="A catalog entry sets this to say a missing template is known and accepted."
+        default=False,
+        description="A catalog entry sets this to say a missing template is known and accepted.",
     )
 
     @model_validator(mode="after")
@@ -147,7 +161,9 @@ class Reasoning(_Strict):
     supported: bool = False
     start: str | None = Field(default=None, description="Marker that opens reasoning, e.g. <think>.")
     end: str | None = Field(default=None, description="Marker that closes reasoning, e.g. </think>.")
-    default_enabled: bool | None = Field(default=None, description="Whether the template thinks when not told.")
+    default_enabled: bool | None = Field(
+        default=None, description="Whether the template thinks when not told."
+    )
     switch: str | None = Field(default=None, description="Template variable that turns it on/off.")
 
 
@@ -193,7 +209,9 @@ class RepoFile(_Strict):
 
     path: str
     size: int | None = Field(default=None, ge=0)
-    sha256: str | None = Field(default=None, description="The LFS sha256 (weights); null for small git files.")
+    sha256: str | None = Field(
+        default=None, description="The LFS sha256 (weights); null for small git files."
+    )
     blob_id: str | None = Field(default=None, description="Git blob sha1 from the Hub.")
 
     @field_validator("sha256")
@@ -245,7 +263,9 @@ class ModelConfig(_Strict):
     parameters: Parameters
     template: TemplateSettings = Field(default_factory=TemplateSettings)
     stopwords: list[str] = Field(default_factory=list)
-    options: list[str] = Field(default_factory=list, description="LocalAI `key:value` options for the backend.")
+    options: list[str] = Field(
+        default_factory=list, description="LocalAI `key:value` options for the backend."
+    )
     mlx: MlxSection
 
     @field_validator("schema_version")
@@ -260,7 +280,9 @@ class ModelConfig(_Strict):
     def _safe_name(cls, value: str) -> str:
         # Names become file names (`<name>.yaml`) at install time: keep them inside their folder.
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value) or ".." in value:
-            raise ValueError(f"name {value!r} must be letters, digits and . _ + - (no path separators, no '..')")
+            raise ValueError(
+                f"name {value!r} must be letters, digits and . _ + - (no path separators, no '..')"
+            )
         return value
 
     @field_validator("options")

@@ -59,8 +59,11 @@ def config_from_document(doc: YamlDocument, *, filename: str, prefix: tuple[Any,
     for key in prefix:
         data = data[key]
     if not isinstance(data, dict):
-        raise BadConfig(f"a model config must be a mapping, got {type(data).__name__}", file=filename,
-                        line=doc.line(*prefix) if prefix else None)
+        raise BadConfig(
+            f"a model config must be a mapping, got {type(data).__name__}",
+            file=filename,
+            line=doc.line(*prefix) if prefix else None,
+        )
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
@@ -82,10 +85,14 @@ def parse_config_text(text: str, *, filename: str) -> ModelConfig:
 
 def read_config(path: str | Path) -> ModelConfig:
     """Read a config file. Raises BadConfig for a missing, oversized, unreadable or invalid file."""
-    return config_from_document(read_yaml_file(path, limit=MAX_CONFIG_BYTES, what="model config"), filename=str(path))
+    return config_from_document(
+        read_yaml_file(path, limit=MAX_CONFIG_BYTES, what="model config"), filename=str(path)
+    )
 
 
-def write_config(config: ModelConfig, path: str | Path, *, overwrite: bool = False, as_json: bool = False) -> None:
+def write_config(
+    config: ModelConfig, path: str | Path, *, overwrite: bool = False, as_json: bool = False
+) -> None:
     """Write a config atomically; never replaces an existing file unless overwrite (OutputExists)."""
     text = config_to_json(config) if as_json else config_to_yaml(config)
     atomic_write(Path(path), text, overwrite=overwrite)

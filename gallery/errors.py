@@ -17,25 +17,40 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     1: ("internal", "an unexpected internal error (a bug: please report it)"),
     2: ("usage", "bad arguments, an unreadable source spec, or a request the runtime cannot honour"),
     3: ("not-found", "the repo does not exist (or is private and you are not authenticated)"),
-    4: ("gated", "the repo is gated or the Hub refused the credentials: accept its terms on the Hub and "
-                 "authenticate (HF_TOKEN or `hf auth login`)"),
+    4: (
+        "gated",
+        "the repo is gated or the Hub refused the credentials: accept its terms on the Hub and "
+        "authenticate (HF_TOKEN or `hf auth login`)",
+    ),
     5: ("bad-revision", "the revision (branch, tag or commit) does not exist"),
-    6: ("offline-not-cached", "offline (HF_HUB_OFFLINE=1 or no network) and the repo is not in the local cache"),
+    6: (
+        "offline-not-cached",
+        "offline (HF_HUB_OFFLINE=1 or no network) and the repo is not in the local cache",
+    ),
     7: ("network", "the Hub could not be reached, timed out, or kept failing, after retries"),
-    8: ("bad-metadata", "a metadata file is malformed JSON, has wrongly typed fields, or does not match the Hub's "
-                        "listing"),
+    8: (
+        "bad-metadata",
+        "a metadata file is malformed JSON, has wrongly typed fields, or does not match the Hub's listing",
+    ),
     9: ("no-config", "the repo or folder has no config.json (not a model checkpoint)"),
-    10: ("unsupported", "the model is of a kind this project cannot serve (speech, embeddings, image generation, "
-                        "GGUF-only)"),
+    10: (
+        "unsupported",
+        "the model is of a kind this project cannot serve (speech, embeddings, image generation, GGUF-only)",
+    ),
     11: ("exists", "the output file exists (use --force to replace it)"),
-    12: ("strict", "--strict: the chat template is missing or failed its render check, or an expected file is "
-                   "missing"),
+    12: (
+        "strict",
+        "--strict: the chat template is missing or failed its render check, or an expected file is missing",
+    ),
     13: ("bad-config", "a config or catalog file is malformed or fails the schema"),
     14: ("validation", "`gallery validate` found problems in the catalog"),
     15: ("drift", "`gallery refresh` found entries that drifted from the Hub"),
     16: ("hash-mismatch", "a downloaded file does not match its pinned sha256"),
     17: ("runtime", "the runtime could not load or run the model"),
-    18: ("write-failed", "a file could not be written (disk full, permissions, read-only file system, missing folder)"),
+    18: (
+        "write-failed",
+        "a file could not be written (disk full, permissions, read-only file system, missing folder)",
+    ),
     130: ("interrupted", "interrupted (Ctrl-C)"),
 }
 
@@ -80,8 +95,14 @@ class RequestError(UsageError):
 class HubError(GalleryError):
     """A failure talking to the Hub about one repo; `what` says which request failed."""
 
-    def __init__(self, message: str, *, repo_id: str | None = None, revision: str | None = None,
-                 what: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo_id: str | None = None,
+        revision: str | None = None,
+        what: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.repo_id, self.revision, self.what = repo_id, revision, what
 
@@ -173,8 +194,14 @@ class BadConfig(GalleryError):
 
     exit_code = 13
 
-    def __init__(self, problem: str, *, file: str | Path | None = None, line: int | None = None,
-                 field: str | None = None) -> None:
+    def __init__(
+        self,
+        problem: str,
+        *,
+        file: str | Path | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> None:
         self.file = str(file) if file is not None else None
         self.line = line
         self.field = field
@@ -200,8 +227,9 @@ class HashMismatch(GalleryError):
 
     exit_code = 16
 
-    def __init__(self, message: str, *, file: str | None = None, expected: str | None = None,
-                 actual: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, file: str | None = None, expected: str | None = None, actual: str | None = None
+    ) -> None:
         super().__init__(message)
         self.file, self.expected, self.actual = file, expected, actual
 

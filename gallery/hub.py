@@ -157,12 +157,20 @@ def token_sent(token: str | bool | None) -> bool:
 # ----- errors -----
 def auth_hint(repo_id: str) -> str:
     """How to get access to a gated repo."""
-    return (f"{repo_id} is gated: accept its terms at {HUB_WEB}/{repo_id} and authenticate "
-            "(set HF_TOKEN to a read token, or run `hf auth login`)")
+    return (
+        f"{repo_id} is gated: accept its terms at {HUB_WEB}/{repo_id} and authenticate "
+        "(set HF_TOKEN to a read token, or run `hf auth login`)"
+    )
 
 
-def translate(exc: BaseException, *, repo_id: str | None, revision: str | None = None, what: str | None = None,
-              token: str | bool | None = None) -> GalleryError:
+def translate(
+    exc: BaseException,
+    *,
+    repo_id: str | None,
+    revision: str | None = None,
+    what: str | None = None,
+    token: str | bool | None = None,
+) -> GalleryError:
     """huggingface_hub's (or the network's) exception as one of this project's errors, the same on every command."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -180,50 +188,74 @@ def translate(exc: BaseException, *, repo_id: str | None, revision: str | None =
     label = what or repo
     data = {"repo_id": repo_id, "revision": revision, "what": what}
     http = _http_module()
-    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
-    if status == 401 and not isinstance(exc, GatedRepoError) and (
-            token_sent(token) or not isinstance(exc, RepositoryNotFoundError)):
+    status = (
+        exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+    )
+    if (
+        status == 401
+        and not isinstance(exc, GatedRepoError)
+        and (token_sent(token) or not isinstance(exc, RepositoryNotFoundError))
+    ):
         # The Hub answers 401 both for "no such repo" (anonymous callers) and for a bad token; with a token
         # sent, it is the credentials that were refused.
-        return GatedRepo(f"{label}: the Hub refused the credentials (HTTP 401): check HF_TOKEN or run "
-                         "`hf auth login`", **data)
+        return GatedRepo(
+            f"{label}: the Hub refused the credentials (HTTP 401): check HF_TOKEN or run `hf auth login`",
+            **data,
+        )
     if isinstance(exc, GatedRepoError):  # a subclass of RepositoryNotFoundError: test it first
         return GatedRepo(auth_hint(repo), **data)
     if isinstance(exc, RepositoryNotFoundError):
-        return RepoNotFound(f"repo {repo} not found on {endpoint()} (if it is private, set HF_TOKEN or run "
-                            "`hf auth login`)", **data)
+        return RepoNotFound(
+            f"repo {repo} not found on {endpoint()} (if it is private, set HF_TOKEN or run `hf auth login`)",
+            **data,
+        )
     if isinstance(exc, RevisionNotFoundError):
         return RevisionNotFound(f"revision {revision!r} not found in {repo}", **data)
     if isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError)) and is_offline():
-        return OfflineNotCached(f"{label}: offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache",
-                                **data)
+        return OfflineNotCached(
+            f"{label}: offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache", **data
+        )
     if isinstance(exc, LocalEntryNotFoundError):
         # huggingface_hub says "not in the local cache" when the Hub could not be reached at all.
         return NetworkFailure(f"{label}: could not reach {endpoint()}", **data)
     if isinstance(exc, EntryNotFoundError):
-        return RepoNotFound(f"{label}: the Hub has no such file at this revision of {repo} (HTTP 404)", **data)
+        return RepoNotFound(
+            f"{label}: the Hub has no such file at this revision of {repo} (HTTP 404)", **data
+        )
     if status == 403:
-        return GatedRepo(f"{label}: access to {repo} is forbidden (HTTP 403): your token cannot read it", **data)
+        return GatedRepo(
+            f"{label}: access to {repo} is forbidden (HTTP 403): your token cannot read it", **data
+        )
     attempts = int(_retry_settings()["max_retries"]) + 1
     if status in RETRY_STATUS:
-        return NetworkFailure(f"{label}: the Hub kept failing after {attempts} attempts (HTTP {status})", **data)
+        return NetworkFailure(
+            f"{label}: the Hub kept failing after {attempts} attempts (HTTP {status})", **data
+        )
     if status is not None:
         return NetworkFailure(f"{label}: the Hub answered HTTP {status}", **data)
     if isinstance(exc, http.TimeoutException):
-        return NetworkFailure(f"{label}: the Hub at {endpoint()} did not answer in time after {attempts} attempts "
-                              f"({type(exc).__name__}; HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT set the limits)",
-                              **data)
+        return NetworkFailure(
+            f"{label}: the Hub at {endpoint()} did not answer in time after {attempts} attempts "
+            f"({type(exc).__name__}; HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT set the limits)",
+            **data,
+        )
     if isinstance(exc, (http.NetworkError, http.RemoteProtocolError, ConnectionError)):
-        return NetworkFailure(f"{label}: could not reach {endpoint()} after {attempts} attempts "
-                              f"({type(exc).__name__})", **data)
+        return NetworkFailure(
+            f"{label}: could not reach {endpoint()} after {attempts} attempts ({type(exc).__name__})", **data
+        )
     if isinstance(exc, OSError) and (exc.errno in _WRITE_ERRNOS or exc.filename is not None):
         return WriteFailed.from_os_error(exc.filename or label, exc)
     return NetworkFailure(f"{label}: {type(exc).__name__}: {one_line(exc)[:200]}", **data)
 
 
 @contextlib.contextmanager
-def hub_errors(*, repo_id: str | None, revision: str | None = None, what: str | None = None,
-               token: str | bool | None = None) -> Iterator[None]:
+def hub_errors(
+    *,
+    repo_id: str | None,
+    revision: str | None = None,
+    what: str | None = None,
+    token: str | bool | None = None,
+) -> Iterator[None]:
     """Translate any Hub or network failure inside the block (see `translate`)."""
     try:
         yield
@@ -243,8 +275,13 @@ def request(method: str, url: str, *, headers: dict[str, str] | None = None, str
 
     configure_session()
     timeout = _http_module().Timeout(download_timeout(), connect=api_timeout())
-    kwargs: dict[str, Any] = {"headers": headers or {}, "timeout": timeout, "follow_redirects": True,
-                              "retry_on_status_codes": RETRY_STATUS, **_retry_settings()}
+    kwargs: dict[str, Any] = {
+        "headers": headers or {},
+        "timeout": timeout,
+        "follow_redirects": True,
+        "retry_on_status_codes": RETRY_STATUS,
+        **_retry_settings(),
+    }
     if stream:
         return http_stream_backoff(method, url, **kwargs)  # type: ignore[arg-type]
     response = http_backoff(method, url, **kwargs)  # type: ignore[arg-type]
@@ -272,8 +309,10 @@ def model_info(repo_id: str, revision: str | None, *, token: str | bool | None) 
             raise TypeError(f"a JSON {type(data).__name__}")
         return ModelInfo(**data)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise BadMetadata(f"the Hub's model info for {repo_id} is not valid ({type(exc).__name__}: "
-                          f"{one_line(exc)[:120]})", file="model info") from None
+        raise BadMetadata(
+            f"the Hub's model info for {repo_id} is not valid ({type(exc).__name__}: {one_line(exc)[:120]})",
+            file="model info",
+        ) from None
 
 
 def resolve_url(repo_id: str, revision: str, path: str) -> str:
@@ -281,8 +320,15 @@ def resolve_url(repo_id: str, revision: str, path: str) -> str:
     return f"{endpoint()}/{repo_id}/resolve/{revision}/{quote(path, safe='/')}"
 
 
-def read_file(repo_id: str, revision: str, path: str, *, token: str | bool | None, limit: int,
-              byte_range: tuple[int, int] | None = None) -> bytes:
+def read_file(
+    repo_id: str,
+    revision: str,
+    path: str,
+    *,
+    token: str | bool | None,
+    limit: int,
+    byte_range: tuple[int, int] | None = None,
+) -> bytes:
     """Read a repo file (or an inclusive byte range of it), refusing bodies larger than `limit` bytes.
 
     The body is read in chunks and cut off at the limit, so a server that sends more than it listed
@@ -295,20 +341,31 @@ def read_file(repo_id: str, revision: str, path: str, *, token: str | bool | Non
         headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
     chunks: list[bytes] = []
     size = 0
-    with hub_errors(repo_id=repo_id, revision=revision, what=f"{path} of {repo_id}", token=token), \
-            request("GET", resolve_url(repo_id, revision, path), headers=headers, stream=True) as response:
+    with (
+        hub_errors(repo_id=repo_id, revision=revision, what=f"{path} of {repo_id}", token=token),
+        request("GET", resolve_url(repo_id, revision, path), headers=headers, stream=True) as response,
+    ):
         hf_raise_for_status(response)
         for chunk in response.iter_bytes():
             size += len(chunk)
             if size > limit:
-                raise BadMetadata(f"{path} of {repo_id} is larger than the {limit}-byte limit for a metadata file",
-                                  file=path)
+                raise BadMetadata(
+                    f"{path} of {repo_id} is larger than the {limit}-byte limit for a metadata file",
+                    file=path,
+                )
             chunks.append(chunk)
     return b"".join(chunks)
 
 
-def download_file(repo_id: str, filename: str, revision: str, *, local_dir: Path | None = None,
-                  cache: Path | None = None, token: str | bool | None = None) -> Path:
+def download_file(
+    repo_id: str,
+    filename: str,
+    revision: str,
+    *,
+    local_dir: Path | None = None,
+    cache: Path | None = None,
+    token: str | bool | None = None,
+) -> Path:
     """Download one file at a pinned commit (into local_dir, or the Hugging Face cache); returns its path."""
     from huggingface_hub import hf_hub_download
 
@@ -319,8 +376,17 @@ def download_file(repo_id: str, filename: str, revision: str, *, local_dir: Path
     while True:
         try:
             with hub_errors(repo_id=repo_id, revision=revision, what=f"{repo_id}/{filename}", token=token):
-                return Path(hf_hub_download(repo_id, filename, revision=revision, local_dir=local_dir,
-                                            cache_dir=cache, token=token, endpoint=endpoint()))
+                return Path(
+                    hf_hub_download(
+                        repo_id,
+                        filename,
+                        revision=revision,
+                        local_dir=local_dir,
+                        cache_dir=cache,
+                        token=token,
+                        endpoint=endpoint(),
+                    )
+                )
         except NetworkFailure:
             # hf_hub_download retries its metadata request but not the body's GET: a 5xx or a dropped
             # connection mid-body is retried here, with the same budget as every other request.

@@ -128,8 +128,13 @@ _PLAIN_TAGS_MAX = 50_000
 class YamlDocument:
     """A parsed YAML document: its data, the duplicate keys found, and (on demand) the line of every key path."""
 
-    def __init__(self, data: Any, duplicates: list[tuple[PathKey, int, str]], text: str | None = None,
-                 lines: dict[PathKey, int] | None = None) -> None:
+    def __init__(
+        self,
+        data: Any,
+        duplicates: list[tuple[PathKey, int, str]],
+        text: str | None = None,
+        lines: dict[PathKey, int] | None = None,
+    ) -> None:
         self.data = data
         self.duplicates = duplicates
         self._text = text
@@ -182,7 +187,9 @@ class _CollectingLoader(_BaseLoader):  # type: ignore[misc, valid-type]
     def ascend_resolver(self) -> None:
         return None
 
-    def build(self, root: yaml.Node, lines: dict[PathKey, int] | None) -> tuple[Any, list[tuple[PathKey, int, str]]]:
+    def build(
+        self, root: yaml.Node, lines: dict[PathKey, int] | None
+    ) -> tuple[Any, list[tuple[PathKey, int, str]]]:
         """The document's data and its duplicate keys; fills `lines` when given."""
         duplicates: list[tuple[PathKey, int, str]] = []
         seen: set[int] = set()
@@ -197,7 +204,9 @@ class _CollectingLoader(_BaseLoader):  # type: ignore[misc, valid-type]
             if lines is not None and path not in lines:
                 lines[path] = node.start_mark.line + 1
             if isinstance(node, yaml.ScalarNode):
-                container[slot] = node.value if node.tag == _STR_TAG else self.construct_object(node, deep=True)
+                container[slot] = (
+                    node.value if node.tag == _STR_TAG else self.construct_object(node, deep=True)
+                )
             elif isinstance(node, yaml.MappingNode):
                 if node.tag != _MAP_TAG:
                     raise YamlError(f"tag {node.tag} is not allowed", node.start_mark.line + 1)
@@ -213,7 +222,9 @@ class _CollectingLoader(_BaseLoader):  # type: ignore[misc, valid-type]
                     key = key_node.value if key_node.tag == _STR_TAG else self.construct_object(key_node)
                     line = key_node.start_mark.line + 1
                     if key in first_line:
-                        duplicates.append(((*path, key), line, f"duplicate key {key!r} (first at line {first_line[key]})"))
+                        duplicates.append(
+                            ((*path, key), line, f"duplicate key {key!r} (first at line {first_line[key]})")
+                        )
                         if lines is not None:
                             lines[(*path, key)] = line
                     else:
@@ -226,7 +237,9 @@ class _CollectingLoader(_BaseLoader):  # type: ignore[misc, valid-type]
                     if type(value_node) is yaml.ScalarNode and value_node.tag == _STR_TAG:
                         # Most values are strings: set them here instead of a round trip through the stack.
                         if id(value_node) in seen:
-                            raise YamlError("anchors and aliases are not allowed", value_node.start_mark.line + 1)
+                            raise YamlError(
+                                "anchors and aliases are not allowed", value_node.start_mark.line + 1
+                            )
                         seen.add(id(value_node))
                         mapping[key] = value_node.value
                     else:

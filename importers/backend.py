@@ -18,10 +18,17 @@ from gallery.families import library_knows
 from importers.fetch import RepoSnapshot
 from importers.metadata import TOWER_KEYS, RepoMetadata, optional_str, str_list
 
-VISION_PIPELINES = frozenset({
-    "image-text-to-text", "any-to-any", "visual-question-answering", "image-to-text", "video-text-to-text",
-    "audio-text-to-text", "document-question-answering",
-})
+VISION_PIPELINES = frozenset(
+    {
+        "image-text-to-text",
+        "any-to-any",
+        "visual-question-answering",
+        "image-to-text",
+        "video-text-to-text",
+        "audio-text-to-text",
+        "document-question-answering",
+    }
+)
 TEXT_PIPELINES = frozenset({"text-generation", "text2text-generation", "conversational"})
 UNSUPPORTED_PIPELINES: dict[str, str] = {
     "automatic-speech-recognition": "speech recognition",
@@ -64,15 +71,53 @@ UNSUPPORTED_LIBRARIES: dict[str, str] = {
     "whisperkit": "speech recognition (WhisperKit)",
 }
 UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
-    **dict.fromkeys(["whisper", "wav2vec2", "hubert", "wavlm", "speecht5", "seamless_m4t", "bark", "encodec",
-                     "musicgen", "data2vec-audio", "unispeech", "sew"], "speech/audio"),
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "nomic_bert", "deberta", "deberta-v2",
-                     "electra", "albert", "camembert", "modernbert", "new"], "an encoder (embeddings/classification)"),
+    **dict.fromkeys(
+        [
+            "whisper",
+            "wav2vec2",
+            "hubert",
+            "wavlm",
+            "speecht5",
+            "seamless_m4t",
+            "bark",
+            "encodec",
+            "musicgen",
+            "data2vec-audio",
+            "unispeech",
+            "sew",
+        ],
+        "speech/audio",
+    ),
+    **dict.fromkeys(
+        [
+            "bert",
+            "roberta",
+            "xlm-roberta",
+            "distilbert",
+            "mpnet",
+            "nomic_bert",
+            "deberta",
+            "deberta-v2",
+            "electra",
+            "albert",
+            "camembert",
+            "modernbert",
+            "new",
+        ],
+        "an encoder (embeddings/classification)",
+    ),
     **dict.fromkeys(["clip", "siglip", "dinov2", "vit"], "a vision encoder (embeddings/classification)"),
 }
 _UNSUPPORTED_ARCH_SUFFIXES = (
-    "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
-    "ForSpeechSeq2Seq", "ForCTC", "ForAudioClassification", "ForImageClassification", "ForTextToSpeech",
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForSpeechSeq2Seq",
+    "ForCTC",
+    "ForAudioClassification",
+    "ForImageClassification",
+    "ForTextToSpeech",
 )
 _GENERATIVE_ARCH = re.compile(r"(ForCausalLM|ForConditionalGeneration|LMHeadModel|ForMultimodalLM)$")
 # Tensor-name markers of modality towers in a weights index.
@@ -80,9 +125,13 @@ _VISION_TENSOR = re.compile(
     r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|vit|image_encoder|multi_modal_projector|"
     r"mm_projector|embed_vision|vision_embed|img_processor|image_newline|patch_embed)(\.|$)"
 )
-_AUDIO_TENSOR = re.compile(r"(^|\.)(audio_tower|audio_model|audio_encoder|embed_audio|speech_encoder|audio_projector)(\.|$)")
+_AUDIO_TENSOR = re.compile(
+    r"(^|\.)(audio_tower|audio_model|audio_encoder|embed_audio|speech_encoder|audio_projector)(\.|$)"
+)
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
-_VISIONISH_TAGS = frozenset({"vision", "multimodal", "image-text-to-text", "vlm", "any-to-any", "video-text-to-text"})
+_VISIONISH_TAGS = frozenset(
+    {"vision", "multimodal", "image-text-to-text", "vlm", "any-to-any", "video-text-to-text"}
+)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
 
 
@@ -125,11 +174,17 @@ def _unsupported_reasons(snapshot: RepoSnapshot, meta: RepoMetadata) -> list[str
     facts = snapshot.facts
     if facts is not None:
         if facts.pipeline_tag in UNSUPPORTED_PIPELINES:
-            reasons.append(f"Hub pipeline tag {facts.pipeline_tag!r} ({UNSUPPORTED_PIPELINES[facts.pipeline_tag]})")
+            reasons.append(
+                f"Hub pipeline tag {facts.pipeline_tag!r} ({UNSUPPORTED_PIPELINES[facts.pipeline_tag]})"
+            )
         if facts.library_name in UNSUPPORTED_LIBRARIES:
-            reasons.append(f"Hub library {facts.library_name!r} ({UNSUPPORTED_LIBRARIES[facts.library_name]})")
+            reasons.append(
+                f"Hub library {facts.library_name!r} ({UNSUPPORTED_LIBRARIES[facts.library_name]})"
+            )
         for tag in facts.tags:
-            if tag in ("sentence-transformers", "diffusers") and f"Hub library {tag!r}" not in " ".join(reasons):
+            if tag in ("sentence-transformers", "diffusers") and f"Hub library {tag!r}" not in " ".join(
+                reasons
+            ):
                 reasons.append(f"Hub tag {tag!r} ({UNSUPPORTED_LIBRARIES[tag]})")
     model_type = meta.config.get("model_type")
     if isinstance(model_type, str) and model_type in UNSUPPORTED_MODEL_TYPES:
@@ -148,7 +203,9 @@ def _format_problems(snapshot: RepoSnapshot) -> list[str]:
     ggufs = [p for p in paths if p.endswith(".gguf")]
     weights = [p for p in paths if p.endswith(_WEIGHT_SUFFIXES)]
     if ggufs and not weights:
-        problems.append(f"only GGUF weights ({len(ggufs)} .gguf file(s), e.g. {ggufs[0]}): use llama.cpp, or an MLX conversion")
+        problems.append(
+            f"only GGUF weights ({len(ggufs)} .gguf file(s), e.g. {ggufs[0]}): use llama.cpp, or an MLX conversion"
+        )
     if "model_index.json" in paths:
         problems.append("a diffusers pipeline (model_index.json): image generation")
     if "config.json" not in snapshot.files and not problems:
@@ -156,13 +213,19 @@ def _format_problems(snapshot: RepoSnapshot) -> list[str]:
     return problems
 
 
-def decide_backend(snapshot: RepoSnapshot, meta: RepoMetadata, requested: str | None = None) -> BackendDecision:
+def decide_backend(
+    snapshot: RepoSnapshot, meta: RepoMetadata, requested: str | None = None
+) -> BackendDecision:
     """Weigh every source of evidence and pick `mlx` or `mlx-vlm`. Raises UnsupportedModel / UsageError."""
     if requested is not None and requested not in SUPPORTED_BACKENDS:
-        raise UsageError(f"--backend {requested!r} is not supported; choose one of {', '.join(SUPPORTED_BACKENDS)}")
+        raise UsageError(
+            f"--backend {requested!r} is not supported; choose one of {', '.join(SUPPORTED_BACKENDS)}"
+        )
     problems = _format_problems(snapshot)
     if problems:
-        raise UnsupportedModel(f"{_where(snapshot)} cannot be served by mlx-lm or mlx-vlm: {'; '.join(problems)}")
+        raise UnsupportedModel(
+            f"{_where(snapshot)} cannot be served by mlx-lm or mlx-vlm: {'; '.join(problems)}"
+        )
     unsupported = _unsupported_reasons(snapshot, meta)
     warnings: list[str] = []
     if unsupported and requested is None:
@@ -182,8 +245,11 @@ def decide_backend(snapshot: RepoSnapshot, meta: RepoMetadata, requested: str | 
     if tensor_names is not None:
         vision_tensors = sum(1 for name in tensor_names if _VISION_TENSOR.search(name))
         audio_tensors = sum(1 for name in tensor_names if _AUDIO_TENSOR.search(name))
-        detail = (f"{vision_tensors} vision and {audio_tensors} audio tower tensors among {len(tensor_names)}"
-                  if vision_tensors or audio_tensors else f"no tower tensors among {len(tensor_names)} tensors")
+        detail = (
+            f"{vision_tensors} vision and {audio_tensors} audio tower tensors among {len(tensor_names)}"
+            if vision_tensors or audio_tensors
+            else f"no tower tensors among {len(tensor_names)} tensors"
+        )
         evidence.append(Evidence(source="model.safetensors.index.json", field="weight_map", detail=detail))
     processor_files = [name for name in _PROCESSOR_FILES if name in snapshot.listing]
     for name in processor_files:
@@ -191,36 +257,67 @@ def decide_backend(snapshot: RepoSnapshot, meta: RepoMetadata, requested: str | 
     facts = snapshot.facts
     pipeline = facts.pipeline_tag if facts else None
     if pipeline:
-        kind = "vision/multimodal" if pipeline in VISION_PIPELINES else "text" if pipeline in TEXT_PIPELINES else "other"
+        kind = (
+            "vision/multimodal"
+            if pipeline in VISION_PIPELINES
+            else "text"
+            if pipeline in TEXT_PIPELINES
+            else "other"
+        )
         evidence.append(Evidence(source="hub", field="pipeline_tag", detail=f"{pipeline} ({kind})"))
     architectures = str_list(meta.config.get("architectures"), "config.json", "architectures")
-    visionish_arch = [a for a in architectures if re.search(r"ConditionalGeneration|VL|Vision|Llava|Multimodal", a)]
+    visionish_arch = [
+        a for a in architectures if re.search(r"ConditionalGeneration|VL|Vision|Llava|Multimodal", a)
+    ]
     if visionish_arch:
-        evidence.append(Evidence(source="config.json", field="architectures",
-                                 detail=f"{visionish_arch[0]} (a vision-capable architecture name; not proof alone)"))
-    token_keys = [k for k in ("image_token_id", "image_token_index", "video_token_id", "audio_token_id") if k in meta.config]
+        evidence.append(
+            Evidence(
+                source="config.json",
+                field="architectures",
+                detail=f"{visionish_arch[0]} (a vision-capable architecture name; not proof alone)",
+            )
+        )
+    token_keys = [
+        k
+        for k in ("image_token_id", "image_token_index", "video_token_id", "audio_token_id")
+        if k in meta.config
+    ]
     if token_keys:
-        evidence.append(Evidence(source="config.json", field=", ".join(token_keys),
-                                 detail="media token ids declared (text-only conversions keep these too)"))
+        evidence.append(
+            Evidence(
+                source="config.json",
+                field=", ".join(token_keys),
+                detail="media token ids declared (text-only conversions keep these too)",
+            )
+        )
     tags = set(facts.tags) if facts else set()
     tag_hits = sorted(tags & _VISIONISH_TAGS)
     if tag_hits:
-        evidence.append(Evidence(source="hub", field="tags", detail=f"multimodal tags: {', '.join(tag_hits)}"))
+        evidence.append(
+            Evidence(source="hub", field="tags", detail=f"multimodal tags: {', '.join(tag_hits)}")
+        )
 
     # The decision. Strongest first: what the weights contain, then what the config describes.
     tower_kinds = {kind for _, kind in towers}
     if tensor_names is not None and (vision_tensors or audio_tensors):
         vlm = True
-        image, audio = vision_tensors > 0 or "vision" in tower_kinds, audio_tensors > 0 or "audio" in tower_kinds
+        image, audio = (
+            vision_tensors > 0 or "vision" in tower_kinds,
+            audio_tensors > 0 or "audio" in tower_kinds,
+        )
         reason = "the weights contain tower tensors"
     elif tensor_names is not None and towers:
         vlm = False
         reason = "config.json describes a tower but the weights have none (a text-only conversion)"
-        against.append(f"config.json {towers[0][0]}: tower config present, but no tower tensors in the weights")
+        against.append(
+            f"config.json {towers[0][0]}: tower config present, but no tower tensors in the weights"
+        )
     elif towers:
         vlm = True
         image, audio = "vision" in tower_kinds, "audio" in tower_kinds
-        reason = "config.json has a tower sub-config" + (" (no weights index to confirm)" if tensor_names is None else "")
+        reason = "config.json has a tower sub-config" + (
+            " (no weights index to confirm)" if tensor_names is None else ""
+        )
     else:
         vlm = False
         reason = "no tower in config.json" + (" or in the weights" if tensor_names is not None else "")
@@ -235,9 +332,13 @@ def decide_backend(snapshot: RepoSnapshot, meta: RepoMetadata, requested: str | 
 
     backend = "mlx-vlm" if vlm else "mlx"
     if requested is not None:
-        evidence.insert(0, Evidence(source="cli", field="--backend", detail=f"{requested} requested explicitly"))
+        evidence.insert(
+            0, Evidence(source="cli", field="--backend", detail=f"{requested} requested explicitly")
+        )
         if requested != backend:
-            warnings.append(f"--backend {requested} overrides the evidence, which points to {backend} ({reason})")
+            warnings.append(
+                f"--backend {requested} overrides the evidence, which points to {backend} ({reason})"
+            )
             against.append(f"evidence points to {backend}: {reason}")
         if unsupported:
             warnings.append(f"--backend {requested} given although {'; '.join(unsupported)}")
@@ -251,17 +352,22 @@ def decide_backend(snapshot: RepoSnapshot, meta: RepoMetadata, requested: str | 
         known = library_knows(backend, model_type)
         library = "mlx-lm" if backend == "mlx" else "mlx-vlm"
         if known is False:
-            warnings.append(f"the installed {library} has no model class for model_type {model_type!r}: loading will fail")
+            warnings.append(
+                f"the installed {library} has no model class for model_type {model_type!r}: loading will fail"
+            )
             evidence.append(Evidence(source=library, field="models", detail=f"no class for {model_type!r}"))
         elif known:
-            evidence.append(Evidence(source=library, field="models", detail=f"{library} has a class for {model_type!r}"))
+            evidence.append(
+                Evidence(source=library, field="models", detail=f"{library} has a class for {model_type!r}")
+            )
     detail = f"{backend}: {reason}" if requested is None else f"{backend} (requested; evidence: {reason})"
     decision = Decision(value=detail, evidence=evidence, conflicts=against)
     if against and requested is None:
         warnings.extend(f"backend evidence disagrees: {item}" for item in against)
-    return BackendDecision(backend=backend, image=image, audio=audio, video=video, decision=decision, warnings=warnings)
+    return BackendDecision(
+        backend=backend, image=image, audio=audio, video=video, decision=decision, warnings=warnings
+    )
 
 
 def _where(snapshot: RepoSnapshot) -> str:
     return str(snapshot.repo_id or snapshot.source.local_path)
-

@@ -47,12 +47,16 @@ class ImportResult:
 
 def default_name(snapshot: RepoSnapshot) -> str:
     """A config name from the repo name (or folder name): lowercase, file-name safe."""
-    base = snapshot.repo_id.split("/", 1)[1] if snapshot.repo_id else Path(str(snapshot.source.local_path)).name
+    base = (
+        snapshot.repo_id.split("/", 1)[1] if snapshot.repo_id else Path(str(snapshot.source.local_path)).name
+    )
     name = re.sub(r"[^a-z0-9._+-]+", "-", base.lower()).strip("-.") or "model"
     return name.replace("..", ".")
 
 
-def _media_token(meta: RepoMetadata, vocab: SpecialVocab, id_keys: tuple[str, ...], text_key: str) -> str | None:
+def _media_token(
+    meta: RepoMetadata, vocab: SpecialVocab, id_keys: tuple[str, ...], text_key: str
+) -> str | None:
     text = token_text(meta.tokenizer_config.get(text_key), "tokenizer_config.json", text_key)
     if text:
         return text
@@ -80,7 +84,9 @@ def import_model(
     return build_config(snapshot, backend=backend, name=name)
 
 
-def build_config(snapshot: RepoSnapshot, *, backend: str | None = None, name: str | None = None) -> ImportResult:
+def build_config(
+    snapshot: RepoSnapshot, *, backend: str | None = None, name: str | None = None
+) -> ImportResult:
     """Make every decision from a fetched snapshot and assemble the config."""
     meta = RepoMetadata(snapshot)
     meta.json_object("config.json")  # parse config.json first: its errors are the first a user should see
@@ -97,7 +103,9 @@ def build_config(snapshot: RepoSnapshot, *, backend: str | None = None, name: st
     warnings.extend(stops.warnings)
     decisions["stop_tokens"] = stops.decision
 
-    image_token = _media_token(meta, vocab, ("image_token_id", "image_token_index"), "image_token") if vlm else None
+    image_token = (
+        _media_token(meta, vocab, ("image_token_id", "image_token_index"), "image_token") if vlm else None
+    )
     template = decide_template(meta, vlm=vlm, image_token_text=image_token)
     warnings.extend(template.warnings)
     decisions["chat_template"] = template.decision
@@ -129,21 +137,33 @@ def build_config(snapshot: RepoSnapshot, *, backend: str | None = None, name: st
         text_route = "shared-weights" if text_module and knows is not False else "vlm"
         decisions["text_route"] = Decision(
             value=text_route,
-            evidence=[Evidence(source="gallery.families", field=model_type,
-                               detail=f"mlx-lm text model {text_module!r} shares the VLM's language weights"
-                               if text_route == "shared-weights" else "no mlx-lm text model for this family: "
-                               "text-only requests run on the mlx-vlm path")],
+            evidence=[
+                Evidence(
+                    source="gallery.families",
+                    field=model_type,
+                    detail=f"mlx-lm text model {text_module!r} shares the VLM's language weights"
+                    if text_route == "shared-weights"
+                    else "no mlx-lm text model for this family: text-only requests run on the mlx-vlm path",
+                )
+            ],
         )
 
     if isinstance(meta.config.get("auto_map"), dict):
-        warnings.append("the repo ships custom modelling code (config.json auto_map); trust_remote_code stays off")
+        warnings.append(
+            "the repo ships custom modelling code (config.json auto_map); trust_remote_code stays off"
+        )
 
     files, total_size = repo_files(snapshot)
     if snapshot.commit:
         decisions["revision"] = Decision(
             value=snapshot.commit,
-            evidence=[Evidence(source="hub" if snapshot.origin == "hub" else snapshot.origin, field="sha",
-                               detail=f"{snapshot.source.revision or 'main'} resolved to {snapshot.commit}")],
+            evidence=[
+                Evidence(
+                    source="hub" if snapshot.origin == "hub" else snapshot.origin,
+                    field="sha",
+                    detail=f"{snapshot.source.revision or 'main'} resolved to {snapshot.commit}",
+                )
+            ],
         )
     source = Source(
         repo=snapshot.repo_id,
@@ -158,9 +178,11 @@ def build_config(snapshot: RepoSnapshot, *, backend: str | None = None, name: st
         marker=template.media_marker,
         image_token=image_token,
         audio_token=_media_token(meta, vocab, ("audio_token_id", "audio_token_index"), "audio_token")
-        if backend_decision.audio else None,
+        if backend_decision.audio
+        else None,
         video_token=_media_token(meta, vocab, ("video_token_id", "video_token_index"), "video_token")
-        if backend_decision.video else None,
+        if backend_decision.video
+        else None,
     )
     stopwords = [t.text for t in stops.tokens if t.text] + stops.unmapped_texts
     usecases = ["chat", "completion"] + (["vision"] if media.image else [])
@@ -198,12 +220,17 @@ def build_config(snapshot: RepoSnapshot, *, backend: str | None = None, name: st
         if "name" in str(exc) and name is not None:
             raise UsageError(f"--name {name!r}: letters, digits and . _ + - only") from None
         raise GalleryError(f"the import produced an invalid config: {exc}") from None
-    return ImportResult(config=config, warnings=list(dict.fromkeys(warnings)), stats=snapshot.stats,
-                        origin=snapshot.origin)
+    return ImportResult(
+        config=config, warnings=list(dict.fromkeys(warnings)), stats=snapshot.stats, origin=snapshot.origin
+    )
 
 
 def _description(snapshot: RepoSnapshot, backend: str) -> str:
     where = snapshot.repo_id or str(snapshot.source.local_path)
     at = f"@{snapshot.commit[:12]}" if snapshot.commit else ""
-    tag = f", Hub pipeline tag {snapshot.facts.pipeline_tag}" if snapshot.facts and snapshot.facts.pipeline_tag else ""
+    tag = (
+        f", Hub pipeline tag {snapshot.facts.pipeline_tag}"
+        if snapshot.facts and snapshot.facts.pipeline_tag
+        else ""
+    )
     return f"{where}{at} for {backend}{tag}"

@@ -101,7 +101,9 @@ class RepoSnapshot:
     listing: dict[str, FileMeta]
     files: dict[str, bytes]
     warnings: list[str] = dataclasses.field(default_factory=list)
-    missing: list[str] = dataclasses.field(default_factory=list)  # expected metadata files that could not be read
+    missing: list[str] = dataclasses.field(
+        default_factory=list
+    )  # expected metadata files that could not be read
     stats: FetchStats = dataclasses.field(default_factory=FetchStats)
     _head_reader: Callable[[str, int, int], bytes] | None = None
     _added_tokens: list[dict[str, Any]] | None = None
@@ -174,7 +176,9 @@ def _write_side(path: Path | None, data: Any) -> None:
         pass  # best effort: a read-only cache never fails an import
 
 
-def _read_added_tokens(read_range: Callable[[str, int, int], bytes], size: int | None) -> list[dict[str, Any]] | None:
+def _read_added_tokens(
+    read_range: Callable[[str, int, int], bytes], size: int | None
+) -> list[dict[str, Any]] | None:
     """Read `added_tokens` from the start of tokenizer.json, growing the read until the array closes."""
     want = _FIRST_HEAD_CHUNK
     buffer = b""
@@ -218,7 +222,9 @@ def _wanted(paths: Iterable[str]) -> list[str]:
 
 
 # ----- the three sources -----
-def fetch(source: ModelSource, *, token: str | bool | None = None, cache_dir: Path | None = None) -> RepoSnapshot:
+def fetch(
+    source: ModelSource, *, token: str | bool | None = None, cache_dir: Path | None = None
+) -> RepoSnapshot:
     """Read a source's model info and small metadata files. Raises GalleryError subclasses."""
     if source.local_path is not None:
         return _fetch_local(source)
@@ -243,14 +249,17 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
     info = hub.model_info(repo_id, source.revision, token=token)
     commit = info.sha
     if not commit or not COMMIT_RE.match(commit):
-        raise BadMetadata(f"the Hub did not return a commit for {repo_id} (got {commit!r})", file="model info")
+        raise BadMetadata(
+            f"the Hub did not return a commit for {repo_id} (got {commit!r})", file="model info"
+        )
 
     listing: dict[str, FileMeta] = {}
     for sibling in info.siblings or []:
         lfs = getattr(sibling, "lfs", None)
         sha256 = getattr(lfs, "sha256", None) if lfs is not None else None
-        listing[sibling.rfilename] = FileMeta(path=sibling.rfilename, size=sibling.size, blob_id=sibling.blob_id,
-                                              sha256=sha256)
+        listing[sibling.rfilename] = FileMeta(
+            path=sibling.rfilename, size=sibling.size, blob_id=sibling.blob_id, sha256=sha256
+        )
     facts = HubFacts(
         pipeline_tag=info.pipeline_tag,
         library_name=info.library_name,
@@ -268,8 +277,11 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
         if cached is not None:
             return path, cached
         if meta.size is not None and meta.size > MAX_METADATA_BYTES:
-            raise BadMetadata(f"{path} of {repo_id} is {meta.size} bytes, over the {MAX_METADATA_BYTES}-byte limit "
-                              "for a metadata file", file=path)
+            raise BadMetadata(
+                f"{path} of {repo_id} is {meta.size} bytes, over the {MAX_METADATA_BYTES}-byte limit "
+                "for a metadata file",
+                file=path,
+            )
         stats.requests += 1
         try:
             data = hub.read_file(repo_id, commit, path, token=token, limit=MAX_METADATA_BYTES)
@@ -282,8 +294,11 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
         stats.bytes_received += len(data)
         problem = hub.matches_listing(data, size=meta.size, blob_id=meta.blob_id, sha256=meta.sha256)
         if problem:
-            raise BadMetadata(f"{path} of {repo_id}@{commit[:12]} from {hub.endpoint()} does not match the Hub's "
-                              f"listing ({problem}); it was not stored", file=path)
+            raise BadMetadata(
+                f"{path} of {repo_id}@{commit[:12]} from {hub.endpoint()} does not match the Hub's "
+                f"listing ({problem}); it was not stored",
+                file=path,
+            )
         _store_in_cache(cache, commit, path, meta, data)
         return path, data
 
@@ -296,7 +311,9 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
                     files[path] = data
         stats.round_trips += 1
     _store_ref(cache, source.revision, commit)
-    _write_side(_side_path("listings", repo_id, commit), [dataclasses.asdict(meta) for meta in listing.values()])
+    _write_side(
+        _side_path("listings", repo_id, commit), [dataclasses.asdict(meta) for meta in listing.values()]
+    )
 
     def read_range(path: str, start: int, end: int) -> bytes:
         cached_path = _cached_path(cache, commit, path)
@@ -304,14 +321,27 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
             return _read_file_range(cached_path, start, end)
         stats.requests += 1
         try:
-            return hub.read_file(repo_id, commit, path, token=token, limit=end - start + 1, byte_range=(start, end))
+            return hub.read_file(
+                repo_id, commit, path, token=token, limit=end - start + 1, byte_range=(start, end)
+            )
         except GalleryError as exc:
             if exc.exit_code == 3:
                 return b""
             raise
 
-    snapshot = RepoSnapshot(source=source, origin="hub", repo_id=repo_id, commit=commit, facts=facts, listing=listing,
-                            files=files, warnings=warnings, missing=missing, stats=stats, _head_reader=read_range)
+    snapshot = RepoSnapshot(
+        source=source,
+        origin="hub",
+        repo_id=repo_id,
+        commit=commit,
+        facts=facts,
+        listing=listing,
+        files=files,
+        warnings=warnings,
+        missing=missing,
+        stats=stats,
+        _head_reader=read_range,
+    )
     _require_config(snapshot)
     return snapshot
 
@@ -341,7 +371,9 @@ def _cached_file(cache: Path, commit: str, path: str, meta: FileMeta | None = No
         data = found.read_bytes()
     except OSError:
         return None
-    if meta is not None and hub.matches_listing(data, size=meta.size, blob_id=meta.blob_id, sha256=meta.sha256):
+    if meta is not None and hub.matches_listing(
+        data, size=meta.size, blob_id=meta.blob_id, sha256=meta.sha256
+    ):
         return None
     return data
 
@@ -404,7 +436,10 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
     if commit is None or snapshot_dir is None or not snapshot_dir.is_dir():
         raise OfflineNotCached(
             f"{reason}, and {repo_id}@{revision} is not in the local cache ({cache}); "
-            "run the import once with network access, or unset HF_HUB_OFFLINE", repo_id=repo_id, revision=revision)
+            "run the import once with network access, or unset HF_HUB_OFFLINE",
+            repo_id=repo_id,
+            revision=revision,
+        )
     recorded = _read_side(_side_path("listings", repo_id, commit))
     listing = _cached_listing(repo_id, commit, cache_dir, snapshot_dir, recorded)
     files: dict[str, bytes] = {}
@@ -415,33 +450,52 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
             files[path] = data
         else:
             missing.append(path)
-    warnings = [f"{reason}: read {repo_id}@{commit[:12]} from the local cache; Hub facts (pipeline tag, tags, "
-                "license) and hashes of files not in the cache are unavailable"]
+    warnings = [
+        f"{reason}: read {repo_id}@{commit[:12]} from the local cache; Hub facts (pipeline tag, tags, "
+        "license) and hashes of files not in the cache are unavailable"
+    ]
     if missing:
-        warnings.append(f"offline import without {', '.join(missing)}: the Hub lists "
-                        f"{'it' if len(missing) == 1 else 'them'} but the local cache does not have "
-                        f"{'it' if len(missing) == 1 else 'them'}, so decisions that depend on "
-                        f"{'it' if len(missing) == 1 else 'them'} may be incomplete (import once online to fix)")
+        warnings.append(
+            f"offline import without {', '.join(missing)}: the Hub lists "
+            f"{'it' if len(missing) == 1 else 'them'} but the local cache does not have "
+            f"{'it' if len(missing) == 1 else 'them'}, so decisions that depend on "
+            f"{'it' if len(missing) == 1 else 'them'} may be incomplete (import once online to fix)"
+        )
     elif recorded is None:
-        warnings.append("the Hub's file listing for this commit is not in the local cache: files the cache lacks "
-                        "cannot be named (import once online to record it)")
+        warnings.append(
+            "the Hub's file listing for this commit is not in the local cache: files the cache lacks "
+            "cannot be named (import once online to record it)"
+        )
 
     def read_range(path: str, start: int, end: int) -> bytes:
         found = _cached_path(cache, commit, path)
         if found is None:
-            raise OfflineNotCached(f"{reason}, and {path} of {repo_id} is not in the local cache", repo_id=repo_id,
-                                   revision=commit)
+            raise OfflineNotCached(
+                f"{reason}, and {path} of {repo_id} is not in the local cache",
+                repo_id=repo_id,
+                revision=commit,
+            )
         return _read_file_range(found, start, end)
 
-    snapshot = RepoSnapshot(source=source, origin="cache", repo_id=repo_id, commit=commit, facts=None,
-                            listing=listing, files=files, warnings=warnings, missing=missing,
-                            _head_reader=read_range)
+    snapshot = RepoSnapshot(
+        source=source,
+        origin="cache",
+        repo_id=repo_id,
+        commit=commit,
+        facts=None,
+        listing=listing,
+        files=files,
+        warnings=warnings,
+        missing=missing,
+        _head_reader=read_range,
+    )
     _require_config(snapshot)
     return snapshot
 
 
-def _cached_listing(repo_id: str, commit: str, cache_dir: Path | None, snapshot_dir: Path,
-                    recorded: Any) -> dict[str, FileMeta]:
+def _cached_listing(
+    repo_id: str, commit: str, cache_dir: Path | None, snapshot_dir: Path, recorded: Any
+) -> dict[str, FileMeta]:
     """The file listing of a cached commit: the one recorded at import, else snapshot_download's, else the folder."""
     import huggingface_hub
 
@@ -449,13 +503,19 @@ def _cached_listing(repo_id: str, commit: str, cache_dir: Path | None, snapshot_
     if isinstance(recorded, list):
         for item in recorded:
             if isinstance(item, dict) and isinstance(item.get("path"), str):
-                listing[item["path"]] = FileMeta(**{k: item.get(k) for k in ("path", "size", "blob_id", "sha256")})
+                listing[item["path"]] = FileMeta(
+                    **{k: item.get(k) for k in ("path", "size", "blob_id", "sha256")}
+                )
     else:
         try:  # snapshot_download records the full tree listing; use it when present
             for entry in huggingface_hub.get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache_dir):
                 lfs = getattr(entry, "lfs", None)
-                listing[entry.path] = FileMeta(path=entry.path, size=entry.size, blob_id=getattr(entry, "blob_id", None),
-                                               sha256=getattr(lfs, "sha256", None) if lfs is not None else None)
+                listing[entry.path] = FileMeta(
+                    path=entry.path,
+                    size=entry.size,
+                    blob_id=getattr(entry, "blob_id", None),
+                    sha256=getattr(lfs, "sha256", None) if lfs is not None else None,
+                )
         except Exception:  # no recorded tree (or an older huggingface_hub): list the snapshot folder instead
             listing = {}
     for file in sorted(snapshot_dir.rglob("*")):
@@ -477,8 +537,9 @@ def _fetch_local(source: ModelSource) -> RepoSnapshot:
     repo_id, commit = _cache_identity(folder)
     # Files of an HF cache snapshot are symlinks into the repo's blobs/: those may be followed, nothing else.
     allowed_root = folder.parent.parent if repo_id else folder
-    if not any((folder / name).is_file() for name in ("config.json", "model_index.json")) and \
-            not any(folder.glob("*.gguf")):
+    if not any((folder / name).is_file() for name in ("config.json", "model_index.json")) and not any(
+        folder.glob("*.gguf")
+    ):
         raise NoConfig(f"{folder} has no config.json: not a transformers/MLX model folder")
     listing: dict[str, FileMeta] = {}
     warnings: list[str] = []
@@ -489,8 +550,11 @@ def _fetch_local(source: ModelSource) -> RepoSnapshot:
         size = listing[path].size or 0
         if size > MAX_METADATA_BYTES:
             if path == "config.json":
-                raise BadMetadata(f"{folder / path} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for a "
-                                  "metadata file", file=path)
+                raise BadMetadata(
+                    f"{folder / path} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for a "
+                    "metadata file",
+                    file=path,
+                )
             warnings.append(f"{path} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit: not read")
             continue
         try:
@@ -501,8 +565,17 @@ def _fetch_local(source: ModelSource) -> RepoSnapshot:
     def read_range(path: str, start: int, end: int) -> bytes:
         return _read_file_range(folder / path, start, end)
 
-    snapshot = RepoSnapshot(source=source, origin="local", repo_id=repo_id, commit=commit, facts=None, listing=listing,
-                            files=files, warnings=warnings, _head_reader=read_range)
+    snapshot = RepoSnapshot(
+        source=source,
+        origin="local",
+        repo_id=repo_id,
+        commit=commit,
+        facts=None,
+        listing=listing,
+        files=files,
+        warnings=warnings,
+        _head_reader=read_range,
+    )
     _require_config(snapshot)
     return snapshot
 
@@ -563,8 +636,12 @@ def _read_file_range(path: str | Path, start: int, end: int) -> bytes:
 def _cache_identity(folder: Path) -> tuple[str | None, str | None]:
     """(repo id, commit) when folder is `…/models--org--name/snapshots/<commit>`, else (None, None)."""
     parent = folder.parent
-    if parent.name == "snapshots" and COMMIT_RE.match(folder.name) and parent.parent.name.startswith("models--"):
-        parts = parent.parent.name[len("models--"):].split("--")
+    if (
+        parent.name == "snapshots"
+        and COMMIT_RE.match(folder.name)
+        and parent.parent.name.startswith("models--")
+    ):
+        parts = parent.parent.name[len("models--") :].split("--")
         if len(parts) == 2:
             return f"{parts[0]}/{parts[1]}", folder.name
     return None, None

@@ -33,7 +33,9 @@ TOWER_KEYS = (
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
 
 
 class RepoMetadata:
@@ -55,7 +57,9 @@ class RepoMetadata:
             except UnicodeDecodeError:
                 raise BadMetadata(f"{path} is not UTF-8 text") from None
             except json.JSONDecodeError as exc:
-                raise BadMetadata(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+                raise BadMetadata(
+                    f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
+                ) from None
             except RecursionError:
                 raise BadMetadata(f"{path} is nested too deeply to read") from None
             if not isinstance(parsed, dict):
@@ -94,8 +98,16 @@ class RepoMetadata:
                 return
             for key, value in node.items():
                 if isinstance(value, dict) and (include_towers or key not in TOWER_KEYS):
-                    if key in ("id2label", "label2id", "quantization", "quantization_config", "rope_scaling",
-                               "rope_parameters", "auto_map", "task_specific_params"):
+                    if key in (
+                        "id2label",
+                        "label2id",
+                        "quantization",
+                        "quantization_config",
+                        "rope_scaling",
+                        "rope_parameters",
+                        "auto_map",
+                        "task_specific_params",
+                    ):
                         continue
                     yield from walk(f"{prefix}.{key}" if prefix else key, value, depth + 1)
 
@@ -127,7 +139,9 @@ def int_ids(value: Any, file: str, field: str) -> list[int]:
         ids = []
         for item in value:
             if isinstance(item, bool) or not isinstance(item, int):
-                raise BadMetadata(f"{file}: {field} must be an integer or a list of integers, found {_describe(item)}")
+                raise BadMetadata(
+                    f"{file}: {field} must be an integer or a list of integers, found {_describe(item)}"
+                )
             if item >= 0:
                 ids.append(item)
         return ids

@@ -47,13 +47,19 @@ def _switch_in(template: str) -> str | None:
     return None
 
 
-def _default_enabled(template: str, switch: str | None, start: str, variables: dict[str, str]) -> tuple[bool | None, str]:
+def _default_enabled(
+    template: str, switch: str | None, start: str, variables: dict[str, str]
+) -> tuple[bool | None, str]:
     """Render with the switch unset / on / off and see which the default matches."""
     try:
         unset = render_chat(template, _PROBE_USER, variables=variables, deadline_s=2.0)
         if switch is None:
             opens = unset.rstrip().endswith(start)
-            return (True, "the generation prompt opens the reasoning block") if opens else (None, "no switch in the template")
+            return (
+                (True, "the generation prompt opens the reasoning block")
+                if opens
+                else (None, "no switch in the template")
+            )
         if switch == "reasoning_effort":
             return True, "reasoning_effort only sets how much it reasons"
         on = render_chat(template, _PROBE_USER, variables=variables, deadline_s=2.0, **{switch: True})
@@ -69,7 +75,9 @@ def _default_enabled(template: str, switch: str | None, start: str, variables: d
     return None, f"the prompt without {switch} matches neither setting"
 
 
-def decide_reasoning(template: str | None, special_texts: set[str], variables: dict[str, str]) -> ReasoningDecision:
+def decide_reasoning(
+    template: str | None, special_texts: set[str], variables: dict[str, str]
+) -> ReasoningDecision:
     """Find the reasoning markers, switch and default, and the tool-call format."""
     text = template or ""
     evidence: list[Evidence] = []
@@ -96,7 +104,9 @@ def decide_reasoning(template: str | None, special_texts: set[str], variables: d
     else:
         value = "no reasoning markers"
     tools, tool_evidence = _tool_format(text, special_texts)
-    tool_value = f"{tools.format} ({tools.start} … {tools.end})" if tools.format else "no tool-call syntax found"
+    tool_value = (
+        f"{tools.format} ({tools.start} … {tools.end})" if tools.format else "no tool-call syntax found"
+    )
     return ReasoningDecision(
         reasoning=reasoning,
         tool_calls=tools,
@@ -110,19 +120,45 @@ def _tool_format(template: str, special_texts: set[str]) -> tuple[ToolCalls, lis
     rules: tuple[tuple[str, bool, str | None, str | None], ...] = (
         ("minimax_m2", "<minimax:tool_call>" in template, "<minimax:tool_call>", "</minimax:tool_call>"),
         ("gemma4", "<|tool_call>" in template and "<tool_call|>" in template, "<|tool_call>", "<tool_call|>"),
-        ("function_gemma", "<start_function_call>" in template, "<start_function_call>", "<end_function_call>"),
+        (
+            "function_gemma",
+            "<start_function_call>" in template,
+            "<start_function_call>",
+            "<end_function_call>",
+        ),
         ("glm47", "<arg_key>" in template, "<tool_call>", "</tool_call>"),
-        ("pythonic", "<|tool_call_start|>" in template or "<|tool_list_start|>" in template,
-         "<|tool_call_start|>", "<|tool_call_end|>"),
-        ("qwen3_coder", "<tool_call>\n<function=" in template or "<tool_call>\\n<function=" in template,
-         "<tool_call>", "</tool_call>"),
-        ("kimi_k2", "<|tool_calls_section_begin|>" in template, "<|tool_calls_section_begin|>",
-         "<|tool_calls_section_end|>"),
+        (
+            "pythonic",
+            "<|tool_call_start|>" in template or "<|tool_list_start|>" in template,
+            "<|tool_call_start|>",
+            "<|tool_call_end|>",
+        ),
+        (
+            "qwen3_coder",
+            "<tool_call>\n<function=" in template or "<tool_call>\\n<function=" in template,
+            "<tool_call>",
+            "</tool_call>",
+        ),
+        (
+            "kimi_k2",
+            "<|tool_calls_section_begin|>" in template,
+            "<|tool_calls_section_begin|>",
+            "<|tool_calls_section_end|>",
+        ),
         ("mistral", "[TOOL_CALLS]" in template, "[TOOL_CALLS]", None),
         ("json_tools", "<tool_call>" in template and "tool_call" in template, "<tool_call>", "</tool_call>"),
-        ("harmony", "<|call|>" in template or "to=functions." in template, "<|channel|>commentary", "<|call|>"),
-        ("llama3_json", "<|python_tag|>" in template or ("ipython" in template and "parameters" in template),
-         None, None),
+        (
+            "harmony",
+            "<|call|>" in template or "to=functions." in template,
+            "<|channel|>commentary",
+            "<|call|>",
+        ),
+        (
+            "llama3_json",
+            "<|python_tag|>" in template or ("ipython" in template and "parameters" in template),
+            None,
+            None,
+        ),
     )
     for name, hit, start, end in rules:
         if hit:
@@ -131,6 +167,8 @@ def _tool_format(template: str, special_texts: set[str]) -> tuple[ToolCalls, lis
             ]
     if "<|tool_call_start|>" in special_texts and "<|tool_call_end|>" in special_texts:
         return ToolCalls(format="pythonic", start="<|tool_call_start|>", end="<|tool_call_end|>"), [
-            Evidence(source="special tokens", detail="tool-call tokens <|tool_call_start|> … <|tool_call_end|>")
+            Evidence(
+                source="special tokens", detail="tool-call tokens <|tool_call_start|> … <|tool_call_end|>"
+            )
         ]
     return ToolCalls(), []

@@ -34,7 +34,9 @@ class ModelSource:
 
 def _check_repo_id(repo_id: str, original: str) -> str:
     if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
-        raise UsageError(f"{original!r} is not a Hugging Face repo id (expected org/name) or an existing folder")
+        raise UsageError(
+            f"{original!r} is not a Hugging Face repo id (expected org/name) or an existing folder"
+        )
     return repo_id
 
 
@@ -78,15 +80,19 @@ def parse_source(spec: str, revision: str | None = None) -> ModelSource:
         host = (parsed.hostname or "").lower()
         configured = (urlparse(hub.endpoint()).hostname or "").lower()
         if host not in _HUB_HOSTS and host != configured:
-            raise UsageError(f"{spec!r} is not a Hub URL: its host {host!r} is neither huggingface.co nor the "
-                             f"configured endpoint ({hub.endpoint()}); give org/name instead")
+            raise UsageError(
+                f"{spec!r} is not a Hub URL: its host {host!r} is neither huggingface.co nor the "
+                f"configured endpoint ({hub.endpoint()}); give org/name instead"
+            )
         parts = [unquote(p) for p in parsed.path.split("/") if p]
         if parts and parts[0] in ("models",):
             parts = parts[1:]
         if parts and parts[0] in ("datasets", "spaces"):
             raise UsageError(f"{spec!r} is a {parts[0][:-1]}, not a model repo")
         if len(parts) < 2:
-            raise UsageError(f"{spec!r} does not name a model repo (expected https://huggingface.co/org/name)")
+            raise UsageError(
+                f"{spec!r} does not name a model repo (expected https://huggingface.co/org/name)"
+            )
         repo_id = f"{parts[0]}/{parts[1]}"
         if len(parts) >= 4 and parts[2] in ("tree", "blob", "resolve", "commit"):
             url_revision = parts[3]

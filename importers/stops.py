@@ -43,7 +43,9 @@ def decide_stops(meta: RepoMetadata, vocab: SpecialVocab) -> StopDecision:
         mapped = vocab.id_of(text)
         if mapped is None:
             unmapped.append(text)
-            warnings.append(f"{source} names {text!r}, but no file maps it to an id: it stops only as a string")
+            warnings.append(
+                f"{source} names {text!r}, but no file maps it to an id: it stops only as a string"
+            )
             return
         add_id(mapped[0], source, text)
 
@@ -51,12 +53,20 @@ def decide_stops(meta: RepoMetadata, vocab: SpecialVocab) -> StopDecision:
     eos_text = token_text(tokenizer_config.get("eos_token"), "tokenizer_config.json", "eos_token")
     eos_source = "tokenizer_config.json:eos_token"
     if eos_text is None:
-        eos_text = token_text(meta.special_tokens_map.get("eos_token"), "special_tokens_map.json", "eos_token")
+        eos_text = token_text(
+            meta.special_tokens_map.get("eos_token"), "special_tokens_map.json", "eos_token"
+        )
         eos_source = "special_tokens_map.json:eos_token"
     if eos_text is not None:
         add_text(eos_text, eos_source)
-        evidence.append(Evidence(source=eos_source.split(":")[0], field="eos_token", detail=f"tokenizer eos {eos_text!r}",
-                                 value=eos_text))
+        evidence.append(
+            Evidence(
+                source=eos_source.split(":")[0],
+                field="eos_token",
+                detail=f"tokenizer eos {eos_text!r}",
+                value=eos_text,
+            )
+        )
 
     for path, node in meta.sub_configs():
         field = f"{path}.eos_token_id" if path else "eos_token_id"
@@ -70,13 +80,21 @@ def decide_stops(meta: RepoMetadata, vocab: SpecialVocab) -> StopDecision:
     for token_id in gen_ids:
         add_id(token_id, "generation_config.json:eos_token_id")
     if gen_ids:
-        evidence.append(Evidence(source="generation_config.json", field="eos_token_id", detail=f"ids {gen_ids}"))
+        evidence.append(
+            Evidence(source="generation_config.json", field="eos_token_id", detail=f"ids {gen_ids}")
+        )
 
     eot_text = token_text(tokenizer_config.get("eot_token"), "tokenizer_config.json", "eot_token")
     if eot_text is not None:
         add_text(eot_text, "tokenizer_config.json:eot_token")
-        evidence.append(Evidence(source="tokenizer_config.json", field="eot_token",
-                                 detail=f"declared end-of-turn token {eot_text!r}", value=eot_text))
+        evidence.append(
+            Evidence(
+                source="tokenizer_config.json",
+                field="eot_token",
+                detail=f"declared end-of-turn token {eot_text!r}",
+                value=eot_text,
+            )
+        )
 
     tokens: list[StopToken] = []
     for token_id in sorted(by_id):

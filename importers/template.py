@@ -29,8 +29,19 @@ from gallery.errors import BadMetadata
 from importers.metadata import RepoMetadata, token_text
 
 _MEDIA_MARKERS = (
-    "<|image_pad|>", "<|vision_start|>", "<start_of_image>", "<|image|>", "<|image>", "<image>", "[IMG]",
-    "<|image_1|>", "<image_soft_token>", "<|img|>", "<img>", "<|media_pad|>", "<fake_token_around_image>",
+    "<|image_pad|>",
+    "<|vision_start|>",
+    "<start_of_image>",
+    "<|image|>",
+    "<|image>",
+    "<image>",
+    "[IMG]",
+    "<|image_1|>",
+    "<image_soft_token>",
+    "<|img|>",
+    "<img>",
+    "<|media_pad|>",
+    "<fake_token_around_image>",
 )
 
 
@@ -56,8 +67,14 @@ class TemplateDecision:
 def _named_list(value: list[Any], file: str) -> dict[str, str]:
     named: dict[str, str] = {}
     for index, item in enumerate(value):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("template"), str):
-            raise BadMetadata(f"{file}: chat_template[{index}] must be an object with string 'name' and 'template'")
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("name"), str)
+            or not isinstance(item.get("template"), str)
+        ):
+            raise BadMetadata(
+                f"{file}: chat_template[{index}] must be an object with string 'name' and 'template'"
+            )
         named[item["name"]] = item["template"]
     return named
 
@@ -70,13 +87,17 @@ def _template_value(value: Any, file: str, key: str = "chat_template") -> dict[s
         return {"default": value} if value.strip() else {}
     if isinstance(value, list):
         return _named_list(value, file)
-    raise BadMetadata(f"{file}: {key} must be a string or a list of named templates, got {type(value).__name__}")
+    raise BadMetadata(
+        f"{file}: {key} must be a string or a list of named templates, got {type(value).__name__}"
+    )
 
 
 def tokenizer_templates(meta: RepoMetadata) -> dict[str, TemplateCandidate]:
     """The tokenizer's templates by name, with transformers' precedence applied."""
     found: dict[str, TemplateCandidate] = {}
-    for name, text in _template_value(meta.tokenizer_config.get("chat_template"), "tokenizer_config.json").items():
+    for name, text in _template_value(
+        meta.tokenizer_config.get("chat_template"), "tokenizer_config.json"
+    ).items():
         found[name] = TemplateCandidate(text, "tokenizer_config.json:chat_template", name)
     jinja = meta.snapshot.text("chat_template.jinja")
     if jinja is not None and jinja.strip():
@@ -142,8 +163,10 @@ class ProbeResult:
 
 
 def _as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
-            for m in messages]
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+        for m in messages
+    ]
 
 
 def _text_probe(text: str, variables: dict[str, str], messages: list[dict[str, Any]]) -> tuple[str, bool]:
@@ -178,7 +201,9 @@ def _render_checks(text: str, variables: dict[str, str], *, vlm: bool, markers: 
             check.text_probe = "ok"
             result.supports_system, result.content_format = supports_system, content_format
             if not supports_system:
-                check.errors.append("system messages are rejected; the runtime folds them into the first user turn")
+                check.errors.append(
+                    "system messages are rejected; the runtime folds them into the first user turn"
+                )
             break
         failures.append(f"the rendered prompt drops the user's text when content is a {content_format}")
     else:
@@ -188,12 +213,15 @@ def _render_checks(text: str, variables: dict[str, str], *, vlm: bool, markers: 
         question = {"type": "text", "text": "What is in this image?"}
         try:
             with_image = render_chat(text, PROBE_IMAGE, variables=variables, deadline_s=2.0)
-            text_only = render_chat(text, [{"role": "user", "content": [question]}], variables=variables,
-                                    deadline_s=2.0)
+            text_only = render_chat(
+                text, [{"role": "user", "content": [question]}], variables=variables, deadline_s=2.0
+            )
             result.marker = next((m for m in markers if with_image.count(m) > text_only.count(m)), None)
             if with_image == text_only:
                 check.image_probe = "error"
-                check.errors.append("the template drops image parts: a rendered image message equals the text-only one")
+                check.errors.append(
+                    "the template drops image parts: a rendered image message equals the text-only one"
+                )
             else:
                 check.image_probe = "ok"
         except TemplateError as exc:
@@ -203,7 +231,10 @@ def _render_checks(text: str, variables: dict[str, str], *, vlm: bool, markers: 
 
 
 def _checked_named(
-    tok: dict[str, TemplateCandidate], chosen: TemplateCandidate, variables: dict[str, str], warnings: list[str]
+    tok: dict[str, TemplateCandidate],
+    chosen: TemplateCandidate,
+    variables: dict[str, str],
+    warnings: list[str],
 ) -> dict[str, str]:
     """The other named templates worth pinning: each must compile and render the text probe in the sandbox."""
     named: dict[str, str] = {}
@@ -227,36 +258,62 @@ def decide_template(meta: RepoMetadata, *, vlm: bool, image_token_text: str | No
     conflicts: list[str] = []
     warnings: list[str] = []
     for name, cand in tok.items():
-        evidence.append(Evidence(source=cand.source.split(":")[0], field=cand.source.partition(":")[2] or None,
-                                 detail=f"tokenizer template {name!r} ({len(cand.text)} chars)"))
+        evidence.append(
+            Evidence(
+                source=cand.source.split(":")[0],
+                field=cand.source.partition(":")[2] or None,
+                detail=f"tokenizer template {name!r} ({len(cand.text)} chars)",
+            )
+        )
     if proc is not None and proc.source != "chat_template.jinja":
-        evidence.append(Evidence(source=proc.source.split(":")[0], field="chat_template",
-                                 detail=f"processor template ({len(proc.text)} chars)"))
+        evidence.append(
+            Evidence(
+                source=proc.source.split(":")[0],
+                field="chat_template",
+                detail=f"processor template ({len(proc.text)} chars)",
+            )
+        )
     tok_default = tok.get("default")
     chosen: TemplateCandidate | None
     if vlm:
         chosen = proc or tok_default
-        why = "the processor's template (it knows about images)" if proc else "the tokenizer's (no processor template)"
+        why = (
+            "the processor's template (it knows about images)"
+            if proc
+            else "the tokenizer's (no processor template)"
+        )
         if proc is None and tok_default is not None:
-            warnings.append("VLM without a processor chat template: pinned the tokenizer's, which may not render images")
+            warnings.append(
+                "VLM without a processor chat template: pinned the tokenizer's, which may not render images"
+            )
     else:
         chosen = tok_default or proc
-        why = "the tokenizer's template" if tok_default else "the processor's template (the tokenizer has none)"
+        why = (
+            "the tokenizer's template" if tok_default else "the processor's template (the tokenizer has none)"
+        )
     if chosen is None and tok:
         # Named templates but no 'default' (transformers refuses these without a name): pin the first.
         first = next(iter(tok.values()))
         chosen, why = first, f"named template {first.name!r} (no 'default' among {sorted(tok)})"
-        warnings.append(f"the tokenizer has named templates {sorted(tok)} but no 'default': pinned {first.name!r}")
+        warnings.append(
+            f"the tokenizer has named templates {sorted(tok)} but no 'default': pinned {first.name!r}"
+        )
     if tok_default is not None and proc is not None and tok_default.text != proc.text:
         loser = tok_default if chosen is proc else proc
-        conflicts.append(f"{loser.source} has a different template; pinned {chosen.source if chosen else '-'} for {'mlx-vlm' if vlm else 'mlx'}")
+        conflicts.append(
+            f"{loser.source} has a different template; pinned {chosen.source if chosen else '-'} for {'mlx-vlm' if vlm else 'mlx'}"
+        )
     variables = template_variables(meta)
 
     if chosen is None:
-        warnings.append("no chat template anywhere (tokenizer_config.json, chat_template.jinja/json, processor_config.json): "
-                        "chat requests cannot be rendered as the model expects")
+        warnings.append(
+            "no chat template anywhere (tokenizer_config.json, chat_template.jinja/json, processor_config.json): "
+            "chat requests cannot be rendered as the model expects"
+        )
         template = ChatTemplate(status="missing", variables=variables)
-        decision = Decision(value="missing: no chat template in any home", evidence=evidence, conflicts=conflicts)
+        decision = Decision(
+            value="missing: no chat template in any home", evidence=evidence, conflicts=conflicts
+        )
         return TemplateDecision(template=template, media_marker=None, decision=decision, warnings=warnings)
 
     markers = media_marker_candidates(meta, image_token_text)
@@ -264,12 +321,16 @@ def decide_template(meta: RepoMetadata, *, vlm: bool, image_token_text: str | No
     check = probes.check
     named = _checked_named(tok, chosen, variables, warnings)
     if any(err.startswith("chat template is") and "limit" in err for err in check.errors) or (
-        check.text_probe == "error" and any("syntax error" in err or "does not compile" in err for err in check.errors)
+        check.text_probe == "error"
+        and any("syntax error" in err or "does not compile" in err for err in check.errors)
     ):
         warnings.append(f"the chat template in {chosen.source} cannot be used: {check.errors[0]}")
-        template = ChatTemplate(status="rejected", source=chosen.source, name=chosen.name, variables=variables,
-                                render_check=check)
-        decision = Decision(value=f"rejected: {chosen.source}: {check.errors[0]}", evidence=evidence, conflicts=conflicts)
+        template = ChatTemplate(
+            status="rejected", source=chosen.source, name=chosen.name, variables=variables, render_check=check
+        )
+        decision = Decision(
+            value=f"rejected: {chosen.source}: {check.errors[0]}", evidence=evidence, conflicts=conflicts
+        )
         return TemplateDecision(template=template, media_marker=None, decision=decision, warnings=warnings)
     for err in check.errors:
         if not err.startswith("system messages are rejected"):
@@ -287,5 +348,9 @@ def decide_template(meta: RepoMetadata, *, vlm: bool, image_token_text: str | No
         content_format=probes.content_format,
     )
     value = f"pinned from {chosen.source}: {why}"
-    return TemplateDecision(template=template, media_marker=probes.marker, decision=Decision(
-        value=value, evidence=evidence, conflicts=conflicts), warnings=warnings)
+    return TemplateDecision(
+        template=template,
+        media_marker=probes.marker,
+        decision=Decision(value=value, evidence=evidence, conflicts=conflicts),
+        warnings=warnings,
+    )

@@ -31,15 +31,21 @@ class SpecialVocab:
         decoder = self._meta.tokenizer_config.get("added_tokens_decoder")
         if decoder is not None:
             if not isinstance(decoder, dict):
-                raise BadMetadata("tokenizer_config.json: added_tokens_decoder must be an object of id -> token")
+                raise BadMetadata(
+                    "tokenizer_config.json: added_tokens_decoder must be an object of id -> token"
+                )
             for key, entry in decoder.items():
                 try:
                     token_id = int(key)
                 except (TypeError, ValueError):
-                    raise BadMetadata(f"tokenizer_config.json: added_tokens_decoder key {key!r} is not an id") from None
+                    raise BadMetadata(
+                        f"tokenizer_config.json: added_tokens_decoder key {key!r} is not an id"
+                    ) from None
                 content = entry.get("content") if isinstance(entry, dict) else entry
                 if not isinstance(content, str):
-                    raise BadMetadata(f"tokenizer_config.json: added_tokens_decoder[{key}] has no string content")
+                    raise BadMetadata(
+                        f"tokenizer_config.json: added_tokens_decoder[{key}] has no string content"
+                    )
                 self._add(token_id, content, "tokenizer_config.json:added_tokens_decoder")
         added = self._meta.json_object("added_tokens.json")
         if added:

@@ -49,6 +49,7 @@ async def run_blocking(executor: concurrent.futures.Executor, fn: Callable[..., 
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
+
         def orphan(done: asyncio.Future[Any]) -> None:
             if not done.cancelled() and done.exception() is None and isinstance(done.result(), RequestHandle):
                 done.result().cancel()

@@ -49,10 +49,17 @@ def check_bind(address: str, *, allow_remote: bool, insecure: bool, token: str |
     if is_loopback(host):
         return host, port
     if not allow_remote:
-        raise UsageError(f"--addr {address}: not a loopback address; pass --allow-remote to serve other machines")
+        raise UsageError(
+            f"--addr {address}: not a loopback address; pass --allow-remote to serve other machines"
+        )
     if not token and not insecure:
-        raise UsageError(f"--addr {address}: serving other machines without LOCALAI_GRPC_AUTH_TOKEN; set a token, "
-                         "or pass --insecure to allow unauthenticated access")
-    log.warning("listening on %s, reachable from other machines%s", address,
-                "" if token else " WITHOUT authentication (--insecure)")
+        raise UsageError(
+            f"--addr {address}: serving other machines without LOCALAI_GRPC_AUTH_TOKEN; set a token, "
+            "or pass --insecure to allow unauthenticated access"
+        )
+    log.warning(
+        "listening on %s, reachable from other machines%s",
+        address,
+        "" if token else " WITHOUT authentication (--insecure)",
+    )
     return host, port

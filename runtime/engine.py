@@ -36,7 +36,13 @@ from backends.decoding import (
     VlmStreams,
     check_kv_quantization,
 )
-from backends.sampling import ThinkingBudget, make_processors, make_sampler, recover_random_state
+from backends.sampling import (
+    ThinkingBudget,
+    greedy_token,
+    make_processors,
+    make_sampler,
+    recover_random_state,
+)
 from gallery.config import ModelConfig
 from gallery.errors import GalleryError, RuntimeFailure
 from runtime.load_options import LoadOptions, parse_options
@@ -97,20 +103,32 @@ class EngineSettings:
             max_items=int(options.get("max_media_items")),
             max_bytes=int(float(options.get("max_media_mb")) * 1024 * 1024),
         )
-        defaults = tuple((key, options.get(key)) for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                                                           "max_tokens", "seed") if options.given(key))
+        defaults = tuple(
+            (key, options.get(key))
+            for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed")
+            if options.given(key)
+        )
         return cls(
-            max_active=int(options.get("max_active")), max_queue=int(options.get("max_queue")),
-            batching=bool(options.get("batching")), prefill_step=int(options.get("prefill_step")),
-            prefill_batch=int(options.get("prefill_batch")), prefix_cache=bool(options.get("prefix_cache")),
+            max_active=int(options.get("max_active")),
+            max_queue=int(options.get("max_queue")),
+            batching=bool(options.get("batching")),
+            prefill_step=int(options.get("prefill_step")),
+            prefill_batch=int(options.get("prefill_batch")),
+            prefix_cache=bool(options.get("prefix_cache")),
             prefix_cache_entries=int(options.get("prefix_cache_entries")),
             prefix_cache_bytes=int(float(options.get("prefix_cache_mb")) * 1024 * 1024),
-            max_kv_size=options.get("max_kv_size"), kv_bits=options.get("kv_bits"),
-            kv_group_size=int(options.get("kv_group_size")), quantized_kv_start=int(options.get("quantized_kv_start")),
-            num_draft_tokens=options.get("num_draft_tokens"), context_size=options.get("context_size"),
-            limits=RequestLimits(max_request_bytes=int(options.get("max_request_bytes")),
-                                 max_tokens=int(options.get("max_tokens_limit"))),
-            media_policy=policy, defaults=defaults,
+            max_kv_size=options.get("max_kv_size"),
+            kv_bits=options.get("kv_bits"),
+            kv_group_size=int(options.get("kv_group_size")),
+            quantized_kv_start=int(options.get("quantized_kv_start")),
+            num_draft_tokens=options.get("num_draft_tokens"),
+            context_size=options.get("context_size"),
+            limits=RequestLimits(
+                max_request_bytes=int(options.get("max_request_bytes")),
+                max_tokens=int(options.get("max_tokens_limit")),
+            ),
+            media_policy=policy,
+            defaults=defaults,
         )
 
 
@@ -194,11 +212,7 @@ class _Guard:
             return self.fn(*args)
         except Exception as exc:
             self.job.failure = self.job.failure or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            if self.sampler:
-                import mlx.core as mx
-
-                return mx.argmax(args[0], axis=-1)
-            return args[-1]
+            return greedy_token(args[0]) if self.sampler else args[-1]
 
 
 class _Job:
@@ -214,13 +228,21 @@ class _Job:
         self.route = ROUTE_NAMES[prepared.route]
         reasoning = config.mlx.reasoning
         self.stops = StopStringMatcher(prepared.stops)
-        self.splitter = ReasoningSplitter(reasoning.start if reasoning.supported else None,
-                                          reasoning.end if reasoning.supported else None,
-                                          thinking=prepared.thinking, starts_inside=prepared.starts_inside)
+        self.splitter = ReasoningSplitter(
+            reasoning.start if reasoning.supported else None,
+            reasoning.end if reasoning.supported else None,
+            thinking=prepared.thinking,
+            starts_inside=prepared.starts_inside,
+        )
         tool_calls = config.mlx.tool_calls
         fmt = tool_calls.format if prepared.tools else None
-        self.tools = ToolCallExtractor(fmt, tool_calls.start, tool_calls.end, prepared.tools,
-                                       library=tool_parser(fmt) if fmt else (None, None, None))
+        self.tools = ToolCallExtractor(
+            fmt,
+            tool_calls.start,
+            tool_calls.end,
+            prepared.tools,
+            library=tool_parser(fmt) if fmt else (None, None, None),
+        )
         self.detokenizer = backend.detokenizer() if prepared.route != "vlm" else None
         self.failure: str | None = None
         self.started = time.perf_counter()
@@ -282,11 +304,24 @@ class EngineStats:
 class Engine:
     """Load one config on a worker thread and serve requests against it."""
 
-    def __init__(self, config: ModelConfig, *, settings: EngineSettings | None = None, base: Path | None = None,
-                 model_path: Path | None = None, allow_download: bool = False, strict: bool = False) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        settings: EngineSettings | None = None,
+        base: Path | None = None,
+        model_path: Path | None = None,
+        allow_download: bool = False,
+        strict: bool = False,
+    ) -> None:
         self.config = config
         self.settings = settings or EngineSettings()
-        self._load_args = {"base": base, "model_path": model_path, "allow_download": allow_download, "strict": strict}
+        self._load_args = {
+            "base": base,
+            "model_path": model_path,
+            "allow_download": allow_download,
+            "strict": strict,
+        }
         self.loaded: LoadedModel | None = None
         self.runtime: Runtime | None = None
         self.warnings: list[str] = []
@@ -361,8 +396,11 @@ class Engine:
             caches["vlm"] = self._vlm.describe()
         draft = {}
         if self._streams is not None and self._streams.drafted:
-            draft = {"draft_tokens": self._streams.drafted, "accepted": self._streams.accepted,
-                     "acceptance": round(self._streams.accepted / self._streams.drafted, 4)}
+            draft = {
+                "draft_tokens": self._streams.drafted,
+                "accepted": self._streams.accepted,
+                "acceptance": round(self._streams.accepted / self._streams.drafted, 4),
+            }
         return {
             "state": state,
             "model": self.config.name,
@@ -428,8 +466,9 @@ class Engine:
             self.warnings.extend(self.loaded.warnings)
             self._build_decoders(self.loaded)
         except BaseException as exc:
-            self._load_error = exc if isinstance(exc, GalleryError) else RuntimeFailure(
-                f"{type(exc).__name__}: {exc}")
+            self._load_error = (
+                exc if isinstance(exc, GalleryError) else RuntimeFailure(f"{type(exc).__name__}: {exc}")
+            )
             self.error = str(self._load_error)
             self.loaded = None
             self._ready.set()
@@ -448,29 +487,52 @@ class Engine:
         settings, config = self.settings, self.config
         text_backend = loaded.primary if config.backend == "mlx" else loaded.text_route
         vlm_backend = loaded.primary if config.backend == "mlx-vlm" else None
-        self._prefix = PrefixCache(entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
-                                   max_bytes=settings.prefix_cache_bytes)
-        kv = {"max_kv_size": settings.max_kv_size, "kv_bits": settings.kv_bits, "kv_group_size": settings.kv_group_size,
-              "quantized_kv_start": settings.quantized_kv_start}
+        self._prefix = PrefixCache(
+            entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
+            max_bytes=settings.prefix_cache_bytes,
+        )
+        kv = {
+            "max_kv_size": settings.max_kv_size,
+            "kv_bits": settings.kv_bits,
+            "kv_group_size": settings.kv_group_size,
+            "quantized_kv_start": settings.quantized_kv_start,
+        }
         for backend in (text_backend, vlm_backend):
-            problem = check_kv_quantization(backend.model, settings.kv_bits, settings.kv_group_size) if backend else None
+            problem = (
+                check_kv_quantization(backend.model, settings.kv_bits, settings.kv_group_size)
+                if backend
+                else None
+            )
             if problem:
                 raise LoadFailedOption(f"{config.name}: {problem} (load options kv_bits / kv_group_size)")
         if text_backend is not None:
             if settings.batching and settings.kv_bits is None:
                 self._batcher = self._new_batcher(text_backend)
-            self._streams = TextStreams(text_backend.model, self._prefix, draft_model=text_backend.draft_model,
-                                        num_draft_tokens=settings.num_draft_tokens or config.mlx.speculative.num_draft_tokens
-                                        or 3, prefill_step=settings.prefill_step, **kv)
+            self._streams = TextStreams(
+                text_backend.model,
+                self._prefix,
+                draft_model=text_backend.draft_model,
+                num_draft_tokens=settings.num_draft_tokens or config.mlx.speculative.num_draft_tokens or 3,
+                prefill_step=settings.prefill_step,
+                **kv,
+            )
         if vlm_backend is not None:
-            self._vlm = VlmStreams(vlm_backend.model, vlm_backend.processor,
-                                   prefix_entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
-                                   prefill_step=settings.prefill_step, draft_model=vlm_backend.draft_model,
-                                   draft_kind=vlm_backend.draft_kind, **kv)
+            self._vlm = VlmStreams(
+                vlm_backend.model,
+                vlm_backend.processor,
+                prefix_entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
+                prefill_step=settings.prefill_step,
+                draft_model=vlm_backend.draft_model,
+                draft_kind=vlm_backend.draft_kind,
+                **kv,
+            )
         vlm_drafts = vlm_backend is not None and vlm_backend.draft_model is not None
         self.runtime = Runtime(
-            config=config, text_backend=None if vlm_drafts else text_backend, vlm_backend=vlm_backend,
-            limits=settings.limits, media_policy=settings.media_policy,
+            config=config,
+            text_backend=None if vlm_drafts else text_backend,
+            vlm_backend=vlm_backend,
+            limits=settings.limits,
+            media_policy=settings.media_policy,
             context_size=settings.context_size or config.context_size,
             speculative=text_backend is not None and text_backend.draft_model is not None,
             vlm_for_text=vlm_backend is not None and (text_backend is None or vlm_drafts),
@@ -480,9 +542,14 @@ class Engine:
     def _new_batcher(self, backend: Any) -> TextBatcher:
         settings = self.settings
         assert self._prefix is not None
-        return TextBatcher(backend.model, self._prefix, max_batch=settings.max_active,
-                           prefill_batch=settings.prefill_batch, prefill_step=settings.prefill_step,
-                           max_kv_size=settings.max_kv_size)
+        return TextBatcher(
+            backend.model,
+            self._prefix,
+            max_batch=settings.max_active,
+            prefill_batch=settings.prefill_batch,
+            prefill_step=settings.prefill_step,
+            max_kv_size=settings.max_kv_size,
+        )
 
     def _close_decoders(self) -> None:
         for decoder in (self._batcher, self._streams, self._vlm):
@@ -528,8 +595,11 @@ class Engine:
             started = decoder.add(spec)
         except Exception as exc:
             self._jobs[job.uid] = job
-            self._close(job, "error", error=f"generation failed to start: {type(exc).__name__}: "
-                                            f"{' '.join(str(exc).split())[:300]}")
+            self._close(
+                job,
+                "error",
+                error=f"generation failed to start: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+            )
             return
         job.cached_tokens = started.cached_tokens
         self._jobs[job.uid] = job
@@ -542,26 +612,45 @@ class Engine:
         end_ids = backend.encode_plain(reasoning.end) if reasoning.supported and reasoning.end else []
         start_ids = backend.encode_plain(reasoning.start) if reasoning.supported and reasoning.start else []
         if prepared.thinking_budget is not None:
-            processors.append(ThinkingBudget(prepared.thinking_budget, start_ids, end_ids,
-                                             inside=prepared.starts_inside and prepared.thinking))
+            processors.append(
+                ThinkingBudget(
+                    prepared.thinking_budget,
+                    start_ids,
+                    end_ids,
+                    inside=prepared.starts_inside and prepared.thinking,
+                )
+            )
         if prepared.grammar is not None:
             from backends.grammar import GrammarProcessor, llg_tokenizer
 
-            processors.append(GrammarProcessor(
-                prepared.grammar, llg_tokenizer(backend.hf_tokenizer),
-                sorted(prepared.stop_ids) or self.config.mlx.stop_token_ids, reasoning_start=start_ids,
-                reasoning_end=end_ids, inside=prepared.starts_inside and prepared.thinking,
-                may_think=prepared.thinking))
+            processors.append(
+                GrammarProcessor(
+                    prepared.grammar,
+                    llg_tokenizer(backend.hf_tokenizer),
+                    sorted(prepared.stop_ids) or self.config.mlx.stop_token_ids,
+                    reasoning_start=start_ids,
+                    reasoning_end=end_ids,
+                    inside=prepared.starts_inside and prepared.thinking,
+                    may_think=prepared.thinking,
+                )
+            )
         media = prepared.media
         handle = job.handle
         return DecodeSpec(
-            uid=job.uid, max_tokens=prepared.max_tokens, stop_ids=prepared.stop_ids,
+            uid=job.uid,
+            max_tokens=prepared.max_tokens,
+            stop_ids=prepared.stop_ids,
             sampler=_Guard(sampler, job, sampler=True) if sampler is not None else None,
             processors=[_Guard(processor, job) for processor in processors],
-            logprobs=prepared.logprobs, prompt=prepared.prompt_ids or [], prompt_text=prepared.prompt_text,
-            images=list(media.images) if media else [], audio=list(media.audio) if media else [],
-            video=list(media.video) if media else [], media_key=tuple(media.hashes) if media else (),
-            speculative=prepared.speculative, num_draft_tokens=prepared.num_draft_tokens,
+            logprobs=prepared.logprobs,
+            prompt=prepared.prompt_ids or [],
+            prompt_text=prepared.prompt_text,
+            images=list(media.images) if media else [],
+            audio=list(media.audio) if media else [],
+            video=list(media.video) if media else [],
+            media_key=tuple(media.hashes) if media else (),
+            speculative=prepared.speculative,
+            num_draft_tokens=prepared.num_draft_tokens,
             should_stop=lambda: handle.cancelled or self._hard_stop.is_set(),
         )
 
@@ -648,8 +737,12 @@ class Engine:
     def _logprob(self, job: _Job, token: Token) -> TokenLogprob:
         decode = job.backend.detokenize
         assert token.token is not None and token.logprob is not None
-        return TokenLogprob(decode([token.token]), token.token, token.logprob,
-                            [(decode([i]), i, lp) for i, lp in token.top_logprobs or []])
+        return TokenLogprob(
+            decode([token.token]),
+            token.token,
+            token.logprob,
+            [(decode([i]), i, lp) for i, lp in token.top_logprobs or []],
+        )
 
     def _finish_unstarted(self, handle: RequestHandle, reason: str, error: str | None) -> None:
         handle.prepared.cleanup()
@@ -675,13 +768,20 @@ class Engine:
         final.finish_reason = finish
         final.error = error
         final.seed = job.prepared.params.seed if not job.prepared.params.greedy else None
-        final.usage = Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens,
-                            cached_tokens=job.cached_tokens, reasoning_tokens=job.reasoning_tokens,
-                            draft_tokens_accepted=job.draft_accepted)
+        final.usage = Usage(
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=job.completion_tokens,
+            cached_tokens=job.cached_tokens,
+            reasoning_tokens=job.reasoning_tokens,
+            draft_tokens_accepted=job.draft_accepted,
+        )
         final.timings = Timings(
-            queued_s=max(job.started - job.prepared.submitted, 0.0), prompt_s=prompt_s, generation_s=generation_s,
+            queued_s=max(job.started - job.prepared.submitted, 0.0),
+            prompt_s=prompt_s,
+            generation_s=generation_s,
             prompt_tps=computed / prompt_s if prompt_s > 0 and job.first_token_at else 0.0,
-            generation_tps=(job.completion_tokens - 1) / generation_s if generation_s > 0 and job.completion_tokens > 1
+            generation_tps=(job.completion_tokens - 1) / generation_s
+            if generation_s > 0 and job.completion_tokens > 1
             else 0.0,
         )
         job.prepared.cleanup()

@@ -53,18 +53,23 @@ class Fault:
 
 
 FAULTS: dict[str, Fault] = {
-    "invalid_request": Fault("INVALID_ARGUMENT", -32602,
-                             "bad request: bad base64 or media, media for a text model, malformed Tools/JSON, "
-                             "oversized request, a conversation the template rejects, bad option value"),
+    "invalid_request": Fault(
+        "INVALID_ARGUMENT",
+        -32602,
+        "bad request: bad base64 or media, media for a text model, malformed Tools/JSON, "
+        "oversized request, a conversation the template rejects, bad option value",
+    ),
     "not_loaded": Fault("FAILED_PRECONDITION", -32001, "no model is loaded (or it is still loading)"),
     "identity_mismatch": Fault("FAILED_PRECONDITION", -32005, "ModelIdentity / `model` names another model"),
     "not_found": Fault("NOT_FOUND", -32003, "the model to load does not exist (LoadModel: success=false)"),
-    "load_failed": Fault("FAILED_PRECONDITION", -32000, "the model exists but could not be loaded "
-                                                      "(LoadModel: success=false)"),
+    "load_failed": Fault(
+        "FAILED_PRECONDITION", -32000, "the model exists but could not be loaded (LoadModel: success=false)"
+    ),
     "busy": Fault("RESOURCE_EXHAUSTED", -32002, "the request queue is full; retry later"),
     "shutting_down": Fault("UNAVAILABLE", -32004, "the runtime is draining or stopping"),
-    "cancelled": Fault("CANCELLED", 0, "the request was cancelled (stdio: a normal result with "
-                                       "finish_reason \"cancelled\")"),
+    "cancelled": Fault(
+        "CANCELLED", 0, 'the request was cancelled (stdio: a normal result with finish_reason "cancelled")'
+    ),
     "generation_failed": Fault("INTERNAL", -32000, "the model failed while generating"),
     "unauthenticated": Fault("UNAUTHENTICATED", 0, "missing or wrong bearer token (gRPC only)"),
     "internal": Fault("INTERNAL", -32603, "a bug in the runtime (please report it)"),

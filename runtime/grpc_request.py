@@ -29,8 +29,14 @@ from runtime.request import (
 )
 
 # Metadata keys this runtime reads (anything else is refused: it would be silently ignored otherwise).
-METADATA_KEYS = ("enable_thinking", "reasoning_effort", "chat_template_kwargs", "response_format",
-                 "thinking_budget", "truncate")
+METADATA_KEYS = (
+    "enable_thinking",
+    "reasoning_effort",
+    "chat_template_kwargs",
+    "response_format",
+    "thinking_budget",
+    "truncate",
+)
 
 
 def parse_tool_choice(text: str) -> Any:
@@ -38,7 +44,7 @@ def parse_tool_choice(text: str) -> Any:
     text = text.strip()
     if not text:
         return None
-    if text[0] in "{[\"":
+    if text[0] in '{["':
         return parse_json(text, "ToolChoice")
     return text
 
@@ -47,8 +53,11 @@ def _metadata(request: GenerationRequest, metadata: Mapping[str, str]) -> None:
     """Thinking switch, template kwargs, structured output, thinking budget and truncation from Metadata."""
     unknown = sorted(set(metadata) - set(METADATA_KEYS))
     if unknown:
-        raise RequestError(f"Metadata {', '.join(repr(k) for k in unknown)}: not understood by this runtime "
-                           f"(known: {', '.join(METADATA_KEYS)})", field="Metadata")
+        raise RequestError(
+            f"Metadata {', '.join(repr(k) for k in unknown)}: not understood by this runtime "
+            f"(known: {', '.join(METADATA_KEYS)})",
+            field="Metadata",
+        )
     kwargs: dict[str, Any] = {}
     raw_kwargs = metadata.get("chat_template_kwargs")
     if raw_kwargs:
@@ -57,7 +66,9 @@ def _metadata(request: GenerationRequest, metadata: Mapping[str, str]) -> None:
             raise RequestError("Metadata chat_template_kwargs: must be a JSON object", field="Metadata")
         kwargs.update(parsed)
     if "enable_thinking" in kwargs:
-        request.enable_thinking = parse_bool(kwargs.pop("enable_thinking"), "chat_template_kwargs.enable_thinking")
+        request.enable_thinking = parse_bool(
+            kwargs.pop("enable_thinking"), "chat_template_kwargs.enable_thinking"
+        )
     if metadata.get("enable_thinking", "").strip():
         request.enable_thinking = parse_bool(metadata["enable_thinking"], "Metadata enable_thinking")
     effort = metadata.get("reasoning_effort", "").strip()
@@ -65,8 +76,9 @@ def _metadata(request: GenerationRequest, metadata: Mapping[str, str]) -> None:
         kwargs.setdefault("reasoning_effort", effort)
     request.template_kwargs = kwargs
     if metadata.get("response_format", "").strip():
-        request.response_format = response_format(parse_json(metadata["response_format"], "Metadata response_format"),
-                                                  "Metadata response_format")
+        request.response_format = response_format(
+            parse_json(metadata["response_format"], "Metadata response_format"), "Metadata response_format"
+        )
     if metadata.get("thinking_budget", "").strip():
         try:
             request.thinking_budget = int(metadata["thinking_budget"])
@@ -93,8 +105,11 @@ def _refuse_unsupported(options: Any) -> None:
     )
     refused = [name for name, active in checks if active]
     if refused:
-        raise RequestError(f"{', '.join(refused)}: not supported by this runtime (mlx-lm / mlx-vlm sampling); "
-                           "unset or send the neutral value", field=refused[0])
+        raise RequestError(
+            f"{', '.join(refused)}: not supported by this runtime (mlx-lm / mlx-vlm sampling); "
+            "unset or send the neutral value",
+            field=refused[0],
+        )
 
 
 def _grammar(text: str) -> ResponseFormat:
@@ -104,8 +119,10 @@ def _grammar(text: str) -> ResponseFormat:
     try:
         return ResponseFormat("lark", gbnf_to_lark(text))
     except (GbnfToLarkError, ValueError, RuntimeError) as exc:
-        raise RequestError(f"Grammar: not a GBNF grammar llguidance can read ({' '.join(str(exc).split())[:200]})",
-                           field="Grammar") from None
+        raise RequestError(
+            f"Grammar: not a GBNF grammar llguidance can read ({' '.join(str(exc).split())[:200]})",
+            field="Grammar",
+        ) from None
 
 
 def predict_request(options: Any) -> GenerationRequest:
@@ -118,15 +135,26 @@ def predict_request(options: Any) -> GenerationRequest:
     request = GenerationRequest(tools=tools, correlation_id=options.CorrelationId or None)
     _metadata(request, options.Metadata)
     if use_messages:
-        messages = [message_dict(m.role, m.content, name=m.name, tool_call_id=m.tool_call_id,
-                                 reasoning=m.reasoning_content, tool_calls=m.tool_calls, index=i)
-                    for i, m in enumerate(options.Messages)]
+        messages = [
+            message_dict(
+                m.role,
+                m.content,
+                name=m.name,
+                tool_call_id=m.tool_call_id,
+                reasoning=m.reasoning_content,
+                tool_calls=m.tool_calls,
+                index=i,
+            )
+            for i, m in enumerate(options.Messages)
+        ]
         request.messages = attach_media(messages, media)
     elif options.Prompt:
         request.prompt = options.Prompt
         request.media = media
     else:
-        raise RequestError("empty request: send Messages (with UseTokenizerTemplate) or a Prompt", field="Prompt")
+        raise RequestError(
+            "empty request: send Messages (with UseTokenizerTemplate) or a Prompt", field="Prompt"
+        )
     request.stop = [stop for stop in options.StopPrompts if stop]
     request.max_tokens = options.Tokens if options.Tokens > 0 else None
     request.temperature = float(options.Temperature)  # 0 is greedy decoding, as in llama.cpp
@@ -140,8 +168,11 @@ def predict_request(options: Any) -> GenerationRequest:
     request.seed = int(options.Seed) if options.Seed > 0 else None  # a negative Seed means "random"
     request.ignore_eos = bool(options.IgnoreEOS)
     request.logprobs = options.Logprobs > 0 or options.TopLogprobs > 0
-    request.top_logprobs = max(int(options.TopLogprobs), 0) if options.TopLogprobs > 0 else (
-        max(int(options.Logprobs), 0) if options.Logprobs > 1 else 0)
+    request.top_logprobs = (
+        max(int(options.TopLogprobs), 0)
+        if options.TopLogprobs > 0
+        else (max(int(options.Logprobs), 0) if options.Logprobs > 1 else 0)
+    )
     request.num_draft_tokens = options.NDraft if options.NDraft != 0 else None
     if options.LogitBias.strip():
         request.logit_bias = logit_bias(parse_json(options.LogitBias, "LogitBias"), "LogitBias")
@@ -152,8 +183,16 @@ def predict_request(options: Any) -> GenerationRequest:
     return request
 
 
-def message_dict(role: str, content: str, *, name: str = "", tool_call_id: str = "", reasoning: str = "",
-                 tool_calls: str = "", index: int = 0) -> dict[str, Any]:
+def message_dict(
+    role: str,
+    content: str,
+    *,
+    name: str = "",
+    tool_call_id: str = "",
+    reasoning: str = "",
+    tool_calls: str = "",
+    index: int = 0,
+) -> dict[str, Any]:
     """A chat message from the proto's flat fields (empty strings mean absent)."""
     message: dict[str, Any] = {"role": role, "content": content}
     if name:
@@ -167,6 +206,8 @@ def message_dict(role: str, content: str, *, name: str = "", tool_call_id: str =
         if isinstance(calls, dict):
             calls = [calls]
         if not isinstance(calls, list):
-            raise RequestError(f"Messages[{index}].tool_calls: must be a JSON array of tool calls", field="Messages")
+            raise RequestError(
+                f"Messages[{index}].tool_calls: must be a JSON array of tool calls", field="Messages"
+            )
         message["tool_calls"] = calls
     return message

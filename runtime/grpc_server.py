@@ -36,8 +36,12 @@ log = logging.getLogger("runtime")
 
 AUTH_ENV = "LOCALAI_GRPC_AUTH_TOKEN"
 DEFAULT_MAX_MESSAGE_MB = 64
-_STATES = {"UNINITIALIZED": pb.StatusResponse.UNINITIALIZED, "BUSY": pb.StatusResponse.BUSY,
-           "READY": pb.StatusResponse.READY, "ERROR": pb.StatusResponse.ERROR}
+_STATES = {
+    "UNINITIALIZED": pb.StatusResponse.UNINITIALIZED,
+    "BUSY": pb.StatusResponse.BUSY,
+    "READY": pb.StatusResponse.READY,
+    "ERROR": pb.StatusResponse.ERROR,
+}
 
 
 # ----- authentication -----
@@ -80,8 +84,10 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 def _delta(event: Event) -> list[pb.ChatDelta]:
     if not (event.content or event.reasoning or event.tool_calls):
         return []
-    calls = [pb.ToolCallDelta(index=call.index, id=call.id, name=call.name, arguments=call.arguments)
-             for call in event.tool_calls]
+    calls = [
+        pb.ToolCallDelta(index=call.index, id=call.id, name=call.name, arguments=call.arguments)
+        for call in event.tool_calls
+    ]
     return [pb.ChatDelta(content=event.content, reasoning_content=event.reasoning, tool_calls=calls)]
 
 
@@ -121,7 +127,9 @@ class BackendServicer(pb_grpc.BackendServicer):
         self.executor = executor
 
     # ----- helpers -----
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, rpc: str, tag: str = "") -> None:
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, exc: BaseException, rpc: str, tag: str = ""
+    ) -> None:
         kind, message = classify(exc)
         if kind == "internal":
             log.error("%s%s: %s", tag, rpc, message, exc_info=os.environ.get("GALLERY_DEBUG") == "1")
@@ -129,11 +137,15 @@ class BackendServicer(pb_grpc.BackendServicer):
             log.info("%s%s refused (%s): %s", tag, rpc, FAULTS[kind].grpc_code, message)
         await context.abort(_status_code(kind), message)
 
-    async def _submit(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext, rpc: str) -> RequestHandle:
+    async def _submit(
+        self, request: pb.PredictOptions, context: grpc.aio.ServicerContext, rpc: str
+    ) -> RequestHandle:
         tag = _tag(request.CorrelationId)
         try:
             generation = predict_request(request)
-            handle = await run_blocking(self.executor, self.host.submit, generation, request.ModelIdentity or None)
+            handle = await run_blocking(
+                self.executor, self.host.submit, generation, request.ModelIdentity or None
+            )
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
@@ -143,13 +155,24 @@ class BackendServicer(pb_grpc.BackendServicer):
         context.add_done_callback(lambda _context: handle.cancel())
         return handle
 
-    async def _finish(self, final: Event, context: grpc.aio.ServicerContext, rpc: str, tag: str, started: float) -> None:
+    async def _finish(
+        self, final: Event, context: grpc.aio.ServicerContext, rpc: str, tag: str, started: float
+    ) -> None:
         usage = final.usage or Usage()
-        log.info("%s%s done: %s, prompt %d + completion %d tokens in %.2f s", tag, rpc, final.finish_reason,
-                 usage.prompt_tokens, usage.completion_tokens, time.perf_counter() - started)
+        log.info(
+            "%s%s done: %s, prompt %d + completion %d tokens in %.2f s",
+            tag,
+            rpc,
+            final.finish_reason,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            time.perf_counter() - started,
+        )
         if final.finish_reason == "cancelled":
-            await context.abort(grpc.StatusCode.CANCELLED,
-                                final.error or "request cancelled: the model was unloaded or the runtime is stopping")
+            await context.abort(
+                grpc.StatusCode.CANCELLED,
+                final.error or "request cancelled: the model was unloaded or the runtime is stopping",
+            )
         if final.error:
             await context.abort(grpc.StatusCode.INTERNAL, final.error)
 
@@ -161,12 +184,19 @@ class BackendServicer(pb_grpc.BackendServicer):
     async def LoadModel(self, request: pb.ModelOptions, context: grpc.aio.ServicerContext) -> pb.Result:
         """Load (or switch to) a model. Failures are success=false with the reason, as LocalAI expects."""
         spec = request.Model or request.ModelFile
-        overrides = Overrides(context_size=request.ContextSize or request.MaxModelLen or None,
-                              seed=request.Seed or None, trust_remote_code=request.TrustRemoteCode,
-                              draft_model=request.DraftModel or None)
+        overrides = Overrides(
+            context_size=request.ContextSize or request.MaxModelLen or None,
+            seed=request.Seed or None,
+            trust_remote_code=request.TrustRemoteCode,
+            draft_model=request.DraftModel or None,
+        )
         try:
-            report = await run_blocking(self.executor, lambda: self.host.load(
-                spec, list(request.Options), model_path=request.ModelPath or None, overrides=overrides))
+            report = await run_blocking(
+                self.executor,
+                lambda: self.host.load(
+                    spec, list(request.Options), model_path=request.ModelPath or None, overrides=overrides
+                ),
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -181,7 +211,9 @@ class BackendServicer(pb_grpc.BackendServicer):
         name = await run_blocking(self.executor, self.host.free)
         return pb.Result(success=True, message=f"freed {name}" if name else "no model was loaded")
 
-    async def PredictStream(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Reply]:
+    async def PredictStream(
+        self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Reply]:
         """Stream an answer: text pieces, then a last reply with the counts and timings."""
         started, tag = time.perf_counter(), _tag(request.CorrelationId)
         handle = await self._submit(request, context, "PredictStream")
@@ -194,8 +226,11 @@ class BackendServicer(pb_grpc.BackendServicer):
                 yield add_totals(chunk_reply(event), event)
         finally:
             if not handle.finished.is_set():
-                log.info("%sPredictStream ended before its answer (client gone or server stopping); generation "
-                         "cancelled", tag)
+                log.info(
+                    "%sPredictStream ended before its answer (client gone or server stopping); generation "
+                    "cancelled",
+                    tag,
+                )
             handle.cancel()  # no-op when finished; frees the worker when the client went away mid-stream
 
     async def Predict(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.Reply:
@@ -208,17 +243,30 @@ class BackendServicer(pb_grpc.BackendServicer):
                 answer.add(event)
         finally:
             if not handle.finished.is_set():
-                log.info("%sPredict ended before its answer (client gone or server stopping); generation cancelled",
-                         tag)
+                log.info(
+                    "%sPredict ended before its answer (client gone or server stopping); generation cancelled",
+                    tag,
+                )
             handle.cancel()
         done = answer.completion()
-        whole = Event(content=done.content, reasoning=done.reasoning, tool_calls=done.tool_calls, logprobs=done.logprobs,
-                      done=True, finish_reason=done.finish_reason, usage=done.usage, timings=done.timings,
-                      error=done.error, route=done.route)
+        whole = Event(
+            content=done.content,
+            reasoning=done.reasoning,
+            tool_calls=done.tool_calls,
+            logprobs=done.logprobs,
+            done=True,
+            finish_reason=done.finish_reason,
+            usage=done.usage,
+            timings=done.timings,
+            error=done.error,
+            route=done.route,
+        )
         await self._finish(whole, context, "Predict", tag, started)
         return add_totals(chunk_reply(whole), whole)
 
-    async def TokenizeString(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.TokenizationResponse:
+    async def TokenizeString(
+        self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizationResponse:
         """Token ids of Prompt, or of Messages rendered with the pinned template."""
         try:
             engine = self.host.current()
@@ -233,7 +281,9 @@ class BackendServicer(pb_grpc.BackendServicer):
             raise
         return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
 
-    async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
         """Text of token ids."""
         try:
             engine = self.host.current()
@@ -243,7 +293,9 @@ class BackendServicer(pb_grpc.BackendServicer):
             try:
                 text = await run_blocking(self.executor, engine.detokenize, ids)
             except (OverflowError, IndexError, ValueError, TypeError) as exc:
-                raise RequestError(f"cannot detokenize these ids ({type(exc).__name__}: out of the vocabulary?)") from None
+                raise RequestError(
+                    f"cannot detokenize these ids ({type(exc).__name__}: out of the vocabulary?)"
+                ) from None
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
@@ -254,11 +306,15 @@ class BackendServicer(pb_grpc.BackendServicer):
     async def Status(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         """State and memory: total is the process RSS; the breakdown adds MLX's own counters."""
         status = self.host.status()
-        memory = pb.MemoryUsageData(total=status["memory"]["total"],
-                                    breakdown={k: max(int(v), 0) for k, v in status["memory"]["breakdown"].items()})
+        memory = pb.MemoryUsageData(
+            total=status["memory"]["total"],
+            breakdown={k: max(int(v), 0) for k, v in status["memory"]["breakdown"].items()},
+        )
         return pb.StatusResponse(state=_STATES[status["state"]], memory=memory)
 
-    async def ModelMetadata(self, request: pb.ModelOptions, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelOptions, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         """Metadata of the loaded model, or of the model the request names (its config only, no weights)."""
         try:
             config = await run_blocking(self.executor, self._metadata_config, request)
@@ -268,8 +324,11 @@ class BackendServicer(pb_grpc.BackendServicer):
         except Exception as exc:
             await self._abort(context, exc, "ModelMetadata")
             raise
-        return pb.ModelMetadataResponse(supports_thinking=meta["supports_thinking"],
-                                        rendered_template=meta["rendered_template"], media_marker=meta["media_marker"])
+        return pb.ModelMetadataResponse(
+            supports_thinking=meta["supports_thinking"],
+            rendered_template=meta["rendered_template"],
+            media_marker=meta["media_marker"],
+        )
 
     def _metadata_config(self, request: pb.ModelOptions) -> Any:
         spec = request.Model or request.ModelFile
@@ -282,8 +341,9 @@ class BackendServicer(pb_grpc.BackendServicer):
 
 
 # ----- the server -----
-def build_server(host: ModelHost, *, token: str | None,
-                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> tuple[grpc.aio.Server, concurrent.futures.Executor]:
+def build_server(
+    host: ModelHost, *, token: str | None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+) -> tuple[grpc.aio.Server, concurrent.futures.Executor]:
     """A grpc.aio server with the Backend service (and the bearer-token check when a token is set)."""
     limit = max(1, max_message_mb) * 1024 * 1024
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="rpc")
@@ -299,9 +359,16 @@ def build_server(host: ModelHost, *, token: str | None,
     return server, executor
 
 
-async def serve(address: str, host: ModelHost, *, token: str | None, grace: float = 30.0,
-                max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, parent_pid: int | None = None,
-                preload: Callable[[], Any] | None = None) -> int:
+async def serve(
+    address: str,
+    host: ModelHost,
+    *,
+    token: str | None,
+    grace: float = 30.0,
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+    parent_pid: int | None = None,
+    preload: Callable[[], Any] | None = None,
+) -> int:
     """Serve until a signal or the parent's death; returns the exit code."""
     server, executor = build_server(host, token=token, max_message_mb=max_message_mb)
     try:
@@ -319,8 +386,9 @@ async def serve(address: str, host: ModelHost, *, token: str | None, grace: floa
     log.info("listening on %s (pid %d)%s", bound, os.getpid(), ", bearer token required" if token else "")
     stop = StopSignal()
     install_signal_handlers(stop)
-    watcher = asyncio.create_task(watch_parent(lambda: stop.request("cancel", "parent process died"),
-                                               parent_pid=parent_pid))
+    watcher = asyncio.create_task(
+        watch_parent(lambda: stop.request("cancel", "parent process died"), parent_pid=parent_pid)
+    )
     if preload is not None:  # Health answers while the model loads; a signal meanwhile still stops us
         loading = asyncio.ensure_future(run_blocking(executor, preload))
         requested = asyncio.create_task(stop.requested.wait())

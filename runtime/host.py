@@ -29,7 +29,6 @@ from runtime.request import GenerationRequest
 log = logging.getLogger("runtime")
 
 
-
 @dataclasses.dataclass
 class LoadReport:
     """What a load did, for the caller's reply."""
@@ -41,13 +40,16 @@ class LoadReport:
     warnings: list[str]
     unknown_options: list[str]
     reused: bool = False
-    import_warnings: list[str] = dataclasses.field(default_factory=list)  # when the spec was imported on the fly
+    import_warnings: list[str] = dataclasses.field(
+        default_factory=list
+    )  # when the spec was imported on the fly
 
     @property
     def message(self) -> str:
         """One line for LoadModel's Result.message."""
-        text = f"loaded {self.name} ({self.backend})" + (" (already loaded)" if self.reused else
-                                                         f" in {self.seconds:.1f} s")
+        text = f"loaded {self.name} ({self.backend})" + (
+            " (already loaded)" if self.reused else f" in {self.seconds:.1f} s"
+        )
         if self.unknown_options:
             text += f"; ignored unknown options: {', '.join(self.unknown_options)}"
         if self.warnings:
@@ -121,8 +123,14 @@ class ModelHost:
         self._loaded_key: tuple[Any, ...] | None = None
 
     # ----- loading -----
-    def load(self, spec: str, options: Any = None, *, model_path: str | None = None,
-             overrides: Overrides | None = None) -> LoadReport:
+    def load(
+        self,
+        spec: str,
+        options: Any = None,
+        *,
+        model_path: str | None = None,
+        overrides: Overrides | None = None,
+    ) -> LoadReport:
         """Load a model, freeing the previous one. Raises ModelNotFound, RequestError, LoadFailed…"""
         if self.draining:
             raise ShuttingDown("the runtime is shutting down")
@@ -133,8 +141,15 @@ class ModelHost:
             located = spec.strip()
             key = (located, model_path, repr(sorted(parsed.values.items())), dataclasses.astuple(overrides))
             if self.engine is not None and self._loaded_key == key and self.engine.ready:
-                return LoadReport(self.engine.config.name, self.engine.config.backend, located, 0.0,
-                                  list(self.engine.warnings), parsed.unknown, reused=True)
+                return LoadReport(
+                    self.engine.config.name,
+                    self.engine.config.backend,
+                    located,
+                    0.0,
+                    list(self.engine.warnings),
+                    parsed.unknown,
+                    reused=True,
+                )
             catalog = parsed.get("catalog") or self.catalog
             resolved = resolve(located, catalog, model_path)
             for message in resolved.warnings:
@@ -161,13 +176,25 @@ class ModelHost:
             self._loaded_key = key
             seconds = time.perf_counter() - started
             log.info("loaded %s in %.1f s", config.name, seconds)
-            return LoadReport(config.name, config.backend, located, seconds, list(engine.warnings), parsed.unknown,
-                              import_warnings=list(resolved.warnings))
+            return LoadReport(
+                config.name,
+                config.backend,
+                located,
+                seconds,
+                list(engine.warnings),
+                parsed.unknown,
+                import_warnings=list(resolved.warnings),
+            )
 
     def _start_engine(self, config: ModelConfig, base: Path | None, options: LoadOptions) -> Engine:
         settings = EngineSettings.from_options(options, interface=self.interface)
-        engine = Engine(config, settings=settings, base=base, allow_download=bool(options.get("allow_download")),
-                        strict=bool(options.get("strict")))
+        engine = Engine(
+            config,
+            settings=settings,
+            base=base,
+            allow_download=bool(options.get("allow_download")),
+            strict=bool(options.get("strict")),
+        )
         return engine.start()
 
     def free(self) -> str | None:
@@ -205,8 +232,10 @@ class ModelHost:
         if engine is None:
             if self.loading:
                 raise NotLoaded(f"{self.loading} is still loading; retry when Status is READY")
-            raise NotLoaded("no model is loaded: call LoadModel first" + (f" (last load failed: {self.error})"
-                                                                          if self.error else ""))
+            raise NotLoaded(
+                "no model is loaded: call LoadModel first"
+                + (f" (last load failed: {self.error})" if self.error else "")
+            )
         return engine
 
     def check_identity(self, identity: str | None) -> None:
@@ -218,7 +247,8 @@ class ModelHost:
             source = engine.config.mlx.source
             raise IdentityMismatch(
                 f"request is for model {identity!r} but {engine.config.name!r}"
-                + (f" ({source.repo})" if source.repo else "") + " is loaded"
+                + (f" ({source.repo})" if source.repo else "")
+                + " is loaded"
             )
 
     def submit(self, request: GenerationRequest, identity: str | None = None) -> RequestHandle:
@@ -236,7 +266,9 @@ class ModelHost:
             if self.draining:
                 raise ShuttingDown("the runtime is shutting down") from None
             if engine is not self.engine:
-                raise NotLoaded("the model was unloaded while this request was being prepared; retry") from None
+                raise NotLoaded(
+                    "the model was unloaded while this request was being prepared; retry"
+                ) from None
             raise
 
     # ----- state -----
@@ -244,15 +276,39 @@ class ModelHost:
         """State (UNINITIALIZED / READY / BUSY / ERROR), the model, load and memory."""
         engine = self.engine
         memory: dict[str, int] = {"rss": rss_bytes(), **memory_stats()}
-        info: dict[str, Any] = {"model": None, "backend": None, "active": 0, "queued": 0, "completed": 0,
-                                "warnings": [], "error": self.error, "loading": self.loading,
-                                "draining": self.draining}
+        info: dict[str, Any] = {
+            "model": None,
+            "backend": None,
+            "active": 0,
+            "queued": 0,
+            "completed": 0,
+            "warnings": [],
+            "error": self.error,
+            "loading": self.loading,
+            "draining": self.draining,
+        }
         if engine is not None:
             status = engine.status()
             state = {"READY": "READY", "BUSY": "BUSY", "STOPPING": "BUSY", "ERROR": "ERROR"}.get(
-                status["state"], "UNINITIALIZED")
-            info.update({key: status[key] for key in ("model", "backend", "active", "queued", "completed", "batch",
-                                                      "prefix_cache", "speculative", "stats", "warnings")})
+                status["state"], "UNINITIALIZED"
+            )
+            info.update(
+                {
+                    key: status[key]
+                    for key in (
+                        "model",
+                        "backend",
+                        "active",
+                        "queued",
+                        "completed",
+                        "batch",
+                        "prefix_cache",
+                        "speculative",
+                        "stats",
+                        "warnings",
+                    )
+                }
+            )
             info["error"] = status["error"]
         elif self.loading:
             state = "UNINITIALIZED"
@@ -278,10 +334,15 @@ def model_metadata(config: ModelConfig) -> dict[str, Any]:
     rendered = ""
     if config.mlx.chat_template.status == "pinned":
         try:
-            rendered = render_request_prompt(config, [dict(m) for m in PROBE_CONVERSATION],
-                                             enable_thinking=True if reasoning.supported else None).text
+            rendered = render_request_prompt(
+                config,
+                [dict(m) for m in PROBE_CONVERSATION],
+                enable_thinking=True if reasoning.supported else None,
+            ).text
         except GalleryError as exc:
-            log.warning("%s: the pinned template does not render the probe conversation: %s", config.name, exc)
+            log.warning(
+                "%s: the pinned template does not render the probe conversation: %s", config.name, exc
+            )
     return {
         "supports_thinking": bool(reasoning.supported),
         "rendered_template": rendered,
@@ -298,5 +359,10 @@ def prompt_text(config: ModelConfig, request: GenerationRequest) -> str:
 
     if request.prompt is not None:
         return request.prompt
-    return render_request_prompt(config, request.messages, tools=request.tools, enable_thinking=request.enable_thinking,
-                                 template_kwargs=request.template_kwargs).text
+    return render_request_prompt(
+        config,
+        request.messages,
+        tools=request.tools,
+        enable_thinking=request.enable_thinking,
+        template_kwargs=request.template_kwargs,
+    ).text

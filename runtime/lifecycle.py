@@ -58,7 +58,11 @@ class StopSignal:
         """Ask to stop: mode "drain" (finish in-flight work) or "cancel" (stop it now)."""
         if self.mode is None:
             self.mode, self.reason, self.exit_code = mode, reason, exit_code
-            log.info("%s: %s", reason, "draining in-flight requests" if mode == "drain" else "cancelling in-flight requests")
+            log.info(
+                "%s: %s",
+                reason,
+                "draining in-flight requests" if mode == "drain" else "cancelling in-flight requests",
+            )
             self.requested.set()
             if mode == "cancel":
                 self.escalated.set()
@@ -86,8 +90,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def watch_parent(on_death: Callable[[], None], *, parent_pid: int | None = None,
-                       interval: float = 0.5) -> None:
+async def watch_parent(
+    on_death: Callable[[], None], *, parent_pid: int | None = None, interval: float = 0.5
+) -> None:
     """Call on_death once the parent (or parent_pid) is gone. Returns immediately when orphaned at start."""
     original = os.getppid()
     if parent_pid is None and original == 1:

@@ -31,29 +31,48 @@ class OptionSpec:
 MiB = 1024 * 1024
 
 OPTIONS: dict[str, OptionSpec] = {
-    "max_active": OptionSpec("int", 32, "requests decoded at once (one continuous batch; more wait in the queue)", 1),
+    "max_active": OptionSpec(
+        "int", 32, "requests decoded at once (one continuous batch; more wait in the queue)", 1
+    ),
     "max_queue": OptionSpec("int", 256, "requests waiting beyond max_active; more are refused (busy)", 0),
-    "batching": OptionSpec("bool", True, "decode text requests in one continuous batch (off: one token each, in turn)"),
-    "prefill_step": OptionSpec("int", 512, "prompt tokens processed per step (a cancel or shutdown waits at most one)", 16),
+    "batching": OptionSpec(
+        "bool", True, "decode text requests in one continuous batch (off: one token each, in turn)"
+    ),
+    "prefill_step": OptionSpec(
+        "int", 512, "prompt tokens processed per step (a cancel or shutdown waits at most one)", 16
+    ),
     "prefill_batch": OptionSpec("int", 8, "prompts processed together in one step", 1),
-    "prefix_cache": OptionSpec("bool", True, "reuse the longest cached prefix of a prompt (multi-turn chats, shared "
-                               "system prompts)"),
+    "prefix_cache": OptionSpec(
+        "bool", True, "reuse the longest cached prefix of a prompt (multi-turn chats, shared system prompts)"
+    ),
     "prefix_cache_entries": OptionSpec("int", 32, "most prompt caches kept", 0),
     "prefix_cache_mb": OptionSpec("float", 1024.0, "most memory the kept prompt caches may use, in MiB", 0),
-    "max_kv_size": OptionSpec("int", None, "rotating KV cache of this many tokens (older ones are dropped)", 16),
-    "kv_bits": OptionSpec("int", None, "quantize the KV cache to this many bits (requests then run one by one)", 2),
+    "max_kv_size": OptionSpec(
+        "int", None, "rotating KV cache of this many tokens (older ones are dropped)", 16
+    ),
+    "kv_bits": OptionSpec(
+        "int", None, "quantize the KV cache to this many bits (requests then run one by one)", 2
+    ),
     "kv_group_size": OptionSpec("int", 64, "group size of the quantized KV cache: 32, 64 or 128", 32),
     "quantized_kv_start": OptionSpec("int", 0, "tokens kept unquantized before the KV cache is quantized", 0),
-    "num_draft_tokens": OptionSpec("int", None, "tokens the draft model proposes per step (speculative decoding)", 1),
+    "num_draft_tokens": OptionSpec(
+        "int", None, "tokens the draft model proposes per step (speculative decoding)", 1
+    ),
     "allow_download": OptionSpec("bool", False, "download missing weights at the pinned revision"),
     "strict": OptionSpec("bool", False, "refuse a config without a usable chat template"),
     "allow_remote_media": OptionSpec("bool", False, "accept http(s) URLs for media (fetched by the runtime)"),
-    "allow_local_media": OptionSpec("bool", None, "accept local file paths for media (default: stdio yes, gRPC no)"),
+    "allow_local_media": OptionSpec(
+        "bool", None, "accept local file paths for media (default: stdio yes, gRPC no)"
+    ),
     "max_media_items": OptionSpec("int", 16, "most images/audio/video inputs in one request", 0),
     "max_media_mb": OptionSpec("float", 32.0, "largest single media input, in MiB", 0),
-    "max_request_bytes": OptionSpec("int", 4 * MiB, "largest prompt + messages + tools text of one request", 1),
+    "max_request_bytes": OptionSpec(
+        "int", 4 * MiB, "largest prompt + messages + tools text of one request", 1
+    ),
     "max_tokens_limit": OptionSpec("int", 32768, "largest max_tokens a request may ask for", 1),
-    "context_size": OptionSpec("int", None, "the model's context size (prompt + answer); longer prompts are refused", 1),
+    "context_size": OptionSpec(
+        "int", None, "the model's context size (prompt + answer); longer prompts are refused", 1
+    ),
     "trust_remote_code": OptionSpec("bool", False, "let transformers run the repo's own tokenizer code"),
     "catalog": OptionSpec("str", None, "catalog index to look model names up in"),
     "model_identity": OptionSpec("list", (), "extra names a request's ModelIdentity may use (repeatable)"),

@@ -39,7 +39,9 @@ def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -
     from gallery.hub import endpoint, hub_errors, is_offline
 
     try:
-        cached = Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, local_files_only=True))
+        cached = Path(
+            snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, local_files_only=True)
+        )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         cached = None
     # An import caches the small metadata files at the same commit, so the snapshot folder exists
@@ -50,14 +52,18 @@ def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -
         raise RuntimeFailure(
             f"the weights of {repo}@{(revision or 'main')[:12]} are not in the local cache; run "
             "`gallery install NAME` for a catalog entry, or allow downloads (`--allow-download`, or the "
-            "load option `allow_download:true`)"
-            + (" and unset HF_HUB_OFFLINE" if is_offline() else "")
+            "load option `allow_download:true`)" + (" and unset HF_HUB_OFFLINE" if is_offline() else "")
         )
-    with hub_errors(repo_id=repo, revision=revision, what=f"the weights of {repo}@{(revision or 'main')[:12]}"):
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS,
-                                        endpoint=endpoint()))
+    with hub_errors(
+        repo_id=repo, revision=revision, what=f"the weights of {repo}@{(revision or 'main')[:12]}"
+    ):
+        folder = Path(
+            snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, endpoint=endpoint())
+        )
     if not _has_weights(folder):
-        raise RuntimeFailure(f"{repo}@{(revision or 'main')[:12]} has no .safetensors weights (not an MLX conversion?)")
+        raise RuntimeFailure(
+            f"{repo}@{(revision or 'main')[:12]} has no .safetensors weights (not an MLX conversion?)"
+        )
     return folder
 
 
@@ -77,7 +83,9 @@ def model_folder(config: ModelConfig, base: Path | None, *, allow_download: bool
         if (candidate / "config.json").is_file():
             return candidate.resolve()
     if config.mlx.source.repo:
-        return _cached_snapshot(config.mlx.source.repo, config.mlx.source.revision, allow_download=allow_download)
+        return _cached_snapshot(
+            config.mlx.source.repo, config.mlx.source.revision, allow_download=allow_download
+        )
     raise RuntimeFailure(f"{config.name}: model folder {candidates[0]} has no config.json")
 
 
@@ -87,20 +95,34 @@ def check_template_pin(config: ModelConfig) -> list[str]:
     if template.status == "pinned":
         assert template.text is not None
         if template.sha256 and template_sha256(template.text) != template.sha256:
-            raise BadConfig(f"{config.name}: the pinned chat template does not match its sha256 (edited by hand?)")
+            raise BadConfig(
+                f"{config.name}: the pinned chat template does not match its sha256 (edited by hand?)"
+            )
         return []
-    why = "none was found in any home" if template.status == "missing" else f"the one in {template.source} is unusable"
+    why = (
+        "none was found in any home"
+        if template.status == "missing"
+        else f"the one in {template.source} is unusable"
+    )
     return [f"{config.name} HAS NO CHAT TEMPLATE ({why}): chat requests are refused; raw prompts still work"]
 
 
-def load(config: ModelConfig, *, base: Path | None = None, model_path: Path | None = None,
-         allow_download: bool = False, strict: bool = False) -> LoadedModel:
+def load(
+    config: ModelConfig,
+    *,
+    base: Path | None = None,
+    model_path: Path | None = None,
+    allow_download: bool = False,
+    strict: bool = False,
+) -> LoadedModel:
     """Load the config's backend (must run on the thread that will own the MLX state)."""
     warnings = check_template_pin(config)
     if warnings and strict:
         raise StrictFailure(f"--strict: {config.name} has no usable chat template")
     if not config.mlx.stop_tokens:
-        warnings.append(f"{config.name} pins no stop tokens: answers run to max_tokens unless a stop string matches")
+        warnings.append(
+            f"{config.name} pins no stop tokens: answers run to max_tokens unless a stop string matches"
+        )
     folder = model_path or model_folder(config, base, allow_download=allow_download)
     trust = bool(config.mlx.trust_remote_code)
     speculative = config.mlx.speculative
@@ -117,8 +139,12 @@ def load(config: ModelConfig, *, base: Path | None = None, model_path: Path | No
 
         if speculative.mtp and draft_path is None:
             draft_path = folder  # bundled multi-token-prediction layers: mlx-vlm splits them into a drafter
-        primary = MlxVlmBackend.load(folder, trust_remote_code=trust, draft_path=draft_path,
-                                     draft_kind=speculative.draft_kind or ("mtp" if speculative.mtp else None))
+        primary = MlxVlmBackend.load(
+            folder,
+            trust_remote_code=trust,
+            draft_path=draft_path,
+            draft_kind=speculative.draft_kind or ("mtp" if speculative.mtp else None),
+        )
         text_route = None
         if config.mlx.text_route == "shared-weights":
             from backends.text_route import TextRouteUnavailable, build_shared_text_backend
@@ -132,5 +158,7 @@ def load(config: ModelConfig, *, base: Path | None = None, model_path: Path | No
     except GalleryError:
         raise
     except Exception as exc:
-        raise RuntimeFailure(f"could not load {config.name} from {folder} with {config.backend}: "
-                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+        raise RuntimeFailure(
+            f"could not load {config.name} from {folder} with {config.backend}: "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        ) from None

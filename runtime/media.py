@@ -25,10 +25,18 @@ from runtime.messages import MediaItem
 MAX_MEDIA_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_MEDIA_ITEMS = 16
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I
+)
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
-_AUDIO_MAGIC = ((b"RIFF", "wav"), (b"ID3", "mp3"), (b"\xff\xfb", "mp3"), (b"\xff\xf3", "mp3"), (b"fLaC", "flac"),
-                (b"OggS", "ogg"))
+_AUDIO_MAGIC = (
+    (b"RIFF", "wav"),
+    (b"ID3", "mp3"),
+    (b"\xff\xfb", "mp3"),
+    (b"\xff\xf3", "mp3"),
+    (b"fLaC", "flac"),
+    (b"OggS", "ogg"),
+)
 
 
 class MediaError(RequestError):
@@ -92,7 +100,7 @@ def _read_bytes(data: Any, label: str, policy: MediaPolicy) -> bytes:
     text = data.strip()
     match = _DATA_URL.match(text)
     if match:
-        payload = text[match.end():]
+        payload = text[match.end() :]
         if not match.group("b64"):
             from urllib.parse import unquote_to_bytes
 
@@ -100,8 +108,10 @@ def _read_bytes(data: Any, label: str, policy: MediaPolicy) -> bytes:
         return _b64decode(payload, label, policy.max_bytes)
     if text.startswith(("http://", "https://")):
         if not policy.allow_remote_urls:
-            raise MediaError(f"{label}: remote URLs are disabled (send the bytes as a data URL or base64, "
-                             "or start the runtime with --allow-remote-media)")
+            raise MediaError(
+                f"{label}: remote URLs are disabled (send the bytes as a data URL or base64, "
+                "or start the runtime with --allow-remote-media)"
+            )
         return _fetch_remote(text, label, policy)
     # Base64 may start with "/" (every JPEG does: "/9j/"), so only text that cannot be base64 is a path:
     # long base64-looking text is base64, a file:// URL or path-looking text is a path, and short text is a
@@ -111,7 +121,7 @@ def _read_bytes(data: Any, label: str, policy: MediaPolicy) -> bytes:
     if text.startswith("file://") or (not looks_b64 and looks_path):
         if not policy.allow_local_paths:
             raise MediaError(f"{label}: local file paths are disabled for this runtime")
-        path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+        path = Path(text[len("file://") :] if text.startswith("file://") else text).expanduser()
         try:
             size = path.stat().st_size
             if size > policy.max_bytes:

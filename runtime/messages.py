@@ -155,13 +155,19 @@ def _join(a: Any, b: Any) -> Any:
     return parts_a + parts_b
 
 
-def normalize_messages(raw_messages: Any, *, supports_system: bool = True, content_as_parts: bool = False) -> NormalizedChat:
+def normalize_messages(
+    raw_messages: Any, *, supports_system: bool = True, content_as_parts: bool = False
+) -> NormalizedChat:
     """Normalize a chat request's messages (see the module docstring). Raises RequestError.
 
     content_as_parts: the template renders only list-of-parts content (string content would be dropped),
     so every string content becomes `[{"type": "text", "text": …}]`.
     """
-    if raw_messages is None or isinstance(raw_messages, (str, bytes, Mapping)) or not isinstance(raw_messages, Sequence):
+    if (
+        raw_messages is None
+        or isinstance(raw_messages, (str, bytes, Mapping))
+        or not isinstance(raw_messages, Sequence)
+    ):
         raise RequestError("messages must be a list of message objects")
     if not raw_messages:
         raise RequestError("messages is empty")

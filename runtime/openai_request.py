@@ -32,7 +32,9 @@ def one_line(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
         where = ".".join(str(item) for item in error["loc"]) or "params"
-        message = "not a field this runtime understands" if error["type"] == "extra_forbidden" else error["msg"]
+        message = (
+            "not a field this runtime understands" if error["type"] == "extra_forbidden" else error["msg"]
+        )
         parts.append(f"{where}: {message}")
     more = len(exc.errors()) - 5
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
@@ -166,7 +168,9 @@ def _common(request: GenerationRequest, params: _Common) -> GenerationRequest:
     if "enable_thinking" in kwargs:
         value = kwargs.pop("enable_thinking")
         if not isinstance(value, bool):
-            raise RequestError("chat_template_kwargs.enable_thinking must be true or false", field="chat_template_kwargs")
+            raise RequestError(
+                "chat_template_kwargs.enable_thinking must be true or false", field="chat_template_kwargs"
+            )
         if request.enable_thinking is None:
             request.enable_thinking = value
     if params.reasoning_effort is not None:
@@ -178,8 +182,10 @@ def _common(request: GenerationRequest, params: _Common) -> GenerationRequest:
 def chat_request(params: ChatParams) -> GenerationRequest:
     """A chat GenerationRequest: tools checked and filtered by tool_choice, media lists attached."""
     if params.parallel_tool_calls is False:
-        raise RequestError("parallel_tool_calls false is not supported (the model decides how many calls it makes)",
-                           field="parallel_tool_calls")
+        raise RequestError(
+            "parallel_tool_calls false is not supported (the model decides how many calls it makes)",
+            field="parallel_tool_calls",
+        )
     tools = apply_tool_choice(check_tools(params.tools, "tools"), params.tool_choice)
     messages = [dict(m) if isinstance(m, dict) else m for m in params.messages]
     extra = media_items(params.images, params.audios, params.videos)
@@ -193,8 +199,12 @@ def chat_request(params: ChatParams) -> GenerationRequest:
 
 def complete_request(params: CompleteParams) -> GenerationRequest:
     """A raw-prompt GenerationRequest."""
-    request = _common(GenerationRequest(prompt=params.prompt,
-                                        media=media_items(params.images, params.audios, params.videos)), params)
+    request = _common(
+        GenerationRequest(
+            prompt=params.prompt, media=media_items(params.images, params.audios, params.videos)
+        ),
+        params,
+    )
     request.logprobs = params.logprobs is not None
     request.top_logprobs = params.logprobs or 0
     return request

@@ -22,31 +22,51 @@ def usage_json(usage: Usage | None) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens,
-                                      "accepted_prediction_tokens": usage.draft_tokens_accepted},
+        "completion_tokens_details": {
+            "reasoning_tokens": usage.reasoning_tokens,
+            "accepted_prediction_tokens": usage.draft_tokens_accepted,
+        },
     }
 
 
 def timings_json(timings: Timings | None) -> dict[str, float]:
     """Timings in seconds and rates (non-finite numbers become 0: JSON has no infinity)."""
     timings = timings or Timings()
-    return {key: round(value if math.isfinite(value) else 0.0, 6)
-            for key, value in dataclasses.asdict(timings).items()}
+    return {
+        key: round(value if math.isfinite(value) else 0.0, 6)
+        for key, value in dataclasses.asdict(timings).items()
+    }
 
 
 def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
     """OpenAI-shaped tool calls."""
-    return [{"index": call.index, "id": call.id, "type": "function",
-             "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
+    return [
+        {
+            "index": call.index,
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for call in calls
+    ]
 
 
 def _token_json(text: str, logprob: float) -> dict[str, Any]:
-    return {"token": text, "logprob": logprob if math.isfinite(logprob) else -9999.0,
-            "bytes": list(text.encode("utf-8", "surrogatepass"))}
+    return {
+        "token": text,
+        "logprob": logprob if math.isfinite(logprob) else -9999.0,
+        "bytes": list(text.encode("utf-8", "surrogatepass")),
+    }
 
 
 def logprobs_json(items: list[TokenLogprob]) -> dict[str, Any]:
     """OpenAI's chat logprobs object: {"content": [{token, logprob, bytes, top_logprobs: [...]}, …]}."""
-    return {"content": [{**_token_json(item.token, item.logprob),
-                         "top_logprobs": [_token_json(text, logprob) for text, _id, logprob in item.top]}
-                        for item in items]}
+    return {
+        "content": [
+            {
+                **_token_json(item.token, item.logprob),
+                "top_logprobs": [_token_json(text, logprob) for text, _id, logprob in item.top],
+            }
+            for item in items
+        ]
+    }

@@ -86,7 +86,9 @@ def sampling_params(request: GenerationRequest, runtime: Runtime) -> SamplingPar
         top_p=float(_pick(request.top_p, defaults.get("top_p"), config_defaults.top_p, 1.0)),
         top_k=int(_pick(request.top_k, defaults.get("top_k"), config_defaults.top_k, 0)),
         min_p=float(_pick(request.min_p, defaults.get("min_p"), config_defaults.min_p, 0.0)),
-        repetition_penalty=_pick(request.repeat_penalty, defaults.get("repeat_penalty"), config_defaults.repeat_penalty),
+        repetition_penalty=_pick(
+            request.repeat_penalty, defaults.get("repeat_penalty"), config_defaults.repeat_penalty
+        ),
         repetition_context_size=request.repetition_context_size or 20,
         presence_penalty=request.presence_penalty,
         presence_context_size=request.presence_context_size or 20,
@@ -99,9 +101,17 @@ def sampling_params(request: GenerationRequest, runtime: Runtime) -> SamplingPar
 
 def _check_sampling_defaults(params: SamplingParams) -> None:
     # Defaults come from a config or load options, not a request: still never hand a bad one to the model.
-    check_request(GenerationRequest(prompt="", temperature=params.temperature, top_p=params.top_p,
-                                    top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repetition_penalty),
-                  RequestLimits())
+    check_request(
+        GenerationRequest(
+            prompt="",
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            repeat_penalty=params.repetition_penalty,
+        ),
+        RequestLimits(),
+    )
 
 
 def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
@@ -111,9 +121,13 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
     if (request.messages is None) == (request.prompt is None):
         raise RequestError("send either messages (chat) or a prompt (raw completion)")
     if request.messages is not None:
-        rendered = render_request_prompt(config, request.messages, tools=request.tools,
-                                         enable_thinking=request.enable_thinking,
-                                         template_kwargs=request.template_kwargs)
+        rendered = render_request_prompt(
+            config,
+            request.messages,
+            tools=request.tools,
+            enable_thinking=request.enable_thinking,
+            template_kwargs=request.template_kwargs,
+        )
         prompt, media_items = rendered.text, rendered.media + list(request.media)
         thinking, starts_inside = rendered.thinking, rendered.starts_inside_reasoning
     else:
@@ -123,19 +137,30 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
         check_media_markers(config, prompt, media_items)
         thinking = thinking_setting(config, request.enable_thinking)
         reasoning = config.mlx.reasoning
-        starts_inside = bool(reasoning.supported and reasoning.start and prompt.rstrip().endswith(reasoning.start))
+        starts_inside = bool(
+            reasoning.supported and reasoning.start and prompt.rstrip().endswith(reasoning.start)
+        )
     check_media_allowed(config, media_items)
     params = sampling_params(request, runtime)
     _check_sampling_defaults(params)
-    route: Route = "vlm" if media_items or runtime.vlm_for_text or runtime.text_backend is None else (
-        "text" if config.backend == "mlx" else "text-route")
+    route: Route = (
+        "vlm"
+        if media_items or runtime.vlm_for_text or runtime.text_backend is None
+        else ("text" if config.backend == "mlx" else "text-route")
+    )
     backend = runtime.vlm_backend if route == "vlm" else runtime.text_backend
     vocab = backend.vocab_size
     if params.logit_bias and max(params.logit_bias) >= vocab:
-        raise RequestError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary (0..{vocab - 1})",
-                           field="logit_bias")
-    max_tokens = _pick(request.max_tokens, runtime.defaults.get("max_tokens"), config.parameters.max_tokens,
-                       DEFAULT_MAX_TOKENS)
+        raise RequestError(
+            f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary (0..{vocab - 1})",
+            field="logit_bias",
+        )
+    max_tokens = _pick(
+        request.max_tokens,
+        runtime.defaults.get("max_tokens"),
+        config.parameters.max_tokens,
+        DEFAULT_MAX_TOKENS,
+    )
     max_tokens = min(int(max_tokens), runtime.limits.max_tokens)
     prompt_ids: list[int] | None = None
     truncated = 0
@@ -146,8 +171,11 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
     if context:
         if len(counted) >= context:
             if not request.truncate or route == "vlm":
-                raise RequestError(f"the prompt is {len(counted)} tokens, and the context of {config.name} is {context} "
-                                   "tokens (send a shorter conversation, or ask for truncation)", field="messages")
+                raise RequestError(
+                    f"the prompt is {len(counted)} tokens, and the context of {config.name} is {context} "
+                    "tokens (send a shorter conversation, or ask for truncation)",
+                    field="messages",
+                )
             keep = max(context - max_tokens, context // 2)
             truncated = len(counted) - keep
             prompt_ids = counted[-keep:]
@@ -157,20 +185,37 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
     grammar = _grammar(request, backend, thinking)
     budget = request.thinking_budget
     if budget is not None and not (config.mlx.reasoning.supported and config.mlx.reasoning.end):
-        raise RequestError(f"thinking_budget: {config.name} has no reasoning block to limit", field="thinking_budget")
+        raise RequestError(
+            f"thinking_budget: {config.name} has no reasoning block to limit", field="thinking_budget"
+        )
     speculative = route != "vlm" and runtime.speculative
     if request.num_draft_tokens and not runtime.speculative and not runtime.vlm_for_text:
-        raise RequestError(f"num_draft_tokens: {config.name} has no draft model (pin one in mlx.speculative)",
-                           field="num_draft_tokens")
+        raise RequestError(
+            f"num_draft_tokens: {config.name} has no draft model (pin one in mlx.speculative)",
+            field="num_draft_tokens",
+        )
     media = decode_media(media_items, runtime.media_policy) if media_items else None
     # The config's stopwords are its stop tokens as text: with ignore_eos they stop nothing either.
     stops = list(dict.fromkeys([*([] if request.ignore_eos else config.stopwords), *request.stop]))
-    return Prepared(route=route, prompt_text=prompt, prompt_ids=prompt_ids, media=media, params=params,
-                    max_tokens=max_tokens, stop_ids=stop_ids, stops=stops, thinking=thinking,
-                    starts_inside=starts_inside, tools=request.tools,
-                    logprobs=request.top_logprobs if request.logprobs else None, grammar=grammar,
-                    thinking_budget=budget, speculative=speculative, num_draft_tokens=request.num_draft_tokens,
-                    truncated_tokens=truncated)
+    return Prepared(
+        route=route,
+        prompt_text=prompt,
+        prompt_ids=prompt_ids,
+        media=media,
+        params=params,
+        max_tokens=max_tokens,
+        stop_ids=stop_ids,
+        stops=stops,
+        thinking=thinking,
+        starts_inside=starts_inside,
+        tools=request.tools,
+        logprobs=request.top_logprobs if request.logprobs else None,
+        grammar=grammar,
+        thinking_budget=budget,
+        speculative=speculative,
+        num_draft_tokens=request.num_draft_tokens,
+        truncated_tokens=truncated,
+    )
 
 
 def _grammar(request: GenerationRequest, backend: Any, thinking: bool) -> str | None:
@@ -179,7 +224,8 @@ def _grammar(request: GenerationRequest, backend: Any, thinking: bool) -> str | 
     from backends.grammar import GrammarError, compile_grammar, llg_tokenizer
 
     try:
-        return compile_grammar(request.response_format.kind, request.response_format.value,
-                               llg_tokenizer(backend.hf_tokenizer))
+        return compile_grammar(
+            request.response_format.kind, request.response_format.value, llg_tokenizer(backend.hf_tokenizer)
+        )
     except GrammarError as exc:
         raise RequestError(f"response_format: {exc}", field="response_format") from None

@@ -53,8 +53,11 @@ def render_request_prompt(
             f"{config.name} has no chat template, so chat messages cannot be formatted as the model expects; "
             "send a raw prompt, or pin a template in the config (mlx.chat_template)"
         )
-    chat = normalize_messages(messages, supports_system=template.supports_system,
-                              content_as_parts=template.content_format == "parts")
+    chat = normalize_messages(
+        messages,
+        supports_system=template.supports_system,
+        content_as_parts=template.content_format == "parts",
+    )
     check_media_allowed(config, chat.media)
     reasoning = config.mlx.reasoning
     thinking = thinking_setting(config, enable_thinking)
@@ -73,11 +76,18 @@ def render_request_prompt(
     except TemplateError as exc:
         raise RequestError(f"the chat template rejected this conversation: {exc}") from None
     if len(text) > MAX_PROMPT_CHARS:
-        raise RequestError(f"the rendered prompt is {len(text)} characters, over the {MAX_PROMPT_CHARS} limit")
+        raise RequestError(
+            f"the rendered prompt is {len(text)} characters, over the {MAX_PROMPT_CHARS} limit"
+        )
     check_media_markers(config, text, chat.media)
     starts_inside = bool(reasoning.supported and reasoning.start and text.rstrip().endswith(reasoning.start))
-    return RenderedPrompt(text=text, media=chat.media, thinking=thinking, starts_inside_reasoning=starts_inside,
-                          changes=chat.changes)
+    return RenderedPrompt(
+        text=text,
+        media=chat.media,
+        thinking=thinking,
+        starts_inside_reasoning=starts_inside,
+        changes=chat.changes,
+    )
 
 
 def check_media_markers(config: ModelConfig, prompt: str, media: list[MediaItem]) -> None:
@@ -96,7 +106,9 @@ def accepted_media(config: ModelConfig) -> set[str]:
     media = config.mlx.media
     if config.backend != "mlx-vlm":
         return set()
-    return {kind for kind, on in (("image", media.image), ("audio", media.audio), ("video", media.video)) if on}
+    return {
+        kind for kind, on in (("image", media.image), ("audio", media.audio), ("video", media.video)) if on
+    }
 
 
 def check_media_allowed(config: ModelConfig, media: list[MediaItem]) -> None:
@@ -111,5 +123,7 @@ def check_media_allowed(config: ModelConfig, media: list[MediaItem]) -> None:
         )
     unsupported = sorted(set(kinds) - accepted_media(config))
     if unsupported:
-        raise RequestError(f"{config.name} has no {'/'.join(unsupported)} tower; it accepts "
-                           f"{'/'.join(sorted(accepted_media(config))) or 'text only'}")
+        raise RequestError(
+            f"{config.name} has no {'/'.join(unsupported)} tower; it accepts "
+            f"{'/'.join(sorted(accepted_media(config))) or 'text only'}"
+        )

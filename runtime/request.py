@@ -86,22 +86,28 @@ def _text_size(value: Any) -> int:
     if isinstance(value, str):
         return len(value.encode("utf-8", "surrogatepass"))
     if isinstance(value, Mapping):
-        return sum(_text_size(v) for k, v in value.items() if k not in ("image", "audio", "video", "image_url",
-                                                                        "input_audio", "video_url", "data"))
+        return sum(
+            _text_size(v)
+            for k, v in value.items()
+            if k not in ("image", "audio", "video", "image_url", "input_audio", "video_url", "data")
+        )
     if isinstance(value, (list, tuple)):
         return sum(_text_size(v) for v in value)
     return 0
 
 
-def _number(value: Any, field: str, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> float:
+def _number(
+    value: Any, field: str, *, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{field} must be a number, got {value!r}", field=field)
     number = float(value)
     if not math.isfinite(number):
         raise RequestError(f"{field} must be a finite number, got {value!r}", field=field)
     if low is not None and (number <= low if low_open else number < low):
-        raise RequestError(f"{field} must be {'above' if low_open else 'at least'} {low:g}, got {value!r}", field=field)
+        raise RequestError(
+            f"{field} must be {'above' if low_open else 'at least'} {low:g}, got {value!r}", field=field
+        )
     if high is not None and number > high:
         raise RequestError(f"{field} must be at most {high:g}, got {value!r}", field=field)
     return number
@@ -120,11 +126,19 @@ def _integer(value: Any, field: str, *, low: int, high: int) -> int:
 
 def check_request(request: GenerationRequest, limits: RequestLimits) -> None:
     """Refuse a request whose size or any sampling value is out of range. Raises RequestError naming the field."""
-    size = (_text_size(request.prompt) + _text_size(request.messages) + _text_size(request.tools)
-            + _text_size(request.stop) + _text_size(request.response_format.value if request.response_format else None))
+    size = (
+        _text_size(request.prompt)
+        + _text_size(request.messages)
+        + _text_size(request.tools)
+        + _text_size(request.stop)
+        + _text_size(request.response_format.value if request.response_format else None)
+    )
     if size > limits.max_request_bytes:
-        raise RequestError(f"request text is {size} bytes, over this runtime's limit of {limits.max_request_bytes} "
-                           "bytes (load option max_request_bytes)", field="messages")
+        raise RequestError(
+            f"request text is {size} bytes, over this runtime's limit of {limits.max_request_bytes} "
+            "bytes (load option max_request_bytes)",
+            field="messages",
+        )
     if request.max_tokens is not None:
         _integer(request.max_tokens, "max_tokens", low=1, high=limits.max_tokens)
     if request.temperature is not None:
@@ -149,8 +163,9 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> None:
         _integer(request.seed, "seed", low=0, high=MAX_SEED)
     if request.logit_bias:
         if len(request.logit_bias) > MAX_LOGIT_BIAS:
-            raise RequestError(f"logit_bias has {len(request.logit_bias)} entries, over {MAX_LOGIT_BIAS}",
-                               field="logit_bias")
+            raise RequestError(
+                f"logit_bias has {len(request.logit_bias)} entries, over {MAX_LOGIT_BIAS}", field="logit_bias"
+            )
         for token, bias in request.logit_bias.items():
             _integer(token, "logit_bias token id", low=0, high=2**31 - 1)
             _number(bias, f"logit_bias[{token}]", low=-100.0, high=100.0)
@@ -167,7 +182,9 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> None:
         if not isinstance(stop, str) or not stop:
             raise RequestError("stop strings must be non-empty strings", field="stop")
         if len(stop) > MAX_STOP_CHARS:
-            raise RequestError(f"a stop string is {len(stop)} characters, over {MAX_STOP_CHARS}", field="stop")
+            raise RequestError(
+                f"a stop string is {len(stop)} characters, over {MAX_STOP_CHARS}", field="stop"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -212,8 +229,9 @@ def check_tools(tools: Any, what: str = "Tools") -> list[dict[str, Any]] | None:
     return [dict(tool) for tool in tools] or None
 
 
-def apply_tool_choice(tools: list[dict[str, Any]] | None, choice: Any,
-                      what: str = "tool_choice") -> list[dict[str, Any]] | None:
+def apply_tool_choice(
+    tools: list[dict[str, Any]] | None, choice: Any, what: str = "tool_choice"
+) -> list[dict[str, Any]] | None:
     """OpenAI tool_choice: "auto" keeps the tools, "none" hides them, a named function keeps only that one.
 
     "required" (the model must call some tool) cannot be honoured by rendering the template alone, so it is
@@ -224,17 +242,22 @@ def apply_tool_choice(tools: list[dict[str, Any]] | None, choice: Any,
     if choice == "none":
         return None
     if choice in ("required", "any"):
-        raise RequestError(f"{what} {choice!r} is not supported by this runtime (use \"auto\" or name one "
-                           "function)", field="tool_choice")
+        raise RequestError(
+            f'{what} {choice!r} is not supported by this runtime (use "auto" or name one function)',
+            field="tool_choice",
+        )
     if isinstance(choice, Mapping):
         function = choice.get("function") if isinstance(choice.get("function"), Mapping) else choice
         name = function.get("name") if isinstance(function, Mapping) else None
         if not isinstance(name, str):
-            raise RequestError(f"{what}: expected \"auto\", \"none\" or {{\"function\": {{\"name\": …}}}}",
-                               field="tool_choice")
+            raise RequestError(
+                f'{what}: expected "auto", "none" or {{"function": {{"name": …}}}}', field="tool_choice"
+            )
         chosen = [tool for tool in tools or [] if tool.get("function", tool).get("name") == name]
         if not chosen:
-            raise RequestError(f"{what} names {name!r}, which is not among the request's tools", field="tool_choice")
+            raise RequestError(
+                f"{what} names {name!r}, which is not among the request's tools", field="tool_choice"
+            )
         return chosen
     raise RequestError(f"{what}: unsupported value {choice!r}", field="tool_choice")
 
@@ -268,6 +291,7 @@ def media_items(images: Iterable[str], audios: Iterable[str], videos: Iterable[s
             items.append(MediaItem(kind=kind, data=value))  # type: ignore[arg-type]
     return items
 
+
 def logit_bias(value: Any, what: str = "logit_bias") -> dict[int, float] | None:
     """OpenAI's logit_bias (token id, as a string or an int, -> bias) as {int: float}."""
     if value is None or value == {}:
@@ -294,7 +318,7 @@ def response_format(value: Any, what: str = "response_format") -> ResponseFormat
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise RequestError(f"{what}: must be an object with a \"type\"", field="response_format")
+        raise RequestError(f'{what}: must be an object with a "type"', field="response_format")
     kind = value.get("type")
     if kind in (None, "text"):
         return None
@@ -304,15 +328,17 @@ def response_format(value: Any, what: str = "response_format") -> ResponseFormat
         spec = value.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if not isinstance(schema, (Mapping, bool)):
-            raise RequestError(f"{what}: json_schema needs a \"schema\" object", field="response_format")
+            raise RequestError(f'{what}: json_schema needs a "schema" object', field="response_format")
         return ResponseFormat("json_schema", dict(schema) if isinstance(schema, Mapping) else {})
     if kind in ("regex", "lark"):
         pattern = value.get(kind)
         if not isinstance(pattern, str) or not pattern:
-            raise RequestError(f"{what}: {kind} needs a non-empty \"{kind}\" string", field="response_format")
+            raise RequestError(f'{what}: {kind} needs a non-empty "{kind}" string', field="response_format")
         return ResponseFormat(kind, pattern)
-    raise RequestError(f"{what}: unsupported type {kind!r} (text, json_object, json_schema, regex, lark)",
-                       field="response_format")
+    raise RequestError(
+        f"{what}: unsupported type {kind!r} (text, json_object, json_schema, regex, lark)",
+        field="response_format",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- answers
@@ -414,9 +440,18 @@ class Answer:
     def completion(self) -> Completion:
         """The whole answer so far (complete once the final event was added)."""
         final = self.final or Event(done=False)
-        return Completion("".join(self.content), "".join(self.reasoning), list(self.tool_calls), list(self.logprobs),
-                          final.finish_reason, final.usage or Usage(), final.timings or Timings(), final.route,
-                          final.error, final.seed)
+        return Completion(
+            "".join(self.content),
+            "".join(self.reasoning),
+            list(self.tool_calls),
+            list(self.logprobs),
+            final.finish_reason,
+            final.usage or Usage(),
+            final.timings or Timings(),
+            final.route,
+            final.error,
+            final.seed,
+        )
 
 
 def fold(events: Iterable[Event]) -> Completion:

@@ -47,7 +47,9 @@ class ServeOptions:
         if bool(self.addr) == self.stdio:
             raise UsageError("give exactly one of --addr HOST:PORT and --stdio")
         if len(self.specs) > 1:
-            raise UsageError(f"this interface serves one model at a time; got {len(self.specs)}: {' '.join(self.specs)}")
+            raise UsageError(
+                f"this interface serves one model at a time; got {len(self.specs)}: {' '.join(self.specs)}"
+            )
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, got {self.grace}")
         for name in ("max_message_mb", "max_line_mb"):
@@ -79,8 +81,13 @@ def serve(options: ServeOptions) -> int:
         from runtime.stdio import run_stdio
 
         host = ModelHost(interface="stdio", catalog=options.catalog)
-        return run_stdio(host, preload=_preload(host, options), grace=options.grace,
-                         max_line_mb=options.max_line_mb, parent_pid=options.parent_pid)
+        return run_stdio(
+            host,
+            preload=_preload(host, options),
+            grace=options.grace,
+            max_line_mb=options.max_line_mb,
+            parent_pid=options.parent_pid,
+        )
     from runtime.bind import check_bind
     from runtime.grpc_server import AUTH_ENV
     from runtime.grpc_server import serve as serve_grpc
@@ -89,44 +96,108 @@ def serve(options: ServeOptions) -> int:
     token = os.environ.get(AUTH_ENV) or None
     check_bind(options.addr, allow_remote=options.allow_remote, insecure=options.insecure, token=token)
     host = ModelHost(interface="grpc", catalog=options.catalog)
-    return asyncio.run(serve_grpc(options.addr, host, token=token, grace=options.grace,
-                                  max_message_mb=options.max_message_mb, parent_pid=options.parent_pid,
-                                  preload=_preload(host, options)))
+    return asyncio.run(
+        serve_grpc(
+            options.addr,
+            host,
+            token=token,
+            grace=options.grace,
+            max_message_mb=options.max_message_mb,
+            parent_pid=options.parent_pid,
+            preload=_preload(host, options),
+        )
+    )
 
 
 def serve_command(
     ctx: typer.Context,
-    specs: Annotated[list[str] | None, typer.Argument(
-        metavar="[CONFIG]", help="The model to load at start: a config file, catalog name, model folder or Hub repo "
-        "id (or load one later with LoadModel / `load`).")] = None,
-    addr: Annotated[str | None, typer.Option("--addr", help="Serve LocalAI's gRPC backend protocol on HOST:PORT "
-                                             "(loopback unless --allow-remote; port 0 picks a free port).")] = None,
-    stdio: Annotated[bool, typer.Option("--stdio", help="Serve JSON-RPC 2.0 on stdin/stdout instead.")] = False,
-    model: Annotated[str | None, typer.Option("--model", help="The model to load at start (same as CONFIG).")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="A load option KEY:VALUE (repeatable), "
-                                                     "as in LoadModel Options.")] = None,
-    model_path: Annotated[str | None, typer.Option("--model-path", help="Base folder for relative model paths "
-                                                   "(LocalAI's models directory).")] = None,
-    catalog: Annotated[str | None, typer.Option("--catalog", help="Catalog index to look model names up in.")] = None,
-    grace: Annotated[float, typer.Option("--grace", help="Seconds in-flight requests get to finish on SIGTERM, "
-                                         "stdio shutdown or end of input.")] = 30.0,
-    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --addr (needs "
-                                               "LOCALAI_GRPC_AUTH_TOKEN unless --insecure).")] = False,
-    insecure: Annotated[bool, typer.Option("--insecure", help="With --allow-remote: serve without a token.")] = False,
-    max_message_mb: Annotated[int, typer.Option("--max-message-mb", help="Largest gRPC message, in MiB.")] = 64,
-    max_line_mb: Annotated[int, typer.Option("--max-line-mb", help="Largest stdio request line, in MiB.")] = 64,
-    parent_pid: Annotated[int | None, typer.Option("--parent-pid", help="Also exit when this process dies "
-                                                   "(default: the parent).")] = None,
-    log_level: Annotated[str, typer.Option("--log-level", envvar="GALLERY_LOG_LEVEL",
-                                           help="stderr log level: DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    specs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[CONFIG]",
+            help="The model to load at start: a config file, catalog name, model folder or Hub repo "
+            "id (or load one later with LoadModel / `load`).",
+        ),
+    ] = None,
+    addr: Annotated[
+        str | None,
+        typer.Option(
+            "--addr",
+            help="Serve LocalAI's gRPC backend protocol on HOST:PORT "
+            "(loopback unless --allow-remote; port 0 picks a free port).",
+        ),
+    ] = None,
+    stdio: Annotated[
+        bool, typer.Option("--stdio", help="Serve JSON-RPC 2.0 on stdin/stdout instead.")
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", help="The model to load at start (same as CONFIG).")
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="A load option KEY:VALUE (repeatable), as in LoadModel Options."),
+    ] = None,
+    model_path: Annotated[
+        str | None,
+        typer.Option(
+            "--model-path", help="Base folder for relative model paths (LocalAI's models directory)."
+        ),
+    ] = None,
+    catalog: Annotated[
+        str | None, typer.Option("--catalog", help="Catalog index to look model names up in.")
+    ] = None,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            help="Seconds in-flight requests get to finish on SIGTERM, stdio shutdown or end of input.",
+        ),
+    ] = 30.0,
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote",
+            help="Allow a non-loopback --addr (needs LOCALAI_GRPC_AUTH_TOKEN unless --insecure).",
+        ),
+    ] = False,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="With --allow-remote: serve without a token.")
+    ] = False,
+    max_message_mb: Annotated[
+        int, typer.Option("--max-message-mb", help="Largest gRPC message, in MiB.")
+    ] = 64,
+    max_line_mb: Annotated[
+        int, typer.Option("--max-line-mb", help="Largest stdio request line, in MiB.")
+    ] = 64,
+    parent_pid: Annotated[
+        int | None,
+        typer.Option("--parent-pid", help="Also exit when this process dies (default: the parent)."),
+    ] = None,
+    log_level: Annotated[
+        str,
+        typer.Option(
+            "--log-level", envvar="GALLERY_LOG_LEVEL", help="stderr log level: DEBUG, INFO, WARNING or ERROR."
+        ),
+    ] = "INFO",
 ) -> None:
     """Serve a model to a parent process: LocalAI's gRPC backend protocol (--addr) or JSON-RPC (--stdio)."""
     if ctx.args:
         logging.getLogger("runtime").warning("ignoring unknown arguments: %s", " ".join(ctx.args))
-    options = ServeOptions(specs=[*(specs or []), *([model] if model else [])], addr=addr, stdio=stdio,
-                           options=list(option or []), model_path=model_path, catalog=catalog, grace=grace,
-                           allow_remote=allow_remote, insecure=insecure, max_message_mb=max_message_mb,
-                           max_line_mb=max_line_mb, parent_pid=parent_pid, log_level=log_level.upper())
+    options = ServeOptions(
+        specs=[*(specs or []), *([model] if model else [])],
+        addr=addr,
+        stdio=stdio,
+        options=list(option or []),
+        model_path=model_path,
+        catalog=catalog,
+        grace=grace,
+        allow_remote=allow_remote,
+        insecure=insecure,
+        max_message_mb=max_message_mb,
+        max_line_mb=max_line_mb,
+        parent_pid=parent_pid,
+        log_level=log_level.upper(),
+    )
     code = serve(options)
     if code:
         raise typer.Exit(code)

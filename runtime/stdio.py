@@ -169,8 +169,16 @@ class LineWriter:
 class StdioServer:
     """The JSON-RPC loop over one ModelHost."""
 
-    def __init__(self, host: ModelHost, *, out_fd: int, in_stream: Any, grace: float = 30.0,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_MB * 1024 * 1024, parent_pid: int | None = None) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        *,
+        out_fd: int,
+        in_stream: Any,
+        grace: float = 30.0,
+        max_line_bytes: int = DEFAULT_MAX_LINE_MB * 1024 * 1024,
+        parent_pid: int | None = None,
+    ) -> None:
         self.host = host
         self.grace = grace
         self.max_line_bytes = max_line_bytes
@@ -184,13 +192,20 @@ class StdioServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.writer: LineWriter | None = None
         self._methods: dict[str, Callable[[Any, Any, InFlight], Awaitable[Any]]] = {
-            "load": self._load, "free": self._free, "chat": self._chat, "complete": self._complete,
-            "tokenize": self._tokenize, "detokenize": self._detokenize,
+            "load": self._load,
+            "free": self._free,
+            "chat": self._chat,
+            "complete": self._complete,
+            "tokenize": self._tokenize,
+            "detokenize": self._detokenize,
         }
         # Answered on the spot, in input order: never queued behind work, and a line after `shutdown`
         # deterministically sees the runtime shutting down.
         self._inline: dict[str, Callable[[Any], Any]] = {
-            "status": self._status, "metadata": self._metadata, "cancel": self._cancel, "shutdown": self._shutdown,
+            "status": self._status,
+            "metadata": self._metadata,
+            "cancel": self._cancel,
+            "shutdown": self._shutdown,
         }
 
     # ----- plumbing -----
@@ -205,7 +220,9 @@ class StdioServer:
                 return
             except (TypeError, ValueError) as exc:  # a result JSON cannot carry: still exactly one response
                 log.error("cannot encode the result of request %r: %s", request_id, exc)
-                error = RpcError(INTERNAL_ERROR, f"internal error: the result cannot be encoded as JSON ({exc})")
+                error = RpcError(
+                    INTERNAL_ERROR, f"internal error: the result cannot be encoded as JSON ({exc})"
+                )
         body: dict[str, Any] = {"code": error.code, "message": error.message}
         if error.data is not None:
             body["data"] = error.data
@@ -242,8 +259,13 @@ class StdioServer:
         self._post(self.stop.request, "drain", "end of input")
 
     def _on_oversized(self) -> None:
-        self._respond(None, error=RpcError(INVALID_REQUEST, f"request line longer than {self.max_line_bytes} bytes "
-                                                            "(--max-line-mb); it was skipped"))
+        self._respond(
+            None,
+            error=RpcError(
+                INVALID_REQUEST,
+                f"request line longer than {self.max_line_bytes} bytes (--max-line-mb); it was skipped",
+            ),
+        )
 
     def _on_broken_pipe(self) -> None:
         self._post(self.stop.request, "cancel", "stdout closed")
@@ -260,8 +282,12 @@ class StdioServer:
             self._respond(None, error=RpcError(PARSE_ERROR, f"parse error: {detail}"))
             return
         if isinstance(message, list):
-            self._respond(None, error=RpcError(INVALID_REQUEST, "batch requests are not supported: send one JSON "
-                                                                "object per line"))
+            self._respond(
+                None,
+                error=RpcError(
+                    INVALID_REQUEST, "batch requests are not supported: send one JSON object per line"
+                ),
+            )
             return
         if not isinstance(message, dict):
             self._respond(None, error=RpcError(INVALID_REQUEST, "a request must be a JSON object"))
@@ -283,8 +309,13 @@ class StdioServer:
             return
         if "params" in message and not isinstance(message["params"], (dict, type(None))):
             if has_id:
-                self._respond(request_id, error=RpcError(INVALID_PARAMS, "params must be an object (by-name "
-                                                                         "parameters; by-position is not supported)"))
+                self._respond(
+                    request_id,
+                    error=RpcError(
+                        INVALID_PARAMS,
+                        "params must be an object (by-name parameters; by-position is not supported)",
+                    ),
+                )
             return
         assert isinstance(method, str)
         params = message.get("params") or {}
@@ -303,7 +334,9 @@ class StdioServer:
         if handler is None:
             if has_id:
                 known = ", ".join(sorted([*self._methods, *self._inline]))
-                self._respond(request_id, error=RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}; known: {known}"))
+                self._respond(
+                    request_id, error=RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}; known: {known}")
+                )
             return
         if not has_id and method in _GENERATION_METHODS:
             log.warning("ignored a %s notification: send an id to get the answer", method)
@@ -314,24 +347,39 @@ class StdioServer:
             return
         key = json.dumps(request_id) if has_id else None
         if key is not None and key in self._inflight:
-            self._respond(request_id, error=RpcError(INVALID_REQUEST, f"request id {request_id!r} is already in flight"))
+            self._respond(
+                request_id, error=RpcError(INVALID_REQUEST, f"request id {request_id!r} is already in flight")
+            )
             return
         entry = InFlight(method)
         if key is not None:
             self._inflight[key] = entry
-        task = asyncio.get_running_loop().create_task(self._serve(handler, params, request_id, has_id, key, entry))
+        task = asyncio.get_running_loop().create_task(
+            self._serve(handler, params, request_id, has_id, key, entry)
+        )
         entry.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, handler: Callable[[Any, Any, InFlight], Awaitable[Any]], params: dict[str, Any],
-                     request_id: Any, has_id: bool, key: str | None, entry: InFlight) -> None:
+    async def _serve(
+        self,
+        handler: Callable[[Any, Any, InFlight], Awaitable[Any]],
+        params: dict[str, Any],
+        request_id: Any,
+        has_id: bool,
+        key: str | None,
+        entry: InFlight,
+    ) -> None:
         try:
             result = await handler(params, request_id, entry)
         except asyncio.CancelledError:
             if has_id:
-                self._respond(request_id, error=RpcError(FAULTS["shutting_down"].jsonrpc_code, "request abandoned: "
-                                                                                              "the runtime is stopping"))
+                self._respond(
+                    request_id,
+                    error=RpcError(
+                        FAULTS["shutting_down"].jsonrpc_code, "request abandoned: the runtime is stopping"
+                    ),
+                )
             raise
         except Exception as exc:
             if has_id:
@@ -349,16 +397,31 @@ class StdioServer:
     # ----- methods -----
     async def _load(self, params: Any, request_id: Any, entry: InFlight) -> dict[str, Any]:
         spec = LoadParams.model_validate(params)
-        report = await self._blocking(lambda: self.host.load(spec.model, spec.options, model_path=spec.model_path))
-        return {"model": report.name, "backend": report.backend, "spec": report.spec, "reused": report.reused,
-                "load_seconds": round(report.seconds, 3), "warnings": report.warnings,
-                "unknown_options": report.unknown_options}
+        report = await self._blocking(
+            lambda: self.host.load(spec.model, spec.options, model_path=spec.model_path)
+        )
+        return {
+            "model": report.name,
+            "backend": report.backend,
+            "spec": report.spec,
+            "reused": report.reused,
+            "load_seconds": round(report.seconds, 3),
+            "warnings": report.warnings,
+            "unknown_options": report.unknown_options,
+        }
 
     async def _free(self, params: Any, request_id: Any, entry: InFlight) -> dict[str, Any]:
         return {"freed": await self._blocking(self.host.free)}
 
-    async def _generate(self, request: Any, identity: str | None, stream: bool, request_id: Any,
-                        entry: InFlight, notification: str) -> Completion:
+    async def _generate(
+        self,
+        request: Any,
+        identity: str | None,
+        stream: bool,
+        request_id: Any,
+        entry: InFlight,
+        notification: str,
+    ) -> Completion:
         handle = await self._blocking(self.host.submit, request, identity)
         entry.handle = handle
         if entry.cancelled:
@@ -382,14 +445,20 @@ class StdioServer:
             handle.cancel()
         done = answer.completion()
         if done.error and done.finish_reason != "cancelled":
-            raise RpcError(FAULTS["generation_failed"].jsonrpc_code, done.error,
-                           {"kind": "generation_failed", "partial_content": done.content})
+            raise RpcError(
+                FAULTS["generation_failed"].jsonrpc_code,
+                done.error,
+                {"kind": "generation_failed", "partial_content": done.content},
+            )
         return done
 
     @staticmethod
     def _extras(done: Completion) -> dict[str, Any]:
-        extras: dict[str, Any] = {"usage": usage_json(done.usage), "timings": timings_json(done.timings),
-                                  "route": done.route}
+        extras: dict[str, Any] = {
+            "usage": usage_json(done.usage),
+            "timings": timings_json(done.timings),
+            "route": done.route,
+        }
         if done.logprobs:
             extras["logprobs"] = logprobs_json(done.logprobs)
         if done.seed is not None:
@@ -401,9 +470,16 @@ class StdioServer:
         self.host.current()
         request = chat_request(chat)
         started = time.perf_counter()
-        done = await self._generate(request, chat.model, chat.stream is not False, request_id, entry, "chat.delta")
-        log.info("chat %s done: %s, %d tokens in %.2f s", json.dumps(request_id), done.finish_reason,
-                 done.usage.completion_tokens, time.perf_counter() - started)
+        done = await self._generate(
+            request, chat.model, chat.stream is not False, request_id, entry, "chat.delta"
+        )
+        log.info(
+            "chat %s done: %s, %d tokens in %.2f s",
+            json.dumps(request_id),
+            done.finish_reason,
+            done.usage.completion_tokens,
+            time.perf_counter() - started,
+        )
         message: dict[str, Any] = {"role": "assistant", "content": done.content}
         if done.reasoning:
             message["reasoning_content"] = done.reasoning
@@ -415,9 +491,15 @@ class StdioServer:
         spec = CompleteParams.model_validate(params)
         self.host.current()
         request = complete_request(spec)
-        done = await self._generate(request, spec.model, spec.stream is not False, request_id, entry, "complete.delta")
-        return {"text": done.content, "reasoning_content": done.reasoning or None, "finish_reason": done.finish_reason,
-                **self._extras(done)}
+        done = await self._generate(
+            request, spec.model, spec.stream is not False, request_id, entry, "complete.delta"
+        )
+        return {
+            "text": done.content,
+            "reasoning_content": done.reasoning or None,
+            "finish_reason": done.finish_reason,
+            **self._extras(done),
+        }
 
     async def _tokenize(self, params: Any, request_id: Any, entry: InFlight) -> dict[str, Any]:
         spec = TokenizeParams.model_validate(params)
@@ -428,8 +510,11 @@ class StdioServer:
             text = spec.text
             check_request(GenerationRequest(prompt=text), engine.settings.limits)
         else:
-            request = chat_request(ChatParams(messages=spec.messages or [], tools=spec.tools,
-                                              enable_thinking=spec.enable_thinking))
+            request = chat_request(
+                ChatParams(
+                    messages=spec.messages or [], tools=spec.tools, enable_thinking=spec.enable_thinking
+                )
+            )
             check_request(request, engine.settings.limits)
             text = await self._blocking(prompt_text, engine.config, request)
         tokens = await self._blocking(engine.tokenize, text)
@@ -441,7 +526,9 @@ class StdioServer:
         try:
             text = await self._blocking(engine.detokenize, spec.tokens)
         except (OverflowError, IndexError, ValueError, TypeError) as exc:
-            raise RequestError(f"cannot detokenize these ids ({type(exc).__name__}: out of the vocabulary?)") from None
+            raise RequestError(
+                f"cannot detokenize these ids ({type(exc).__name__}: out of the vocabulary?)"
+            ) from None
         return {"text": text}
 
     def _status(self, params: Any) -> dict[str, Any]:
@@ -457,7 +544,7 @@ class StdioServer:
 
     def _cancel(self, params: Any) -> dict[str, Any]:
         if not isinstance(params, dict) or "id" not in params:
-            raise RpcError(INVALID_PARAMS, "cancel needs params {\"id\": <id of the request to cancel>}")
+            raise RpcError(INVALID_PARAMS, 'cancel needs params {"id": <id of the request to cancel>}')
         target = self._inflight.get(json.dumps(params["id"]))
         if target is None or target.method not in _GENERATION_METHODS:
             return {"cancelled": False, "reason": "no chat or complete request with that id is in flight"}
@@ -478,8 +565,11 @@ class StdioServer:
         install_signal_handlers(self.stop)
         reader = threading.Thread(target=self._read_lines, name="stdio-reader", daemon=True)
         reader.start()
-        watcher = asyncio.create_task(watch_parent(lambda: self.stop.request("cancel", "parent process died"),
-                                                   parent_pid=self.parent_pid))
+        watcher = asyncio.create_task(
+            watch_parent(
+                lambda: self.stop.request("cancel", "parent process died"), parent_pid=self.parent_pid
+            )
+        )
         await self.stop.requested.wait()
         await self._drain()
         cancel_task(watcher)
@@ -518,20 +608,34 @@ class StdioServer:
                 remaining = deadline - loop.time()
                 if not pending or remaining <= 0:
                     return
-                await asyncio.wait({*pending, escalated}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {*pending, escalated}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
         finally:
             cancel_task(escalated)
             await settle(escalated)
 
 
-def run_stdio(host: ModelHost, *, preload: Callable[[], Any] | None = None, grace: float = 30.0,
-              max_line_mb: int = DEFAULT_MAX_LINE_MB, parent_pid: int | None = None) -> int:
+def run_stdio(
+    host: ModelHost,
+    *,
+    preload: Callable[[], Any] | None = None,
+    grace: float = 30.0,
+    max_line_mb: int = DEFAULT_MAX_LINE_MB,
+    parent_pid: int | None = None,
+) -> int:
     """Take over stdin/stdout for the protocol and serve; returns the exit code."""
     out_fd = os.dup(1)
     os.dup2(2, 1)  # fd 1 now goes to stderr: only the protocol writer reaches the real stdout
     sys.stdout = sys.stderr
     if preload is not None:
         preload()
-    server = StdioServer(host, out_fd=out_fd, in_stream=LineReader(sys.stdin.fileno()), grace=grace,
-                         max_line_bytes=max(1, max_line_mb) * 1024 * 1024, parent_pid=parent_pid)
+    server = StdioServer(
+        host,
+        out_fd=out_fd,
+        in_stream=LineReader(sys.stdin.fileno()),
+        grace=grace,
+        max_line_bytes=max(1, max_line_mb) * 1024 * 1024,
+        parent_pid=parent_pid,
+    )
     return asyncio.run(server.run())

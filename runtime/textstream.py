@@ -85,7 +85,9 @@ class Piece:
 class ReasoningSplitter:
     """Split reasoning from content by the config's markers; drop reasoning when thinking is off."""
 
-    def __init__(self, start: str | None, end: str | None, *, thinking: bool, starts_inside: bool = False) -> None:
+    def __init__(
+        self, start: str | None, end: str | None, *, thinking: bool, starts_inside: bool = False
+    ) -> None:
         self.start, self.end = start, end
         self.thinking = thinking
         self.inside = bool(starts_inside and start and end)
@@ -124,7 +126,7 @@ class ReasoningSplitter:
             pos = self._buffer.find(marker)
             if pos >= 0:
                 self._emit("reasoning" if self.inside else "content", self._buffer[:pos], out)
-                self._buffer = self._buffer[pos + len(marker):]
+                self._buffer = self._buffer[pos + len(marker) :]
                 self.inside = not self.inside
                 if self.inside:
                     self._strip_next_reasoning = True
@@ -134,7 +136,7 @@ class ReasoningSplitter:
             keep = _held_suffix(self._buffer, [marker])
             ready = self._buffer[: len(self._buffer) - keep]
             self._emit("reasoning" if self.inside else "content", ready, out)
-            self._buffer = self._buffer[len(ready):]
+            self._buffer = self._buffer[len(ready) :]
             break
         return out
 
@@ -161,7 +163,7 @@ def _parse_json_calls(text: str, _: Any = None) -> Any:
     """Fallback parser: one JSON object or a list of them ({name, arguments|parameters})."""
     text = text.strip()
     if text.startswith("<|python_tag|>"):
-        text = text[len("<|python_tag|>"):]
+        text = text[len("<|python_tag|>") :]
     decoder = json.JSONDecoder()
     calls, pos = [], 0
     while pos < len(text):
@@ -177,8 +179,15 @@ def _parse_json_calls(text: str, _: Any = None) -> Any:
 class ToolCallExtractor:
     """Turn tool-call syntax in the content stream into structured calls."""
 
-    def __init__(self, fmt: str | None, start: str | None, end: str | None, tools: Any = None, *,
-                 library: tuple[Callable[[str, Any], Any] | None, str | None, str | None] = (None, None, None)) -> None:
+    def __init__(
+        self,
+        fmt: str | None,
+        start: str | None,
+        end: str | None,
+        tools: Any = None,
+        *,
+        library: tuple[Callable[[str, Any], Any] | None, str | None, str | None] = (None, None, None),
+    ) -> None:
         """`library` is the model library's parser for `fmt` and its markers (backends.tool_parser)."""
         self.tools = tools
         self.calls: list[ToolCall] = []
@@ -205,8 +214,14 @@ class ToolCallExtractor:
             arguments = item.get("arguments", item.get("parameters", {}))
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments, ensure_ascii=False)
-            self.calls.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=item["name"], arguments=arguments,
-                                       index=len(self.calls)))
+            self.calls.append(
+                ToolCall(
+                    id=f"call_{uuid.uuid4().hex[:24]}",
+                    name=item["name"],
+                    arguments=arguments,
+                    index=len(self.calls),
+                )
+            )
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         """Add content text; return (content to send, calls completed now)."""
@@ -218,16 +233,22 @@ class ToolCallExtractor:
             # Formats without an end marker: everything from the start marker on is the call.
             if self.start and self.start in self._buffer and not self._in_call:
                 pos = self._buffer.find(self.start)
-                out, self._buffer, self._in_call = self._buffer[:pos], self._buffer[pos + len(self.start):], True
+                out, self._buffer, self._in_call = (
+                    self._buffer[:pos],
+                    self._buffer[pos + len(self.start) :],
+                    True,
+                )
                 return out, []
-            if self._in_call or (not self.start and self._buffer.lstrip().startswith(("{", "[", "<|python_tag|>"))):
+            if self._in_call or (
+                not self.start and self._buffer.lstrip().startswith(("{", "[", "<|python_tag|>"))
+            ):
                 self._in_call = True
                 return "", []
             if not self.start and not self._buffer.strip():
                 return "", []
             keep = _held_suffix(self._buffer, [self.start]) if self.start else 0
             out = self._buffer[: len(self._buffer) - keep]
-            self._buffer = self._buffer[len(out):]
+            self._buffer = self._buffer[len(out) :]
             return out, []
         out_parts: list[str] = []
         self._buffer += text
@@ -239,19 +260,19 @@ class ToolCallExtractor:
                 self._finish_call(self._buffer[:pos])
                 if self.failed and self.failed[-1] == self._buffer[:pos]:
                     out_parts.append(f"{self.start}{self._buffer[:pos]}{self.end}")
-                self._buffer = self._buffer[pos + len(self.end):]
+                self._buffer = self._buffer[pos + len(self.end) :]
                 self._in_call = False
                 continue
             assert self.start is not None
             pos = self._buffer.find(self.start)
             if pos >= 0:
                 out_parts.append(self._buffer[:pos])
-                self._buffer = self._buffer[pos + len(self.start):]
+                self._buffer = self._buffer[pos + len(self.start) :]
                 self._in_call = True
                 continue
             keep = _held_suffix(self._buffer, [self.start])
             out_parts.append(self._buffer[: len(self._buffer) - keep])
-            self._buffer = self._buffer[len(self._buffer) - keep:]
+            self._buffer = self._buffer[len(self._buffer) - keep :]
             break
         return "".join(out_parts), self.calls[before:]
 

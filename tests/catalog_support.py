@@ -102,9 +102,18 @@ def make_tiny_repo(folder: Path, *, weights: bytes | None = None) -> Path:
     folder.mkdir(parents=True)
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         shutil.copy2(source / name, folder / name)
-    (folder / "README.md").write_text("---\nlibrary_name: mlx\nlicense: apache-2.0\n---\n# tiny qwen3\n", encoding="utf-8")
-    (folder / "model.safetensors").write_bytes(weights if weights is not None else os.urandom(2 * 1024 * 1024))
-    info = {"pipeline_tag": "text-generation", "library_name": "mlx", "tags": ["mlx", "license:apache-2.0"],
-            "gated": False, "card_data": {"license": "apache-2.0", "library_name": "mlx"}}
+    (folder / "README.md").write_text(
+        "---\nlibrary_name: mlx\nlicense: apache-2.0\n---\n# tiny qwen3\n", encoding="utf-8"
+    )
+    (folder / "model.safetensors").write_bytes(
+        weights if weights is not None else os.urandom(2 * 1024 * 1024)
+    )
+    info = {
+        "pipeline_tag": "text-generation",
+        "library_name": "mlx",
+        "tags": ["mlx", "license:apache-2.0"],
+        "gated": False,
+        "card_data": {"license": "apache-2.0", "library_name": "mlx"},
+    }
     (folder / "_info.json").write_text(json.dumps(info), encoding="utf-8")
     return folder

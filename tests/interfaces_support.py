@@ -78,10 +78,21 @@ class _StderrPump:
 
 
 class _Process:
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None, stdin: Any = subprocess.DEVNULL,
-                 stdout: Any = subprocess.DEVNULL) -> None:
-        self.proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env or runtime_env(), stdin=stdin,
-                                     stdout=stdout, stderr=subprocess.PIPE)
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str] | None,
+        stdin: Any = subprocess.DEVNULL,
+        stdout: Any = subprocess.DEVNULL,
+    ) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=ROOT,
+            env=env or runtime_env(),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+        )
         assert self.proc.stderr is not None
         self.stderr = _StderrPump(self.proc.stderr)
 
@@ -115,8 +126,14 @@ class _Process:
 class GrpcProcess(_Process):
     """`python -m runtime --addr 127.0.0.1:0` with a connected Backend stub."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, module: Sequence[str] = ("-m", "runtime"),
-                 addr_flag: Sequence[str] | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        module: Sequence[str] = ("-m", "runtime"),
+        addr_flag: Sequence[str] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         import grpc
 
         from runtime.proto import backend_pb2_grpc
@@ -129,8 +146,13 @@ class GrpcProcess(_Process):
             raise RuntimeError(f"the runtime did not start listening:\n{self.stderr.text}")
         self.port = int(match.group(1))
         self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_receive_message_length", 64 << 20),
-                                                                    ("grpc.max_send_message_length", 64 << 20)])
+        self.channel = grpc.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
+        )
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
 
     def close(self) -> None:
@@ -143,7 +165,9 @@ class StdioProcess(_Process):
     """`python -m runtime --stdio …` with line-level JSON-RPC helpers."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__(["-m", "runtime", "--stdio", *args], env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        super().__init__(
+            ["-m", "runtime", "--stdio", *args], env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         self.messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.bad_lines: list[bytes] = []
         self._ids = 0
@@ -194,7 +218,9 @@ class StdioProcess(_Process):
             raise EOFError(f"the runtime closed stdout:\n{self.stderr.text}")
         return message
 
-    def collect(self, request_id: Any, timeout: float = 60.0) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    def collect(
+        self, request_id: Any, timeout: float = 60.0
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
         """Read until the response to request_id: (response, its deltas, other messages seen meanwhile)."""
         deltas, others = [], []
         deadline = time.monotonic() + timeout
@@ -234,7 +260,9 @@ def chat(content: str = "Hi", **fields: Any) -> Any:
     """PredictOptions for a one-turn chat rendered with the model's template (greedy by default)."""
     from runtime.proto import backend_pb2 as pb
 
-    return pb.PredictOptions(UseTokenizerTemplate=True, Messages=[pb.Message(role="user", content=content)], **fields)
+    return pb.PredictOptions(
+        UseTokenizerTemplate=True, Messages=[pb.Message(role="user", content=content)], **fields
+    )
 
 
 def no_traceback(text: str) -> bool:

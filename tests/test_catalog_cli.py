@@ -86,8 +86,18 @@ def test_export_localai_yaml(capsys: pytest.CaptureFixture[str]) -> None:
     data = yaml.safe_load(result.out)
     entry = load_catalog(BUNDLED / "index.yaml").get("qwen3-4b-4bit")
     config = entry.config
-    assert set(data) == {"name", "backend", "description", "license", "context_size", "parameters", "stopwords",
-                         "template", "known_usecases", "options"}
+    assert set(data) == {
+        "name",
+        "backend",
+        "description",
+        "license",
+        "context_size",
+        "parameters",
+        "stopwords",
+        "template",
+        "known_usecases",
+        "options",
+    }
     assert data["name"] == "qwen3-4b-4bit" and data["backend"] == "mlx"
     assert data["parameters"]["model"] == "mlx-community/Qwen3-4B-4bit"
     assert data["parameters"]["temperature"] == config.parameters.temperature
@@ -122,37 +132,56 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def test_validate_through_a_real_subprocess(tmp_path: Path) -> None:
-    ok = subprocess.run([str(GALLERY), "validate", "--format", "json"], capture_output=True, text=True,
-                        env=_subprocess_env(), timeout=120)
+    ok = subprocess.run(
+        [str(GALLERY), "validate", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["entries"] == 6
 
     index = copy_catalog(tmp_path / "catalog")
     replace_in(index, "- name: qwen3-4b-4bit\n", "- name: qwen3-4b-4bit\n  name: qwen3-4b-4bit\n")
-    bad = subprocess.run([str(GALLERY), "validate", "--format", "github"], capture_output=True, text=True,
-                         env=_subprocess_env(GALLERY_CATALOG=str(index)), timeout=120, cwd=tmp_path)
+    bad = subprocess.run(
+        [str(GALLERY), "validate", "--format", "github"],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(GALLERY_CATALOG=str(index)),
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 14
     assert bad.stdout.startswith("::error file=catalog/index.yaml,line=")
     assert "title=gallery validate%3A duplicate-key::qwen3-4b-4bit: duplicate key 'name'" in bad.stdout
     assert bad.stderr == ""
 
 
-def test_install_through_a_real_subprocess(hub_factory, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_through_a_real_subprocess(
+    hub_factory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from tests.catalog_support import TINY_REPO, make_tiny_repo
 
     hub = hub_factory(extra_repos={TINY_REPO: make_tiny_repo(tmp_path / "repo")})
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     index = tmp_path / "catalog" / "index.yaml"
     assert run_cli(capsys, "add", TINY_REPO, "--catalog", index).code == 0
-    env = _subprocess_env(HF_ENDPOINT=hub.url, GALLERY_CATALOG=str(index), GALLERY_MODELS_DIR=str(tmp_path / "m"))
-    first = subprocess.run([str(GALLERY), "install", "tiny-qwen3"], capture_output=True, text=True, env=env,
-                           timeout=120)
+    env = _subprocess_env(
+        HF_ENDPOINT=hub.url, GALLERY_CATALOG=str(index), GALLERY_MODELS_DIR=str(tmp_path / "m")
+    )
+    first = subprocess.run(
+        [str(GALLERY), "install", "tiny-qwen3"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert first.returncode == 0, first.stderr
     assert (tmp_path / "m" / "tiny-qwen3.yaml").is_file()
     assert "[4/5] model.safetensors: downloaded, sha256 verified" in first.stderr
-    second = subprocess.run([str(GALLERY), "install", "tiny-qwen3"], capture_output=True, text=True, env=env,
-                            timeout=120)
+    second = subprocess.run(
+        [str(GALLERY), "install", "tiny-qwen3"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert second.returncode == 0 and "already installed" in second.stderr
 
 
@@ -164,10 +193,14 @@ def test_pre_commit_hook_definition() -> None:
 
 
 def test_validate_needs_neither_mlx_nor_the_network() -> None:
-    code = ("import sys\nfrom cli.app import main\nrc = main(['validate', '--format', 'json'])\n"
-            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('mlx', 'mlx_lm', 'mlx_vlm', 'huggingface_hub', 'httpx', 'httpx2'))\n"
-            "print(rc, loaded, file=sys.stderr)\n")
+    code = (
+        "import sys\nfrom cli.app import main\nrc = main(['validate', '--format', 'json'])\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('mlx', 'mlx_lm', 'mlx_vlm', 'huggingface_hub', 'httpx', 'httpx2'))\n"
+        "print(rc, loaded, file=sys.stderr)\n"
+    )
     env = _subprocess_env(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.stderr.strip() == "0 []", result.stderr

@@ -46,8 +46,9 @@ def _resolve_requests(hub: RecordedHub) -> list[str]:
     return [r.path.rsplit("/", 1)[1] for r in hub.requests if "/resolve/" in r.path]
 
 
-def test_add_builds_a_fully_hashed_entry(catalog: Path, tiny_hub: RecordedHub, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_add_builds_a_fully_hashed_entry(
+    catalog: Path, tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     entry = load_catalog(catalog).get(NAME)
     assert [f.filename for f in entry.meta.files] == FILES
     commit = tiny_hub.commit_of(TINY_REPO)
@@ -58,8 +59,9 @@ def test_add_builds_a_fully_hashed_entry(catalog: Path, tiny_hub: RecordedHub, t
     assert run_cli(capsys, "validate", catalog).code == 0
 
 
-def test_install_verifies_and_writes_the_config(catalog: Path, tiny_hub: RecordedHub, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_install_verifies_and_writes_the_config(
+    catalog: Path, tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     models = tmp_path / "models"
     result = run_cli(capsys, "install", NAME, "--models-dir", models, "--catalog", catalog, "--json")
     assert result.code == 0, result.err
@@ -74,8 +76,9 @@ def test_install_verifies_and_writes_the_config(catalog: Path, tiny_hub: Recorde
     assert (models / f"{NAME}.yaml").stat().st_mode & 0o777 == 0o644
 
 
-def test_second_install_only_reverifies(catalog: Path, tiny_hub: RecordedHub, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_second_install_only_reverifies(
+    catalog: Path, tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     models = tmp_path / "models"
     assert run_cli(capsys, "install", NAME, "--models-dir", models, "--catalog", catalog).code == 0
     config_file = models / f"{NAME}.yaml"
@@ -90,11 +93,14 @@ def test_second_install_only_reverifies(catalog: Path, tiny_hub: RecordedHub, tm
     assert "already installed" in again.err
 
 
-def test_hash_mismatch_removes_the_file_and_writes_no_config(catalog: Path, tiny_hub: RecordedHub, tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_hash_mismatch_removes_the_file_and_writes_no_config(
+    catalog: Path, tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     entry = load_catalog(catalog).get(NAME)
     good = next(f.sha256 for f in entry.meta.files if f.filename == "config.json")
-    replace_in(catalog, f"sha256: {good}", f"sha256: {'ab' * 32}")  # a small git file: only a download can tell
+    replace_in(
+        catalog, f"sha256: {good}", f"sha256: {'ab' * 32}"
+    )  # a small git file: only a download can tell
     assert run_cli(capsys, "validate", catalog).code == 0
     models = tmp_path / "models"
     result = run_cli(capsys, "install", NAME, "--models-dir", models, "--catalog", catalog)
@@ -105,8 +111,9 @@ def test_hash_mismatch_removes_the_file_and_writes_no_config(catalog: Path, tiny
     assert (models / NAME / "README.md").is_file()  # files before it verified and stay
 
 
-def test_corrupt_local_file_is_fetched_again(catalog: Path, tiny_hub: RecordedHub, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_local_file_is_fetched_again(
+    catalog: Path, tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     models = tmp_path / "models"
     assert run_cli(capsys, "install", NAME, "--models-dir", models, "--catalog", catalog).code == 0
     weights = models / NAME / "model.safetensors"
@@ -119,8 +126,9 @@ def test_corrupt_local_file_is_fetched_again(catalog: Path, tiny_hub: RecordedHu
     assert set(_resolve_requests(tiny_hub)) == {"model.safetensors"}
 
 
-def test_interrupted_install_then_successful_rerun(catalog: Path, tiny_hub: RecordedHub, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_interrupted_install_then_successful_rerun(
+    catalog: Path, tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     models = tmp_path / "models"
     tiny_hub.inject(r"/resolve/[0-9a-f]{40}/model\.safetensors$", status=500, count=20, method="GET")
     failed = run_cli(capsys, "install", NAME, "--models-dir", models, "--catalog", catalog)
@@ -141,16 +149,17 @@ def test_interrupted_install_then_successful_rerun(catalog: Path, tiny_hub: Reco
     assert (models / f"{NAME}.yaml").is_file()
 
 
-def test_transient_errors_are_retried(catalog: Path, tiny_hub: RecordedHub, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_transient_errors_are_retried(
+    catalog: Path, tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tiny_hub.inject(r"/resolve/[0-9a-f]{40}/model\.safetensors$", status=503, count=1, method="GET")
     result = run_cli(capsys, "install", NAME, "--models-dir", tmp_path / "models", "--catalog", catalog)
     assert result.code == 0, result.err
 
 
-def test_gated_repo_says_how_to_authenticate(tiny_hub: RecordedHub, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gated_repo_says_how_to_authenticate(
+    tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     index = copy_catalog(tmp_path / "catalog")
     models = tmp_path / "models"
@@ -163,8 +172,9 @@ def test_gated_repo_says_how_to_authenticate(tiny_hub: RecordedHub, tmp_path: Pa
     assert not (models / "llama-3.2-3b-instruct").exists()  # nothing installed: no empty folder left
 
 
-def test_install_refuses_an_invalid_entry_and_unknown_names(catalog: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_install_refuses_an_invalid_entry_and_unknown_names(
+    catalog: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     models = tmp_path / "models"
     unknown = run_cli(capsys, "install", "tiny", "--models-dir", models, "--catalog", catalog)
     assert unknown.code == 2 and "did you mean tiny-qwen3" in unknown.err
@@ -177,20 +187,24 @@ def test_install_refuses_an_invalid_entry_and_unknown_names(catalog: Path, tmp_p
     assert run_cli(capsys, "install", NAME, "--models-dir", not_a_dir, "--catalog", catalog).code in (2, 13)
 
 
-def test_add_refuses_duplicates_and_broken_templates(catalog: Path, tiny_hub: RecordedHub,
-                                                     capsys: pytest.CaptureFixture[str],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_add_refuses_duplicates_and_broken_templates(
+    catalog: Path, tiny_hub: RecordedHub, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = catalog.read_bytes()
     duplicate = run_cli(capsys, "add", TINY_REPO, "--catalog", catalog)
     assert duplicate.code == 11 and "already has an entry named 'tiny-qwen3'" in duplicate.err
-    named = run_cli(capsys, "add", "mlx-community/Qwen3-4B-4bit", "--name", "tiny-qwen3", "--catalog", catalog)
+    named = run_cli(
+        capsys, "add", "mlx-community/Qwen3-4B-4bit", "--name", "tiny-qwen3", "--catalog", catalog
+    )
     assert named.code == 11
     assert catalog.read_bytes() == before
 
     no_template = run_cli(capsys, "add", "google/gemma-4-E4B-it", "--catalog", catalog)
     assert no_template.code == 14 and "--accept-missing-template" in no_template.err
     assert catalog.read_bytes() == before
-    accepted = run_cli(capsys, "add", "google/gemma-4-E4B-it", "--accept-missing-template", "--catalog", catalog)
+    accepted = run_cli(
+        capsys, "add", "google/gemma-4-E4B-it", "--accept-missing-template", "--catalog", catalog
+    )
     assert accepted.code == 0, accepted.err
     assert run_cli(capsys, "validate", catalog).code == 0
     assert load_catalog(catalog).get("gemma-4-e4b-it").config.mlx.chat_template.accept_missing
@@ -213,9 +227,9 @@ def test_add_inline_config(tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest
     assert result.code == 0, result.err
 
 
-def test_runtime_lookup_prefers_the_installed_config(catalog: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runtime_lookup_prefers_the_installed_config(
+    catalog: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from catalog.resolve import find_entry
 
     models = tmp_path / "models"
@@ -232,7 +246,8 @@ def test_runtime_lookup_prefers_the_installed_config(catalog: Path, tmp_path: Pa
 
 
 def test_add_refuses_a_template_that_drops_text_and_a_file_the_hub_cannot_serve(
-        catalog: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    catalog: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = catalog.read_bytes()
     # llava-1.5's processor template renders only list-of-parts content: a plain string message vanishes.
     llava = run_cli(capsys, "add", "llava-hf/llava-1.5-7b-hf", "--catalog", catalog)

@@ -26,7 +26,9 @@ def hub_env(hub: RecordedHub, hub_token: str, monkeypatch: pytest.MonkeyPatch, t
     return hub
 
 
-def test_shipped_pins_have_no_drift(hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shipped_pins_have_no_drift(
+    hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     before = index.read_bytes()
     result = run_cli(capsys, "refresh", "--catalog", index)
@@ -36,8 +38,9 @@ def test_shipped_pins_have_no_drift(hub_env: RecordedHub, tmp_path: Path, capsys
     assert index.read_bytes() == before
 
 
-def test_drift_is_reported_then_written_then_gone(hub_env: RecordedHub, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_drift_is_reported_then_written_then_gone(
+    hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     old_commit = hub_env.commit_of(QWEN)
     generation = json.loads((HUB_ROOT / QWEN / "generation_config.json").read_text())
@@ -74,8 +77,9 @@ def test_drift_is_reported_then_written_then_gone(hub_env: RecordedHub, tmp_path
     assert run_cli(capsys, "validate", index).code == 0
 
 
-def test_only_the_refreshed_entry_is_rewritten(hub_env: RecordedHub, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_only_the_refreshed_entry_is_rewritten(
+    hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     others = {p.name: p.read_bytes() for p in (index.parent / "entries").iterdir() if "qwen3" not in p.name}
     hub_env.write_file(QWEN, "README.md", b"---\nlibrary_name: mlx\n---\nchanged card\n")
@@ -84,11 +88,14 @@ def test_only_the_refreshed_entry_is_rewritten(hub_env: RecordedHub, tmp_path: P
     outcome = result.out.split("qwen3-4b-4bit: drifted", 1)[1]
     assert "file hash changed: README.md" in outcome
     assert "stop set" not in outcome.split("gemma-3", 1)[0]
-    assert {p.name: p.read_bytes() for p in (index.parent / "entries").iterdir() if "qwen3" not in p.name} == others
+    assert {
+        p.name: p.read_bytes() for p in (index.parent / "entries").iterdir() if "qwen3" not in p.name
+    } == others
 
 
-def test_one_failing_entry_does_not_stop_the_others(hub_env: RecordedHub, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_failing_entry_does_not_stop_the_others(
+    hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     hub_env.inject(r"^/api/models/HuggingFaceTB/SmolLM3-3B", status=503, count=50)
     result = run_cli(capsys, "refresh", "--catalog", index, "--json")
@@ -102,9 +109,9 @@ def test_one_failing_entry_does_not_stop_the_others(hub_env: RecordedHub, tmp_pa
     assert run_cli(capsys, "refresh", "--catalog", index).code == 15
 
 
-def test_gated_entry_without_token_says_how_to_authenticate(hub_env: RecordedHub, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gated_entry_without_token_says_how_to_authenticate(
+    hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HF_TOKEN")
     index = copy_catalog(tmp_path / "catalog")
     result = run_cli(capsys, "refresh", "llama-3.2-3b-instruct", "--catalog", index)
@@ -112,7 +119,9 @@ def test_gated_entry_without_token_says_how_to_authenticate(hub_env: RecordedHub
     assert "gated" in result.out and "HF_TOKEN" in result.out and "hf auth login" in result.out
 
 
-def test_unknown_name_and_bad_jobs(hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_name_and_bad_jobs(
+    hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     unknown = run_cli(capsys, "refresh", "qwen3", "--catalog", index)
     assert unknown.code == 2 and "did you mean qwen3-4b-4bit" in unknown.err
@@ -120,8 +129,9 @@ def test_unknown_name_and_bad_jobs(hub_env: RecordedHub, tmp_path: Path, capsys:
     assert hub_env.requests == []
 
 
-def test_write_refuses_a_broken_catalog(hub_env: RecordedHub, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_write_refuses_a_broken_catalog(
+    hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     text = index.read_text()
     index.write_text(text.replace("- name: smollm3-3b\n", "- name: smollm3-3b\n  name: again\n"))
@@ -131,9 +141,9 @@ def test_write_refuses_a_broken_catalog(hub_env: RecordedHub, tmp_path: Path,
     assert index.read_bytes() == before
 
 
-def test_offline_refresh_is_an_error_not_a_false_all_clear(hub_env: RecordedHub, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_refresh_is_an_error_not_a_false_all_clear(
+    hub_env: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     assert run_cli(capsys, "refresh", "qwen3-4b-4bit", "--catalog", index).code == 0  # fills the cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

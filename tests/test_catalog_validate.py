@@ -40,21 +40,30 @@ Case = Callable[[Path], Expect]
 
 def duplicate_key(index: Path) -> Expect:
     replace_in(index, "- name: qwen3-4b-4bit\n", "- name: qwen3-4b-4bit\n  name: qwen3-4b-4bit\n")
-    return Expect(index, line_of(index, "- name: qwen3-4b-4bit") + 1, "duplicate-key", 14, "duplicate key 'name'")
+    return Expect(
+        index, line_of(index, "- name: qwen3-4b-4bit") + 1, "duplicate-key", 14, "duplicate key 'name'"
+    )
 
 
 def bad_indentation(index: Path) -> Expect:
     text = index.read_text()
     target = "    uri: https://huggingface.co/mlx-community/Qwen3-4B-4bit/"
     index.write_text(text.replace(target, "   uri: https://huggingface.co/mlx-community/Qwen3-4B-4bit/", 1))
-    return Expect(index, line_of(index, "   uri: https://huggingface.co/mlx-community/Qwen3-4B-4bit/"), "unreadable", 13,
-                  "invalid YAML")
+    return Expect(
+        index,
+        line_of(index, "   uri: https://huggingface.co/mlx-community/Qwen3-4B-4bit/"),
+        "unreadable",
+        13,
+        "invalid YAML",
+    )
 
 
 def wrong_type(index: Path) -> Expect:
     config = index.parent / "entries" / "qwen3-4b-4bit.yaml"
     replace_in(config, "context_size: 40960", "context_size: forty thousand")
-    return Expect(config, line_of(config, "context_size: forty"), "config-schema", 14, "context_size: Input should be")
+    return Expect(
+        config, line_of(config, "context_size: forty"), "config-schema", 14, "context_size: Input should be"
+    )
 
 
 def wrong_index_type(index: Path) -> Expect:
@@ -63,28 +72,39 @@ def wrong_index_type(index: Path) -> Expect:
 
 
 def path_traversal(index: Path) -> Expect:
-    replace_in(index, "  - filename: generation_config.json\n    sha256: 2325",
-               "  - filename: ../../../.ssh/authorized_keys\n    sha256: 2325")
-    return Expect(index, line_of(index, "../../../.ssh/authorized_keys"), "unsafe-path", 14, "escapes its folder")
+    replace_in(
+        index,
+        "  - filename: generation_config.json\n    sha256: 2325",
+        "  - filename: ../../../.ssh/authorized_keys\n    sha256: 2325",
+    )
+    return Expect(
+        index, line_of(index, "../../../.ssh/authorized_keys"), "unsafe-path", 14, "escapes its folder"
+    )
 
 
 def backslash_name(index: Path) -> Expect:
-    replace_in(index, "  - filename: generation_config.json\n    sha256: 2325",
-               "  - filename: sub\\\\config.json\n    sha256: 2325")
+    replace_in(
+        index,
+        "  - filename: generation_config.json\n    sha256: 2325",
+        "  - filename: sub\\\\config.json\n    sha256: 2325",
+    )
     return Expect(index, line_of(index, "sub\\\\config.json"), "unsafe-path", 14, "backslash")
 
 
 def template_raises(index: Path) -> Expect:
     config = index.parent / "entries" / "smollm3-3b.yaml"
     set_template(config, "{{ raise_exception('this template refuses every conversation') }}")
-    return Expect(config, line_of(config, "raise_exception"), "template-error", 14,
-                  "refuses every conversation")
+    return Expect(
+        config, line_of(config, "raise_exception"), "template-error", 14, "refuses every conversation"
+    )
 
 
 def template_syntax(index: Path) -> Expect:
     config = index.parent / "entries" / "smollm3-3b.yaml"
     set_template(config, "{% for message in messages %}{{ message.content }}")
-    return Expect(config, line_of(config, "for message in messages"), "template-error", 14, "does not compile")
+    return Expect(
+        config, line_of(config, "for message in messages"), "template-error", 14, "does not compile"
+    )
 
 
 def missing_stop_set(index: Path) -> Expect:
@@ -115,7 +135,9 @@ def missing_eos(index: Path) -> Expect:
 
 
 def bad_sha256(index: Path) -> Expect:
-    replace_in(index, "sha256: 8f09b74b4758b1c5d8db247ec8023b530d4ffaa4a3b50a516f29e368d7a6831d", "sha256: 8f09b74b")
+    replace_in(
+        index, "sha256: 8f09b74b4758b1c5d8db247ec8023b530d4ffaa4a3b50a516f29e368d7a6831d", "sha256: 8f09b74b"
+    )
     return Expect(index, line_of(index, "sha256: 8f09b74b"), "bad-sha256", 14, "64 lowercase hex")
 
 
@@ -149,12 +171,20 @@ def template_edited(index: Path) -> Expect:
 
 def image_dropped(index: Path) -> Expect:
     config = index.parent / "entries" / "qwen2.5-vl-3b-instruct.yaml"
-    set_template(config, "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
-                         "{% else %}{% for p in m.content %}{% if p.type == 'text' %}{{ p.text }}{% endif %}{% endfor %}"
-                         "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                         "{% endif %}")
-    return Expect(config, line_after(config, "  chat_template:", "    text:"), "template-image", 14,
-                  "image marker '<|image_pad|>'")
+    set_template(
+        config,
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
+        "{% else %}{% for p in m.content %}{% if p.type == 'text' %}{{ p.text }}{% endif %}{% endfor %}"
+        "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}",
+    )
+    return Expect(
+        config,
+        line_after(config, "  chat_template:", "    text:"),
+        "template-image",
+        14,
+        "image marker '<|image_pad|>'",
+    )
 
 
 def template_missing(index: Path) -> Expect:
@@ -172,7 +202,9 @@ def duplicate_name(index: Path) -> Expect:
 
 def name_mismatch(index: Path) -> Expect:
     replace_in(index, "- name: smollm3-3b\n", "- name: smollm3\n")
-    return Expect(index, line_of(index, "- name: smollm3"), "name-mismatch", 14, "differs from its config's name")
+    return Expect(
+        index, line_of(index, "- name: smollm3"), "name-mismatch", 14, "differs from its config's name"
+    )
 
 
 def config_path_escape(index: Path) -> Expect:
@@ -187,16 +219,35 @@ def not_utf8(index: Path) -> Expect:
 
 
 CASES: list[Case] = [
-    duplicate_key, bad_indentation, wrong_type, wrong_index_type, path_traversal, backslash_name, template_raises,
-    template_syntax, missing_stop_set, missing_declared_eot, missing_eos, bad_sha256, disagreeing_sha256,
-    short_revision, unsupported_backend, template_edited, image_dropped, template_missing, duplicate_name,
-    name_mismatch, config_path_escape, not_utf8,
+    duplicate_key,
+    bad_indentation,
+    wrong_type,
+    wrong_index_type,
+    path_traversal,
+    backslash_name,
+    template_raises,
+    template_syntax,
+    missing_stop_set,
+    missing_declared_eot,
+    missing_eos,
+    bad_sha256,
+    disagreeing_sha256,
+    short_revision,
+    unsupported_backend,
+    template_edited,
+    image_dropped,
+    template_missing,
+    duplicate_name,
+    name_mismatch,
+    config_path_escape,
+    not_utf8,
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_malformed_catalog_reports_problem_in_every_format(case: Case, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_malformed_catalog_reports_problem_in_every_format(
+    case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     expect = case(index)
 
@@ -213,8 +264,11 @@ def test_malformed_catalog_reports_problem_in_every_format(case: Case, tmp_path:
     assert as_json.code == expect.exit_code
     report = as_json.json()
     assert report["ok"] is False and report["exit_code"] == expect.exit_code
-    found = [p for p in report["problems"] if p["code"] == expect.code and p["line"] == expect.line
-             and p["file"] == str(expect.file)]
+    found = [
+        p
+        for p in report["problems"]
+        if p["code"] == expect.code and p["line"] == expect.line and p["file"] == str(expect.file)
+    ]
     assert found and any(expect.message in p["message"] for p in found), json.dumps(report, indent=1)
 
     github = run_cli(capsys, "validate", "--format", "github", index)
@@ -222,8 +276,10 @@ def test_malformed_catalog_reports_problem_in_every_format(case: Case, tmp_path:
     file_prop = describe_location(str(expect.file), None).replace(":", "%3A").replace(",", "%2C")
     line_prop = f",line={expect.line}" if expect.line else ""
     prefix = f"::error file={file_prop}{line_prop},title=gallery validate%3A {expect.code}::"
-    assert any(line.startswith(prefix) and expect.message.replace("%", "%25") in line
-               for line in github.out.splitlines()), github.out
+    assert any(
+        line.startswith(prefix) and expect.message.replace("%", "%25") in line
+        for line in github.out.splitlines()
+    ), github.out
 
 
 def test_only_the_broken_entry_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -234,7 +290,9 @@ def test_only_the_broken_entry_is_reported(tmp_path: Path, capsys: pytest.Captur
     assert report["entries"] == 6
 
 
-def test_every_problem_is_reported_not_just_the_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_problem_is_reported_not_just_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     for case in (duplicate_key, bad_sha256, short_revision, template_raises, missing_stop_set):
         case(index)
@@ -255,7 +313,9 @@ def test_starter_catalog_validates(output: str, capsys: pytest.CaptureFixture[st
     if output == "json":
         report = result.json()
         assert report["ok"] and report["entries"] == 6 and report["errors"] == 0
-        assert {(p["code"], p["entry"]) for p in report["problems"]} == {("no-weights", n) for n in NO_WEIGHTS}
+        assert {(p["code"], p["entry"]) for p in report["problems"]} == {
+            ("no-weights", n) for n in NO_WEIGHTS
+        }
     elif output == "text":
         assert result.out.splitlines()[-1] == "0 errors, 3 warnings: 6 entries in 7 files"
         assert "error:" not in result.out
@@ -289,7 +349,10 @@ def test_standalone_config_and_folder_paths(tmp_path: Path, capsys: pytest.Captu
     alone.write_text(config.read_text().replace("stop_tokens:", "stop_tokens_typo:"))
     result = run_cli(capsys, "validate", alone)
     assert result.code == 14
-    assert f"{describe_location(str(alone), line_of(alone, 'stop_tokens_typo'))}: error: [config-schema]" in result.out
+    assert (
+        f"{describe_location(str(alone), line_of(alone, 'stop_tokens_typo'))}: error: [config-schema]"
+        in result.out
+    )
 
 
 def test_unreadable_and_odd_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -307,8 +370,9 @@ def test_unreadable_and_odd_inputs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert bad_format.code == 2 and "Traceback" not in bad_format.err
 
 
-def test_catalog_env_and_option_choose_the_catalog(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_catalog_env_and_option_choose_the_catalog(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     index = copy_catalog(tmp_path / "catalog")
     bad_sha256(index)
     monkeypatch.setenv("GALLERY_CATALOG", str(index))

@@ -18,13 +18,29 @@ from gallery.chat_template import (
 )
 
 HUB = Path(__file__).resolve().parent.parent / "fixtures" / "hub"
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                          "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 TOOL_CHAT = [
     {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        ],
+    },
     {"role": "tool", "content": "sunny", "name": "get_weather"},
 ]
 
@@ -71,16 +87,27 @@ def test_renders_exactly_like_transformers(label: str, template: str, variables:
     for messages, kwargs, tools in cases:
         for generation_prompt in (True, False):
             try:
-                ours = render_chat(template, messages, add_generation_prompt=generation_prompt, tools=tools,
-                                   variables=variables, **kwargs)
+                ours = render_chat(
+                    template,
+                    messages,
+                    add_generation_prompt=generation_prompt,
+                    tools=tools,
+                    variables=variables,
+                    **kwargs,
+                )
             except TemplateError:
                 ours = None
             # apply_chat_template drops None-valued keys before rendering; do the same for the comparison
             cleaned = [{k: v for k, v in m.items() if v is not None} for m in messages]
             try:
                 theirs = chat_utils.render_jinja_template(
-                    [cleaned], tools=tools, chat_template=template, add_generation_prompt=generation_prompt,
-                    **variables, **kwargs)[0][0]
+                    [cleaned],
+                    tools=tools,
+                    chat_template=template,
+                    add_generation_prompt=generation_prompt,
+                    **variables,
+                    **kwargs,
+                )[0][0]
             except Exception:
                 theirs = None
             assert ours == theirs, f"{label}: {messages[0]} {kwargs}"
@@ -100,8 +127,14 @@ def test_renders_exactly_like_transformers(label: str, template: str, variables:
         ("{{ '%01000000000d' | format(1) }}", "width"),
         ("{{ '{:>9999999999}'.format(1) }}", "width"),
         ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursed"),
-        ("{% macro f(n) %}{% if n > 0 %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(40) }}", "iterations|too long"),
-        ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "larger"),
+        (
+            "{% macro f(n) %}{% if n > 0 %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+            "iterations|too long",
+        ),
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+            "larger",
+        ),
         ("{{ raise_exception('System message must be at the beginning') }}", "System message"),
         ("{% if %}", "syntax error"),
     ],
@@ -124,13 +157,19 @@ def test_inputs_are_plain_data_and_not_mutated() -> None:
         def save(self, path: str) -> None:  # a dangerous method a template must never reach
             raise AssertionError("called")
 
-    messages = [{"role": "user", "content": [{"type": "image", "image": Rich()}, {"type": "text", "text": "hi"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": Rich()}, {"type": "text", "text": "hi"}]}
+    ]
     out = render_chat("{% for m in messages %}{{ m.content[0].image }}{% endfor %}", messages)
     assert out == "<Rich>"
     assert isinstance(messages[0]["content"][0]["image"], Rich)
 
 
 def test_special_tokens_and_kwargs_reach_the_template() -> None:
-    out = render_chat("{{ bos_token }}{{ enable_thinking }}{{ strftime_now('%Y') | length }}", [],
-                      variables={"bos_token": "<s>"}, enable_thinking=False)
+    out = render_chat(
+        "{{ bos_token }}{{ enable_thinking }}{{ strftime_now('%Y') | length }}",
+        [],
+        variables={"bos_token": "<s>"},
+        enable_thinking=False,
+    )
     assert out == "<s>False4"

@@ -18,15 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _gallery(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
 
 
 @pytest.fixture
 def cli_env(hub_env, tmp_path) -> dict[str, str]:  # type: ignore[no-untyped-def]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=hub_env.url, HF_HOME=str(tmp_path / "hf-home"), GALLERY_HTTP_BACKOFF="0.01",
-               HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(
+        HF_ENDPOINT=hub_env.url,
+        HF_HOME=str(tmp_path / "hf-home"),
+        GALLERY_HTTP_BACKOFF="0.01",
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
     return env
 
 
@@ -83,8 +88,10 @@ def test_errors_are_one_line_with_documented_codes(cli_env, args, code, words) -
 def test_offline_and_not_cached_and_network_down(cli_env) -> None:
     offline = _gallery(["import", "Qwen/Qwen3-4B"], {**cli_env, "HF_HUB_OFFLINE": "1"})
     assert offline.returncode == 6 and "cache" in offline.stderr
-    down = _gallery(["import", "Qwen/Qwen3-4B"], {**cli_env, "HF_ENDPOINT": "http://127.0.0.1:9",
-                                                   "GALLERY_HTTP_ATTEMPTS": "2"})
+    down = _gallery(
+        ["import", "Qwen/Qwen3-4B"],
+        {**cli_env, "HF_ENDPOINT": "http://127.0.0.1:9", "GALLERY_HTTP_ATTEMPTS": "2"},
+    )
     assert down.returncode == 7 and "Traceback" not in down.stderr
 
 

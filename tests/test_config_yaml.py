@@ -27,8 +27,9 @@ def _config(template: str) -> ModelConfig:
         mlx=MlxSection(
             source=Source(repo="org/demo", revision="a" * 40),
             stop_tokens=[StopToken(id=2, text="<|im_end|>", sources=["generation_config.json:eos_token_id"])],
-            chat_template=ChatTemplate(status="pinned", source="chat_template.jinja", text=template,
-                                       sha256=template_sha256(template)),
+            chat_template=ChatTemplate(
+                status="pinned", source="chat_template.jinja", text=template, sha256=template_sha256(template)
+            ),
         ),
     )
 
@@ -124,9 +125,21 @@ def test_source_spellings(spec: str, repo: str, revision: str | None) -> None:
     assert parse_source(spec, "pinned").revision == "pinned"  # --revision wins
 
 
-@pytest.mark.parametrize("spec", ["", "   ", "a/b/c/d", "org//name", "-org/name", "org/na..me", "org/na--me",
-                                  "https://huggingface.co/datasets/x/y", "https://huggingface.co/onlyorg",
-                                  "./missing-folder"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "",
+        "   ",
+        "a/b/c/d",
+        "org//name",
+        "-org/name",
+        "org/na..me",
+        "org/na--me",
+        "https://huggingface.co/datasets/x/y",
+        "https://huggingface.co/onlyorg",
+        "./missing-folder",
+    ],
+)
 def test_bad_sources_are_usage_errors(spec: str) -> None:
     with pytest.raises(UsageError):
         parse_source(spec)

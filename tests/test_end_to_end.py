@@ -22,12 +22,23 @@ def test_add_install_run(hub_factory, scripted_text_model: Path, tmp_path: Path)
     shutil.copytree(scripted_text_model, repo, ignore=shutil.ignore_patterns("fixture.json", ".*"))
     hub = hub_factory(extra_repos={"test-org/scripted-text": repo})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GALLERY_"))}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_PROGRESS_BARS="1",
-               GALLERY_CATALOG=str(tmp_path / "catalog" / "index.yaml"), GALLERY_MODELS_DIR=str(tmp_path / "models"))
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        GALLERY_CATALOG=str(tmp_path / "catalog" / "index.yaml"),
+        GALLERY_MODELS_DIR=str(tmp_path / "models"),
+    )
 
     def gallery(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env={**env, **extra},
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "cli", *args],
+            cwd=ROOT,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     added = gallery("add", "test-org/scripted-text")
     assert added.returncode == 0, added.stderr

@@ -90,7 +90,9 @@ class Server:
     def use(self, folder: Path, *options: str) -> Any:
         key = (str(folder), options)
         if self.current != key:
-            result = self.stub.LoadModel(pb.ModelOptions(Model=str(folder), Options=list(options)), timeout=120)
+            result = self.stub.LoadModel(
+                pb.ModelOptions(Model=str(folder), Options=list(options)), timeout=120
+            )
             assert result.success, result.message
             self.current = key
         return self.stub
@@ -117,24 +119,46 @@ def test_health_status_and_requests_before_any_load(server: Server) -> None:
     assert status.memory.total > 0 and status.memory.breakdown["rss"] == status.memory.total
     error = _error(lambda: stub.Predict(chat(Tokens=5), timeout=10))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "LoadModel" in error.details()
-    assert _code(lambda: stub.PredictStream(chat(Tokens=5), timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
-    assert _code(lambda: stub.TokenizeString(pb.PredictOptions(Prompt="x"), timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
-    assert _code(lambda: stub.ModelMetadata(pb.ModelOptions(), timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        _code(lambda: stub.PredictStream(chat(Tokens=5), timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert (
+        _code(lambda: stub.TokenizeString(pb.PredictOptions(Prompt="x"), timeout=10))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert (
+        _code(lambda: stub.ModelMetadata(pb.ModelOptions(), timeout=10))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
 
 
 # ----- loading -----
-def test_load_model_specs_options_and_failures(server: Server, scripted_text_model: Path, tmp_path: Path) -> None:
+def test_load_model_specs_options_and_failures(
+    server: Server, scripted_text_model: Path, tmp_path: Path
+) -> None:
     stub = server.stub
     server.current = None
     # A folder relative to ModelPath (LocalAI's models directory), with an unknown option reported back.
-    result = stub.LoadModel(pb.ModelOptions(Model=scripted_text_model.name, ModelPath=str(scripted_text_model.parent),
-                                            Options=["max_active:4", "gpu_layers:99"]), timeout=120)
+    result = stub.LoadModel(
+        pb.ModelOptions(
+            Model=scripted_text_model.name,
+            ModelPath=str(scripted_text_model.parent),
+            Options=["max_active:4", "gpu_layers:99"],
+        ),
+        timeout=120,
+    )
     assert result.success, result.message
     assert "scripted-text" in result.message and "gpu_layers" in result.message
     assert _state(stub) == "READY"
     # The same load again is a no-op.
-    again = stub.LoadModel(pb.ModelOptions(Model=scripted_text_model.name, ModelPath=str(scripted_text_model.parent),
-                                           Options=["max_active:4", "gpu_layers:99"]), timeout=60)
+    again = stub.LoadModel(
+        pb.ModelOptions(
+            Model=scripted_text_model.name,
+            ModelPath=str(scripted_text_model.parent),
+            Options=["max_active:4", "gpu_layers:99"],
+        ),
+        timeout=60,
+    )
     assert again.success and "already loaded" in again.message
     # A config file, written by the importer.
     from gallery.configfile import write_config
@@ -179,8 +203,9 @@ def test_predict_stream_and_predict(server: Server, scripted_text_model: Path) -
     # A raw prompt (the template already applied by the caller) and an extra stop string.
     tokens = stub.TokenizeString(chat(), timeout=10)
     prompt = stub.Detokenize(pb.DetokenizeRequest(tokens=tokens.tokens), timeout=10).content
-    raw = stub.Predict(pb.PredictOptions(Prompt=prompt, Tokens=30, StopPrompts=[info["stop_string_example"]]),
-                       timeout=30)
+    raw = stub.Predict(
+        pb.PredictOptions(Prompt=prompt, Tokens=30, StopPrompts=[info["stop_string_example"]]), timeout=30
+    )
     assert raw.message.decode() == info["answer"].split(info["stop_string_example"])[0]
     assert raw.prompt_tokens == tokens.length == whole.prompt_tokens
     assert "[corr-42] PredictStream done: stop" in server.process.stderr.text
@@ -214,40 +239,69 @@ def test_tokenize_detokenize_and_metadata(server: Server, scripted_text_model: P
     stub = server.use(scripted_text_model)
     tokens = stub.TokenizeString(pb.PredictOptions(Prompt="Hello from the scripted model."), timeout=10)
     assert tokens.length == len(tokens.tokens) > 0
-    assert stub.Detokenize(pb.DetokenizeRequest(tokens=tokens.tokens), timeout=10).content == "Hello from the scripted model."
-    assert _code(lambda: stub.Detokenize(pb.DetokenizeRequest(tokens=[-5]), timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        stub.Detokenize(pb.DetokenizeRequest(tokens=tokens.tokens), timeout=10).content
+        == "Hello from the scripted model."
+    )
+    assert (
+        _code(lambda: stub.Detokenize(pb.DetokenizeRequest(tokens=[-5]), timeout=10))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     meta = stub.ModelMetadata(pb.ModelOptions(), timeout=10)
     assert meta.supports_thinking
     assert "Hello!" in meta.rendered_template and meta.rendered_template.endswith("<|im_start|>assistant\n")
     assert meta.media_marker == ""
     # Another model's metadata, from its config alone (nothing is loaded for it).
-    assert stub.ModelMetadata(pb.ModelOptions(Model="scripted-text"), timeout=30).rendered_template == meta.rendered_template
+    assert (
+        stub.ModelMetadata(pb.ModelOptions(Model="scripted-text"), timeout=30).rendered_template
+        == meta.rendered_template
+    )
 
 
-def test_bad_requests_get_error_statuses_and_the_server_keeps_serving(server: Server, scripted_text_model: Path) -> None:
+def test_bad_requests_get_error_statuses_and_the_server_keeps_serving(
+    server: Server, scripted_text_model: Path
+) -> None:
     stub = server.use(scripted_text_model)
     info = fixture_info(scripted_text_model)
     cases = [
         (chat(Tokens=5, Images=[_png_base64()]), grpc.StatusCode.INVALID_ARGUMENT, "cannot take image input"),
         (chat(Tokens=5, Tools="[{not json"), grpc.StatusCode.INVALID_ARGUMENT, "Tools: not valid JSON"),
         (chat(Tokens=5, Tools='{"a": 1}'), grpc.StatusCode.INVALID_ARGUMENT, "Tools: must be a JSON array"),
-        (chat(Tokens=5, Metadata={"chat_template_kwargs": "[1"}), grpc.StatusCode.INVALID_ARGUMENT, "chat_template_kwargs"),
-        (chat(Tokens=5, Metadata={"enable_thinking": "perhaps"}), grpc.StatusCode.INVALID_ARGUMENT, "enable_thinking"),
-        (pb.PredictOptions(Prompt="x" * (5 << 20), Tokens=5), grpc.StatusCode.INVALID_ARGUMENT, "max_request_bytes"),
+        (
+            chat(Tokens=5, Metadata={"chat_template_kwargs": "[1"}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "chat_template_kwargs",
+        ),
+        (
+            chat(Tokens=5, Metadata={"enable_thinking": "perhaps"}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "enable_thinking",
+        ),
+        (
+            pb.PredictOptions(Prompt="x" * (5 << 20), Tokens=5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_request_bytes",
+        ),
         (chat(Tokens=10**6), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be between 1 and"),
         (pb.PredictOptions(Tokens=5), grpc.StatusCode.INVALID_ARGUMENT, "empty request"),
         (chat(Tokens=5, ModelIdentity="someone/else"), grpc.StatusCode.FAILED_PRECONDITION, "someone/else"),
     ]
     for request, code, words in cases:
         for rpc in (stub.Predict, stub.PredictStream):
-            error = _error(lambda rpc=rpc, request=request: list(rpc(request, timeout=30))
-                           if rpc is stub.PredictStream else rpc(request, timeout=30))
+            error = _error(
+                lambda rpc=rpc, request=request: (
+                    list(rpc(request, timeout=30)) if rpc is stub.PredictStream else rpc(request, timeout=30)
+                )
+            )
             assert error.code() == code, (words, error.details())
             assert words in error.details() and "\n" not in error.details()
         assert stub.Health(EMPTY, timeout=10).message == b"OK"
     # The identities that do name the loaded model are accepted.
     for identity in ("scripted-text", str(scripted_text_model)):
-        assert stub.Predict(chat(Tokens=30, ModelIdentity=identity), timeout=30).message.decode() == info["answer"]
+        assert (
+            stub.Predict(chat(Tokens=30, ModelIdentity=identity), timeout=30).message.decode()
+            == info["answer"]
+        )
     assert _state(stub) == "READY"
     assert no_traceback(server.process.stderr.text)
 
@@ -261,8 +315,9 @@ def test_unknown_rpcs_answer_unimplemented(server: Server) -> None:
     assert server.stub.Health(EMPTY, timeout=10).message == b"OK"
 
 
-def test_thinking_and_tool_calls_arrive_as_chat_deltas(server: Server, scripted_think_model: Path,
-                                                         scripted_tool_model: Path) -> None:
+def test_thinking_and_tool_calls_arrive_as_chat_deltas(
+    server: Server, scripted_think_model: Path, scripted_tool_model: Path
+) -> None:
     stub = server.use(scripted_think_model)
     info = fixture_info(scripted_think_model)
     replies = list(stub.PredictStream(chat(Tokens=40, Metadata={"enable_thinking": "true"}), timeout=30))
@@ -270,26 +325,45 @@ def test_thinking_and_tool_calls_arrive_as_chat_deltas(server: Server, scripted_
     assert "".join(r.message.decode() for r in replies) == info["answer"]  # message: the answer only
     stub = server.use(scripted_tool_model)
     info = fixture_info(scripted_tool_model)
-    tools = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}])
-    replies = list(stub.PredictStream(chat("Weather in Paris?", Tokens=60, Tools=tools, ToolChoice='"auto"'), timeout=30))
+    tools = json.dumps(
+        [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ]
+    )
+    replies = list(
+        stub.PredictStream(chat("Weather in Paris?", Tokens=60, Tools=tools, ToolChoice='"auto"'), timeout=30)
+    )
     calls = [call for r in replies for d in r.chat_deltas for call in d.tool_calls]
     assert [c.name for c in calls] == ["get_weather"]
     assert json.loads(calls[0].arguments) == info["tool_call"]["arguments"] and calls[0].id
-    error = _error(lambda: stub.Predict(chat(Tokens=5, Tools=tools, ToolChoice='{"function": {"name": "nope"}}'),
-                                        timeout=30))
+    error = _error(
+        lambda: stub.Predict(
+            chat(Tokens=5, Tools=tools, ToolChoice='{"function": {"name": "nope"}}'), timeout=30
+        )
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope" in error.details()
 
 
-def test_images_reach_a_vision_model_and_bad_base64_is_refused(server: Server, scripted_vlm_model: Path) -> None:
+def test_images_reach_a_vision_model_and_bad_base64_is_refused(
+    server: Server, scripted_vlm_model: Path
+) -> None:
     stub = server.use(scripted_vlm_model)
     meta = stub.ModelMetadata(pb.ModelOptions(), timeout=10)
     assert meta.media_marker
     text_only = stub.Predict(chat("Describe.", Tokens=8), timeout=60)
     with_image = stub.Predict(chat("Describe.", Tokens=8, Images=[_png_base64()]), timeout=120)
     assert with_image.prompt_tokens > text_only.prompt_tokens  # the image's tokens reached the prompt
-    for images, words in ((["@@@not base64@@@" * 8], "not valid base64"), (["aGVsbG8gd29ybGQ="], "not a decodable image"),
-                          (["/etc/passwd"], "local file paths are disabled")):
+    for images, words in (
+        (["@@@not base64@@@" * 8], "not valid base64"),
+        (["aGVsbG8gd29ybGQ="], "not a decodable image"),
+        (["/etc/passwd"], "local file paths are disabled"),
+    ):
         error = _error(lambda images=images: stub.Predict(chat(Tokens=5, Images=images), timeout=30))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.details(), error.details()
     error = _error(lambda: stub.Predict(chat(Tokens=5, Images=[_png_base64()] * 17), timeout=60))
@@ -331,8 +405,9 @@ def test_a_full_queue_answers_resource_exhausted(server: Server, text_qwen3_mode
     assert _wait_state(stub, "READY", timeout=10) == "READY"
 
 
-def test_loading_another_model_cancels_streams_on_the_old_one(server: Server, text_qwen3_model: Path,
-                                                              scripted_text_model: Path) -> None:
+def test_loading_another_model_cancels_streams_on_the_old_one(
+    server: Server, text_qwen3_model: Path, scripted_text_model: Path
+) -> None:
     stub = server.use(text_qwen3_model)
     call = stub.PredictStream(chat(Tokens=4000), timeout=300)
     _first_replies(call, 2)
@@ -340,14 +415,23 @@ def test_loading_another_model_cancels_streams_on_the_old_one(server: Server, te
     with pytest.raises(grpc.RpcError) as caught:
         list(call)
     assert caught.value.code() == grpc.StatusCode.CANCELLED
-    assert stub.Predict(chat(Tokens=30), timeout=30).message.decode() == fixture_info(scripted_text_model)["answer"]
+    assert (
+        stub.Predict(chat(Tokens=30), timeout=30).message.decode()
+        == fixture_info(scripted_text_model)["answer"]
+    )
 
 
 # ----- separate processes: a Hub repo id, auth, limits, signals, parent death, binding -----
-def test_a_hub_repo_id_is_imported_on_the_fly_and_missing_weights_fail_cleanly(hub_session: Any, tmp_path: Path) -> None:
+def test_a_hub_repo_id_is_imported_on_the_fly_and_missing_weights_fail_cleanly(
+    hub_session: Any, tmp_path: Path
+) -> None:
     """Through the recorded Hub (metadata only): the import works, the weights are not cached, Status says ERROR."""
-    env = runtime_env(HF_HUB_OFFLINE="0", HF_ENDPOINT=hub_session.url, HF_HUB_CACHE=str(tmp_path / "cache"),
-                      GALLERY_HTTP_BACKOFF="0.01")
+    env = runtime_env(
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT=hub_session.url,
+        HF_HUB_CACHE=str(tmp_path / "cache"),
+        GALLERY_HTTP_BACKOFF="0.01",
+    )
     with running(GrpcProcess(env=env)) as process:
         stub = process.stub
         meta = stub.ModelMetadata(pb.ModelOptions(Model="Qwen/Qwen3-4B"), timeout=120)  # the config alone
@@ -363,24 +447,35 @@ def test_a_hub_repo_id_is_imported_on_the_fly_and_missing_weights_fail_cleanly(h
     assert no_traceback(process.stderr.text)
 
 
-
 def test_bearer_token_is_required_on_every_rpc_and_message_size_is_bounded() -> None:
-    with running(GrpcProcess("--max-message-mb", "1", env=runtime_env(LOCALAI_GRPC_AUTH_TOKEN="s3cret"))) as process:
+    with running(
+        GrpcProcess("--max-message-mb", "1", env=runtime_env(LOCALAI_GRPC_AUTH_TOKEN="s3cret"))
+    ) as process:
         stub = process.stub
         good = (("authorization", "Bearer s3cret"),)
         for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
             error = _error(lambda metadata=metadata: stub.Health(EMPTY, metadata=metadata, timeout=10))
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
-            assert _code(lambda metadata=metadata: stub.PredictStream(chat(), metadata=metadata, timeout=10)) == \
-                grpc.StatusCode.UNAUTHENTICATED
-            assert _code(lambda metadata=metadata: stub.LoadModel(pb.ModelOptions(Model="x"), metadata=metadata,
-                                                                  timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                _code(lambda metadata=metadata: stub.PredictStream(chat(), metadata=metadata, timeout=10))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
+            assert (
+                _code(
+                    lambda metadata=metadata: stub.LoadModel(
+                        pb.ModelOptions(Model="x"), metadata=metadata, timeout=10
+                    )
+                )
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
         raw = process.channel.unary_unary("/backend.Backend/Embedding")
         assert _error(lambda: raw(b"", timeout=10)).code() == grpc.StatusCode.UNAUTHENTICATED
         assert _error(lambda: raw(b"", metadata=good, timeout=10)).code() == grpc.StatusCode.UNIMPLEMENTED
         assert stub.Health(EMPTY, metadata=good, timeout=10).message == b"OK"
         # Over the channel's message limit (--max-message-mb 1): refused by gRPC itself.
-        error = _error(lambda: stub.Predict(pb.PredictOptions(Prompt="y" * (2 << 20)), metadata=good, timeout=10))
+        error = _error(
+            lambda: stub.Predict(pb.PredictOptions(Prompt="y" * (2 << 20)), metadata=good, timeout=10)
+        )
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert stub.Health(EMPTY, metadata=good, timeout=10).message == b"OK"
         process.signal(signal.SIGTERM)
@@ -390,7 +485,9 @@ def test_bearer_token_is_required_on_every_rpc_and_message_size_is_bounded() -> 
 
 def test_sigterm_drains_in_flight_streams_then_exits_0(text_qwen3_model: Path) -> None:
     """`gallery serve` (model loaded at start): SIGTERM lets a short stream finish and cancels a long one at the grace."""
-    with running(GrpcProcess("--grace", "3", module=("-m", "cli", "serve", str(text_qwen3_model)))) as process:
+    with running(
+        GrpcProcess("--grace", "3", module=("-m", "cli", "serve", str(text_qwen3_model)))
+    ) as process:
         stub = process.stub
         assert _wait_state(stub, "READY", timeout=60) == "READY"
         short = stub.PredictStream(chat(Tokens=60), timeout=120)
@@ -443,7 +540,9 @@ def test_the_runtime_exits_when_its_parent_dies(tmp_path: Path) -> None:
         "print(child.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=ROOT, env=runtime_env(), stdout=subprocess.PIPE)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], cwd=ROOT, env=runtime_env(), stdout=subprocess.PIPE
+    )
     child_pid: int | None = None
     try:
         assert parent.stdout is not None
@@ -466,14 +565,25 @@ def test_the_runtime_exits_when_its_parent_dies(tmp_path: Path) -> None:
             os.kill(child_pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize(("args", "env", "words"), [
-    (["--addr", "0.0.0.0:0"], {}, "not a loopback address"),
-    (["--addr", "0.0.0.0:0", "--allow-remote"], {}, "without LOCALAI_GRPC_AUTH_TOKEN"),
-    (["--addr", "no-port"], {}, "expected HOST:PORT"),
-])
-def test_binding_beyond_loopback_needs_explicit_flags(args: list[str], env: dict[str, str], words: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "runtime", *args], cwd=ROOT, env=runtime_env(**env),
-                            capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        (["--addr", "0.0.0.0:0"], {}, "not a loopback address"),
+        (["--addr", "0.0.0.0:0", "--allow-remote"], {}, "without LOCALAI_GRPC_AUTH_TOKEN"),
+        (["--addr", "no-port"], {}, "expected HOST:PORT"),
+    ],
+)
+def test_binding_beyond_loopback_needs_explicit_flags(
+    args: list[str], env: dict[str, str], words: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime", *args],
+        cwd=ROOT,
+        env=runtime_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and words in result.stderr and no_traceback(result.stderr)
 
 
@@ -483,17 +593,36 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
 
     for generated in build.generate(tmp_path):
         committed = ROOT / "runtime" / "proto" / generated.name
-        assert generated.read_bytes() == committed.read_bytes(), f"{generated.name} is stale: run python -m runtime.proto.build"
+        assert generated.read_bytes() == committed.read_bytes(), (
+            f"{generated.name} is stale: run python -m runtime.proto.build"
+        )
 
 
 def test_wire_names_match_the_localai_contract() -> None:
     service = pb.DESCRIPTOR.services_by_name["Backend"]
     assert service.full_name == "backend.Backend"
-    assert {m.name for m in service.methods} == {"Health", "Free", "Predict", "LoadModel", "PredictStream",
-                                                 "TokenizeString", "Detokenize", "Status", "ModelMetadata"}
+    assert {m.name for m in service.methods} == {
+        "Health",
+        "Free",
+        "Predict",
+        "LoadModel",
+        "PredictStream",
+        "TokenizeString",
+        "Detokenize",
+        "Status",
+        "ModelMetadata",
+    }
     fields = {f.name: f.number for f in pb.PredictOptions.DESCRIPTOR.fields}
-    assert (fields["Images"], fields["UseTokenizerTemplate"], fields["Messages"], fields["Metadata"], fields["MinP"],
-            fields["ModelIdentity"], fields["Tools"], fields["ToolChoice"]) == (42, 43, 44, 52, 53, 54, 48, 49)
+    assert (
+        fields["Images"],
+        fields["UseTokenizerTemplate"],
+        fields["Messages"],
+        fields["Metadata"],
+        fields["MinP"],
+        fields["ModelIdentity"],
+        fields["Tools"],
+        fields["ToolChoice"],
+    ) == (42, 43, 44, 52, 53, 54, 48, 49)
     assert {f.name: f.number for f in pb.Reply.DESCRIPTOR.fields}["chat_deltas"] == 8
     assert {f.name: f.number for f in pb.ModelOptions.DESCRIPTOR.fields}["Options"] == 62
     assert pb.StatusResponse.ERROR == -1 and pb.StatusResponse.READY == 2
@@ -502,8 +631,17 @@ def test_wire_names_match_the_localai_contract() -> None:
 def test_load_options_parse_and_reject_bad_values() -> None:
     from runtime.load_options import OptionError, options_table, parse_options
 
-    parsed = parse_options(["max_active:2", "allow_download:true", "temp:0.3", "model_identity:a",
-                            "model_identity:b", "weird:1", "context_size: 4096"])
+    parsed = parse_options(
+        [
+            "max_active:2",
+            "allow_download:true",
+            "temp:0.3",
+            "model_identity:a",
+            "model_identity:b",
+            "weird:1",
+            "context_size: 4096",
+        ]
+    )
     assert parsed.get("max_active") == 2 and parsed.get("allow_download") is True
     assert parsed.get("temperature") == 0.3 and parsed.get("model_identity") == ("a", "b")
     assert parsed.get("context_size") == 4096 and parsed.unknown == ["weird"]
@@ -519,37 +657,74 @@ def test_predict_options_become_generation_requests() -> None:
     from runtime.grpc_request import predict_request
     from runtime.request import RequestLimits, check_request
 
-    request = predict_request(chat("hi", Temperature=0.0, TopP=0.9, TopK=0, Penalty=1.1, Seed=-1, Repeat=64,
-                                   StopPrompts=["x", ""], Images=["QUJD"], LogitBias='{"5": -100}', NDraft=4,
-                                   IgnoreEOS=True, Logprobs=1, TopLogprobs=3, PresencePenalty=0.5,
-                                   FrequencyPenalty=0.25, MinP=0.05, Metadata={
-                                       "chat_template_kwargs": '{"enable_thinking": false, "x": 1}',
-                                       "reasoning_effort": "low", "thinking_budget": "16", "truncate": "true"},
-                                   Grammar='root ::= "yes" | "no"'))
+    request = predict_request(
+        chat(
+            "hi",
+            Temperature=0.0,
+            TopP=0.9,
+            TopK=0,
+            Penalty=1.1,
+            Seed=-1,
+            Repeat=64,
+            StopPrompts=["x", ""],
+            Images=["QUJD"],
+            LogitBias='{"5": -100}',
+            NDraft=4,
+            IgnoreEOS=True,
+            Logprobs=1,
+            TopLogprobs=3,
+            PresencePenalty=0.5,
+            FrequencyPenalty=0.25,
+            MinP=0.05,
+            Metadata={
+                "chat_template_kwargs": '{"enable_thinking": false, "x": 1}',
+                "reasoning_effort": "low",
+                "thinking_budget": "16",
+                "truncate": "true",
+            },
+            Grammar='root ::= "yes" | "no"',
+        )
+    )
     assert request.temperature == 0.0 and request.top_p == pytest.approx(0.9) and request.top_k is None
     assert request.seed is None and request.stop == ["x"] and request.repeat_penalty == pytest.approx(1.1)
     assert request.repetition_context_size == 64 and request.logit_bias == {5: -100.0}
     assert request.ignore_eos and request.num_draft_tokens == 4 and request.min_p == pytest.approx(0.05)
-    assert request.logprobs and request.top_logprobs == 3 and request.thinking_budget == 16 and request.truncate
+    assert (
+        request.logprobs and request.top_logprobs == 3 and request.thinking_budget == 16 and request.truncate
+    )
     assert request.presence_penalty == pytest.approx(0.5) and request.frequency_penalty == pytest.approx(0.25)
     assert request.enable_thinking is False and request.template_kwargs == {"x": 1, "reasoning_effort": "low"}
     assert request.messages[0]["content"][0] == {"type": "image", "image": "QUJD"}
     assert request.response_format is not None and request.response_format.kind == "lark"
-    tools = json.dumps([{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "b"}}])
+    tools = json.dumps(
+        [{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "b"}}]
+    )
     request = predict_request(chat(Tools=tools, ToolChoice='{"type": "function", "function": {"name": "b"}}'))
     assert [t["function"]["name"] for t in request.tools] == ["b"]
     assert predict_request(chat(Tools=tools, ToolChoice="none")).tools is None
     with pytest.raises(RequestError, match="max_request_bytes"):
         check_request(predict_request(chat("x" * 2000)), RequestLimits(max_request_bytes=1000))
     with pytest.raises(RequestError, match="tool_calls"):
-        predict_request(pb.PredictOptions(UseTokenizerTemplate=True, Messages=[
-            pb.Message(role="assistant", content="", tool_calls="{bad")]))
+        predict_request(
+            pb.PredictOptions(
+                UseTokenizerTemplate=True,
+                Messages=[pb.Message(role="assistant", content="", tool_calls="{bad")],
+            )
+        )
     # Fields that would change the answer and cannot be honoured are refused by name, never ignored.
-    for field, value in (("Mirostat", 2), ("TypicalP", 0.5), ("TailFreeSamplingZ", 0.9), ("NegativePrompt", "no"),
-                         ("RopeFreqBase", 10000.0), ("PenalizeNL", True)):
+    for field, value in (
+        ("Mirostat", 2),
+        ("TypicalP", 0.5),
+        ("TailFreeSamplingZ", 0.9),
+        ("NegativePrompt", "no"),
+        ("RopeFreqBase", 10000.0),
+        ("PenalizeNL", True),
+    ):
         with pytest.raises(RequestError, match=field):
             predict_request(chat("hi", **{field: value}))
-    assert predict_request(chat("hi", TypicalP=1.0, TailFreeSamplingZ=1.0, Threads=4, Batch=512, MMap=True)).messages
+    assert predict_request(
+        chat("hi", TypicalP=1.0, TailFreeSamplingZ=1.0, Threads=4, Batch=512, MMap=True)
+    ).messages
     with pytest.raises(RequestError, match="'mystery'"):
         predict_request(chat("hi", Metadata={"mystery": "1"}))
     with pytest.raises(RequestError, match="required"):

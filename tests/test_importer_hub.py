@@ -50,7 +50,15 @@ def test_gemma4_conversion_is_pinned_vlm_with_full_stop_set(hub_env) -> None:
     assert config.mlx.quantization is not None and config.mlx.quantization.bits == 4
     assert config.context_size == 131072
     assert config.mlx.text_route == "shared-weights"
-    for key in ("backend", "stop_tokens", "chat_template", "reasoning", "context_size", "quantization", "revision"):
+    for key in (
+        "backend",
+        "stop_tokens",
+        "chat_template",
+        "reasoning",
+        "context_size",
+        "quantization",
+        "revision",
+    ):
         assert config.mlx.decisions[key].evidence, key
     # weights have sizes and LFS hashes; nothing but small files was downloaded
     shards = [f for f in config.mlx.files if f.path.endswith(".safetensors")]
@@ -73,7 +81,9 @@ def test_gemma4_conversion_is_pinned_vlm_with_full_stop_set(hub_env) -> None:
         ("mlx-community/gemma-3-4b-it-text-4bit", "mlx", {1, 106}, "tokenizer_config.json:chat_template"),
     ],
 )
-def test_fixture_repos_get_backend_stops_and_template(hub_env, repo, backend, must_stop, template_source) -> None:
+def test_fixture_repos_get_backend_stops_and_template(
+    hub_env, repo, backend, must_stop, template_source
+) -> None:
     config = import_model(repo).config
     assert config.backend == backend
     assert must_stop <= set(_stops(config)), _stops(config)
@@ -84,10 +94,14 @@ def test_fixture_repos_get_backend_stops_and_template(hub_env, repo, backend, mu
 def test_vlm_pins_processor_template_when_tokenizer_and_processor_differ(hub_env) -> None:
     config = import_model("Qwen/Qwen2.5-VL-3B-Instruct").config
     assert config.mlx.chat_template.source.startswith("chat_template.json")
-    prompt = render_chat(config.mlx.chat_template.text or "", [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}])
+    prompt = render_chat(
+        config.mlx.chat_template.text or "",
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+    )
     assert "<|vision_start|><|image_pad|><|vision_end|>" in prompt
-    assert config.mlx.decisions["chat_template"].conflicts  # the tokenizer's text-only template lost, and says so
+    assert config.mlx.decisions[
+        "chat_template"
+    ].conflicts  # the tokenizer's text-only template lost, and says so
     text_config = import_model("Qwen/Qwen2.5-VL-3B-Instruct", backend="mlx").config
     assert text_config.mlx.chat_template.source == "tokenizer_config.json:chat_template"
 
@@ -107,10 +121,13 @@ def test_text_only_conversion_gets_its_context_from_the_config_class_default(hub
 
 
 @pytest.mark.parametrize(("model_type", "expected"), [("gemma3_text", 131072), ("llama", None)])
-def test_undeclared_context_uses_only_defaults_that_are_real(tmp_path, model_type: str, expected: int | None) -> None:
+def test_undeclared_context_uses_only_defaults_that_are_real(
+    tmp_path, model_type: str, expected: int | None
+) -> None:
     """A family whose class default is a placeholder (llama's 2048) stays unknown rather than guessed."""
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": ["X"],
-                                                      "eos_token_id": 1}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": model_type, "architectures": ["X"], "eos_token_id": 1})
+    )
     config = import_model(str(tmp_path)).config
     assert config.context_size == expected
 
@@ -181,7 +198,9 @@ def test_revision_is_resolved_and_pinned(hub_env) -> None:
     with pytest.raises(RevisionNotFound):
         import_model("Qwen/Qwen3-4B", revision="no-such-branch")
     old = commit
-    new = hub_env.write_file("Qwen/Qwen3-4B", "generation_config.json", b'{"eos_token_id": [151645, 151643, 7]}')
+    new = hub_env.write_file(
+        "Qwen/Qwen3-4B", "generation_config.json", b'{"eos_token_id": [151645, 151643, 7]}'
+    )
     assert import_model("Qwen/Qwen3-4B").config.mlx.source.revision == new
     pinned_old = import_model("Qwen/Qwen3-4B", revision=old).config
     assert 7 not in _stops(pinned_old)

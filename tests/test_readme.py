@@ -23,13 +23,13 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_exit_code_table_matches_the_code() -> None:
     readme = (ROOT / "README.md").read_text()
     start = readme.index("<!-- exit-codes")
-    table = readme[readme.index("\n", start) + 1: readme.index("<!-- /exit-codes -->")].strip()
+    table = readme[readme.index("\n", start) + 1 : readme.index("<!-- /exit-codes -->")].strip()
     assert table == exit_code_table()
 
 
 def _block(readme: str, marker: str) -> str:
     start = readme.index(f"<!-- {marker}")
-    return readme[readme.index("\n", start) + 1: readme.index(f"<!-- /{marker} -->")].strip()
+    return readme[readme.index("\n", start) + 1 : readme.index(f"<!-- /{marker} -->")].strip()
 
 
 def test_load_option_and_fault_tables_match_the_code() -> None:

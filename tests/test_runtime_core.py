@@ -42,8 +42,12 @@ def _png(color: tuple[int, int, int] = (200, 30, 30), size: int = 64) -> str:
 def _chat(text: str = "Hi there", image: str | None = None) -> list[dict]:
     if image is None:
         return [{"role": "user", "content": text}]
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                         {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": text}],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,8 @@ def vlm_engine(scripted_vlm_model: Path) -> Iterator:
 
 
 def test_end_of_turn_declared_only_in_generation_config_stops_on_every_route(
-        scripted_text_model: Path, scripted_vlm_model: Path, text_engine, vlm_engine) -> None:
+    scripted_text_model: Path, scripted_vlm_model: Path, text_engine, vlm_engine
+) -> None:
     from runtime.request import GenerationRequest
 
     info = fixture_info(scripted_text_model)
@@ -78,7 +83,9 @@ def test_end_of_turn_declared_only_in_generation_config_stops_on_every_route(
             final = events[-1]
             assert answer == info["answer"], (final.route, answer)
             assert final.finish_reason == "stop"
-            assert final.usage.completion_tokens == len(info["turn_ids"]) + 1  # the answer plus the stop token
+            assert (
+                final.usage.completion_tokens == len(info["turn_ids"]) + 1
+            )  # the answer plus the stop token
             assert final.usage.prompt_tokens > 0
             assert info["junk"] not in answer
             routes[final.route] = final.usage.prompt_tokens
@@ -91,8 +98,9 @@ def test_without_the_pinned_end_of_turn_the_answer_runs_into_junk(scripted_text_
 
     info = fixture_info(scripted_text_model)
     config = _config(scripted_text_model)
-    mlx = config.mlx.model_copy(update={"stop_tokens": [t for t in config.mlx.stop_tokens
-                                                        if t.id != info["end_of_turn_id"]]})
+    mlx = config.mlx.model_copy(
+        update={"stop_tokens": [t for t in config.mlx.stop_tokens if t.id != info["end_of_turn_id"]]}
+    )
     engine = _engine(config.model_copy(update={"mlx": mlx, "stopwords": []}))
     try:
         result = engine.generate(GenerationRequest(messages=_chat(), max_tokens=40))
@@ -115,7 +123,9 @@ def test_stop_strings_never_leak_while_streaming(text_engine, scripted_text_mode
     assert events[-1].finish_reason == "stop" and events[-1].usage.prompt_tokens > 0
 
 
-def test_image_reaches_the_vision_tower_and_counts_as_prompt_tokens(vlm_engine, scripted_vlm_model: Path) -> None:
+def test_image_reaches_the_vision_tower_and_counts_as_prompt_tokens(
+    vlm_engine, scripted_vlm_model: Path
+) -> None:
     from runtime.request import GenerationRequest
 
     tower = vlm_engine.loaded.primary.model.vision_tower
@@ -129,8 +139,9 @@ def test_image_reaches_the_vision_tower_and_counts_as_prompt_tokens(vlm_engine, 
     type(tower).__call__ = spy
     try:
         # An image no earlier test sent: a cached prefix holding it would (rightly) skip the tower.
-        with_image = vlm_engine.generate(GenerationRequest(messages=_chat("Describe.", image=_png((1, 2, 3))),
-                                                           max_tokens=5))
+        with_image = vlm_engine.generate(
+            GenerationRequest(messages=_chat("Describe.", image=_png((1, 2, 3))), max_tokens=5)
+        )
         without = vlm_engine.generate(GenerationRequest(messages=_chat("Describe."), max_tokens=5))
     finally:
         type(tower).__call__ = original
@@ -187,13 +198,19 @@ def test_quantized_vlm_text_route_still_shares_weights(vlm_model: Path) -> None:
         nn.quantize(vlm.model.language_model, group_size=32, bits=4)
         config = json.loads((vlm_model / "config.json").read_text())
         text = build_shared_text_backend(vlm.model, config, vlm_model)
-        quantized = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in text.model.named_modules())
+        quantized = sum(
+            isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in text.model.named_modules()
+        )
         prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         stops = frozenset({1026})
-        via_text = _greedy(TextBatcher(text.model, PrefixCache(entries=0, max_bytes=0)),
-                           DecodeSpec(uid=1, max_tokens=8, stop_ids=stops, prompt=text.tokenize(prompt)))
-        via_vlm = _greedy(VlmStreams(vlm.model, vlm.processor, prefix_entries=0),
-                          DecodeSpec(uid=1, max_tokens=8, stop_ids=stops, prompt_text=prompt))
+        via_text = _greedy(
+            TextBatcher(text.model, PrefixCache(entries=0, max_bytes=0)),
+            DecodeSpec(uid=1, max_tokens=8, stop_ids=stops, prompt=text.tokenize(prompt)),
+        )
+        via_vlm = _greedy(
+            VlmStreams(vlm.model, vlm.processor, prefix_entries=0),
+            DecodeSpec(uid=1, max_tokens=8, stop_ids=stops, prompt_text=prompt),
+        )
         return quantized > 0 and via_text == via_vlm and shares_weights(text, vlm.model)
 
     from backends import run_on_mlx_thread
@@ -213,10 +230,12 @@ def test_media_to_a_text_config_is_a_clear_error(text_engine) -> None:
 
 @pytest.mark.parametrize(
     ("url", "message"),
-    [("data:image/png;base64,!!!notbase64", "not valid base64"),
-     ("data:image/png;base64,AAAA", "not a decodable image"),
-     ("http://example.com/cat.png", "remote URLs are disabled"),
-     ("/no/such/file.png", "no such file")],
+    [
+        ("data:image/png;base64,!!!notbase64", "not valid base64"),
+        ("data:image/png;base64,AAAA", "not a decodable image"),
+        ("http://example.com/cat.png", "remote URLs are disabled"),
+        ("/no/such/file.png", "no such file"),
+    ],
 )
 def test_bad_media_is_rejected_before_queueing(vlm_engine, url: str, message: str) -> None:
     from gallery.errors import RequestError
@@ -240,7 +259,9 @@ def test_thinking_off_strips_markers_the_model_emits_anyway(scripted_think_model
     assert on.reasoning == info["reasoning"] and on.content == info["answer"]
     off = "".join(e.content for e in off_events)
     assert off == info["answer"]
-    assert all("<think>" not in e.content and "</think>" not in e.content and not e.reasoning for e in off_events)
+    assert all(
+        "<think>" not in e.content and "</think>" not in e.content and not e.reasoning for e in off_events
+    )
 
 
 def test_tool_calls_become_structured(scripted_tool_model: Path) -> None:
@@ -248,8 +269,15 @@ def test_tool_calls_become_structured(scripted_tool_model: Path) -> None:
 
     from runtime.request import GenerationRequest
 
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     engine = _engine(_config(scripted_tool_model))
     try:
         with_tools = engine.generate(GenerationRequest(messages=_chat("Weather in Paris?"), tools=tools))
@@ -257,7 +285,9 @@ def test_tool_calls_become_structured(scripted_tool_model: Path) -> None:
     finally:
         engine.shutdown()
     assert with_tools.finish_reason == "tool_calls" and with_tools.content == ""
-    assert [(c.name, json.loads(c.arguments)) for c in with_tools.tool_calls] == [("get_weather", {"city": "Paris"})]
+    assert [(c.name, json.loads(c.arguments)) for c in with_tools.tool_calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
     assert "<tool_call>" in without.content and not without.tool_calls  # no tools offered: plain text
 
 
@@ -275,7 +305,9 @@ def test_strict_template_accepts_real_client_traffic(scripted_text_model: Path) 
     )
     config = _config(scripted_text_model)
     template = config.mlx.chat_template.model_copy(update={"text": strict, "sha256": template_sha256(strict)})
-    engine = _engine(config.model_copy(update={"mlx": config.mlx.model_copy(update={"chat_template": template})}))
+    engine = _engine(
+        config.model_copy(update={"mlx": config.mlx.model_copy(update={"chat_template": template})})
+    )
     try:
         messy = [
             {"role": "developer", "content": "Be brief."},
@@ -285,11 +317,17 @@ def test_strict_template_accepts_real_client_traffic(scripted_text_model: Path) 
             {"role": "user", "content": "Say hi."},
         ]
         result = engine.generate(GenerationRequest(messages=messy, max_tokens=20))
-        assert result.content == fixture_info(scripted_text_model)["answer"] and result.usage.prompt_tokens > 0
+        assert (
+            result.content == fixture_info(scripted_text_model)["answer"] and result.usage.prompt_tokens > 0
+        )
         from runtime.messages import normalize_messages
 
-        well_formed = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-                       {"role": "assistant", "content": "A"}, {"role": "user", "content": "U2"}]
+        well_formed = [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "A"},
+            {"role": "user", "content": "U2"},
+        ]
         assert normalize_messages(well_formed).messages == well_formed  # unchanged
     finally:
         engine.shutdown()
@@ -300,8 +338,11 @@ def test_cancel_frees_the_worker_and_the_next_request_succeeds(smollm2_model: Pa
 
     engine = _engine(_config(smollm2_model))
     try:
-        handle = engine.submit(GenerationRequest(messages=_chat("Write a long story about the sea."),
-                                                 max_tokens=400, temperature=0.0))
+        handle = engine.submit(
+            GenerationRequest(
+                messages=_chat("Write a long story about the sea."), max_tokens=400, temperature=0.0
+            )
+        )
         events = handle.events()
         first = next(events)
         assert first.content or first.reasoning
@@ -310,7 +351,9 @@ def test_cancel_frees_the_worker_and_the_next_request_succeeds(smollm2_model: Pa
         final = [e for e in events][-1]
         assert final.finish_reason == "cancelled" and time.perf_counter() - cancelled_at < 5
         assert engine.status()["state"] == "READY"
-        answer = engine.generate(GenerationRequest(messages=_chat("What is the capital of France?"), max_tokens=30))
+        answer = engine.generate(
+            GenerationRequest(messages=_chat("What is the capital of France?"), max_tokens=30)
+        )
         assert "Paris" in answer.content and answer.finish_reason == "stop"
     finally:
         engine.shutdown()
@@ -320,9 +363,13 @@ def test_concurrent_requests_all_complete_correctly(text_engine, scripted_text_m
     from runtime.request import GenerationRequest
 
     answer = fixture_info(scripted_text_model)["answer"]
-    handles = [text_engine.submit(GenerationRequest(messages=_chat(f"hello {i}"), max_tokens=30)) for i in range(16)]
+    handles = [
+        text_engine.submit(GenerationRequest(messages=_chat(f"hello {i}"), max_tokens=30)) for i in range(16)
+    ]
     results = [h.result() for h in handles]
-    assert all(r.content == answer and r.finish_reason == "stop" and r.usage.prompt_tokens > 0 for r in results)
+    assert all(
+        r.content == answer and r.finish_reason == "stop" and r.usage.prompt_tokens > 0 for r in results
+    )
 
 
 def test_speculative_draft_model_gives_the_same_answer(scripted_text_model: Path) -> None:
@@ -354,8 +401,9 @@ def test_missing_template_loads_loudly_and_refuses_chat(text_notemplate_model: P
         assert any("NO CHAT TEMPLATE" in w for w in engine.status()["warnings"])
         with pytest.raises(RequestError, match="no chat template"):
             engine.submit(GenerationRequest(messages=_chat()))
-        raw = engine.generate(GenerationRequest(prompt="<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
-                                                max_tokens=20))
+        raw = engine.generate(
+            GenerationRequest(prompt="<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", max_tokens=20)
+        )
         assert raw.content and raw.usage.prompt_tokens > 0
     finally:
         engine.shutdown()
@@ -366,7 +414,9 @@ def test_smollm2_answers_a_factual_question(smollm2_model: Path) -> None:
 
     engine = _engine(_config(smollm2_model))
     try:
-        result = engine.generate(GenerationRequest(messages=_chat("What is the capital of France?"), max_tokens=30))
+        result = engine.generate(
+            GenerationRequest(messages=_chat("What is the capital of France?"), max_tokens=30)
+        )
     finally:
         engine.shutdown()
     assert "Paris" in result.content and result.usage.prompt_tokens > 0 and result.finish_reason == "stop"
@@ -385,16 +435,18 @@ def test_text_config_never_imports_mlx_vlm(scripted_text_model: Path) -> None:
     assert done.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_gallery_run_streams_and_reports_usage(scripted_think_model: Path, scripted_vlm_model: Path,
-                                               scripted_text_model: Path, tmp_path: Path) -> None:
+def test_gallery_run_streams_and_reports_usage(
+    scripted_think_model: Path, scripted_vlm_model: Path, scripted_text_model: Path, tmp_path: Path
+) -> None:
     from PIL import Image
 
     image = tmp_path / "red.png"
     Image.new("RGB", (64, 64), (255, 0, 0)).save(image)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cli", "run", *args], capture_output=True, text=True,
-                              cwd=ROOT, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "cli", "run", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
 
     think = run(str(scripted_think_model), "--prompt", "hi")
     assert think.returncode == 0 and think.stdout.strip() == "The answer is 42."
@@ -404,4 +456,8 @@ def test_gallery_run_streams_and_reports_usage(scripted_think_model: Path, scrip
     vision = run(str(scripted_vlm_model), "--prompt", "what?", "--image", str(image))
     assert vision.returncode == 0 and "route mlx-vlm" in vision.stderr
     refused = run(str(scripted_text_model), "--prompt", "what?", "--image", str(image))
-    assert refused.returncode == 2 and "cannot take image" in refused.stderr and "Traceback" not in refused.stderr
+    assert (
+        refused.returncode == 2
+        and "cannot take image" in refused.stderr
+        and "Traceback" not in refused.stderr
+    )

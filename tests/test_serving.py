@@ -29,8 +29,34 @@ from tests.plugins.models import fixture_info
 
 pytestmark = pytest.mark.mlx
 
-WORDS = ["sea", "river", "mountain", "red", "blue", "seven", "tell", "me", "about", "the", "a", "story", "why",
-         "is", "sky", "cold", "warm", "cats", "dogs", "quickly", "slowly", "and", "or", "not", "42", "hello"]
+WORDS = [
+    "sea",
+    "river",
+    "mountain",
+    "red",
+    "blue",
+    "seven",
+    "tell",
+    "me",
+    "about",
+    "the",
+    "a",
+    "story",
+    "why",
+    "is",
+    "sky",
+    "cold",
+    "warm",
+    "cats",
+    "dogs",
+    "quickly",
+    "slowly",
+    "and",
+    "or",
+    "not",
+    "42",
+    "hello",
+]
 
 
 def _config(folder: Path, **changes: Any):  # type: ignore[no-untyped-def]
@@ -86,10 +112,13 @@ def vlm_pair(vlm_model: Path) -> Iterator[tuple[Any, Any]]:
 
 
 conversations = st.lists(
-    st.lists(st.sampled_from(WORDS), min_size=1, max_size=12).map(" ".join), min_size=2, max_size=4)
+    st.lists(st.sampled_from(WORDS), min_size=1, max_size=12).map(" ".join), min_size=2, max_size=4
+)
 
 
-def _converse(engines: tuple[Any, Any], turns: list[str], *, system: str | None, image: str | None) -> list[int]:
+def _converse(
+    engines: tuple[Any, Any], turns: list[str], *, system: str | None, image: str | None
+) -> list[int]:
     """Run a conversation on both engines turn by turn; assert equal answers; return cached tokens per turn."""
     on, off = engines
     history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
@@ -104,7 +133,9 @@ def _converse(engines: tuple[Any, Any], turns: list[str], *, system: str | None,
         assert _ids(with_cache) == _ids(without), (index, text)
         assert with_cache.content == without.content and with_cache.reasoning == without.reasoning
         assert with_cache.finish_reason == without.finish_reason
-        assert with_cache.usage.prompt_tokens == without.usage.prompt_tokens  # the whole prompt, cached or not
+        assert (
+            with_cache.usage.prompt_tokens == without.usage.prompt_tokens
+        )  # the whole prompt, cached or not
         assert without.usage.cached_tokens == 0
         cached.append(with_cache.usage.cached_tokens)
         history.append({"role": "assistant", "content": with_cache.content})
@@ -114,8 +145,9 @@ def _converse(engines: tuple[Any, Any], turns: list[str], *, system: str | None,
 # ----------------------------------------------------------------------------------------------- prefix reuse
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(turns=conversations, system=st.sampled_from([None, "You are terse.", "Answer about the sea only."]))
-def test_prefix_cache_never_changes_greedy_output_on_the_text_model(text_pair, turns: list[str],
-                                                                   system: str | None) -> None:
+def test_prefix_cache_never_changes_greedy_output_on_the_text_model(
+    text_pair, turns: list[str], system: str | None
+) -> None:
     cached = _converse(text_pair, turns, system=system, image=None)
     assert all(count > 0 for count in cached[1:])  # every later turn reused the conversation so far
 
@@ -129,8 +161,9 @@ def test_prefix_cache_never_changes_greedy_output_on_the_vlm_text_route(vlm_pair
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(turns=conversations, color=st.sampled_from([(200, 30, 30), (20, 200, 40)]))
-def test_prefix_cache_never_changes_greedy_output_on_the_vision_path(vlm_pair, turns: list[str],
-                                                                    color: tuple[int, int, int]) -> None:
+def test_prefix_cache_never_changes_greedy_output_on_the_vision_path(
+    vlm_pair, turns: list[str], color: tuple[int, int, int]
+) -> None:
     cached = _converse(vlm_pair, turns, system=None, image=_png(color))
     assert all(count > 0 for count in cached[1:])  # same image in the prefix: reused
 
@@ -138,8 +171,15 @@ def test_prefix_cache_never_changes_greedy_output_on_the_vision_path(vlm_pair, t
 def test_a_different_image_is_never_served_from_the_cache(vlm_pair) -> None:
     on, off = vlm_pair
     for color in ((250, 250, 10), (10, 10, 250)):
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png(color)}},
-                                                 {"type": "text", "text": "What colour is this?"}]}]
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _png(color)}},
+                    {"type": "text", "text": "What colour is this?"},
+                ],
+            }
+        ]
         first = on.generate(_request(messages))
         assert first.usage.cached_tokens == 0  # a new image: nothing of this prompt was computed before
         assert _ids(first) == _ids(off.generate(_request(messages)))
@@ -149,7 +189,10 @@ def test_status_reports_prefix_cache_hits(text_pair) -> None:
     on, _off = text_pair
     history = [{"role": "user", "content": "tell me about the sea"}]
     answer = on.generate(_request(history))
-    history += [{"role": "assistant", "content": answer.content}, {"role": "user", "content": "and the river"}]
+    history += [
+        {"role": "assistant", "content": answer.content},
+        {"role": "user", "content": "and the river"},
+    ]
     second = on.generate(_request(history))
     assert second.usage.cached_tokens > 0
     cache = on.status()["prefix_cache"]["text"]
@@ -158,8 +201,16 @@ def test_status_reports_prefix_cache_hits(text_pair) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- batching
-PROMPTS = ["hi", "tell me a story about the sea and the mountain and the river", "why", "seven cats and dogs",
-           "a " * 40, "hello hello", "the sky is blue or red or not", "42"]
+PROMPTS = [
+    "hi",
+    "tell me a story about the sea and the mountain and the river",
+    "why",
+    "seven cats and dogs",
+    "a " * 40,
+    "hello hello",
+    "the sky is blue or red or not",
+    "42",
+]
 
 
 def _alone_and_together(engine, requests: list[Any]) -> tuple[list[Any], list[Any]]:  # type: ignore[no-untyped-def]
@@ -170,8 +221,9 @@ def _alone_and_together(engine, requests: list[Any]) -> tuple[list[Any], list[An
 
 
 @pytest.mark.parametrize("route", ["text", "text-route", "vision"])
-def test_each_request_alone_equals_its_output_inside_a_batch(route: str, text_qwen3_model: Path,
-                                                             vlm_model: Path) -> None:
+def test_each_request_alone_equals_its_output_inside_a_batch(
+    route: str, text_qwen3_model: Path, vlm_model: Path
+) -> None:
     folder = text_qwen3_model if route == "text" else vlm_model
     engine = _engine(_config(folder), prefix_cache=False)
     try:
@@ -180,35 +232,48 @@ def test_each_request_alone_equals_its_output_inside_a_batch(route: str, text_qw
         for index, text in enumerate(PROMPTS):
             content: Any = text
             if image is not None:
-                content = [{"type": "image_url", "image_url": {"url": _png((index * 30, 100, 200 - index * 20))}},
-                           {"type": "text", "text": text}]
+                content = [
+                    {"type": "image_url", "image_url": {"url": _png((index * 30, 100, 200 - index * 20))}},
+                    {"type": "text", "text": text},
+                ]
             requests.append(_request([{"role": "user", "content": content}], max_tokens=6 + index * 2))
         alone, together = _alone_and_together(engine, requests)
         for single, batched in zip(alone, together, strict=True):
             assert _ids(single) == _ids(batched) and single.content == batched.content
             assert single.finish_reason == batched.finish_reason
-        assert {c.route for c in together} == {"mlx" if route == "text" else "text-route" if route == "text-route"
-                                               else "mlx-vlm"}
+        assert {c.route for c in together} == {
+            "mlx" if route == "text" else "text-route" if route == "text-route" else "mlx-vlm"
+        }
         if route != "vision":
-            assert engine.status()["stats"]["batch_rows"] > engine.status()["stats"]["batch_steps"]  # really batched
+            assert (
+                engine.status()["stats"]["batch_rows"] > engine.status()["stats"]["batch_steps"]
+            )  # really batched
     finally:
         engine.shutdown()
 
 
 def test_a_seeded_sampled_request_is_the_same_alone_or_in_any_batch(text_pair) -> None:
     engine, _off = text_pair
-    seeded = [_request([{"role": "user", "content": text}], temperature=1.0, seed=7 + i, top_p=0.9,
-                       max_tokens=12) for i, text in enumerate(PROMPTS[:6])]
+    seeded = [
+        _request([{"role": "user", "content": text}], temperature=1.0, seed=7 + i, top_p=0.9, max_tokens=12)
+        for i, text in enumerate(PROMPTS[:6])
+    ]
     alone, together = _alone_and_together(engine, seeded)
     for single, batched in zip(alone, together, strict=True):
         assert _ids(single) == _ids(batched)
-    other_seed = engine.generate(_request([{"role": "user", "content": PROMPTS[0]}], temperature=1.0, seed=8,
-                                          top_p=0.9, max_tokens=12))
+    other_seed = engine.generate(
+        _request([{"role": "user", "content": PROMPTS[0]}], temperature=1.0, seed=8, top_p=0.9, max_tokens=12)
+    )
     assert _ids(other_seed) != _ids(alone[0])  # the seed matters
-    unseeded = engine.generate(_request([{"role": "user", "content": PROMPTS[0]}], temperature=1.0, max_tokens=12))
+    unseeded = engine.generate(
+        _request([{"role": "user", "content": PROMPTS[0]}], temperature=1.0, max_tokens=12)
+    )
     assert unseeded.seed is not None  # the seed drawn for it is reported, so it can be replayed
-    replay = engine.generate(_request([{"role": "user", "content": PROMPTS[0]}], temperature=1.0, max_tokens=12,
-                                      seed=unseeded.seed))
+    replay = engine.generate(
+        _request(
+            [{"role": "user", "content": PROMPTS[0]}], temperature=1.0, max_tokens=12, seed=unseeded.seed
+        )
+    )
     assert _ids(replay) == _ids(unseeded)
 
 
@@ -216,7 +281,9 @@ def test_a_seeded_sampled_request_is_the_same_alone_or_in_any_batch(text_pair) -
 def test_logprobs_are_the_chosen_tokens_and_sorted_alternatives(text_pair) -> None:
     engine, _off = text_pair
     result = engine.generate(_request([{"role": "user", "content": "tell me"}], top_logprobs=5, max_tokens=8))
-    assert len(result.logprobs) == result.usage.completion_tokens - (1 if result.finish_reason == "stop" else 0)
+    assert len(result.logprobs) == result.usage.completion_tokens - (
+        1 if result.finish_reason == "stop" else 0
+    )
     for item in result.logprobs:
         assert len(item.top) == 5
         values = [lp for _text, _id, lp in item.top]
@@ -260,17 +327,38 @@ def test_structured_output_follows_the_json_schema(text_pair) -> None:
     from runtime.request import ResponseFormat
 
     engine, _off = text_pair
-    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"enum": [1, 2, 3]}},
-              "required": ["answer", "count"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"enum": [1, 2, 3]}},
+        "required": ["answer", "count"],
+        "additionalProperties": False,
+    }
     for temperature in (0.0, 1.0):
-        result = engine.generate(_request([{"role": "user", "content": "is the sky blue?"}], max_tokens=60,
-                                          temperature=temperature, seed=3, enable_thinking=False,
-                                          response_format=ResponseFormat("json_schema", schema)))
+        result = engine.generate(
+            _request(
+                [{"role": "user", "content": "is the sky blue?"}],
+                max_tokens=60,
+                temperature=temperature,
+                seed=3,
+                enable_thinking=False,
+                response_format=ResponseFormat("json_schema", schema),
+            )
+        )
         parsed = json.loads(result.content)
-        assert parsed["answer"] in ("yes", "no") and parsed["count"] in (1, 2, 3) and set(parsed) == {"answer", "count"}
+        assert (
+            parsed["answer"] in ("yes", "no")
+            and parsed["count"] in (1, 2, 3)
+            and set(parsed) == {"answer", "count"}
+        )
         assert result.finish_reason == "stop"  # the answer ended where the schema did, on a pinned stop token
-    free = engine.generate(_request([{"role": "user", "content": "is the sky blue?"}], max_tokens=20,
-                                    enable_thinking=False, response_format=ResponseFormat("json_object")))
+    free = engine.generate(
+        _request(
+            [{"role": "user", "content": "is the sky blue?"}],
+            max_tokens=20,
+            enable_thinking=False,
+            response_format=ResponseFormat("json_object"),
+        )
+    )
     assert free.content.startswith("{")
 
 
@@ -280,10 +368,20 @@ def test_structured_output_leaves_the_reasoning_free(scripted_think_model: Path)
     info = fixture_info(scripted_think_model)
     engine = _engine(_config(scripted_think_model))
     try:
-        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-                  "additionalProperties": False}
-        result = engine.generate(_request([{"role": "user", "content": "hi"}], max_tokens=40, enable_thinking=True,
-                                          response_format=ResponseFormat("json_schema", schema)))
+        schema = {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+            "additionalProperties": False,
+        }
+        result = engine.generate(
+            _request(
+                [{"role": "user", "content": "hi"}],
+                max_tokens=40,
+                enable_thinking=True,
+                response_format=ResponseFormat("json_schema", schema),
+            )
+        )
         assert result.reasoning == info["reasoning"]  # the model's own reasoning, unconstrained
         assert isinstance(json.loads(result.content)["ok"], bool)  # the answer follows the schema
     finally:
@@ -296,8 +394,12 @@ def test_a_bad_schema_is_refused_before_it_queues(text_pair) -> None:
 
     engine, _off = text_pair
     with pytest.raises(RequestError, match="response_format"):
-        engine.submit(_request([{"role": "user", "content": "x"}],
-                               response_format=ResponseFormat("json_schema", {"type": "nope"})))
+        engine.submit(
+            _request(
+                [{"role": "user", "content": "x"}],
+                response_format=ResponseFormat("json_schema", {"type": "nope"}),
+            )
+        )
 
 
 def test_thinking_budget_closes_the_reasoning_block(scripted_think_model: Path) -> None:
@@ -326,18 +428,23 @@ def test_the_context_size_is_enforced_before_queueing(text_qwen3_model: Path) ->
         truncated = engine.generate(_request(long, truncate=True, max_tokens=8))
         assert truncated.usage.prompt_tokens + truncated.usage.completion_tokens <= 64
         fits = engine.generate(_request([{"role": "user", "content": "hi"}], max_tokens=500))
-        assert fits.usage.prompt_tokens + fits.usage.completion_tokens <= 64 and fits.finish_reason == "length"
+        assert (
+            fits.usage.prompt_tokens + fits.usage.completion_tokens <= 64 and fits.finish_reason == "length"
+        )
     finally:
         engine.shutdown()
 
 
 @pytest.mark.parametrize("options", [{"max_kv_size": 64}, {"batching": False}])
-def test_kv_cache_options_and_unbatched_decoding_serve_correct_answers(options: dict[str, Any],
-                                                                      scripted_text_model: Path) -> None:
+def test_kv_cache_options_and_unbatched_decoding_serve_correct_answers(
+    options: dict[str, Any], scripted_text_model: Path
+) -> None:
     info = fixture_info(scripted_text_model)
     engine = _engine(_config(scripted_text_model), **options)
     try:
-        handles = [engine.submit(_request([{"role": "user", "content": f"hi {i}"}], max_tokens=40)) for i in range(4)]
+        handles = [
+            engine.submit(_request([{"role": "user", "content": f"hi {i}"}], max_tokens=40)) for i in range(4)
+        ]
         for handle in handles:
             result = handle.result()
             assert result.content == info["answer"] and result.finish_reason == "stop"
@@ -350,8 +457,9 @@ def test_a_quantized_kv_cache_serves_the_real_model(smollm2_model: Path, text_qw
 
     engine = _engine(_config(smollm2_model), kv_bits=8, kv_group_size=64)
     try:
-        answer = engine.generate(_request([{"role": "user", "content": "What is the capital of France?"}],
-                                          max_tokens=12))
+        answer = engine.generate(
+            _request([{"role": "user", "content": "What is the capital of France?"}], max_tokens=12)
+        )
         assert "Paris" in answer.content
     finally:
         engine.shutdown()
@@ -364,10 +472,23 @@ def test_out_of_range_values_are_refused_and_never_poison_the_next_request(text_
 
     engine, _off = text_pair
     messages = [{"role": "user", "content": "hello"}]
-    bad = [{"top_k": 2**31}, {"min_p": 5.0}, {"temperature": float("nan")}, {"temperature": float("inf")},
-           {"temperature": 1e308}, {"temperature": -1.0}, {"top_p": 7.0}, {"top_k": -3}, {"top_p": 0.0},
-           {"presence_penalty": 9.0}, {"seed": -5}, {"logit_bias": {99999: 1.0}}, {"max_tokens": 0},
-           {"top_logprobs": 50}, {"repeat_penalty": 0.0}]
+    bad = [
+        {"top_k": 2**31},
+        {"min_p": 5.0},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"temperature": 1e308},
+        {"temperature": -1.0},
+        {"top_p": 7.0},
+        {"top_k": -3},
+        {"top_p": 0.0},
+        {"presence_penalty": 9.0},
+        {"seed": -5},
+        {"logit_bias": {99999: 1.0}},
+        {"max_tokens": 0},
+        {"top_logprobs": 50},
+        {"repeat_penalty": 0.0},
+    ]
     for fields in bad:
         with pytest.raises(RequestError):
             engine.submit(_request(messages, **fields))

@@ -44,7 +44,9 @@ def scripted(scripted_text_model: Path) -> Any:
         _clean(process)
 
 
-def test_chat_streams_deltas_then_exactly_one_result(scripted: StdioProcess, scripted_text_model: Path) -> None:
+def test_chat_streams_deltas_then_exactly_one_result(
+    scripted: StdioProcess, scripted_text_model: Path
+) -> None:
     info = fixture_info(scripted_text_model)
     request_id = scripted.send("chat", {"messages": HI, "max_tokens": 30, "temperature": 0})
     response, deltas, others = scripted.collect(request_id)
@@ -54,22 +56,33 @@ def test_chat_streams_deltas_then_exactly_one_result(scripted: StdioProcess, scr
     assert result["message"] == {"role": "assistant", "content": info["answer"]}
     assert result["finish_reason"] == "stop"
     assert result["usage"]["completion_tokens"] == len(info["turn_ids"]) + 1
-    assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+    assert (
+        result["usage"]["total_tokens"]
+        == result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+    )
     # stream=false: no deltas, the same answer; string ids work as well as numbers.
-    response, deltas, _ = scripted.collect(scripted.send("chat", {"messages": HI, "temperature": 0, "stream": False},
-                                                         request_id="no-stream"))
+    response, deltas, _ = scripted.collect(
+        scripted.send("chat", {"messages": HI, "temperature": 0, "stream": False}, request_id="no-stream")
+    )
     assert deltas == [] and response["result"]["message"]["content"] == info["answer"]
 
 
-def test_complete_tokenize_detokenize_status_metadata(scripted: StdioProcess, scripted_text_model: Path) -> None:
+def test_complete_tokenize_detokenize_status_metadata(
+    scripted: StdioProcess, scripted_text_model: Path
+) -> None:
     info = fixture_info(scripted_text_model)
     tokens = scripted.call("tokenize", {"messages": HI})["result"]
     prompt = scripted.call("detokenize", {"tokens": tokens["tokens"]})["result"]["text"]
     assert prompt.endswith("<|im_start|>assistant\n") and tokens["length"] == len(tokens["tokens"])
-    response, deltas, _ = scripted.collect(scripted.send("complete", {"prompt": prompt, "temperature": 0,
-                                                                      "stop": info["stop_string_example"]}))
+    response, deltas, _ = scripted.collect(
+        scripted.send("complete", {"prompt": prompt, "temperature": 0, "stop": info["stop_string_example"]})
+    )
     result = response["result"]
-    assert result["text"] == "".join(d["content"] for d in deltas) == info["answer"].split(info["stop_string_example"])[0]
+    assert (
+        result["text"]
+        == "".join(d["content"] for d in deltas)
+        == info["answer"].split(info["stop_string_example"])[0]
+    )
     assert result["usage"]["prompt_tokens"] == tokens["length"]
     status = scripted.call("status")["result"]
     assert status["state"] == "READY" and status["model"] == "scripted-text" and status["memory"]["total"] > 0
@@ -77,7 +90,9 @@ def test_complete_tokenize_detokenize_status_metadata(scripted: StdioProcess, sc
     assert meta["supports_thinking"] and "Hello!" in meta["rendered_template"]
 
 
-def test_malformed_lines_each_get_one_error_and_the_loop_goes_on(scripted: StdioProcess, scripted_text_model: Path) -> None:
+def test_malformed_lines_each_get_one_error_and_the_loop_goes_on(
+    scripted: StdioProcess, scripted_text_model: Path
+) -> None:
     bad_lines = [
         (b"this is not json\n", -32700),
         (b"\xff\xfe not utf-8\n", -32700),
@@ -91,14 +106,26 @@ def test_malformed_lines_each_get_one_error_and_the_loop_goes_on(scripted: Stdio
         (b'{"jsonrpc": "2.0", "id": 9, "method": "status", "params": [1]}\n', -32602),
         (b'{"jsonrpc": "2.0", "id": 10, "method": "no_such_method"}\n', -32601),
         (b'{"jsonrpc": "2.0", "id": 11, "method": "chat", "params": {"messages": "hi"}}\n', -32602),
-        (b'{"jsonrpc": "2.0", "id": 12, "method": "chat", "params": {"messages": [], "max_tokens": 0}}\n', -32602),
-        (b'{"jsonrpc": "2.0", "id": 13, "method": "chat", "params": {"messages": [{"role": "user", "content": "x"}], '
-         b'"images": ["AAAA"]}}\n', -32602),
-        (b'{"jsonrpc": "2.0", "id": 14, "method": "chat", "params": {"messages": [{"role": "user", "content": "x"}], '
-         b'"tools": [{"function": {}}]}}\n', -32602),
+        (
+            b'{"jsonrpc": "2.0", "id": 12, "method": "chat", "params": {"messages": [], "max_tokens": 0}}\n',
+            -32602,
+        ),
+        (
+            b'{"jsonrpc": "2.0", "id": 13, "method": "chat", "params": {"messages": [{"role": "user", "content": "x"}], '
+            b'"images": ["AAAA"]}}\n',
+            -32602,
+        ),
+        (
+            b'{"jsonrpc": "2.0", "id": 14, "method": "chat", "params": {"messages": [{"role": "user", "content": "x"}], '
+            b'"tools": [{"function": {}}]}}\n',
+            -32602,
+        ),
         (b'{"jsonrpc": "2.0", "id": 15, "method": "detokenize", "params": {"tokens": [-1]}}\n', -32602),
-        (b'{"jsonrpc": "2.0", "id": 16, "method": "chat", "params": {"messages": [{"role": "user", "content": "x"}], '
-         b'"model": "another-model"}}\n', -32005),
+        (
+            b'{"jsonrpc": "2.0", "id": 16, "method": "chat", "params": {"messages": [{"role": "user", "content": "x"}], '
+            b'"model": "another-model"}}\n',
+            -32005,
+        ),
         (b'{"jsonrpc": "2.0", "id": 17, "method": "cancel", "params": {}}\n', -32602),
     ]
     for line, code in bad_lines:
@@ -110,8 +137,10 @@ def test_malformed_lines_each_get_one_error_and_the_loop_goes_on(scripted: Stdio
             expected_id = None
         assert response["id"] == expected_id, (line, response)
     # Notifications get no response, even broken or unknown ones; the next request is answered next.
-    scripted.write(b'{"jsonrpc": "2.0", "method": "status"}\n{"jsonrpc": "2.0", "method": "nope"}\n'
-                   b'{"jsonrpc": "2.0", "method": "chat", "params": {"messages": []}}\n')
+    scripted.write(
+        b'{"jsonrpc": "2.0", "method": "status"}\n{"jsonrpc": "2.0", "method": "nope"}\n'
+        b'{"jsonrpc": "2.0", "method": "chat", "params": {"messages": []}}\n'
+    )
     assert scripted.call("status")["result"]["state"] in ("READY", "BUSY")
     answer = scripted.call("chat", {"messages": HI, "temperature": 0})["result"]["message"]["content"]
     assert answer == fixture_info(scripted_text_model)["answer"]
@@ -120,8 +149,14 @@ def test_malformed_lines_each_get_one_error_and_the_loop_goes_on(scripted: Stdio
 def test_a_huge_line_is_refused_and_skipped(scripted_text_model: Path) -> None:
     with running(StdioProcess(str(scripted_text_model), "--max-line-mb", "1")) as process:
         assert isinstance(process, StdioProcess)
-        huge = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "chat",
-                           "params": {"messages": [{"role": "user", "content": "x" * (3 << 20)}]}})
+        huge = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "chat",
+                "params": {"messages": [{"role": "user", "content": "x" * (3 << 20)}]},
+            }
+        )
         process.write(huge + "\n")
         response = process.next()
         assert _error_code(response) == -32600 and "longer than" in response["error"]["message"]
@@ -131,16 +166,22 @@ def test_a_huge_line_is_refused_and_skipped(scripted_text_model: Path) -> None:
     _clean(process)
 
 
-def test_requests_run_concurrently_and_cancel_gets_the_one_response(text_qwen3_model: Path,
-                                                                      scripted_text_model: Path) -> None:
+def test_requests_run_concurrently_and_cancel_gets_the_one_response(
+    text_qwen3_model: Path, scripted_text_model: Path
+) -> None:
     with running(StdioProcess()) as process:
         assert isinstance(process, StdioProcess)
         not_loaded = process.call("chat", {"messages": HI})
         assert _error_code(not_loaded) == -32001
         missing = process.call("load", {"model": "nobody/no-such-model"})
         assert _error_code(missing) == -32003 and missing["error"]["data"]["kind"] == "not_found"
-        assert _error_code(process.call("load", {"model": str(text_qwen3_model), "options": ["max_queue:x"]})) == -32602
-        loaded = process.call("load", {"model": str(text_qwen3_model), "options": {"max_active": 4}}, timeout=120)
+        assert (
+            _error_code(process.call("load", {"model": str(text_qwen3_model), "options": ["max_queue:x"]}))
+            == -32602
+        )
+        loaded = process.call(
+            "load", {"model": str(text_qwen3_model), "options": {"max_active": 4}}, timeout=120
+        )
         assert loaded["result"]["model"] == "text-qwen3"
         long_id = process.send("chat", {"messages": HI, "max_tokens": 4000, "temperature": 0})
         first = process.next()  # a delta: the generation is running
@@ -228,11 +269,28 @@ def test_chat_params_become_generation_requests() -> None:
     from runtime.openai_request import ChatParams, CompleteParams, chat_request, complete_request
     from runtime.request import RequestLimits, check_request
 
-    request = chat_request(ChatParams.model_validate({
-        "messages": HI, "max_completion_tokens": 7, "repetition_penalty": 1.2, "stop": "END", "images": ["QUJD"],
-        "chat_template_kwargs": {"enable_thinking": False, "foo": 1}, "n": 1, "user": "someone",
-        "logit_bias": {"3": 2.5}, "logprobs": True, "top_logprobs": 2, "presence_penalty": 0.3,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}))
+    request = chat_request(
+        ChatParams.model_validate(
+            {
+                "messages": HI,
+                "max_completion_tokens": 7,
+                "repetition_penalty": 1.2,
+                "stop": "END",
+                "images": ["QUJD"],
+                "chat_template_kwargs": {"enable_thinking": False, "foo": 1},
+                "n": 1,
+                "user": "someone",
+                "logit_bias": {"3": 2.5},
+                "logprobs": True,
+                "top_logprobs": 2,
+                "presence_penalty": 0.3,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object"}},
+                },
+            }
+        )
+    )
     assert request.max_tokens == 7 and request.repeat_penalty == 1.2 and request.stop == ["END"]
     assert request.enable_thinking is False and request.template_kwargs == {"foo": 1}
     assert request.messages[0]["content"][0] == {"type": "image", "image": "QUJD"}
@@ -241,8 +299,14 @@ def test_chat_params_become_generation_requests() -> None:
     raw = complete_request(CompleteParams.model_validate({"prompt": "p", "temperature": 0.5, "logprobs": 2}))
     assert raw.prompt == "p" and raw.temperature == 0.5 and raw.logprobs and raw.top_logprobs == 2
     with pytest.raises(RequestError, match="max_request_bytes"):
-        check_request(complete_request(CompleteParams.model_validate({"prompt": "p" * 11})),
-                      RequestLimits(max_request_bytes=10))
-    for body in ({"messages": HI, "n": 2}, {"messages": HI, "mystery_field": 1}, {"prompt": "p", "echo": True}):
+        check_request(
+            complete_request(CompleteParams.model_validate({"prompt": "p" * 11})),
+            RequestLimits(max_request_bytes=10),
+        )
+    for body in (
+        {"messages": HI, "n": 2},
+        {"messages": HI, "mystery_field": 1},
+        {"prompt": "p", "echo": True},
+    ):
         with pytest.raises(ValidationError):
             (ChatParams if "messages" in body else CompleteParams).model_validate(body)

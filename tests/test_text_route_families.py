@@ -12,8 +12,10 @@ import pytest
 
 pytestmark = pytest.mark.mlx
 HUB = Path(__file__).resolve().parent.parent / "fixtures" / "hub"
-CONFIGS = {"gemma3": HUB / "google" / "gemma-3-4b-it" / "config.json",
-           "gemma4": HUB / "google" / "gemma-4-E2B-it" / "config.json"}
+CONFIGS = {
+    "gemma3": HUB / "google" / "gemma-3-4b-it" / "config.json",
+    "gemma4": HUB / "google" / "gemma-4-E2B-it" / "config.json",
+}
 
 
 def _tiny(config: dict) -> dict:
@@ -22,10 +24,22 @@ def _tiny(config: dict) -> dict:
     config.pop("audio_config", None)
     config["vocab_size"] = 512
     text = config["text_config"]
-    text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=32, vocab_size=512, sliding_window_pattern=2)
-    for key, value in {"global_head_dim": 32, "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 512,
-                       "num_kv_shared_layers": 0}.items():
+    text.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=512,
+        sliding_window_pattern=2,
+    )
+    for key, value in {
+        "global_head_dim": 32,
+        "hidden_size_per_layer_input": 16,
+        "vocab_size_per_layer_input": 512,
+        "num_kv_shared_layers": 0,
+    }.items():
         if key in text:
             text[key] = value
     if "layer_types" in text:
@@ -48,7 +62,9 @@ def test_text_route_shares_weights_and_logits(family: str, scripted_text_model: 
         config = _tiny(json.loads(CONFIGS[family].read_text()))
         module = importlib.import_module(f"mlx_vlm.models.{family}")
         raw = json.loads(json.dumps(config))
-        model_config = update_module_configs(module.ModelConfig.from_dict(raw), module, raw, ["text", "vision"])
+        model_config = update_module_configs(
+            module.ModelConfig.from_dict(raw), module, raw, ["text", "vision"]
+        )
         mx.random.seed(0)
         vlm = module.Model(model_config)
         mx.eval(vlm.parameters())

@@ -23,9 +23,14 @@ def _chunks(text: str, cuts: list[int]) -> list[str]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet="ab<|>/ ", max_size=40), st.lists(st.integers(0, 60), max_size=10),
-       st.lists(st.text(alphabet="ab<|>", min_size=1, max_size=4), max_size=3))
-def test_stop_strings_cut_at_the_first_match_whatever_the_chunking(text: str, cuts: list[int], stops: list[str]) -> None:
+@given(
+    st.text(alphabet="ab<|>/ ", max_size=40),
+    st.lists(st.integers(0, 60), max_size=10),
+    st.lists(st.text(alphabet="ab<|>", min_size=1, max_size=4), max_size=3),
+)
+def test_stop_strings_cut_at_the_first_match_whatever_the_chunking(
+    text: str, cuts: list[int], stops: list[str]
+) -> None:
     matcher = StopStringMatcher(stops)
     sent = []
     for chunk in _chunks(text, cuts):
@@ -42,10 +47,16 @@ def test_stop_strings_cut_at_the_first_match_whatever_the_chunking(text: str, cu
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet="xy ", max_size=15), st.text(alphabet="xy ", max_size=15), st.text(alphabet="xy ", max_size=15),
-       st.lists(st.integers(0, 80), max_size=12), st.booleans())
-def test_reasoning_split_is_independent_of_chunking(before: str, thought: str, after: str, cuts: list[int],
-                                                    thinking: bool) -> None:
+@given(
+    st.text(alphabet="xy ", max_size=15),
+    st.text(alphabet="xy ", max_size=15),
+    st.text(alphabet="xy ", max_size=15),
+    st.lists(st.integers(0, 80), max_size=12),
+    st.booleans(),
+)
+def test_reasoning_split_is_independent_of_chunking(
+    before: str, thought: str, after: str, cuts: list[int], thinking: bool
+) -> None:
     text = f"{before}<think>{thought}</think>{after}"
     splitter = ReasoningSplitter("<think>", "</think>", thinking=thinking)
     pieces = []
@@ -69,8 +80,9 @@ def test_reasoning_opened_by_the_prompt() -> None:
 @given(st.lists(st.integers(0, 120), max_size=12))
 def test_tool_calls_are_extracted_whatever_the_chunking(cuts: list[int]) -> None:
     text = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    extractor = ToolCallExtractor("json_tools", "<tool_call>", "</tool_call>", tools=[],
-                                  library=tool_parser("json_tools"))
+    extractor = ToolCallExtractor(
+        "json_tools", "<tool_call>", "</tool_call>", tools=[], library=tool_parser("json_tools")
+    )
     content, calls = "", []
     for chunk in _chunks(text, cuts):
         out, new = extractor.feed(chunk)
@@ -84,8 +96,9 @@ def test_tool_calls_are_extracted_whatever_the_chunking(cuts: list[int]) -> None
 
 
 def test_malformed_tool_call_is_kept_as_text() -> None:
-    extractor = ToolCallExtractor("json_tools", "<tool_call>", "</tool_call>", tools=[],
-                                  library=tool_parser("json_tools"))
+    extractor = ToolCallExtractor(
+        "json_tools", "<tool_call>", "</tool_call>", tools=[], library=tool_parser("json_tools")
+    )
     out, calls = extractor.feed("<tool_call>{not json</tool_call> ok")
     tail, more = extractor.flush()
     assert calls == [] and more == [] and "{not json" in out + tail
@@ -102,32 +115,53 @@ def test_normalization_accepts_every_media_shape_and_attribute_objects() -> None
     from types import SimpleNamespace
 
     messages = [
-        SimpleNamespace(role="user", content=[
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
-            {"type": "input_image", "image_url": "data:image/png;base64,BBB"},
-            SimpleNamespace(type="image", image="/tmp/x.png"),
-            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
-            {"type": "video_url", "video_url": {"url": "file:///tmp/v.mp4"}},
-            {"type": "input_text", "text": "describe"},
-        ]),
+        SimpleNamespace(
+            role="user",
+            content=[
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
+                {"type": "input_image", "image_url": "data:image/png;base64,BBB"},
+                SimpleNamespace(type="image", image="/tmp/x.png"),
+                {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                {"type": "video_url", "video_url": {"url": "file:///tmp/v.mp4"}},
+                {"type": "input_text", "text": "describe"},
+            ],
+        ),
     ]
     chat = normalize_messages(messages)
     assert [m.kind for m in chat.media] == ["image", "image", "image", "audio", "video"]
     assert chat.media[3].format == "wav"
-    assert [p["type"] for p in chat.messages[0]["content"]] == ["image", "image", "image", "audio", "video", "text"]
+    assert [p["type"] for p in chat.messages[0]["content"]] == [
+        "image",
+        "image",
+        "image",
+        "audio",
+        "video",
+        "text",
+    ]
 
 
-@pytest.mark.parametrize("bad", [None, "hi", {"role": "user"}, [], [{"content": "x"}], [{"role": "wizard", "content": "x"}],
-                                 [{"role": "user", "content": [{"type": "hologram"}]}],
-                                 [{"role": "user", "content": [{"type": "image_url"}]}]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        "hi",
+        {"role": "user"},
+        [],
+        [{"content": "x"}],
+        [{"role": "wizard", "content": "x"}],
+        [{"role": "user", "content": [{"type": "hologram"}]}],
+        [{"role": "user", "content": [{"type": "image_url"}]}],
+    ],
+)
 def test_broken_messages_are_request_errors(bad: object) -> None:
     with pytest.raises(RequestError):
         normalize_messages(bad)
 
 
 def test_system_folded_when_the_template_rejects_it() -> None:
-    chat = normalize_messages([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
-                              supports_system=False)
+    chat = normalize_messages(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], supports_system=False
+    )
     assert chat.messages == [{"role": "user", "content": "S\n\nU"}]
 
 

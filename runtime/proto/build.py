@@ -25,8 +25,15 @@ def generate(out_root: Path) -> list[Path]:
 
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / PROTO.parent.relative_to(ROOT)).mkdir(parents=True, exist_ok=True)
-    code = protoc.main(["grpc_tools.protoc", f"-I{ROOT}", f"--python_out={out_root}",
-                        f"--grpc_python_out={out_root}", RELATIVE])
+    code = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{ROOT}",
+            f"--python_out={out_root}",
+            f"--grpc_python_out={out_root}",
+            RELATIVE,
+        ]
+    )
     if code != 0:
         raise RuntimeError(f"protoc failed on {RELATIVE} (exit {code})")
     return [out_root / PROTO.parent.relative_to(ROOT) / name for name in GENERATED]
