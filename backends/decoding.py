@@ -115,6 +115,8 @@ def check_kv_quantization(model: Any, bits: int | None, group_size: int) -> str 
     if group_size not in (32, 64, 128):
         return f"kv_group_size {group_size} is not supported (32, 64 or 128)"
     args = getattr(model, "args", None) or getattr(getattr(model, "language_model", model), "args", None)
+    if args is None:
+        return None
     head_dim = getattr(args, "head_dim", None)
     if not head_dim and getattr(args, "hidden_size", None) and getattr(args, "num_attention_heads", None):
         head_dim = args.hidden_size // args.num_attention_heads
@@ -224,9 +226,9 @@ class TextBatcher:
         (guid,) = self.generator.insert(
             [prompt[cached:]],
             max_tokens=[spec.max_tokens],
-            caches=[cache],
+            caches=None if cache is None else [cache],
             all_tokens=[prompt[:cached]],
-            samplers=[spec.sampler],
+            samplers=None if spec.sampler is None else [spec.sampler],
             logits_processors=[list(spec.processors)],
             stop_sequences=[StopSequences([(i,) for i in sorted(spec.stop_ids)])],
         )
@@ -388,7 +390,7 @@ class TextStreams(_RoundRobin):
         self.num_draft_tokens = num_draft_tokens
         self.prefill_step = prefill_step
         self.max_kv_size = max_kv_size
-        self.kv = {
+        self.kv: dict[str, Any] = {
             "kv_bits": kv_bits,
             "kv_group_size": kv_group_size,
             "quantized_kv_start": quantized_kv_start,

@@ -24,10 +24,11 @@ class MlxLmBackend:
         """Load a model folder with mlx_lm (and an optional draft model sharing its tokenizer)."""
         import mlx_lm
 
-        model, tokenizer = mlx_lm.load(str(path), tokenizer_config={"trust_remote_code": trust_remote_code})
+        loaded = mlx_lm.load(str(path), tokenizer_config={"trust_remote_code": trust_remote_code})
+        model, tokenizer = loaded[0], loaded[1]
         draft = None
         if draft_path is not None:
-            draft, _ = mlx_lm.load(str(draft_path), tokenizer_config={"trust_remote_code": trust_remote_code})
+            draft = mlx_lm.load(str(draft_path), tokenizer_config={"trust_remote_code": trust_remote_code})[0]
         return cls(model, tokenizer, draft_model=draft)
 
     @property

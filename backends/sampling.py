@@ -128,8 +128,9 @@ def token_logprobs(logprobs: Any, token: int, top: int) -> tuple[float, list[tup
     best = mx.argpartition(-row, kth=count - 1)[:count]
     values = row[best]
     order = mx.argsort(-values)
-    ids = best[order].tolist()
-    return chosen, [(int(i), float(v)) for i, v in zip(ids, values[order].tolist(), strict=True)]
+    ids: list[Any] = best[order].tolist()  # type: ignore[assignment,unused-ignore]  # a 1-d array: a flat list
+    scores: list[Any] = values[order].tolist()  # type: ignore[assignment,unused-ignore]
+    return chosen, [(int(i), float(v)) for i, v in zip(ids, scores, strict=True)]
 
 
 class ThinkingBudget:

@@ -65,7 +65,7 @@ def build_shared_text_backend(vlm_model: Any, config: dict[str, Any], model_path
     args_dict = {**config["text_config"], "model_type": module_name} if wants_text_config else config
     args_dict = copy.deepcopy(args_dict)  # mlx-lm's ModelArgs may edit nested dicts in place
     text_model = module.Model(module.ModelArgs.from_dict(args_dict))
-    src_params = tree_flatten(source.parameters())
+    src_params: list[tuple[str, Any]] = tree_flatten(source.parameters())  # type: ignore[assignment]
     src_names = {name for name, _ in src_params}
     quantized = _quantized_layers(source)
     for _, target in _candidate_targets(text_model):
@@ -78,7 +78,8 @@ def build_shared_text_backend(vlm_model: Any, config: dict[str, Any], model_path
                 nn.quantize(target, class_predicate=predicate)
             except (TypeError, ValueError):
                 continue
-        names = {name for name, _ in tree_flatten(target.parameters())}
+        flat: list[tuple[str, Any]] = tree_flatten(target.parameters())  # type: ignore[assignment]
+        names = {name for name, _ in flat}
         if names == src_names:
             target.load_weights(src_params, strict=True)
             tokenizer = load_tokenizer(model_path)
@@ -92,6 +93,8 @@ def shares_weights(text_backend: MlxLmBackend, vlm_model: Any) -> bool:
     """Whether every array of the text route is the very same object as the VLM's (no copy)."""
     from mlx.utils import tree_flatten
 
-    vlm_ids = {id(array) for _, array in tree_flatten(vlm_model.language_model.parameters())}
-    text_arrays = [array for _, array in tree_flatten(text_backend.model.parameters())]
+    vlm_flat: list[tuple[str, Any]] = tree_flatten(vlm_model.language_model.parameters())  # type: ignore[assignment]
+    text_flat: list[tuple[str, Any]] = tree_flatten(text_backend.model.parameters())  # type: ignore[assignment]
+    vlm_ids = {id(array) for _, array in vlm_flat}
+    text_arrays = [array for _, array in text_flat]
     return bool(text_arrays) and all(id(array) in vlm_ids for array in text_arrays)

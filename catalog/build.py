@@ -39,7 +39,7 @@ class BuiltEntry:
 
 def default_tags(config: ModelConfig) -> list[str]:
     """Tags derived from the config: backend, use cases, model family, quantization, reasoning and tools."""
-    tags = [config.backend]
+    tags: list[str] = [config.backend]
     tags += [usecase for usecase in config.known_usecases if usecase != "completion"]
     if config.mlx.model_type:
         tags.append(config.mlx.model_type)

@@ -96,7 +96,7 @@ def run(
         sys.stdout.write("\n")
         sys.stdout.flush()
         if final is None or final.error:
-            raise RuntimeFailure(final.error if final else "no answer")
+            raise RuntimeFailure(final.error if final is not None and final.error else "no answer")
         usage, timings = final.usage, final.timings
         assert usage is not None and timings is not None
         print(

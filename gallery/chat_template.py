@@ -122,7 +122,9 @@ class _GenerationTag(jinja2.ext.Extension):
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+        block = jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body)
+        block.set_lineno(lineno)
+        return block
 
     def _render_body(self, caller: Any) -> str:
         return caller()

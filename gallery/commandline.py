@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from typing import Any
 
 import click
@@ -17,10 +18,11 @@ import typer
 
 from gallery.errors import EXIT_CODES, GalleryError, UsageError, one_line
 
+_typer_click: types.ModuleType
 try:  # typer >= 0.20 vendors its own click: its exceptions are not click's, so catch both kinds
     from typer._click import exceptions as _typer_click
 except ImportError:  # pragma: no cover - older typer raises click's own exceptions
-    _typer_click = click.exceptions  # type: ignore[assignment]
+    _typer_click = click.exceptions
 _EXIT = (click.exceptions.Exit, typer.Exit)
 _ABORT = (click.exceptions.Abort, typer.Abort)
 _CLICK_ERROR = (click.ClickException, _typer_click.ClickException)

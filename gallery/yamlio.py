@@ -159,7 +159,7 @@ class YamlDocument:
         return lines.get(())
 
 
-class _CollectingLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+class _CollectingLoader(_BaseLoader):
     """Safe loader that builds the data and collects duplicate keys in one pass (key lines optionally).
 
     PyYAML's own constructor walks the node graph a second time through generic machinery; catalogs are
@@ -226,7 +226,8 @@ class _CollectingLoader(_BaseLoader):  # type: ignore[misc, valid-type]
                             ((*path, key), line, f"duplicate key {key!r} (first at line {first_line[key]})")
                         )
                         if lines is not None:
-                            lines[(*path, key)] = line
+                            key_path = (*path, key)
+                            lines[key_path] = line
                     else:
                         first_line[key] = line
                         if lines is not None:
@@ -251,7 +252,8 @@ class _CollectingLoader(_BaseLoader):  # type: ignore[misc, valid-type]
                 container[slot] = items
                 for index, item in enumerate(node.value):
                     if lines is not None:
-                        lines[(*path, index)] = item.start_mark.line + 1
+                        item_path = (*path, index)
+                        lines[item_path] = item.start_mark.line + 1
                     stack.append((item, (*path, index), items, index))
             else:  # pragma: no cover - the composer only makes the three kinds
                 raise YamlError(f"unexpected YAML node {type(node).__name__}", node.start_mark.line + 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from gallery.config import SUPPORTED_BACKENDS, Decision, Evidence
+from gallery.config import SUPPORTED_BACKENDS, Backend, Decision, Evidence
 from gallery.errors import UnsupportedModel, UsageError
 from gallery.families import library_knows
 from importers.fetch import RepoSnapshot
@@ -139,7 +139,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
 class BackendDecision:
     """The backend and which modalities the towers accept."""
 
-    backend: str
+    backend: Backend
     image: bool
     audio: bool
     video: bool
@@ -365,7 +365,12 @@ def decide_backend(
     if against and requested is None:
         warnings.extend(f"backend evidence disagrees: {item}" for item in against)
     return BackendDecision(
-        backend=backend, image=image, audio=audio, video=video, decision=decision, warnings=warnings
+        backend="mlx-vlm" if backend == "mlx-vlm" else "mlx",
+        image=image,
+        audio=audio,
+        video=video,
+        decision=decision,
+        warnings=warnings,
     )
 
 

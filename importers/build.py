@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Literal
 
 from gallery.config import (
     Decision,
@@ -130,7 +131,7 @@ def build_config(
     decisions["license"] = license_fact.decision
 
     model_type = meta.config.get("model_type") if isinstance(meta.config.get("model_type"), str) else None
-    text_route = None
+    text_route: Literal["shared-weights", "vlm"] | None = None
     if vlm:
         text_module = SHARED_TEXT_ROUTE.get(model_type or "")
         knows = library_knows("mlx", text_module) if text_module else None

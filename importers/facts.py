@@ -75,8 +75,8 @@ def decide_context(meta: RepoMetadata) -> Fact:
                     )
                 )
                 break
-    value = str(chosen) if chosen is not None else "unknown (no position limit declared)"
-    return Fact(chosen, Decision(value=value, evidence=evidence))
+    shown = str(chosen) if chosen is not None else "unknown (no position limit declared)"
+    return Fact(chosen, Decision(value=shown, evidence=evidence))
 
 
 def decide_quantization(meta: RepoMetadata) -> Fact:

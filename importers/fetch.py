@@ -504,7 +504,10 @@ def _cached_listing(
         for item in recorded:
             if isinstance(item, dict) and isinstance(item.get("path"), str):
                 listing[item["path"]] = FileMeta(
-                    **{k: item.get(k) for k in ("path", "size", "blob_id", "sha256")}
+                    path=item["path"],
+                    size=item.get("size"),
+                    blob_id=item.get("blob_id"),
+                    sha256=item.get("sha256"),
                 )
     else:
         try:  # snapshot_download records the full tree listing; use it when present

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from gallery.chat_template import TemplateError, render_chat
 from gallery.config import Decision, Evidence, Reasoning, ToolCalls
@@ -62,8 +63,10 @@ def _default_enabled(
             )
         if switch == "reasoning_effort":
             return True, "reasoning_effort only sets how much it reasons"
-        on = render_chat(template, _PROBE_USER, variables=variables, deadline_s=2.0, **{switch: True})
-        off = render_chat(template, _PROBE_USER, variables=variables, deadline_s=2.0, **{switch: False})
+        switched: dict[str, Any] = {switch: True}
+        on = render_chat(template, _PROBE_USER, variables=variables, deadline_s=2.0, **switched)
+        switched[switch] = False
+        off = render_chat(template, _PROBE_USER, variables=variables, deadline_s=2.0, **switched)
     except TemplateError as exc:
         return None, f"could not render the probes ({exc})"
     if on == off:

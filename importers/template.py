@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any
+from typing import Any, Literal
 
 from gallery.chat_template import (
     PROBE_IMAGE,
@@ -158,7 +158,7 @@ class ProbeResult:
 
     check: RenderCheck
     supports_system: bool = True
-    content_format: str = "string"
+    content_format: Literal["string", "parts"] = "string"
     marker: str | None = None
 
 
@@ -191,7 +191,11 @@ def _render_checks(text: str, variables: dict[str, str], *, vlm: bool, markers: 
     failures: list[str] = []
     # Plain-string content first (what transformers' tokenizer templates take); some processor templates only
     # render list-of-parts content and silently drop string content (llava-1.5), so try that form too.
-    for content_format, messages in (("string", PROBE_TEXT), ("parts", _as_parts(PROBE_TEXT))):
+    formats: tuple[tuple[Literal["string", "parts"], list[dict[str, Any]]], ...] = (
+        ("string", PROBE_TEXT),
+        ("parts", _as_parts(PROBE_TEXT)),
+    )
+    for content_format, messages in formats:
         try:
             prompt, supports_system = _text_probe(text, variables, messages)
         except TemplateError as exc:

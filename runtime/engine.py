@@ -491,7 +491,7 @@ class Engine:
             entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
             max_bytes=settings.prefix_cache_bytes,
         )
-        kv = {
+        kv: dict[str, Any] = {
             "max_kv_size": settings.max_kv_size,
             "kv_bits": settings.kv_bits,
             "kv_group_size": settings.kv_group_size,
@@ -686,8 +686,8 @@ class Engine:
         for job in [job for job in self._jobs.values() if job.decoder is decoder]:
             self._close(job, "error", error=message)
         recover_random_state()
-        if decoder is self._batcher:
-            decoder.close()
+        if decoder is self._batcher and self._batcher is not None:
+            self._batcher.close()
             runtime = self.runtime
             assert runtime is not None
             self._batcher = self._new_batcher(runtime.text_backend)
@@ -712,7 +712,7 @@ class Engine:
             if job.splitter.inside:
                 job.reasoning_tokens += 1
             is_stop = token.finish == "stop" and token.token in job.prepared.stop_ids
-            if token.text is None and not is_stop:
+            if token.text is None and not is_stop and job.detokenizer is not None:
                 job.detokenizer.add_token(token.token)
                 text = job.detokenizer.last_segment
             if job.prepared.logprobs is not None and token.logprob is not None and not is_stop:

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("runtime")
 
@@ -107,13 +108,13 @@ async def watch_parent(
             return
 
 
-def cancel_task(task: asyncio.Task[None] | None) -> None:
+def cancel_task(task: asyncio.Task[Any] | None) -> None:
     """Cancel a helper task if it is still running."""
     if task is not None and not task.done():
         task.cancel()
 
 
-async def settle(task: asyncio.Task[None] | None) -> None:
+async def settle(task: asyncio.Task[Any] | None) -> None:
     """Await a cancelled helper task, ignoring its cancellation."""
     if task is not None:
         with contextlib.suppress(asyncio.CancelledError, Exception):

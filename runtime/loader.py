@@ -133,7 +133,7 @@ def load(
         if config.backend == "mlx":
             from backends.mlx_lm_backend import MlxLmBackend
 
-            primary = MlxLmBackend.load(folder, draft_path=draft_path, trust_remote_code=trust)
+            primary: Any = MlxLmBackend.load(folder, draft_path=draft_path, trust_remote_code=trust)
             return LoadedModel(config, folder, primary, None, warnings)
         from backends.mlx_vlm_backend import MlxVlmBackend
 

@@ -149,6 +149,7 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
         else ("text" if config.backend == "mlx" else "text-route")
     )
     backend = runtime.vlm_backend if route == "vlm" else runtime.text_backend
+    assert backend is not None  # a route is only chosen for a backend that is loaded
     vocab = backend.vocab_size
     if params.logit_bias and max(params.logit_bias) >= vocab:
         raise RequestError(

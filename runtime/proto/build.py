@@ -16,7 +16,7 @@ from pathlib import Path
 PROTO = Path(__file__).with_name("backend.proto")
 ROOT = PROTO.parents[2]
 RELATIVE = PROTO.relative_to(ROOT).as_posix()
-GENERATED = ("backend_pb2.py", "backend_pb2_grpc.py")
+GENERATED = ("backend_pb2.py", "backend_pb2.pyi", "backend_pb2_grpc.py")
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -31,6 +31,7 @@ def generate(out_root: Path) -> list[Path]:
             f"-I{ROOT}",
             f"--python_out={out_root}",
             f"--grpc_python_out={out_root}",
+            f"--pyi_out={out_root}",  # type stubs: the message classes are built at run time
             RELATIVE,
         ]
     )
