@@ -15,15 +15,15 @@ from gallery.errors import UsageError
 log = logging.getLogger("runtime")
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """HOST:PORT (or [IPv6]:PORT) into its parts. Raises UsageError."""
+def split_address(address: str, flag: str = "--addr") -> tuple[str, int]:
+    """HOST:PORT (or [IPv6]:PORT) into its parts. Raises UsageError naming the flag."""
     text = address.strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--addr {address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
+        raise UsageError(f"{flag} {address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
     return host, int(port)
 
 
@@ -43,18 +43,26 @@ def is_loopback(host: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
-def check_bind(address: str, *, allow_remote: bool, insecure: bool, token: str | None) -> tuple[str, int]:
+def check_bind(
+    address: str,
+    *,
+    allow_remote: bool,
+    insecure: bool,
+    token: str | None,
+    flag: str = "--addr",
+    token_source: str = "LOCALAI_GRPC_AUTH_TOKEN",
+) -> tuple[str, int]:
     """Enforce the binding policy; returns (host, port). Raises UsageError with what to do instead."""
-    host, port = split_address(address)
+    host, port = split_address(address, flag)
     if is_loopback(host):
         return host, port
     if not allow_remote:
         raise UsageError(
-            f"--addr {address}: not a loopback address; pass --allow-remote to serve other machines"
+            f"{flag} {address}: not a loopback address; pass --allow-remote to serve other machines"
         )
     if not token and not insecure:
         raise UsageError(
-            f"--addr {address}: serving other machines without LOCALAI_GRPC_AUTH_TOKEN; set a token, "
+            f"{flag} {address}: serving other machines without {token_source}; set a token, "
             "or pass --insecure to allow unauthenticated access"
         )
     log.warning(

@@ -45,6 +45,7 @@ from backends.sampling import (
 )
 from gallery.config import ModelConfig
 from gallery.errors import GalleryError, RuntimeFailure
+from runtime.errors import LoadFailed, NotLoaded, QueueFull, ShuttingDown
 from runtime.load_options import LoadOptions, parse_options
 from runtime.loader import LoadedModel, load
 from runtime.media import MediaPolicy
@@ -60,14 +61,6 @@ from runtime.request import (
     Usage,
 )
 from runtime.textstream import ReasoningSplitter, StopStringMatcher, ToolCallExtractor
-
-
-class QueueFull(RuntimeFailure):
-    """The request queue is full: the caller should retry later."""
-
-
-class LoadFailedOption(RuntimeFailure):
-    """A load option the model cannot work with (found once the model is loaded)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,15 +415,15 @@ class Engine:
     def prepare(self, request: GenerationRequest) -> Prepared:
         """Validate, render and route a request on the caller's thread. Raises RequestError."""
         if self.runtime is None:
-            raise RuntimeFailure(self.error or "the model is not loaded")
+            raise NotLoaded(self.error or "the model is not loaded")
         return prepare(request, self.runtime)
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Prepare and queue a request; returns its handle. Raises RequestError / RuntimeFailure / QueueFull."""
         if self._stopping.is_set():
-            raise RuntimeFailure("the runtime is shutting down")
+            raise ShuttingDown("the runtime is shutting down")
         if self.loaded is None:
-            raise RuntimeFailure(self.error or "the model is not loaded")
+            raise NotLoaded(self.error or "the model is not loaded")
         prepared = self.prepare(request)
         with self._lock:
             if self._pending >= self.settings.max_queue:
@@ -448,7 +441,7 @@ class Engine:
     def _tokenizer_backend(self) -> Any:
         runtime = self.runtime
         if runtime is None:
-            raise RuntimeFailure(self.error or "the model is not loaded")
+            raise NotLoaded(self.error or "the model is not loaded")
         return runtime.text_backend or runtime.vlm_backend
 
     def tokenize(self, text: str) -> list[int]:
@@ -504,7 +497,7 @@ class Engine:
                 else None
             )
             if problem:
-                raise LoadFailedOption(f"{config.name}: {problem} (load options kv_bits / kv_group_size)")
+                raise LoadFailed(f"{config.name}: {problem} (load options kv_bits / kv_group_size)")
         if text_backend is not None:
             if settings.batching and settings.kv_bits is None:
                 self._batcher = self._new_batcher(text_backend)

@@ -24,55 +24,59 @@ from gallery.errors import (
     UnsupportedModel,
     UsageError,
 )
-from runtime.engine import QueueFull
-
-
-class NotLoaded(RuntimeFailure):
-    """No model is loaded (or it is still loading)."""
-
-
-class IdentityMismatch(RuntimeFailure):
-    """The request names a different model than the loaded one."""
-
-
-class ShuttingDown(RuntimeFailure):
-    """The runtime is draining or stopping and takes no new work."""
-
-
-class LoadFailed(RuntimeFailure):
-    """The model was found but could not be loaded."""
+from runtime.errors import IdentityMismatch, LoadFailed, NotLoaded, QueueFull, RequestTooLarge, ShuttingDown
 
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    """One kind of failure: its gRPC status name, its JSON-RPC code and what it means."""
+    """One kind of failure: its gRPC status, JSON-RPC code, HTTP status and OpenAI error type, and what it means."""
 
     grpc_code: str
     jsonrpc_code: int
+    http_status: int
     meaning: str
+
+    @property
+    def openai_type(self) -> str:
+        """OpenAI's error `type` for this HTTP status."""
+        return {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "not_found_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
+            503: "service_unavailable_error",
+        }.get(self.http_status, "server_error")
 
 
 FAULTS: dict[str, Fault] = {
     "invalid_request": Fault(
         "INVALID_ARGUMENT",
         -32602,
-        "bad request: bad base64 or media, media for a text model, malformed Tools/JSON, "
-        "oversized request, a conversation the template rejects, bad option value",
+        400,
+        "bad request: a value out of range, a field this runtime cannot honour, bad base64 or media, media for a "
+        "text model, malformed Tools/JSON, a conversation the template rejects, a prompt over the context size",
     ),
-    "not_loaded": Fault("FAILED_PRECONDITION", -32001, "no model is loaded (or it is still loading)"),
-    "identity_mismatch": Fault("FAILED_PRECONDITION", -32005, "ModelIdentity / `model` names another model"),
-    "not_found": Fault("NOT_FOUND", -32003, "the model to load does not exist (LoadModel: success=false)"),
-    "load_failed": Fault(
-        "FAILED_PRECONDITION", -32000, "the model exists but could not be loaded (LoadModel: success=false)"
+    "too_large": Fault("INVALID_ARGUMENT", -32602, 413, "the request (or its body) is over the size limit"),
+    "not_loaded": Fault("FAILED_PRECONDITION", -32001, 503, "no model is loaded (or it is still loading)"),
+    "identity_mismatch": Fault(
+        "FAILED_PRECONDITION", -32005, 404, "ModelIdentity / `model` names another model"
     ),
-    "busy": Fault("RESOURCE_EXHAUSTED", -32002, "the request queue is full; retry later"),
-    "shutting_down": Fault("UNAVAILABLE", -32004, "the runtime is draining or stopping"),
+    "not_found": Fault("NOT_FOUND", -32003, 404, "the model does not exist or is not served here"),
+    "load_failed": Fault("FAILED_PRECONDITION", -32000, 500, "the model exists but could not be loaded"),
+    "busy": Fault(
+        "RESOURCE_EXHAUSTED", -32002, 429, "the request queue is full (or every model is busy); retry later"
+    ),
+    "shutting_down": Fault("UNAVAILABLE", -32004, 503, "the runtime is draining or stopping"),
     "cancelled": Fault(
-        "CANCELLED", 0, 'the request was cancelled (stdio: a normal result with finish_reason "cancelled")'
+        "CANCELLED",
+        0,
+        499,
+        'the request was cancelled (stdio: a normal result with finish_reason "cancelled")',
     ),
-    "generation_failed": Fault("INTERNAL", -32000, "the model failed while generating"),
-    "unauthenticated": Fault("UNAUTHENTICATED", 0, "missing or wrong bearer token (gRPC only)"),
-    "internal": Fault("INTERNAL", -32603, "a bug in the runtime (please report it)"),
+    "generation_failed": Fault("INTERNAL", -32000, 500, "the model failed while generating"),
+    "unauthenticated": Fault("UNAUTHENTICATED", 0, 401, "missing or wrong bearer token (gRPC and HTTP)"),
+    "internal": Fault("INTERNAL", -32603, 500, "a bug in the runtime (please report it)"),
 }
 
 _NOT_FOUND = (RepoNotFound, RevisionNotFound, OfflineNotCached, NoConfig, ModelNotFound)
@@ -80,33 +84,30 @@ _INVALID = (RequestError, BadConfig, BadMetadata, UnsupportedModel, StrictFailur
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
-    """The kind of a failure and its one-line message."""
+    """The kind of a failure (by its class, never its message) and its one-line message."""
     message = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, QueueFull):
-        return "busy", message
-    if isinstance(exc, NotLoaded):
-        return "not_loaded", message
-    if isinstance(exc, IdentityMismatch):
-        return "identity_mismatch", message
-    if isinstance(exc, ShuttingDown):
-        return "shutting_down", message
-    if isinstance(exc, _NOT_FOUND):
-        return "not_found", message
-    if isinstance(exc, _INVALID):
-        return "invalid_request", message
-    if isinstance(exc, LoadFailed):
-        return "load_failed", message
-    if isinstance(exc, RuntimeFailure):
-        return "not_loaded" if "not loaded" in message else "generation_failed", message
-    if isinstance(exc, GalleryError):
-        return "invalid_request", message
+    kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+        (QueueFull, "busy"),
+        (NotLoaded, "not_loaded"),
+        (IdentityMismatch, "identity_mismatch"),
+        (ShuttingDown, "shutting_down"),
+        (_NOT_FOUND, "not_found"),
+        (RequestTooLarge, "too_large"),
+        (_INVALID, "invalid_request"),
+        (LoadFailed, "load_failed"),
+        (RuntimeFailure, "generation_failed"),
+        (GalleryError, "invalid_request"),
+    )
+    for classes, kind in kinds:
+        if isinstance(exc, classes):
+            return kind, message
     return "internal", f"internal error: {type(exc).__name__}: {message}"[:500]
 
 
 def faults_table() -> str:
     """The fault kinds as a Markdown table (for the README)."""
-    rows = ["| kind | gRPC status | JSON-RPC code | meaning |", "|---|---|---|---|"]
+    rows = ["| kind | gRPC status | JSON-RPC code | HTTP status | meaning |", "|---|---|---|---|---|"]
     for kind, fault in FAULTS.items():
         code = str(fault.jsonrpc_code) if fault.jsonrpc_code else "—"
-        rows.append(f"| {kind} | {fault.grpc_code} | {code} | {fault.meaning} |")
+        rows.append(f"| {kind} | {fault.grpc_code} | {code} | {fault.http_status} | {fault.meaning} |")
     return "\n".join(rows)

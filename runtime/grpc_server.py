@@ -23,7 +23,8 @@ import grpc
 from gallery.errors import RequestError
 from runtime.async_bridge import handle_events, run_blocking
 from runtime.engine import RequestHandle
-from runtime.faults import FAULTS, NotLoaded, classify
+from runtime.errors import NotLoaded
+from runtime.faults import FAULTS, classify
 from runtime.grpc_request import predict_request
 from runtime.host import ModelHost, Overrides, model_metadata, prompt_text, resolve
 from runtime.lifecycle import StopSignal, cancel_task, install_signal_handlers, settle, watch_parent

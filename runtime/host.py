@@ -21,8 +21,8 @@ from backends import memory_stats, release_memory
 from catalog.resolve import Resolved, resolve_spec
 from gallery.config import ModelConfig
 from gallery.errors import GalleryError, RequestError, RuntimeFailure
-from runtime.engine import Engine, EngineSettings, QueueFull, RequestHandle, rss_bytes
-from runtime.faults import IdentityMismatch, LoadFailed, NotLoaded, ShuttingDown
+from runtime.engine import Engine, EngineSettings, RequestHandle, rss_bytes
+from runtime.errors import IdentityMismatch, LoadFailed, NotLoaded, QueueFull, ShuttingDown
 from runtime.load_options import LoadOptions, parse_options
 from runtime.request import GenerationRequest
 

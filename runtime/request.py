@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from gallery.errors import RequestError
+from runtime.errors import RequestTooLarge
 from runtime.messages import MediaItem
 from runtime.textstream import ToolCall
 
@@ -134,7 +135,7 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> None:
         + _text_size(request.response_format.value if request.response_format else None)
     )
     if size > limits.max_request_bytes:
-        raise RequestError(
+        raise RequestTooLarge(
             f"request text is {size} bytes, over this runtime's limit of {limits.max_request_bytes} "
             "bytes (load option max_request_bytes)",
             field="messages",

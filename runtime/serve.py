@@ -1,4 +1,4 @@
-"""Serving a model to a parent process: one typed options model and one command, for two front doors.
+"""Serving models: one typed options model and one command, for two front doors and three interfaces.
 
 `gallery serve CONFIG --addr HOST:PORT` and `python -m runtime --addr HOST:PORT [--model CONFIG]` (what LocalAI
 starts) are the same typer command, `serve_command`, which fills a `ServeOptions` and calls `serve`. The
@@ -28,9 +28,15 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 class ServeOptions:
     """Everything a server start takes, whichever command line it came from."""
 
-    specs: list[str] = dataclasses.field(default_factory=list)  # models to load at start
+    specs: list[str] = dataclasses.field(default_factory=list)  # models to serve (the first loads at start)
     addr: str | None = None  # gRPC HOST:PORT
     stdio: bool = False
+    http: str | None = None  # OpenAI-compatible HTTP HOST:PORT
+    api_key: str | None = None  # HTTP: required bearer key
+    cors_origins: list[str] = dataclasses.field(default_factory=list)
+    max_models: int = 1  # HTTP: models resident in memory at once
+    any_model: bool = False  # HTTP: a request may name any spec (loaded on first use)
+    load_timeout: float = 600.0
     options: list[str] = dataclasses.field(default_factory=list)  # load options, key:value
     model_path: str | None = None  # base folder for relative specs (LocalAI's models directory)
     catalog: str | None = None
@@ -44,12 +50,17 @@ class ServeOptions:
 
     def check(self) -> None:
         """Refuse contradictory or out-of-range options (UsageError, one line)."""
-        if bool(self.addr) == self.stdio:
-            raise UsageError("give exactly one of --addr HOST:PORT and --stdio")
-        if len(self.specs) > 1:
+        if sum((bool(self.addr), self.stdio, bool(self.http))) != 1:
+            raise UsageError("give exactly one of --addr HOST:PORT (gRPC), --http HOST:PORT and --stdio")
+        if len(self.specs) > 1 and not self.http:
             raise UsageError(
-                f"this interface serves one model at a time; got {len(self.specs)}: {' '.join(self.specs)}"
+                f"this interface serves one model at a time; got {len(self.specs)}: {' '.join(self.specs)} "
+                "(the HTTP server serves several)"
             )
+        if self.http and not self.specs and not self.any_model:
+            raise UsageError("--http: name the models to serve (CONFIG …), or pass --any-model")
+        if self.max_models < 1 or self.load_timeout <= 0:
+            raise UsageError("--max-models must be at least 1 and --load-timeout positive")
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, got {self.grace}")
         for name in ("max_message_mb", "max_line_mb"):
@@ -89,6 +100,39 @@ def serve(options: ServeOptions) -> int:
             parent_pid=options.parent_pid,
         )
     from runtime.bind import check_bind
+
+    if options.http:
+        from runtime import http_server
+        from runtime.pool import ModelPool
+
+        check_bind(
+            options.http,
+            allow_remote=options.allow_remote,
+            insecure=options.insecure,
+            token=options.api_key,
+            flag="--http",
+            token_source=f"an API key (--api-key or {http_server.API_KEY_ENV})",
+        )
+        pool = ModelPool(
+            options.specs,
+            options=options.options,
+            catalog=options.catalog,
+            model_path=options.model_path,
+            max_resident=options.max_models,
+            any_model=options.any_model,
+            load_timeout=options.load_timeout,
+        )
+        return asyncio.run(
+            http_server.serve(
+                options.http,
+                pool,
+                api_key=options.api_key,
+                cors_origins=options.cors_origins,
+                grace=options.grace,
+                max_body_mb=options.max_message_mb,
+                parent_pid=options.parent_pid,
+            )
+        )
     from runtime.grpc_server import AUTH_ENV
     from runtime.grpc_server import serve as serve_grpc
 
@@ -114,7 +158,7 @@ def serve_command(
     specs: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="[CONFIG]",
+            metavar="[CONFIG]...",
             help="The model to load at start: a config file, catalog name, model folder or Hub repo "
             "id (or load one later with LoadModel / `load`).",
         ),
@@ -130,6 +174,32 @@ def serve_command(
     stdio: Annotated[
         bool, typer.Option("--stdio", help="Serve JSON-RPC 2.0 on stdin/stdout instead.")
     ] = False,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            "--http", help="Serve the OpenAI-compatible HTTP API on HOST:PORT (several models: CONFIG …)."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", envvar="GALLERY_API_KEY", help="HTTP: require 'Authorization: Bearer KEY'."
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", help="HTTP: allow browser calls from this origin (repeatable)."),
+    ] = None,
+    max_models: Annotated[
+        int, typer.Option("--max-models", help="HTTP: models kept loaded at once (LRU).")
+    ] = 1,
+    any_model: Annotated[
+        bool,
+        typer.Option("--any-model", help="HTTP: load any model a request names (file, entry, folder, repo)."),
+    ] = False,
+    load_timeout: Annotated[
+        float, typer.Option("--load-timeout", help="HTTP: seconds a request waits for its model to load.")
+    ] = 600.0,
     model: Annotated[
         str | None, typer.Option("--model", help="The model to load at start (same as CONFIG).")
     ] = None,
@@ -164,7 +234,7 @@ def serve_command(
         bool, typer.Option("--insecure", help="With --allow-remote: serve without a token.")
     ] = False,
     max_message_mb: Annotated[
-        int, typer.Option("--max-message-mb", help="Largest gRPC message, in MiB.")
+        int, typer.Option("--max-message-mb", help="Largest gRPC message or HTTP request body, in MiB.")
     ] = 64,
     max_line_mb: Annotated[
         int, typer.Option("--max-line-mb", help="Largest stdio request line, in MiB.")
@@ -187,6 +257,12 @@ def serve_command(
         specs=[*(specs or []), *([model] if model else [])],
         addr=addr,
         stdio=stdio,
+        http=http,
+        api_key=api_key,
+        cors_origins=list(cors_origin or []),
+        max_models=max_models,
+        any_model=any_model,
+        load_timeout=load_timeout,
         options=list(option or []),
         model_path=model_path,
         catalog=catalog,

@@ -35,7 +35,8 @@ from pydantic import ValidationError
 from gallery.errors import RequestError
 from runtime.async_bridge import handle_events
 from runtime.engine import RequestHandle
-from runtime.faults import FAULTS, NotLoaded, ShuttingDown, classify
+from runtime.errors import NotLoaded, ShuttingDown
+from runtime.faults import FAULTS, classify
 from runtime.host import ModelHost, model_metadata, prompt_text
 from runtime.lifecycle import StopSignal, cancel_task, install_signal_handlers, settle, watch_parent
 from runtime.openai_request import (

@@ -161,6 +161,45 @@ class GrpcProcess(_Process):
         self.kill()
 
 
+class HttpProcess(_Process):
+    """`python -m runtime --http 127.0.0.1:0 …` with a real `openai` client pointed at it."""
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        import httpx
+        import openai
+
+        super().__init__(["-m", "runtime", "--http", "127.0.0.1:0", *args], env)
+        match = self.stderr.wait_for(_LISTENING, timeout)
+        if match is None:
+            self.kill()
+            raise RuntimeError(f"the runtime did not start listening:\n{self.stderr.text}")
+        self.port = int(match.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout
+        while True:  # /health is 503 while the first model loads
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"the runtime never became healthy:\n{self.stderr.text}")
+            time.sleep(0.2)
+        self.client = openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=api_key or "unused", max_retries=0, timeout=300
+        )
+
+    def close(self) -> None:
+        """Close the client and stop the child."""
+        self.client.close()
+        self.kill()
+
+
 class StdioProcess(_Process):
     """`python -m runtime --stdio …` with line-level JSON-RPC helpers."""
 
@@ -250,7 +289,7 @@ def running(process: _Process) -> Iterator[_Process]:
     try:
         yield process
     finally:
-        if isinstance(process, GrpcProcess):
+        if isinstance(process, (GrpcProcess, HttpProcess)):
             process.close()
         else:
             process.kill()

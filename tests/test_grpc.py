@@ -746,8 +746,8 @@ def test_loopback_detection() -> None:
 
 def test_every_fault_kind_has_a_grpc_code_and_classification_is_stable() -> None:
     from gallery.errors import OfflineNotCached, RuntimeFailure
-    from runtime.engine import QueueFull
-    from runtime.faults import FAULTS, IdentityMismatch, NotLoaded, classify, faults_table
+    from runtime.errors import IdentityMismatch, NotLoaded, QueueFull
+    from runtime.faults import FAULTS, classify, faults_table
     from runtime.media import MediaError
 
     for fault in FAULTS.values():

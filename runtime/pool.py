@@ -1,0 +1,159 @@
+"""Several models behind one server: each served config in its own ModelHost, loaded on first use, at most
+`max_resident` of them in memory at once (the least recently used idle one is unloaded to make room).
+
+A request names its model (the config's name, the spec it was served as, its repo id, …); the same spec
+resolution as everywhere else (catalog.resolve, through ModelHost) finds its config, at start for the configs
+given on the command line, and on first use for any other spec when the server allows any model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gallery.config import ModelConfig
+from gallery.errors import ModelNotFound
+from runtime.engine import Engine
+from runtime.errors import PoolBusy, StillLoading
+from runtime.host import ModelHost, identity_names, resolve
+from runtime.load_options import parse_options
+
+log = logging.getLogger("runtime")
+
+
+@dataclasses.dataclass
+class Served:
+    """One served model: its spec, its config (known before loading), its names, and its host."""
+
+    spec: str
+    config: ModelConfig
+    names: set[str]
+    host: ModelHost
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    last_used: float = 0.0
+
+    @property
+    def engine(self) -> Engine | None:
+        """The loaded engine, if any."""
+        return self.host.engine
+
+    @property
+    def idle(self) -> bool:
+        """Whether unloading it would cancel nothing."""
+        engine = self.host.engine
+        return engine is None or (not engine.status()["active"] and not engine.status()["queued"])
+
+
+class ModelPool:
+    """The models an HTTP server serves."""
+
+    def __init__(
+        self,
+        specs: list[str],
+        *,
+        options: list[str],
+        catalog: str | None,
+        model_path: str | None,
+        max_resident: int,
+        any_model: bool,
+        load_timeout: float,
+        on_engine: Callable[[str, Engine], None] | None = None,
+    ) -> None:
+        self.options = list(options)
+        self.parsed = parse_options(self.options)
+        self.catalog = catalog
+        self.model_path = model_path
+        self.max_resident = max(1, max_resident)
+        self.any_model = any_model
+        self.load_timeout = load_timeout
+        self.on_engine = on_engine
+        self.served: list[Served] = [self._describe(spec) for spec in specs]
+        self.closed = False
+
+    def _describe(self, spec: str) -> Served:
+        resolved = resolve(spec, self.catalog, self.model_path)
+        names = identity_names(resolved.config, spec, self.parsed)
+        return Served(
+            spec,
+            resolved.config,
+            {name.lower() for name in names},
+            ModelHost(interface="http", catalog=self.catalog),
+        )
+
+    def find(self, name: str | None) -> Served:
+        """The served model a request names (None: the only one). Raises ModelNotFound."""
+        if not name:
+            if len(self.served) == 1:
+                return self.served[0]
+            raise ModelNotFound(
+                f"this server serves {len(self.served)} models: name one in `model` "
+                f"({', '.join(s.config.name for s in self.served)})"
+            )
+        key = name.lower()
+        for served in self.served:
+            if key in served.names:
+                return served
+        if self.any_model:
+            served = self._describe(name)  # raises ModelNotFound for a spec that names nothing
+            self.served.append(served)
+            return served
+        raise ModelNotFound(
+            f"model {name!r} is not served here (serving: "
+            f"{', '.join(s.config.name for s in self.served) or 'nothing'})",
+            spec=name,
+        )
+
+    async def engine(self, name: str | None) -> tuple[Served, Engine]:
+        """The named model's engine, loading it (and unloading an idle one if needed) first."""
+        served = self.find(name)
+        served.last_used = time.monotonic()
+        engine = served.engine
+        if engine is not None and engine.ready:
+            return served, engine
+        try:
+            await asyncio.wait_for(served.lock.acquire(), timeout=self.load_timeout)
+        except TimeoutError:
+            raise StillLoading(f"{served.config.name} is still loading; retry shortly") from None
+        try:
+            engine = served.engine
+            if engine is None or not engine.ready:
+                await self._make_room(served)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(
+                    None, lambda: served.host.load(served.spec, self.options, model_path=self.model_path)
+                )
+                engine = served.engine
+                assert engine is not None
+                if self.on_engine is not None:
+                    self.on_engine(served.config.name, engine)
+            return served, engine
+        finally:
+            served.lock.release()
+
+    async def _make_room(self, wanted: Served) -> None:
+        resident = [s for s in self.served if s.engine is not None and s is not wanted]
+        while len(resident) >= self.max_resident:
+            idle = sorted((s for s in resident if s.idle), key=lambda s: s.last_used)
+            if not idle:
+                raise PoolBusy(
+                    f"all {len(resident)} resident models are busy; retry when one is idle "
+                    "(or raise --max-models)"
+                )
+            victim = idle[0]
+            log.info("unloading %s to make room for %s", victim.config.name, wanted.config.name)
+            await asyncio.get_running_loop().run_in_executor(None, victim.host.free)
+            resident.remove(victim)
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        """Status of every loaded model, by name."""
+        return {s.config.name: s.engine.status() for s in self.served if s.engine is not None}
+
+    def close(self) -> None:
+        """Stop every engine (in-flight requests are cancelled)."""
+        self.closed = True
+        for served in self.served:
+            served.host.close(cancel=True)
