@@ -58,14 +58,14 @@ class InProcess:
     """The Engine in this process, its events read as they come (what `gallery run` does)."""
 
     def __init__(self, folder: Path) -> None:
+        from catalog.resolve import resolve_spec
         from runtime.engine import Engine
-        from runtime.loader import resolve_config
 
-        config, base = resolve_config(str(folder))
-        self.engine = Engine(config, base=base).start()
+        resolved = resolve_spec(str(folder))
+        self.engine = Engine(resolved.config, base=resolved.base).start()
 
     def submit(self, tokens: int) -> Any:
-        from runtime.engine import GenerationRequest
+        from runtime.request import GenerationRequest
 
         return self.engine.submit(
             GenerationRequest(

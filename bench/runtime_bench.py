@@ -45,8 +45,9 @@ def bench_throughput(model: Path) -> dict[str, float]:
     from mlx_lm.sample_utils import make_sampler
 
     from importers import import_model
-    from runtime.engine import Engine, GenerationRequest
+    from runtime.engine import Engine
     from runtime.prompt import render_request_prompt
+    from runtime.request import GenerationRequest
 
     config = import_model(str(model)).config
     engine = Engine(config).start()
@@ -131,7 +132,7 @@ def bench_process_start(model: Path) -> dict[str, Any]:
         )
         raw.append(_time_to_first_stdout([sys.executable, "-c", raw_script])[0])
     check = (
-        "import sys\nfrom importers import import_model\nfrom runtime.engine import Engine, GenerationRequest\n"
+        "import sys\nfrom importers import import_model\nfrom runtime.engine import Engine\nfrom runtime.request import GenerationRequest\n"
         f"e = Engine(import_model({str(model)!r}).config).start()\n"
         "e.generate(GenerationRequest(messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2))\n"
         "print('mlx_vlm' in sys.modules, 'mlx_lm' in sys.modules)\n"
@@ -177,7 +178,8 @@ def build_medium_vlm(out: Path, small: Path) -> float:
 _ROUTE_SCRIPT = """
 import json, sys, time
 from importers import import_model
-from runtime.engine import Engine, GenerationRequest, _rss_bytes
+from runtime.engine import Engine, rss_bytes as _rss_bytes
+from runtime.request import GenerationRequest
 folder, route = sys.argv[1], sys.argv[2]
 config = import_model(folder).config
 config = config.model_copy(update={"mlx": config.mlx.model_copy(update={"text_route": route})})
