@@ -128,12 +128,34 @@ def check_kv_quantization(model: Any, bits: int | None, group_size: int) -> str 
 class PrefixCache:
     """mlx-lm's LRUPromptCache, with a switch, counters, and the exact-hit rule the batch generator needs."""
 
-    def __init__(self, *, entries: int, max_bytes: int) -> None:
+    def __init__(self, *, entries: int, max_bytes: int, deferred_eviction: bool = False) -> None:
         from mlx_lm.models.cache import LRUPromptCache
 
         self.enabled = entries > 0 and max_bytes > 0
-        self.lru = LRUPromptCache(max_size=max(entries, 1), max_bytes=max(max_bytes, 1))
+        self.max_bytes = max(max_bytes, 1)
+        # Deferred (distributed): ranks hold different parts of each cache, so their byte counts differ and
+        # evicting by bytes on every rank would make their caches (and then their batches) diverge. Instead
+        # only rank 0 measures bytes, between steps, and every rank evicts the same number of LRU entries.
+        self.deferred = deferred_eviction
+        self.lru = LRUPromptCache(
+            max_size=max(entries, 1), max_bytes=(1 << 62) if deferred_eviction else self.max_bytes
+        )
         self.stats = CacheStats()
+
+    def evict_over_budget(self) -> int:
+        """Deferred mode, rank 0: drop least-recently-used entries until under the byte budget; how many it dropped."""
+        dropped = 0
+        while len(self.lru) and self.lru.nbytes > self.max_bytes:
+            self.lru.trim_to(n_sequences=len(self.lru) - 1)
+            dropped += 1
+        return dropped
+
+    def evict(self, count: int) -> None:
+        """Deferred mode, other ranks: drop the `count` least-recently-used entries, as rank 0 did."""
+        for _ in range(count):
+            if not len(self.lru):
+                return
+            self.lru.trim_to(n_sequences=len(self.lru) - 1)
 
     def fetch(self, key: Any, tokens: list[int]) -> tuple[list[Any] | None, int]:
         """A copy of the nearest cached prefix of `tokens` and how many tokens it covers (never all of them)."""

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Load only this rank's part of a model: the group, "pipeline" or "tensor", and the layers per rank."""
+
+    group: Any  # backends.distributed.Group
+    strategy: str
+    layer_split: tuple[int, ...] | None = None
 
 
 class MlxLmBackend:
@@ -19,13 +29,28 @@ class MlxLmBackend:
 
     @classmethod
     def load(
-        cls, path: Path, *, draft_path: Path | None = None, trust_remote_code: bool = False
+        cls,
+        path: Path,
+        *,
+        draft_path: Path | None = None,
+        trust_remote_code: bool = False,
+        shard: Shard | None = None,
     ) -> MlxLmBackend:
-        """Load a model folder with mlx_lm (and an optional draft model sharing its tokenizer)."""
+        """Load a model folder with mlx_lm (and an optional draft model sharing its tokenizer).
+
+        With `shard`, the weights are loaded lazily and split with the class's own pipeline/shard method
+        first, so this rank reads only its part (what mlx-lm's sharded_load does, minus its downloads).
+        """
         import mlx_lm
 
-        loaded = mlx_lm.load(str(path), tokenizer_config={"trust_remote_code": trust_remote_code})
+        loaded = mlx_lm.load(
+            str(path), tokenizer_config={"trust_remote_code": trust_remote_code}, lazy=shard is not None
+        )
         model, tokenizer = loaded[0], loaded[1]
+        if shard is not None:
+            from backends.distributed import shard_model
+
+            shard_model(model, shard.group, shard.strategy, shard.layer_split)
         draft = None
         if draft_path is not None:
             draft = mlx_lm.load(str(draft_path), tokenizer_config={"trust_remote_code": trust_remote_code})[0]

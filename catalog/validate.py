@@ -60,6 +60,7 @@ from gallery.chat_template import (
 )
 from gallery.config import ModelConfig
 from gallery.errors import BadConfig, ValidationFailed
+from gallery.sharding import ShardingRefused, configured_plan
 
 OutputFormat = Literal["text", "json", "github"]
 Locate = Callable[..., tuple[str, int | None]]
@@ -403,6 +404,11 @@ def check_config(
 
     for severity, code, where, message in _stop_problems(config, rendered):
         add(severity, code, where, message)
+    if config.distributed is not None:
+        try:
+            configured_plan(config)
+        except ShardingRefused as exc:
+            add("error", "cannot-shard", ("distributed",), str(exc))
     return problems
 
 

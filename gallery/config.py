@@ -222,6 +222,50 @@ class RepoFile(_Strict):
         return value
 
 
+class Sharding(_Strict):
+    """How mlx-lm can split this model across processes (recorded by the importer, checked by validate)."""
+
+    pipeline: bool = Field(
+        default=False, description="mlx-lm's class has model.pipeline(group): layers split across ranks."
+    )
+    tensor: bool = Field(
+        default=False,
+        description="mlx-lm's class has shard(group): every layer's matrices split across ranks.",
+    )
+    library: str | None = Field(default=None, description="The mlx-lm version whose classes were read.")
+    layers: int | None = Field(default=None, gt=0, description="Transformer layers (what a pipeline splits).")
+    attention_heads: int | None = Field(default=None, gt=0)
+    kv_heads: int | None = Field(
+        default=None, gt=0, description="Key/value heads (tensor mode divides them)."
+    )
+
+
+class Distributed(_Strict):
+    """Serving one model from several processes with MLX's distributed runtime (started by mlx.launch)."""
+
+    backend: Literal["ring", "jaccl"] = Field(
+        default="ring",
+        description="ring: TCP (Ethernet, Wi-Fi, Thunderbolt bridge); jaccl: RDMA over Thunderbolt 5.",
+    )
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="One entry per rank (an IP named twice runs two ranks there); rank 0 first.",
+    )
+    hostfile: str | None = Field(default=None, description="An mlx.launch hostfile instead of hosts.")
+    strategy: Literal["auto", "pipeline", "tensor"] = Field(
+        default="auto", description="auto: pipeline when the class supports it, else tensor."
+    )
+    layer_split: list[int] | None = Field(
+        default=None, description="Pipeline: layers per rank, rank 0 first (default: even)."
+    )
+
+    @model_validator(mode="after")
+    def _one_host_source(self) -> Distributed:
+        if self.hosts and self.hostfile:
+            raise ValueError("give hosts or hostfile, not both")
+        return self
+
+
 class MlxSection(_Strict):
     """The project's own section: everything LocalAI has no key for."""
 
@@ -241,6 +285,9 @@ class MlxSection(_Strict):
     trust_remote_code: bool = False
     files: list[RepoFile] = Field(default_factory=list)
     total_size: int | None = Field(default=None, ge=0)
+    sharding: Sharding | None = Field(
+        default=None, description="Distributed sharding support (configs imported before it have none)."
+    )
     decisions: dict[str, Decision] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
 
@@ -267,6 +314,10 @@ class ModelConfig(_Strict):
         default_factory=list, description="LocalAI `key:value` options for the backend."
     )
     mlx: MlxSection
+    distributed: Distributed | None = Field(
+        default=None,
+        description="Serve across several processes or machines (see the README's 'Several machines').",
+    )
 
     @field_validator("schema_version")
     @classmethod

@@ -7,6 +7,7 @@ cannot disagree about, say, which VLM families have a zero-copy text route.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import importlib.util
 from pathlib import Path
@@ -75,3 +76,40 @@ def library_knows(backend: str, model_type: str) -> bool | None:
     name = _remapping(package).get(model_type, model_type).replace("-", "_")
     models = root / "models"
     return (models / f"{name}.py").is_file() or (models / name / "__init__.py").is_file()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingMethods:
+    """Which sharding methods mlx-lm's class for a model type defines, and the file that says so."""
+
+    pipeline: bool
+    tensor: bool
+    source: str  # e.g. mlx_lm/models/qwen2.py
+
+
+def sharding_methods(model_type: str) -> ShardingMethods | None:
+    """What mlx-lm's module for model_type offers: `shard` on Model (tensor), `pipeline` or PipelineMixin (pipeline).
+
+    Read from the installed source with ast (importing it would load MLX); None when mlx-lm is not installed
+    or has no module for the type.
+    """
+    root = _package_dir("mlx_lm")
+    if root is None:
+        return None
+    name = _remapping("mlx_lm").get(model_type, model_type).replace("-", "_")
+    path = root / "models" / f"{name}.py"
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    tensor = pipeline = False
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        methods = {item.name for item in node.body if isinstance(item, ast.FunctionDef)}
+        bases = {base.id for base in node.bases if isinstance(base, ast.Name)}
+        if node.name == "Model" and "shard" in methods:
+            tensor = True
+        if "PipelineMixin" in bases or "pipeline" in methods:
+            pipeline = True
+    return ShardingMethods(pipeline=pipeline, tensor=tensor, source=f"mlx_lm/models/{name}.py")

@@ -30,6 +30,7 @@ from importers.facts import (
 from importers.fetch import FetchStats, RepoSnapshot, fetch
 from importers.metadata import RepoMetadata, optional_int, str_list, token_text
 from importers.reasoning import decide_reasoning
+from importers.sharding import decide_sharding
 from importers.source import ModelSource, parse_source
 from importers.stops import decide_stops
 from importers.template import decide_template
@@ -131,6 +132,8 @@ def build_config(
     decisions["license"] = license_fact.decision
 
     model_type = meta.config.get("model_type") if isinstance(meta.config.get("model_type"), str) else None
+    sharding = decide_sharding(meta, backend_decision.backend, model_type)
+    decisions["sharding"] = sharding.decision
     text_route: Literal["shared-weights", "vlm"] | None = None
     if vlm:
         text_module = SHARED_TEXT_ROUTE.get(model_type or "")
@@ -213,6 +216,7 @@ def build_config(
                 text_route=text_route,
                 files=files,
                 total_size=total_size,
+                sharding=sharding.value,
                 decisions=decisions,
                 warnings=list(dict.fromkeys(warnings)),
             ),

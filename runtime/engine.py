@@ -36,16 +36,20 @@ from backends.decoding import (
     VlmStreams,
     check_kv_quantization,
 )
-from backends.sampling import (
-    ThinkingBudget,
-    greedy_token,
-    make_processors,
-    make_sampler,
-    recover_random_state,
-)
+from backends.sampling import recover_random_state
 from gallery.config import ModelConfig
 from gallery.errors import GalleryError, RuntimeFailure
-from runtime.errors import LoadFailed, NotLoaded, QueueFull, ShuttingDown
+from runtime.cluster import (
+    HEARTBEAT_S,
+    Cluster,
+    MirroredBatcher,
+    load_message,
+    load_sharded,
+    refuse_unsupported,
+    shard_plan,
+)
+from runtime.controls import BatchSettings, Guarded, Recipe, new_batcher, new_prefix_cache, text_controls
+from runtime.errors import ClusterLost, LoadFailed, NotLoaded, QueueFull, ShuttingDown
 from runtime.load_options import LoadOptions, parse_options
 from runtime.loader import LoadedModel, load
 from runtime.media import MediaPolicy
@@ -81,6 +85,8 @@ class EngineSettings:
     quantized_kv_start: int = 0
     num_draft_tokens: int | None = None
     context_size: int | None = None
+    distributed_strategy: str | None = None  # distributed runs: pipeline | tensor | auto
+    layer_split: str | None = None  # distributed pipeline runs: layers per rank, "20,12"
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
     media_policy: MediaPolicy = dataclasses.field(default_factory=MediaPolicy)
     defaults: tuple[tuple[str, Any], ...] = ()  # request defaults from load options (temperature, …)
@@ -116,6 +122,8 @@ class EngineSettings:
             quantized_kv_start=int(options.get("quantized_kv_start")),
             num_draft_tokens=options.get("num_draft_tokens"),
             context_size=options.get("context_size"),
+            distributed_strategy=options.get("distributed_strategy"),
+            layer_split=options.get("layer_split"),
             limits=RequestLimits(
                 max_request_bytes=int(options.get("max_request_bytes")),
                 max_tokens=int(options.get("max_tokens_limit")),
@@ -194,20 +202,6 @@ class RequestHandle:
         return completion
 
 
-class _Guard:
-    """Runs one request's sampler or processor; a failure marks that request, not the whole batch."""
-
-    def __init__(self, fn: Callable[..., Any], job: _Job, *, sampler: bool = False) -> None:
-        self.fn, self.job, self.sampler = fn, job, sampler
-
-    def __call__(self, *args: Any) -> Any:
-        try:
-            return self.fn(*args)
-        except Exception as exc:
-            self.job.failure = self.job.failure or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            return greedy_token(args[0]) if self.sampler else args[-1]
-
-
 class _Job:
     """Worker-side state of one request: its text pipeline, its counters, its decoder."""
 
@@ -245,6 +239,10 @@ class _Job:
         self.completion_tokens = 0
         self.reasoning_tokens = 0
         self.draft_accepted = 0
+
+    def fail(self, reason: str) -> None:
+        """Mark this request failed (its sampler or a processor raised); the worker closes it after the step."""
+        self.failure = self.failure or reason
 
     def pipe(self, text: str, *, final: bool = False) -> Event:
         """Run text through stop strings, reasoning split and tool extraction."""
@@ -306,15 +304,14 @@ class Engine:
         model_path: Path | None = None,
         allow_download: bool = False,
         strict: bool = False,
+        cluster: Cluster | None = None,
     ) -> None:
         self.config = config
         self.settings = settings or EngineSettings()
-        self._load_args = {
-            "base": base,
-            "model_path": model_path,
-            "allow_download": allow_download,
-            "strict": strict,
-        }
+        self._cluster = cluster  # set when this is rank 0 of a distributed run (runtime.cluster)
+        self.plan: Any = None  # the shard plan, in a distributed run
+        self._base, self._model_path = base, model_path
+        self._allow_download, self._strict = allow_download, strict
         self.loaded: LoadedModel | None = None
         self.runtime: Runtime | None = None
         self.warnings: list[str] = []
@@ -331,7 +328,7 @@ class Engine:
         self._lock = threading.Lock()
         self._pending = 0
         self.completed = 0
-        self._batcher: TextBatcher | None = None
+        self._batcher: TextBatcher | MirroredBatcher | None = None
         self._streams: TextStreams | None = None
         self._vlm: VlmStreams | None = None
         self._prefix: PrefixCache | None = None
@@ -370,10 +367,14 @@ class Engine:
     @property
     def ready(self) -> bool:
         """Whether the model is loaded and the worker is serving."""
-        return self.loaded is not None and not self._stopping.is_set()
+        broken = self._cluster is not None and self._cluster.failure is not None
+        return self.loaded is not None and not self._stopping.is_set() and not broken
 
     def status(self) -> dict[str, Any]:
         """State (LOADING, READY, BUSY, ERROR, STOPPING), load, memory, caches and warnings."""
+        cluster = self._cluster
+        if cluster is not None and cluster.failure is not None and self.loaded is not None:
+            self.error = self.error or cluster.failure
         if self.error or self._load_error is not None:
             state = "ERROR"
         elif self.loaded is None:
@@ -409,6 +410,13 @@ class Engine:
             "warnings": list(self.warnings),
             "error": self.error or (str(self._load_error) if self._load_error else None),
             "text_route": bool(self.loaded and self.loaded.text_route is not None),
+            "distributed": {
+                **cluster.describe(),
+                "strategy": self.plan.strategy if self.plan else None,
+                "layer_split": list(self.plan.layer_split) if self.plan and self.plan.layer_split else None,
+            }
+            if cluster is not None
+            else None,
         }
 
     # ----- requests -----
@@ -424,6 +432,8 @@ class Engine:
             raise ShuttingDown("the runtime is shutting down")
         if self.loaded is None:
             raise NotLoaded(self.error or "the model is not loaded")
+        if self._cluster is not None and self._cluster.failure is not None:
+            raise ClusterLost(self._cluster.failure)
         prepared = self.prepare(request)
         with self._lock:
             if self._pending >= self.settings.max_queue:
@@ -455,7 +465,21 @@ class Engine:
     # ----- the worker -----
     def _run(self) -> None:
         try:
-            self.loaded = load(self.config, **self._load_args)  # type: ignore[arg-type]
+            if self._cluster is not None:
+                self.loaded = self._load_distributed(self._cluster)
+            else:
+                if self.settings.distributed_strategy or self.settings.layer_split:
+                    raise LoadFailed(
+                        "load options distributed_strategy and layer_split need a distributed run "
+                        "(serve with --hosts); this runtime is one process"
+                    )
+                self.loaded = load(
+                    self.config,
+                    base=self._base,
+                    model_path=self._model_path,
+                    allow_download=self._allow_download,
+                    strict=self._strict,
+                )
             self.warnings.extend(self.loaded.warnings)
             self._build_decoders(self.loaded)
         except BaseException as exc:
@@ -476,14 +500,54 @@ class Engine:
             self._step()
         self._close_decoders()
 
+    def _load_distributed(self, cluster: Cluster) -> LoadedModel:
+        """Rank 0: check the model can be split, tell the other ranks to load it, and load this rank's shard."""
+        settings, config = self.settings, self.config
+        refuse_unsupported(
+            config,
+            batching=settings.batching,
+            kv_bits=settings.kv_bits,
+            draft=bool(config.mlx.speculative.draft_model) or settings.num_draft_tokens is not None,
+        )
+        plan = shard_plan(config, cluster.size, settings.distributed_strategy, settings.layer_split)
+        cluster.send(
+            load_message(
+                config,
+                plan,
+                self._batch_settings(),
+                base=self._base,
+                model_path=self._model_path,
+                allow_download=self._allow_download,
+            )
+        )
+        self.plan = plan
+        return load_sharded(
+            cluster,
+            config,
+            plan,
+            base=self._base,
+            model_path=self._model_path,
+            allow_download=self._allow_download,
+            strict=self._strict,
+        )
+
+    def _batch_settings(self) -> BatchSettings:
+        settings = self.settings
+        return BatchSettings(
+            max_batch=settings.max_active,
+            prefill_batch=settings.prefill_batch,
+            prefill_step=settings.prefill_step,
+            max_kv_size=settings.max_kv_size,
+            prefix_entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
+            prefix_bytes=settings.prefix_cache_bytes,
+            deferred_eviction=self._cluster is not None,
+        )
+
     def _build_decoders(self, loaded: LoadedModel) -> None:
         settings, config = self.settings, self.config
         text_backend = loaded.primary if config.backend == "mlx" else loaded.text_route
         vlm_backend = loaded.primary if config.backend == "mlx-vlm" else None
-        self._prefix = PrefixCache(
-            entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
-            max_bytes=settings.prefix_cache_bytes,
-        )
+        self._prefix = new_prefix_cache(self._batch_settings())
         kv: dict[str, Any] = {
             "max_kv_size": settings.max_kv_size,
             "kv_bits": settings.kv_bits,
@@ -498,7 +562,9 @@ class Engine:
             )
             if problem:
                 raise LoadFailed(f"{config.name}: {problem} (load options kv_bits / kv_group_size)")
-        if text_backend is not None:
+        if text_backend is not None and self._cluster is not None:
+            self._batcher = MirroredBatcher(self._new_batcher(text_backend), self._cluster)
+        elif text_backend is not None:
             if settings.batching and settings.kv_bits is None:
                 self._batcher = self._new_batcher(text_backend)
             self._streams = TextStreams(
@@ -533,16 +599,8 @@ class Engine:
         )
 
     def _new_batcher(self, backend: Any) -> TextBatcher:
-        settings = self.settings
         assert self._prefix is not None
-        return TextBatcher(
-            backend.model,
-            self._prefix,
-            max_batch=settings.max_active,
-            prefill_batch=settings.prefill_batch,
-            prefill_step=settings.prefill_step,
-            max_kv_size=settings.max_kv_size,
-        )
+        return new_batcher(backend.model, self._prefix, self._batch_settings())
 
     def _close_decoders(self) -> None:
         for decoder in (self._batcher, self._streams, self._vlm):
@@ -553,9 +611,18 @@ class Engine:
         """Start queued requests while there is room, blocking only while idle. Returns whether to exit when idle."""
         while len(self._jobs) < self.settings.max_active:
             idle = not self._jobs and not exiting
+            mirror = self._batcher if isinstance(self._batcher, MirroredBatcher) else None
+            # A distributed run pings its ranks while idle, so a dead one is noticed (and reported) at once.
+            beat = HEARTBEAT_S if idle and mirror is not None and mirror.cluster.failure is None else None
             try:
-                handle = self._queue.get(block=idle)
+                handle = self._queue.get(block=idle, timeout=beat)
             except queue.Empty:
+                if mirror is not None and beat is not None:
+                    try:
+                        mirror.heartbeat()
+                    except ClusterLost as exc:
+                        self.error = str(exc)
+                    continue
                 return exiting
             if handle is None:
                 exiting = True
@@ -584,8 +651,9 @@ class Engine:
         job = _Job(handle, self.config, backend, decoder)
         self.stats.requests += 1
         try:
-            spec = self._spec(job, backend)
-            started = decoder.add(spec)
+            recipe = self._recipe(job)
+            spec = self._spec(job, backend, recipe)
+            started = decoder.add(spec, recipe) if isinstance(decoder, MirroredBatcher) else decoder.add(spec)
         except Exception as exc:
             self._jobs[job.uid] = job
             self._close(
@@ -597,44 +665,32 @@ class Engine:
         job.cached_tokens = started.cached_tokens
         self._jobs[job.uid] = job
 
-    def _spec(self, job: _Job, backend: Any) -> DecodeSpec:
+    def _recipe(self, job: _Job) -> Recipe:
         prepared = job.prepared
-        reasoning = self.config.mlx.reasoning
-        sampler = make_sampler(prepared.params, backend.vocab_size)
-        processors: list[Any] = make_processors(prepared.params)
-        end_ids = backend.encode_plain(reasoning.end) if reasoning.supported and reasoning.end else []
-        start_ids = backend.encode_plain(reasoning.start) if reasoning.supported and reasoning.start else []
-        if prepared.thinking_budget is not None:
-            processors.append(
-                ThinkingBudget(
-                    prepared.thinking_budget,
-                    start_ids,
-                    end_ids,
-                    inside=prepared.starts_inside and prepared.thinking,
-                )
-            )
-        if prepared.grammar is not None:
-            from backends.grammar import GrammarProcessor, llg_tokenizer
+        return Recipe(
+            uid=job.uid,
+            prompt=prepared.prompt_ids or [],
+            max_tokens=prepared.max_tokens,
+            stop_ids=sorted(prepared.stop_ids),
+            params=prepared.params,
+            logprobs=prepared.logprobs,
+            grammar=prepared.grammar,
+            thinking_budget=prepared.thinking_budget,
+            thinking=prepared.thinking,
+            starts_inside=prepared.starts_inside,
+        )
 
-            processors.append(
-                GrammarProcessor(
-                    prepared.grammar,
-                    llg_tokenizer(backend.hf_tokenizer),
-                    sorted(prepared.stop_ids) or self.config.mlx.stop_token_ids,
-                    reasoning_start=start_ids,
-                    reasoning_end=end_ids,
-                    inside=prepared.starts_inside and prepared.thinking,
-                    may_think=prepared.thinking,
-                )
-            )
+    def _spec(self, job: _Job, backend: Any, recipe: Recipe) -> DecodeSpec:
+        prepared = job.prepared
+        sampler, processors = text_controls(recipe, backend, self.config)
         media = prepared.media
         handle = job.handle
         return DecodeSpec(
             uid=job.uid,
             max_tokens=prepared.max_tokens,
             stop_ids=prepared.stop_ids,
-            sampler=_Guard(sampler, job, sampler=True) if sampler is not None else None,
-            processors=[_Guard(processor, job) for processor in processors],
+            sampler=Guarded(sampler, job.fail, sampler=True) if sampler is not None else None,
+            processors=[Guarded(processor, job.fail) for processor in processors],
             logprobs=prepared.logprobs,
             prompt=prepared.prompt_ids or [],
             prompt_text=prepared.prompt_text,
@@ -675,11 +731,17 @@ class Engine:
                 self._close(job, "error", error=f"generation failed: {job.failure}")
 
     def _fail_decoder(self, decoder: Any, exc: Exception) -> None:
+        if isinstance(exc, ClusterLost):
+            # The ranks can no longer be kept in step: fail everything, stay up reporting the error.
+            self.error = str(exc)
+            for job in list(self._jobs.values()):
+                self._close(job, "error", error=f"generation failed: {exc}")
+            return
         message = f"generation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         for job in [job for job in self._jobs.values() if job.decoder is decoder]:
             self._close(job, "error", error=message)
         recover_random_state()
-        if decoder is self._batcher and self._batcher is not None:
+        if decoder is self._batcher and isinstance(self._batcher, TextBatcher):
             self._batcher.close()
             runtime = self.runtime
             assert runtime is not None

@@ -36,3 +36,7 @@ class PoolBusy(QueueFull):
 
 class RequestTooLarge(RequestError):
     """A request (or request body) over the runtime's size limit."""
+
+
+class ClusterLost(RuntimeFailure):
+    """A rank of a distributed run died or cannot be reached: the model cannot run until the ranks restart."""

@@ -24,7 +24,15 @@ from gallery.errors import (
     UnsupportedModel,
     UsageError,
 )
-from runtime.errors import IdentityMismatch, LoadFailed, NotLoaded, QueueFull, RequestTooLarge, ShuttingDown
+from runtime.errors import (
+    ClusterLost,
+    IdentityMismatch,
+    LoadFailed,
+    NotLoaded,
+    QueueFull,
+    RequestTooLarge,
+    ShuttingDown,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,12 @@ FAULTS: dict[str, Fault] = {
         "RESOURCE_EXHAUSTED", -32002, 429, "the request queue is full (or every model is busy); retry later"
     ),
     "shutting_down": Fault("UNAVAILABLE", -32004, 503, "the runtime is draining or stopping"),
+    "cluster_lost": Fault(
+        "UNAVAILABLE",
+        -32006,
+        503,
+        "distributed run: a rank died or cannot be reached; unhealthy until the ranks are restarted",
+    ),
     "cancelled": Fault(
         "CANCELLED",
         0,
@@ -91,6 +105,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
         (NotLoaded, "not_loaded"),
         (IdentityMismatch, "identity_mismatch"),
         (ShuttingDown, "shutting_down"),
+        (ClusterLost, "cluster_lost"),
         (_NOT_FOUND, "not_found"),
         (RequestTooLarge, "too_large"),
         (_INVALID, "invalid_request"),

@@ -179,7 +179,10 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     # ----- RPCs -----
     async def Health(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Reply:
-        """OK whenever the process serves."""
+        """OK whenever the process serves; UNAVAILABLE when a distributed run lost a rank."""
+        cluster = self.host.cluster
+        if cluster is not None and cluster.failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, cluster.failure)
         return pb.Reply(message=b"OK")
 
     async def LoadModel(self, request: pb.ModelOptions, context: grpc.aio.ServicerContext) -> pb.Result:

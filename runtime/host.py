@@ -21,6 +21,7 @@ from backends import memory_stats, release_memory
 from catalog.resolve import Resolved, resolve_spec
 from gallery.config import ModelConfig
 from gallery.errors import GalleryError, RequestError, RuntimeFailure
+from runtime.cluster import Cluster
 from runtime.engine import Engine, EngineSettings, RequestHandle, rss_bytes
 from runtime.errors import IdentityMismatch, LoadFailed, NotLoaded, QueueFull, ShuttingDown
 from runtime.load_options import LoadOptions, parse_options
@@ -109,9 +110,10 @@ def identity_names(config: ModelConfig, spec: str, options: LoadOptions) -> set[
 class ModelHost:
     """Owns at most one loaded Engine; thread-safe."""
 
-    def __init__(self, *, interface: str, catalog: str | None = None) -> None:
+    def __init__(self, *, interface: str, catalog: str | None = None, cluster: Cluster | None = None) -> None:
         self.interface = interface
         self.catalog = catalog
+        self.cluster = cluster  # rank 0 of a distributed run: every engine loads across the ranks
         self.engine: Engine | None = None
         self.options = parse_options(None)
         self.spec: str | None = None
@@ -175,7 +177,12 @@ class ModelHost:
             self.names = identity_names(config, located, parsed)
             self._loaded_key = key
             seconds = time.perf_counter() - started
-            log.info("loaded %s in %.1f s", config.name, seconds)
+            log.info(
+                "loaded %s in %.1f s, MLX memory %.0f MiB",
+                config.name,
+                seconds,
+                memory_stats().get("mlx_active", 0) / 2**20,
+            )
             return LoadReport(
                 config.name,
                 config.backend,
@@ -194,6 +201,7 @@ class ModelHost:
             base=base,
             allow_download=bool(options.get("allow_download")),
             strict=bool(options.get("strict")),
+            cluster=self.cluster,
         )
         return engine.start()
 

@@ -271,6 +271,9 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
             return JSONResponse({"status": "error", "error": context.startup_error}, status_code=503)
         if not context.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+        cluster = context.pool.cluster
+        if cluster is not None and cluster.failure is not None:
+            return JSONResponse({"status": "error", "error": cluster.failure}, status_code=503)
         body: dict[str, Any] = {"status": "ok"}
         if context.authorized(request):
             body["models"] = {

@@ -58,6 +58,14 @@ OPTIONS: dict[str, OptionSpec] = {
     "num_draft_tokens": OptionSpec(
         "int", None, "tokens the draft model proposes per step (speculative decoding)", 1
     ),
+    "distributed_strategy": OptionSpec(
+        "str",
+        None,
+        "distributed runs: pipeline, tensor or auto (default: the config's distributed.strategy, else auto)",
+    ),
+    "layer_split": OptionSpec(
+        "str", None, "distributed pipeline runs: layers per rank, rank 0 first, e.g. 20,12 (default: even)"
+    ),
     "allow_download": OptionSpec("bool", False, "download missing weights at the pinned revision"),
     "strict": OptionSpec("bool", False, "refuse a config without a usable chat template"),
     "allow_remote_media": OptionSpec("bool", False, "accept http(s) URLs for media (fetched by the runtime)"),

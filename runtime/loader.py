@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gallery.chat_template import template_sha256
 from gallery.config import ModelConfig
 from gallery.errors import BadConfig, GalleryError, RuntimeFailure, StrictFailure
+
+if TYPE_CHECKING:
+    from backends.mlx_lm_backend import Shard
 
 # Files the runtime needs from a repo (never anything else: no GGUF, no PyTorch .bin duplicates).
 RUNTIME_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]
@@ -114,8 +117,12 @@ def load(
     model_path: Path | None = None,
     allow_download: bool = False,
     strict: bool = False,
+    shard: Shard | None = None,
 ) -> LoadedModel:
-    """Load the config's backend (must run on the thread that will own the MLX state)."""
+    """Load the config's backend (must run on the thread that will own the MLX state).
+
+    With `shard` (a distributed run), only this rank's part of a text model's weights is read.
+    """
     warnings = check_template_pin(config)
     if warnings and strict:
         raise StrictFailure(f"--strict: {config.name} has no usable chat template")
@@ -133,8 +140,12 @@ def load(
         if config.backend == "mlx":
             from backends.mlx_lm_backend import MlxLmBackend
 
-            primary: Any = MlxLmBackend.load(folder, draft_path=draft_path, trust_remote_code=trust)
+            primary: Any = MlxLmBackend.load(
+                folder, draft_path=draft_path, trust_remote_code=trust, shard=shard
+            )
             return LoadedModel(config, folder, primary, None, warnings)
+        if shard is not None:
+            raise RuntimeFailure(f"{config.name}: mlx-vlm models cannot be split across processes")
         from backends.mlx_vlm_backend import MlxVlmBackend
 
         if speculative.mtp and draft_path is None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from gallery.config import ModelConfig
 from gallery.errors import ModelNotFound
+from runtime.cluster import Cluster
 from runtime.engine import Engine
 from runtime.errors import PoolBusy, StillLoading
 from runtime.host import ModelHost, identity_names, resolve
@@ -62,7 +63,9 @@ class ModelPool:
         any_model: bool,
         load_timeout: float,
         on_engine: Callable[[str, Engine], None] | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
+        self.cluster = cluster  # rank 0 of a distributed run (which serves exactly one model)
         self.options = list(options)
         self.parsed = parse_options(self.options)
         self.catalog = catalog
@@ -81,7 +84,7 @@ class ModelPool:
             spec,
             resolved.config,
             {name.lower() for name in names},
-            ModelHost(interface="http", catalog=self.catalog),
+            ModelHost(interface="http", catalog=self.catalog, cluster=self.cluster),
         )
 
     def find(self, name: str | None) -> Served:

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from backends.distributed import launched_rank
 from gallery.errors import UsageError
 
 log = logging.getLogger("runtime")
@@ -47,6 +48,13 @@ class ServeOptions:
     max_line_mb: int = 64
     parent_pid: int | None = None
     log_level: str = "INFO"
+    # Distributed runs (runtime.launch): the ranks, MLX's backend, and how to split the model.
+    hosts: list[str] = dataclasses.field(default_factory=list)
+    hostfile: str | None = None
+    distributed_backend: str | None = None  # ring | jaccl (default: the config's, else ring)
+    strategy: str | None = None
+    layer_split: str | None = None
+    ring_port: int | None = None
 
     def check(self) -> None:
         """Refuse contradictory or out-of-range options (UsageError, one line)."""
@@ -68,6 +76,21 @@ class ServeOptions:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.log_level.upper() not in LOG_LEVELS:
             raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self.hosts and self.hostfile:
+            raise UsageError("give --hosts or --hostfile, not both")
+        if self.distributed_backend not in (None, "ring", "jaccl"):
+            raise UsageError(f"--backend must be ring or jaccl, got {self.distributed_backend!r}")
+        if self.strategy not in (None, "auto", "pipeline", "tensor"):
+            raise UsageError(f"--strategy must be auto, pipeline or tensor, got {self.strategy!r}")
+        if self.ring_port is not None and not 1024 <= self.ring_port <= 65000:
+            raise UsageError(f"--ring-port must be between 1024 and 65000, got {self.ring_port}")
+
+    def check_distributed(self) -> None:
+        """What a distributed run cannot do: it serves exactly one model, loaded at start."""
+        if len(self.specs) != 1:
+            raise UsageError("a distributed run serves exactly one model: name it (CONFIG) when starting")
+        if self.any_model or self.max_models != 1:
+            raise UsageError("a distributed run serves one model: --any-model and --max-models do not apply")
 
 
 def _preload(host: Any, options: ServeOptions) -> Callable[[], Any] | None:
@@ -86,12 +109,160 @@ def serve(options: ServeOptions) -> int:
     parse_options(options.options)  # a bad load option fails here, before anything starts
     setup_logging(options.log_level)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # progress bars would garble the logs
+    from runtime.launch import run_launch
+
+    rank = launched_rank()
+    if rank is not None:
+        return _serve_rank(options)
+    target = _distributed_target(options)
+    if target is not None:
+        hosts, hostfile, backend = target
+        options.check_distributed()
+        if hostfile is None:
+            from runtime.launch import check_hosts
+
+            check_hosts(hosts, backend)
+        _check_shardable(options, len(hosts) if hosts else None)
+        return run_launch(
+            rank_arguments(options),
+            hosts=hosts,
+            hostfile=hostfile,
+            backend=backend,
+            port=options.ring_port,
+            stdio=options.stdio,
+        )
+    if options.strategy or options.layer_split:
+        raise UsageError(
+            "--strategy and --layer-split split a model across ranks: give --hosts (or --hostfile) too"
+        )
+    return _serve_interface(options)
+
+
+def _distributed_target(options: ServeOptions) -> tuple[list[str], str | None, str] | None:
+    """(hosts, hostfile, backend) when this serve should start several ranks: flags first, then the config."""
+    section = None
+    if not (options.hosts or options.hostfile) and len(options.specs) == 1:
+        from catalog.resolve import resolve_spec
+
+        try:
+            config = resolve_spec(
+                options.specs[0],
+                catalog=options.catalog,
+                base_dirs=[options.model_path] if options.model_path else [],
+            ).config
+        except Exception:  # the interface reports a spec that does not resolve, as it always has
+            return None
+        section = config.distributed
+        if section is None or not (section.hosts or section.hostfile):
+            return None
+        log.info("%s: starting the distributed run its config describes", config.name)
+    elif not (options.hosts or options.hostfile):
+        return None
+    hosts = options.hosts or (list(section.hosts) if section else [])
+    hostfile = options.hostfile or (section.hostfile if section and not options.hosts else None)
+    backend = options.distributed_backend or (section.backend if section else "ring")
+    return hosts, hostfile, backend
+
+
+def _check_shardable(options: ServeOptions, ranks: int | None) -> None:
+    """Refuse, before starting any rank, a model that cannot be split this way (ShardingRefused, exit 10)."""
+    from catalog.resolve import resolve_spec
+    from gallery.sharding import parse_split, plan_sharding
+    from runtime.load_options import parse_options
+
+    config = resolve_spec(
+        options.specs[0],
+        catalog=options.catalog,
+        base_dirs=[options.model_path] if options.model_path else [],
+    ).config
+    loaded = parse_options(options.options)
+    section = config.distributed
+    strategy = (
+        options.strategy or loaded.get("distributed_strategy") or (section.strategy if section else "auto")
+    )
+    split_text = options.layer_split or loaded.get("layer_split")
+    split = (
+        parse_split(split_text)
+        if split_text
+        else (tuple(section.layer_split) if section and section.layer_split else None)
+    )
+    plan_sharding(config, ranks=ranks, strategy=strategy, layer_split=split)
+
+
+def rank_arguments(options: ServeOptions) -> list[str]:
+    """The `python -m runtime` arguments every rank gets (the same serve, minus the launch flags)."""
+    args: list[str] = list(options.specs)
+    if options.addr:
+        args += ["--addr", options.addr]
+    elif options.http:
+        args += ["--http", options.http]
+    else:
+        args.append("--stdio")
+    for origin in options.cors_origins:
+        args += ["--cors-origin", origin]
+    for option in options.options:
+        args += ["--option", option]
+    if options.strategy:
+        args += ["--option", f"distributed_strategy:{options.strategy}"]
+    if options.layer_split:
+        args += ["--option", f"layer_split:{options.layer_split}"]
+    for flag, value in (
+        ("--model-path", options.model_path),
+        ("--catalog", options.catalog),
+        ("--grace", options.grace),
+        ("--load-timeout", options.load_timeout),
+        ("--max-message-mb", options.max_message_mb),
+        ("--max-line-mb", options.max_line_mb),
+        ("--log-level", options.log_level),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    if options.allow_remote:
+        args.append("--allow-remote")
+    if options.insecure:
+        args.append("--insecure")
+    return args  # the API key travels in the environment (GALLERY_API_KEY), never on a command line
+
+
+def _serve_rank(options: ServeOptions) -> int:
+    """This process is one rank of a distributed run (started by mlx.launch)."""
+    from runtime.cluster import Cluster, Follower
+    from runtime.errors import ClusterLost
+    from runtime.launch import ENV_BACKEND, attach_stdio, rank_finished, rank_started
+
+    try:
+        cluster = Cluster.join(os.environ.get(ENV_BACKEND, "any"))
+    except ClusterLost as exc:
+        log.error("could not join the distributed run: %s", exc)
+        return 1
+    if cluster.rank != 0:
+        os.dup2(
+            2, 1
+        )  # stdout belongs to rank 0 (the stdio protocol); anything a library prints goes to stderr
+        return Follower(cluster).run()
+    rank_started()
+    log.info("rank 0 of %d (pid %d): serving; the other ranks follow", cluster.size, os.getpid())
+    if options.stdio:
+        attach_stdio()
+    code = 1
+    try:
+        code = _serve_interface(options, cluster)
+        if cluster.failure is not None:
+            code = code or 1  # a run that lost a rank did not end well, however it stopped
+    finally:
+        cluster.close()
+        rank_finished(code)
+    return code
+
+
+def _serve_interface(options: ServeOptions, cluster: Any = None) -> int:
+    """Serve the chosen interface in this process (rank 0 of a distributed run passes its cluster)."""
     from runtime.host import ModelHost
 
     if options.stdio:
         from runtime.stdio import run_stdio
 
-        host = ModelHost(interface="stdio", catalog=options.catalog)
+        host = ModelHost(interface="stdio", catalog=options.catalog, cluster=cluster)
         return run_stdio(
             host,
             preload=_preload(host, options),
@@ -121,6 +292,7 @@ def serve(options: ServeOptions) -> int:
             max_resident=options.max_models,
             any_model=options.any_model,
             load_timeout=options.load_timeout,
+            cluster=cluster,
         )
         return asyncio.run(
             http_server.serve(
@@ -139,7 +311,7 @@ def serve(options: ServeOptions) -> int:
     assert options.addr is not None
     token = os.environ.get(AUTH_ENV) or None
     check_bind(options.addr, allow_remote=options.allow_remote, insecure=options.insecure, token=token)
-    host = ModelHost(interface="grpc", catalog=options.catalog)
+    host = ModelHost(interface="grpc", catalog=options.catalog, cluster=cluster)
     return asyncio.run(
         serve_grpc(
             options.addr,
@@ -249,6 +421,42 @@ def serve_command(
             "--log-level", envvar="GALLERY_LOG_LEVEL", help="stderr log level: DEBUG, INFO, WARNING or ERROR."
         ),
     ] = "INFO",
+    hosts: Annotated[
+        str | None,
+        typer.Option(
+            "--hosts",
+            help="Serve across processes with mlx.launch: one IP per rank, rank 0 (this machine) first; "
+            "a host named twice runs two ranks there (e.g. 127.0.0.1,127.0.0.1).",
+        ),
+    ] = None,
+    hostfile: Annotated[
+        str | None, typer.Option("--hostfile", help="An mlx.launch hostfile instead of --hosts.")
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend",
+            help="MLX distributed backend: ring (TCP, default) or jaccl (RDMA over Thunderbolt 5).",
+        ),
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            "--strategy", help="Distributed: pipeline (layers per rank), tensor (every layer split) or auto."
+        ),
+    ] = None,
+    layer_split: Annotated[
+        str | None,
+        typer.Option(
+            "--layer-split", help="Distributed pipeline: layers per rank, rank 0 first (e.g. 20,12)."
+        ),
+    ] = None,
+    ring_port: Annotated[
+        int | None,
+        typer.Option(
+            "--ring-port", help="Distributed ring: first TCP port the ranks listen on (default: a free one)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a model to a parent process: LocalAI's gRPC backend protocol (--addr) or JSON-RPC (--stdio)."""
     if ctx.args:
@@ -273,6 +481,12 @@ def serve_command(
         max_line_mb=max_line_mb,
         parent_pid=parent_pid,
         log_level=log_level.upper(),
+        hosts=[host.strip() for host in hosts.split(",") if host.strip()] if hosts else [],
+        hostfile=hostfile,
+        distributed_backend=backend,
+        strategy=strategy,
+        layer_split=layer_split,
+        ring_port=ring_port,
     )
     code = serve(options)
     if code:

@@ -67,6 +67,7 @@ def _model_fixture(name: str, fixture_name: str) -> Callable[[], Path]:
 
 # Plain module-level names: that is how pytest discovers a plugin's fixtures (and how readers grep them).
 text_qwen3_model = _model_fixture("text-qwen3", "text_qwen3_model")
+text_qwen2_model = _model_fixture("text-qwen2", "text_qwen2_model")
 scripted_text_model = _model_fixture("scripted-text", "scripted_text_model")
 scripted_think_model = _model_fixture("scripted-think", "scripted_think_model")
 scripted_tool_model = _model_fixture("scripted-tool", "scripted_tool_model")

@@ -1,0 +1,324 @@
+"""Serving across processes with MLX's distributed runtime: 2 ranks on 127.0.0.1 started by the real mlx.launch.
+
+What mlx-lm can shard is recorded by the importer and enforced by validate and serve (SmolLM2's llama class has
+no pipeline() and its 9 heads do not divide by 2, so it is refused before any rank starts); a 2-rank pipeline
+run (uneven layer split) over HTTP and a 2-rank tensor run over gRPC answer exactly as one process does —
+concurrent and seeded requests, prefix reuse, stop strings, the reasoning split and tool calls —; a killed
+rank fails the stream at once with a clear error and ends the run; SIGTERM to rank 0 (and end of input on
+stdio) ends every rank.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.interfaces_support import ROOT, GrpcProcess, HttpProcess, StdioProcess, chat, running, runtime_env
+from tests.plugins.models import fixture_info
+
+pytestmark = pytest.mark.mlx
+TWO_RANKS = ("--hosts", "127.0.0.1,127.0.0.1")
+_RANK = re.compile(r"rank (\d) of 2 \(pid (\d+)\)")
+
+
+def _write(tmp_path: Path, folder: Path, distributed: dict[str, Any] | None = None) -> Path:
+    from gallery.config import ModelConfig
+    from gallery.yamlio import dump_yaml
+    from importers import import_model
+
+    data = import_model(str(folder)).config.to_data()
+    if distributed is not None:
+        data["distributed"] = distributed
+    ModelConfig.model_validate(data)
+    path = tmp_path / f"{data['name']}-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(dump_yaml(data), encoding="utf-8")
+    return path
+
+
+def _gallery(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        cwd=ROOT,
+        env=runtime_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _pids(process: Any) -> dict[int, int]:
+    """rank -> pid, from the ranks' own start-up lines."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = {int(rank): int(pid) for rank, pid in _RANK.findall(process.stderr.text)}
+        if len(found) == 2:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"the ranks did not report their pids:\n{process.stderr.text}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:  # a zombie is gone too
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def _reference(folder: Path):  # type: ignore[no-untyped-def]
+    """One process, in this test process: the answers a distributed run must reproduce."""
+    from importers import import_model
+    from runtime.engine import Engine
+
+    return Engine(import_model(str(folder)).config).start()
+
+
+# ------------------------------------------------------------------------------------------- what can be sharded
+def test_importer_records_which_sharding_mlx_lm_offers(
+    text_qwen2_model: Path, text_qwen3_model: Path, smollm2_model: Path, vlm_model: Path
+) -> None:
+    from importers import import_model
+
+    qwen2 = import_model(str(text_qwen2_model)).config
+    assert qwen2.mlx.sharding is not None
+    assert (qwen2.mlx.sharding.pipeline, qwen2.mlx.sharding.tensor) == (True, True)
+    assert (qwen2.mlx.sharding.layers, qwen2.mlx.sharding.attention_heads, qwen2.mlx.sharding.kv_heads) == (
+        4,
+        4,
+        2,
+    )
+    evidence = qwen2.mlx.decisions["sharding"].evidence
+    assert {e.source for e in evidence[:2]} == {"mlx_lm/models/qwen2.py"}
+    smol = import_model(str(smollm2_model)).config.mlx
+    assert smol.sharding is not None and (smol.sharding.pipeline, smol.sharding.tensor) == (False, True)
+    assert "has no model.pipeline" in smol.decisions["sharding"].evidence[0].detail
+    qwen3 = import_model(str(text_qwen3_model)).config.mlx.sharding
+    assert qwen3 is not None and (qwen3.pipeline, qwen3.tensor) == (False, True)
+    vlm = import_model(str(vlm_model)).config.mlx
+    assert vlm.sharding is None and vlm.decisions["sharding"].value == "not supported"
+
+
+def test_validate_refuses_a_distributed_section_the_class_cannot_serve(
+    tmp_path: Path, smollm2_model: Path, text_qwen2_model: Path, vlm_model: Path
+) -> None:
+    cases = [
+        (smollm2_model, {"strategy": "pipeline"}, "llama class has no pipeline() method"),
+        (smollm2_model, {"hosts": ["10.0.0.1", "10.0.0.2"]}, "9 is not divisible by 2"),
+        (text_qwen2_model, {"hosts": ["10.0.0.1", "10.0.0.2"], "layer_split": [3, 2]}, "sums to 5"),
+        (text_qwen2_model, {"strategy": "tensor", "layer_split": [2, 2]}, "layer_split is for the pipeline"),
+        (vlm_model, {"hosts": ["10.0.0.1", "10.0.0.2"]}, "only text (mlx) configs"),
+    ]
+    for folder, section, message in cases:
+        path = _write(tmp_path, folder, section)
+        result = _gallery("validate", str(path))
+        assert result.returncode == 14, (section, result.stdout, result.stderr)
+        assert "cannot-shard" in result.stdout and message in result.stdout, result.stdout
+    good = _write(tmp_path, text_qwen2_model, {"hosts": ["10.0.0.1", "10.0.0.2"], "layer_split": [3, 1]})
+    result = _gallery("validate", str(good))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_serve_refuses_before_any_rank_starts(
+    tmp_path: Path, smollm2_model: Path, text_qwen2_model: Path
+) -> None:
+    smol = _write(tmp_path, smollm2_model)
+    qwen2 = _write(tmp_path, text_qwen2_model)
+    cases = [
+        ((str(smol), *TWO_RANKS), 10, "9 is not divisible by 2"),
+        ((str(smol), *TWO_RANKS, "--strategy", "pipeline"), 10, "has no pipeline() method"),
+        ((str(qwen2), *TWO_RANKS, "--layer-split", "3,2"), 10, "sums to 5"),
+        ((str(qwen2), *TWO_RANKS, "--layer-split", "a,b"), 10, "whole numbers"),
+        ((str(qwen2), "--hosts", "127.0.0.1"), 2, "at least 2 ranks"),
+        ((str(qwen2), "--hosts", "mac-a,mac-b"), 2, "needs IP addresses"),
+        ((str(qwen2), "--hosts", "192.0.2.7,127.0.0.1"), 2, "runs rank 0"),
+        ((str(qwen2), *TWO_RANKS, "--any-model"), 2, "serves one model"),
+        ((str(qwen2), *TWO_RANKS, "--backend", "mpi"), 2, "ring or jaccl"),
+        ((str(qwen2), "--strategy", "tensor"), 2, "give --hosts"),
+    ]
+    for args, code, message in cases:
+        result = _gallery("serve", *args, "--http", "127.0.0.1:0", timeout=60)
+        assert result.returncode == code, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_one_process_refuses_distributed_load_options_by_name(text_qwen2_model: Path) -> None:
+    from runtime.errors import LoadFailed
+    from runtime.host import ModelHost
+
+    host = ModelHost(interface="grpc")
+    with pytest.raises(LoadFailed, match="distributed_strategy and layer_split need a distributed run"):
+        host.load(str(text_qwen2_model), ["distributed_strategy:pipeline"])
+
+
+# ------------------------------------------------------------------------------------------- two ranks, for real
+def test_pipeline_run_answers_like_one_process_then_a_killed_rank_fails_fast(text_qwen2_model: Path) -> None:
+    reference = _reference(text_qwen2_model)
+    from runtime.request import GenerationRequest
+
+    prompts = [f"question {i}: " + "tell me more " * i for i in range(6)]
+
+    def ask_reference(i: int) -> str:
+        request = GenerationRequest(
+            messages=[{"role": "user", "content": prompts[i]}],
+            max_tokens=24,
+            temperature=0.0 if i % 2 else 0.9,
+            seed=i,
+            stop=["weather"] if i == 3 else [],
+        )
+        return reference.generate(request).content
+
+    try:
+        expected = [ask_reference(i) for i in range(6)]
+        turn2 = reference.generate(
+            GenerationRequest(
+                messages=[
+                    {"role": "user", "content": prompts[1]},
+                    {"role": "assistant", "content": expected[1]},
+                    {"role": "user", "content": "and then?"},
+                ],
+                max_tokens=16,
+                temperature=0.0,
+            )
+        ).content
+    finally:
+        reference.shutdown()
+
+    with running(HttpProcess(str(text_qwen2_model), *TWO_RANKS, "--layer-split", "3,1")) as process:
+        assert isinstance(process, HttpProcess)
+        client = process.client
+
+        def ask(i: int) -> str:
+            response = client.chat.completions.create(
+                model="text-qwen2",
+                messages=[{"role": "user", "content": prompts[i]}],
+                max_tokens=24,
+                temperature=0.0 if i % 2 else 0.9,
+                seed=i,
+                stop=["weather"] if i == 3 else None,
+            )
+            return response.choices[0].message.content or ""
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:  # all six in one batch
+            answers = list(pool.map(ask, range(6)))
+        assert answers == expected
+        second = client.chat.completions.create(
+            model="text-qwen2",
+            messages=[
+                {"role": "user", "content": prompts[1]},
+                {"role": "assistant", "content": answers[1]},
+                {"role": "user", "content": "and then?"},
+            ],
+            max_tokens=16,
+            temperature=0.0,
+        )
+        assert second.choices[0].message.content == turn2
+        assert second.usage is not None and second.usage.prompt_tokens_details is not None
+        assert (
+            second.usage.prompt_tokens_details.cached_tokens or 0
+        ) > 0  # the prefix cache works on every rank
+
+        pids = _pids(process)
+        stream = client.chat.completions.create(
+            model="text-qwen2", messages=[{"role": "user", "content": "go on"}], max_tokens=3000, stream=True
+        )
+        killed_at = None
+        error = None
+        try:
+            for count, _chunk in enumerate(stream):
+                if count == 5:
+                    os.kill(pids[1], signal.SIGKILL)
+                    killed_at = time.monotonic()
+        except Exception as exc:  # the stream ends with the server's error event
+            error = exc
+        assert killed_at is not None and error is not None, "the stream finished despite the dead rank"
+        assert time.monotonic() - killed_at < 20
+        assert "distributed run is broken" in str(error) and "restart it" in str(error)
+        code = process.wait(60)  # mlx.launch stops the remaining rank; the serve exits, and says it failed
+        assert code != 0
+        assert not _alive(pids[0])
+        assert "Traceback" not in process.stderr.text
+
+
+def test_tensor_run_over_grpc_keeps_reasoning_and_tool_calls_and_follows_model_switches(
+    scripted_think_model: Path, scripted_tool_model: Path
+) -> None:
+    from runtime.proto import backend_pb2 as pb
+
+    with running(
+        GrpcProcess("--model", str(scripted_think_model), *TWO_RANKS, "--strategy", "tensor", timeout=120)
+    ) as process:
+        assert isinstance(process, GrpcProcess)
+        stub = process.stub
+        deadline = time.monotonic() + 120
+        while stub.Status(pb.HealthMessage(), timeout=10).state != pb.StatusResponse.READY:
+            assert time.monotonic() < deadline, process.stderr.text
+            time.sleep(0.2)
+        info = fixture_info(scripted_think_model)
+        replies = list(stub.PredictStream(chat(Tokens=40, Metadata={"enable_thinking": "true"}), timeout=60))
+        assert "".join(d.reasoning_content for r in replies for d in r.chat_deltas) == info["reasoning"]
+        assert "".join(r.message.decode() for r in replies) == info["answer"]
+
+        # LoadModel of another config: rank 0 frees, every rank loads the new one.
+        result = stub.LoadModel(pb.ModelOptions(Model=str(scripted_tool_model)), timeout=120)
+        assert result.success, result.message
+        tools = json.dumps(
+            [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                    },
+                }
+            ]
+        )
+        tool_info = fixture_info(scripted_tool_model)
+        replies = list(
+            stub.PredictStream(
+                chat("Weather in Paris?", Tokens=60, Tools=tools, ToolChoice='"auto"'), timeout=60
+            )
+        )
+        calls = [call for r in replies for d in r.chat_deltas for call in d.tool_calls]
+        assert [c.name for c in calls] == ["get_weather"]
+        assert json.loads(calls[0].arguments) == tool_info["tool_call"]["arguments"]
+        assert stub.Health(pb.HealthMessage(), timeout=10).message == b"OK"
+
+        pids = _pids(process)
+        os.kill(pids[0], signal.SIGTERM)  # rank 0 drains, then tells rank 1 to exit
+        assert process.wait(60) == 0
+        assert not _alive(pids[1])
+        assert "rank 1: rank 0 said exit" in process.stderr.text
+
+
+def test_stdio_run_goes_through_the_launcher_and_ends_at_end_of_input(text_qwen2_model: Path) -> None:
+    reference = _reference(text_qwen2_model)
+    from runtime.request import GenerationRequest
+
+    try:
+        expected = reference.generate(
+            GenerationRequest(prompt="The capital of France", max_tokens=12, temperature=0.0)
+        ).content
+    finally:
+        reference.shutdown()
+    with running(StdioProcess(str(text_qwen2_model), *TWO_RANKS)) as process:
+        assert isinstance(process, StdioProcess)
+        response = process.call(
+            "complete", {"prompt": "The capital of France", "max_tokens": 12, "temperature": 0}, timeout=120
+        )
+        assert response["result"]["text"] == expected, response
+        process.close_stdin()
+        assert process.wait(60) == 0
+        assert not process.bad_lines  # nothing but JSON-RPC on stdout: rank 1 never writes there
+        assert "rank 1: rank 0 said exit" in process.stderr.text
