@@ -28,6 +28,7 @@ from importers.facts import (
     repo_files,
 )
 from importers.fetch import FetchStats, RepoSnapshot, fetch
+from importers.memory import decide_memory
 from importers.metadata import RepoMetadata, optional_int, str_list, token_text
 from importers.reasoning import decide_reasoning
 from importers.source import ModelSource, parse_source
@@ -155,6 +156,7 @@ def build_config(
         )
 
     files, total_size = repo_files(snapshot)
+    memory, decisions["memory"] = decide_memory(meta, files, context.value)
     if snapshot.commit:
         decisions["revision"] = Decision(
             value=snapshot.commit,
@@ -213,6 +215,7 @@ def build_config(
                 text_route=text_route,
                 files=files,
                 total_size=total_size,
+                memory=memory,
                 decisions=decisions,
                 warnings=list(dict.fromkeys(warnings)),
             ),

@@ -40,6 +40,7 @@ METADATA_FILES = (
     "chat_template.json",
     "processor_config.json",
     "preprocessor_config.json",
+    "video_preprocessor_config.json",
     "model.safetensors.index.json",
     "model_index.json",
     "params.json",
