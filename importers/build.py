@@ -112,7 +112,8 @@ def build_config(
     warnings.extend(template.warnings)
     decisions["chat_template"] = template.decision
 
-    reasoning = decide_reasoning(template.template.text, vocab.known_texts(), template.template.variables)
+    reasoning = decide_reasoning(template.template.text, vocab, template.template.variables)
+    warnings.extend(reasoning.warnings)
     decisions["reasoning"] = reasoning.reasoning_decision
     decisions["tool_calls"] = reasoning.tool_decision
 

@@ -30,6 +30,19 @@ _SLIDING = frozenset({"sliding_attention", "sliding", "local", "local_attention"
 _LINEAR = frozenset({"linear_attention", "mamba", "mamba2", "ssm", "conv", "recurrent", "gated_delta"})
 
 
+# Values a config class supplies when config.json leaves them out (transformers' Gemma3TextConfig): the
+# released gemma-3 configs declare only what differs from these.
+_CLASS_DEFAULTS: dict[str, dict[str, int]] = {
+    "gemma3_text": {
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "sliding_window": 4096,
+        "sliding_window_pattern": 6,
+    },
+}
+
+
 def _language_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(where, dict) of the language model's own config: the root, or a nested text/llm config."""
     if any(k in config for k in ("num_hidden_layers", "n_layers", "num_layers")):
@@ -87,8 +100,11 @@ def _layer_kinds(text: dict[str, Any], layers: int) -> tuple[_Layers, int | None
     counts = _Layers()
     types = text.get("layer_types")
     pattern = text.get("hybrid_override_pattern")
+    # The last `num_kv_shared_layers` layers reuse earlier layers' KV (Gemma 3n / 4): no cache of their own.
+    counts.shared = min(_int(text, "num_kv_shared_layers") or 0, layers)
+    own = layers - counts.shared
     if isinstance(types, list) and len(types) == layers and all(isinstance(t, str) for t in types):
-        for kind in types:
+        for kind in types[:own]:
             if kind in _LINEAR:
                 counts.linear += 1
             elif kind in _SLIDING and window:
@@ -101,23 +117,15 @@ def _layer_kinds(text: dict[str, Any], layers: int) -> tuple[_Layers, int | None
         counts.linear = pattern.count("M")
     elif _int(text, "full_attention_interval"):
         interval = _int(text, "full_attention_interval") or 1
-        counts.full = layers // interval
-        counts.linear = layers - counts.full
+        counts.full = own // interval
+        counts.linear = own - counts.full
     elif window and _int(text, "sliding_window_pattern"):
+        # mlx-lm's gemma3_text: layer i is global when i % pattern == pattern - 1.
         pattern_n = _int(text, "sliding_window_pattern") or 1
-        counts.full = sum(1 for i in range(layers) if i % pattern_n == pattern_n - 1)
-        counts.sliding = layers - counts.full
+        counts.full = sum(1 for i in range(own) if i % pattern_n == pattern_n - 1)
+        counts.sliding = own - counts.full
     else:
-        counts.full = layers
-    shared = _int(text, "num_kv_shared_layers") or 0
-    if shared:
-        # The last `shared` layers reuse earlier layers' KV (Gemma 3n / 4): they hold no cache of their own.
-        counts.shared = min(shared, counts.full + counts.sliding)
-        take_sliding = min(
-            counts.sliding, counts.shared * counts.sliding // max(1, counts.full + counts.sliding)
-        )
-        counts.sliding -= take_sliding
-        counts.full -= counts.shared - take_sliding
+        counts.full = own
     return counts, window
 
 
@@ -166,6 +174,16 @@ def decide_memory(
         )
 
     where, text = _language_config(meta.config)
+    defaults = _CLASS_DEFAULTS.get(str(text.get("model_type")), {})
+    if defaults and not all(key in text for key in defaults):
+        text = {**defaults, **text}
+        evidence.append(
+            Evidence(
+                source="transformers",
+                field=f"{text.get('model_type')} config class",
+                detail="undeclared heads / head dim / window taken from the config class defaults",
+            )
+        )
     layers = _int(text, "num_hidden_layers", "n_layers", "num_layers")
     heads = _int(text, "num_attention_heads", "n_heads", "num_heads")
     hidden = _int(text, "hidden_size", "d_model", "n_embd")
