@@ -123,10 +123,11 @@ _UNSUPPORTED_ARCH_SUFFIXES = (
     "ForTextToSpeech",
 )
 _GENERATIVE_ARCH = re.compile(r"(ForCausalLM|ForConditionalGeneration|LMHeadModel|ForMultimodalLM)$")
-# Tensor-name markers of modality towers in a weights index (any path component).
+# Tensor-name markers of modality towers in a weights index (any path component). Projectors
+# (`multi_modal_projector`, `mm_projector`) are left out: audio-only models have them too.
 _VISION_TENSOR = re.compile(
     r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|vision_backbone|vision_embed_tokens|vit|"
-    r"image_encoder|image_vit|multi_modal_projector|mm_projector|embed_vision|vision_embed|img_processor|"
+    r"image_encoder|image_vit|embed_vision|vision_embed|img_processor|"
     r"image_newline|patch_embed|vpm|visual_tokenizer|vision_projection|image_projector)(\.|$)"
 )
 _AUDIO_TENSOR = re.compile(
@@ -490,7 +491,7 @@ def decide_backend(
         raise NoLoader(
             f"{_where(snapshot)}: no MLX library can load model_type {model_type!r} "
             f"({support['mlx'].describe()}; {support['mlx-vlm'].describe()}){custom}; "
-            f"the evidence says a {found} model ({reason})",
+            f"the evidence says it is a {found} model ({reason})",
             model_type=model_type,
             support=support,
         )
