@@ -158,8 +158,16 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
 class NoLoader(UnsupportedModel):
     """Neither mlx-lm nor mlx-vlm has a class for the model type (exit 10), with what each resolved."""
 
-    def __init__(self, message: str, *, model_type: str | None, support: dict[str, LibrarySupport]) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        model_type: str | None,
+        support: dict[str, LibrarySupport],
+        modalities: list[str] | None = None,
+    ) -> None:
         super().__init__(message)
+        self.modalities = modalities or []
         self.model_type = model_type
         self.support = support
         self.versions = {s.library: s.version for s in support.values()}
@@ -487,13 +495,14 @@ def decide_backend(
             if isinstance(auto_map, dict) and auto_map
             else ""
         )
-        found = "+".join(k for k, on in (("image", image), ("audio", audio)) if on) or "text"
+        modalities = [k for k, on in (("image", image), ("audio", audio)) if on]
         raise NoLoader(
             f"{_where(snapshot)}: no MLX library can load model_type {model_type!r} "
             f"({support['mlx'].describe()}; {support['mlx-vlm'].describe()}){custom}; "
-            f"the evidence says it is a {found} model ({reason})",
+            f"the evidence found {' and '.join(modalities) or 'text-only'} input ({reason})",
             model_type=model_type,
             support=support,
+            modalities=modalities,
         )
 
     backend = "mlx-vlm" if vlm else "mlx"
