@@ -122,7 +122,7 @@ def render_explanation(config: ModelConfig, warnings: list[str]) -> str:
     table.add_column("evidence", overflow="fold", max_width=70)
     for key, decision in config.mlx.decisions.items():
         lines = [
-            f"{'[' + e.strength + '] ' if e.strength else ''}{e.source}{':' + e.field if e.field else ''} — {e.detail}"
+            f"{'(' + e.strength + ') ' if e.strength else ''}{e.source}{':' + e.field if e.field else ''} — {e.detail}"
             for e in decision.evidence
         ]
         lines += [f"AGAINST: {c}" for c in decision.conflicts]
