@@ -33,6 +33,15 @@ libraries = pytest.mark.skipif(
 )
 
 
+def gallery_cli(hub_url: str, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m cli ARGS` against the loopback hub with its own Hugging Face home and wide output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub_url, HF_HOME=str(home), GALLERY_HTTP_BACKOFF="0.01", COLUMNS="400")
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+
+
 def _find(evidence: list[Evidence], source: str, text: str) -> Evidence:
     hits = [e for e in evidence if e.source == source and text in e.detail]
     assert hits, f"no {source} evidence mentioning {text!r} in {[e.detail for e in evidence]}"
@@ -90,16 +99,7 @@ def test_audio_only_model_no_library_can_load_fails_with_both_versions(hub_env) 
 
 @libraries
 def test_audio_only_model_exit_code_from_the_cli(hub_env, tmp_path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=hub_env.url, HF_HOME=str(tmp_path / "hf"), GALLERY_HTTP_BACKOFF="0.01")
-    done = subprocess.run(
-        [sys.executable, "-m", "cli", "import", AUDIO, "--backend", "mlx-vlm"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
+    done = gallery_cli(hub_env.url, tmp_path / "hf", "import", AUDIO, "--backend", "mlx-vlm")
     assert done.returncode == 10, done.stderr
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()

@@ -18,6 +18,7 @@ import pytest
 from gallery.config import MemoryEstimate
 from importers import import_model
 from importers.memory import REFERENCE_CONTEXT, check_fit, kv_bytes, total_bytes
+from tests.test_importer_loadability import gallery_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1024**3
@@ -104,18 +105,7 @@ def test_configs_without_a_memory_section_still_get_a_weights_estimate(hub_env) 
 
 
 def test_explain_and_show_print_the_fit(hub_env, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(
-        HF_ENDPOINT=hub_env.url, HF_HOME=str(tmp_path / "hf"), GALLERY_HTTP_BACKOFF="0.01", COLUMNS="400"
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "cli", "explain", "allenai/Molmo-7B-D-0924"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
+    done = gallery_cli(hub_env.url, tmp_path / "hf", "explain", "allenai/Molmo-7B-D-0924")
     assert done.returncode == 0, done.stderr
     fit = check_fit(import_model("allenai/Molmo-7B-D-0924").config)
     assert f"memory: {fit.summary()}" in done.stdout
@@ -124,13 +114,6 @@ def test_explain_and_show_print_the_fit(hub_env, tmp_path: Path) -> None:
     )
     if fit.fits is False:
         assert "cannot run here" in done.stdout
-    shown = subprocess.run(
-        [sys.executable, "-m", "cli", "show", "qwen3-4b-4bit"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
+    shown = gallery_cli(hub_env.url, tmp_path / "hf", "show", "qwen3-4b-4bit")
     assert shown.returncode == 0, shown.stderr
     assert "memory:" in shown.stdout and "at 8K tokens" in shown.stdout
