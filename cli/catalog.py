@@ -187,6 +187,8 @@ def show_command(
             + "\n"
         )
         return
+    from importers.memory import check_fit
+
     source = config.mlx.source
     template = config.mlx.chat_template
     stops = ", ".join(f"{t.id} {t.text!r}" if t.text else str(t.id) for t in config.mlx.stop_tokens) or "none"
@@ -198,6 +200,7 @@ def show_command(
         f"license:      {entry.meta.license or config.license or '-'}",
         f"size:         {entry.meta.size or '-'}",
         f"context size: {config.context_size or '-'}",
+        f"memory:       {check_fit(config).summary()}",
         f"stop tokens:  {stops}",
         f"template:     {template.status}"
         + (f" (sha256 {template.sha256}, from {template.source})" if template.sha256 else ""),
@@ -210,6 +213,9 @@ def show_command(
         size = sizes.get(file.filename)
         lines.append(f"  {file.sha256}  {file.filename}" + (f"  ({size} bytes)" if size is not None else ""))
     emit("\n".join(lines) + "\n")
+    fit = check_fit(config)
+    if fit.warning:
+        warn(fit.warning)
 
 
 def _check_new_entry(entry: Entry) -> None:

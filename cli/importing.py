@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -95,9 +96,13 @@ def explain(
         result = import_model(target, revision=revision, backend=backend)
         config, warnings = result.config, result.warnings
     loud_template_warning(config)
+    from importers.memory import check_fit
+
     if as_json:
         data = {key: decision.model_dump(mode="json") for key, decision in config.mlx.decisions.items()}
-        emit(json.dumps({"name": config.name, "decisions": data, "warnings": warnings}, indent=2) + "\n")
+        fit = check_fit(config)
+        body = {"name": config.name, "decisions": data, "warnings": warnings, "fit": dataclasses.asdict(fit)}
+        emit(json.dumps(body, indent=2) + "\n")
         return
     emit(render_explanation(config, warnings))
 
@@ -109,18 +114,27 @@ def render_explanation(config: ModelConfig, warnings: list[str]) -> str:
     from rich.console import Console
     from rich.table import Table
 
+    from importers.memory import check_fit
+
     table = Table(title=f"{config.name} ({config.backend})", show_lines=True, expand=False)
     table.add_column("decision", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold", max_width=48)
     table.add_column("evidence", overflow="fold", max_width=70)
     for key, decision in config.mlx.decisions.items():
-        lines = [f"{e.source}{':' + e.field if e.field else ''} — {e.detail}" for e in decision.evidence]
+        lines = [
+            f"{'(' + e.strength + ') ' if e.strength else ''}{e.source}{':' + e.field if e.field else ''} — {e.detail}"
+            for e in decision.evidence
+        ]
         lines += [f"AGAINST: {c}" for c in decision.conflicts]
         table.add_row(key, decision.value, "\n".join(lines) or "-")
     buffer = StringIO()
     width = int(os.environ.get("COLUMNS", "160"))
     console = Console(file=buffer, width=max(width, 100), force_terminal=False, color_system=None)
     console.print(table)
+    fit = check_fit(config)
+    console.print(f"memory: {fit.summary()}", soft_wrap=True)
+    if fit.warning and fit.warning not in warnings:
+        warnings = [*warnings, fit.warning]
     if warnings:
         console.print("warnings:")
         for message in warnings:

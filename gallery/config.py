@@ -42,6 +42,11 @@ class Evidence(_Strict):
         description="The raw value read there (e.g. a token's text), when a "
         "check needs it as data rather than in the sentence.",
     )
+    strength: Literal["decisive", "strong", "medium", "weak"] | None = Field(
+        default=None,
+        description="How much this evidence weighs: decisive (what the libraries can load), strong (what "
+        "the weights contain), medium (config and processor declarations), weak (names, tags).",
+    )
 
 
 class Decision(_Strict):
@@ -266,6 +271,36 @@ class Distributed(_Strict):
         return self
 
 
+class MemoryEstimate(_Strict):
+    """What the model needs in memory: weights from the file list plus the KV cache, as mlx-lm allocates it.
+
+    KV at N tokens = (kv_bytes_per_token - sliding_kv_bytes_per_token) × N
+    + sliding_kv_bytes_per_token × min(N, sliding_window) + state_bytes.
+    """
+
+    weights_bytes: int | None = Field(default=None, ge=0, description="Bytes of the weight files MLX loads.")
+    kv_bytes_per_token: int | None = Field(
+        default=None, ge=0, description="KV-cache bytes one token adds, over every layer that caches it."
+    )
+    kv_dtype: str | None = Field(default=None, description="The dtype the KV cache is stored in.")
+    full_attention_layers: int | None = Field(default=None, ge=0)
+    sliding_attention_layers: int | None = Field(default=None, ge=0)
+    sliding_window: int | None = Field(default=None, gt=0, description="Tokens a sliding-window layer keeps.")
+    sliding_kv_bytes_per_token: int | None = Field(
+        default=None, ge=0, description="The part of kv_bytes_per_token held by sliding-window layers."
+    )
+    linear_attention_layers: int | None = Field(
+        default=None, ge=0, description="Linear-attention / SSM layers: a fixed state, not per token."
+    )
+    shared_kv_layers: int | None = Field(default=None, ge=0, description="Layers reusing another's KV.")
+    state_bytes: int | None = Field(default=None, ge=0, description="Fixed state of the linear layers.")
+    context_tokens: int | None = Field(default=None, gt=0, description="The pinned context size.")
+    at_context_bytes: int | None = Field(
+        default=None, ge=0, description="Weights + KV at the pinned context."
+    )
+    at_8k_bytes: int | None = Field(default=None, ge=0, description="Weights + KV at 8192 tokens.")
+
+
 class MlxSection(_Strict):
     """The project's own section: everything LocalAI has no key for."""
 
@@ -287,6 +322,9 @@ class MlxSection(_Strict):
     total_size: int | None = Field(default=None, ge=0)
     sharding: Sharding | None = Field(
         default=None, description="Distributed sharding support (configs imported before it have none)."
+    )
+    memory: MemoryEstimate | None = Field(
+        default=None, description="Memory estimate (optional: configs imported before it have none)."
     )
     decisions: dict[str, Decision] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)

@@ -28,6 +28,7 @@ from importers.facts import (
     repo_files,
 )
 from importers.fetch import FetchStats, RepoSnapshot, fetch
+from importers.memory import decide_memory
 from importers.metadata import RepoMetadata, optional_int, str_list, token_text
 from importers.reasoning import decide_reasoning
 from importers.sharding import decide_sharding
@@ -112,7 +113,8 @@ def build_config(
     warnings.extend(template.warnings)
     decisions["chat_template"] = template.decision
 
-    reasoning = decide_reasoning(template.template.text, vocab.known_texts(), template.template.variables)
+    reasoning = decide_reasoning(template.template.text, vocab, template.template.variables)
+    warnings.extend(reasoning.warnings)
     decisions["reasoning"] = reasoning.reasoning_decision
     decisions["tool_calls"] = reasoning.tool_decision
 
@@ -158,6 +160,7 @@ def build_config(
         )
 
     files, total_size = repo_files(snapshot)
+    memory, decisions["memory"] = decide_memory(meta, files, context.value)
     if snapshot.commit:
         decisions["revision"] = Decision(
             value=snapshot.commit,
@@ -217,6 +220,7 @@ def build_config(
                 files=files,
                 total_size=total_size,
                 sharding=sharding.value,
+                memory=memory,
                 decisions=decisions,
                 warnings=list(dict.fromkeys(warnings)),
             ),

@@ -40,6 +40,7 @@ METADATA_FILES = (
     "chat_template.json",
     "processor_config.json",
     "preprocessor_config.json",
+    "video_preprocessor_config.json",
     "model.safetensors.index.json",
     "model_index.json",
     "params.json",
@@ -137,7 +138,13 @@ class RepoSnapshot:
         except (OSError, ValueError) as exc:
             self.warnings.append(f"could not read the special tokens at the head of tokenizer.json: {exc}")
         if self._added_tokens is not None:
-            _write_side(side, [{"id": t.get("id"), "content": t.get("content")} for t in self._added_tokens])
+            _write_side(
+                side,
+                [
+                    {"id": t.get("id"), "content": t.get("content"), "special": t.get("special")}
+                    for t in self._added_tokens
+                ],
+            )
         return self._added_tokens
 
 

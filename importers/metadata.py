@@ -8,6 +8,7 @@ str"), so wrongly typed metadata is an error with an exit code, never a tracebac
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,24 @@ TOWER_KEYS = (
     "mm_vision_tower",
     "vision_tower_config",
 )
+# Any other dict-valued key that names a modality tower: `image_encoder_config`, `audio_tower`, … (top-level
+# or nested under any `*_config`). Dict values only: `vision_feature_layer` or `audio_token_id` are not towers.
+_TOWER_KEY_RE = re.compile(
+    r"^(vision|visual|vit|image|img|audio|speech|video|mm_vision)(_[a-z0-9]+)*_(config|tower|encoder|model|backbone)$"
+)
+_AUDIO_KEY_RE = re.compile(r"^(audio|speech)")
+
+
+def is_tower_key(key: str, value: Any) -> bool:
+    """Whether `key: value` in a config describes a modality tower (a non-empty sub-config)."""
+    if key in TOWER_KEYS:
+        return (isinstance(value, dict) and bool(value)) or (isinstance(value, str) and bool(value))
+    return isinstance(value, dict) and bool(value) and bool(_TOWER_KEY_RE.match(key))
+
+
+def tower_kind(key: str) -> str:
+    """`audio` or `vision` for a tower key."""
+    return "audio" if _AUDIO_KEY_RE.match(key) or key == "audio_encoder" else "vision"
 
 
 def _describe(value: Any) -> str:
@@ -97,7 +116,7 @@ class RepoMetadata:
             if depth >= 3:
                 return
             for key, value in node.items():
-                if isinstance(value, dict) and (include_towers or key not in TOWER_KEYS):
+                if isinstance(value, dict) and (include_towers or not is_tower_key(key, value)):
                     if key in (
                         "id2label",
                         "label2id",

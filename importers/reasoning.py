@@ -14,18 +14,27 @@ from typing import Any
 
 from gallery.chat_template import TemplateError, render_chat
 from gallery.config import Decision, Evidence, Reasoning, ToolCalls
+from importers.vocab import SpecialVocab
 
-# (start, end) marker pairs, checked in this order; the first whose start appears wins.
-_MARKERS: tuple[tuple[str, str, str], ...] = (
-    ("<think>", "</think>", "<think>"),
-    ("<|channel>thought", "<channel|>", "<|channel>"),
-    ("[THINK]", "[/THINK]", "[THINK]"),
-    ("<longcat_think>", "</longcat_think>", "<longcat_think>"),
-    ("<|think:start|>", "<|think:end|>", "<|think:start|>"),
-    ("<|channel|>analysis<|message|>", "<|end|>", "<|channel|>analysis"),
+# (start, end, start probe, end alone is proof) marker pairs, checked in this order; the first found wins.
+# An end marker alone identifies its pair only where it is distinctive (`</think>` is; harmony's `<|end|>`
+# also ends Phi-3 turns, so it is not).
+_MARKERS: tuple[tuple[str, str, str, bool], ...] = (
+    ("<think>", "</think>", "<think>", True),
+    ("<|channel>thought", "<channel|>", "<|channel>", True),
+    ("[THINK]", "[/THINK]", "[THINK]", True),
+    ("<longcat_think>", "</longcat_think>", "<longcat_think>", True),
+    ("<|think:start|>", "<|think:end|>", "<|think:start|>", True),
+    ("<|channel|>analysis<|message|>", "<|end|>", "<|channel|>analysis", False),
 )
 _SWITCHES = ("enable_thinking", "reasoning_effort", "enable_reasoning", "thinking")
 _PROBE_USER = [{"role": "user", "content": "Hello"}]
+# A past assistant turn with a reasoning block: templates that strip or re-wrap reasoning show it here.
+_PROBE_HISTORY = [
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "Hi.", "reasoning_content": "The user greets me."},
+    {"role": "user", "content": "Bye"},
+]
 
 
 @dataclasses.dataclass
@@ -36,16 +45,32 @@ class ReasoningDecision:
     tool_calls: ToolCalls
     reasoning_decision: Decision
     tool_decision: Decision
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-def _switch_in(template: str) -> str | None:
+def _render(
+    template: str, messages: list[dict[str, Any]], variables: dict[str, str], **kwargs: Any
+) -> str | None:
+    try:
+        return render_chat(template, messages, variables=variables, deadline_s=2.0, **kwargs)
+    except TemplateError:
+        return None
+
+
+def _switch_by_rendering(template: str, variables: dict[str, str]) -> tuple[str | None, str]:
+    """The template variable that switches reasoning: the first candidate the template mentions whose
+    value changes the rendered prompt (a mention alone proves nothing)."""
     for name in _SWITCHES:
-        if name == "thinking":
-            if re.search(r"\{%-?\s*if\s+(not\s+)?thinking\b", template):
-                return name
-        elif re.search(rf"\b{name}\b", template):
-            return name
-    return None
+        if not re.search(rf"\b{name}\b", template):
+            continue
+        on, off = (
+            ("high", "low") if name == "reasoning_effort" else (True, False)
+        )  # reasoning_effort takes a level, the others a boolean
+        first = _render(template, _PROBE_USER, variables, add_generation_prompt=True, **{name: on})
+        second = _render(template, _PROBE_USER, variables, add_generation_prompt=True, **{name: off})
+        if first is not None and second is not None and first != second:
+            return name, f"rendering with {name}={on!r} and {name}={off!r} gives different prompts"
+    return None, "no variable the template reads changes the rendered prompt"
 
 
 def _default_enabled(
@@ -78,34 +103,104 @@ def _default_enabled(
     return None, f"the prompt without {switch} matches neither setting"
 
 
+def _rendered_probes(template: str, variables: dict[str, str]) -> str:
+    """Every probe rendering joined: markers a template writes (generation prompt, history) show here even
+    when its source builds them from pieces."""
+    out = []
+    for messages in (_PROBE_USER, _PROBE_HISTORY):
+        for kwargs in ({}, {"enable_thinking": True}, {"enable_thinking": False}):
+            text = _render(template, messages, variables, add_generation_prompt=True, **kwargs)
+            if text:
+                out.append(text)
+    return "\n".join(out)
+
+
+def _find_markers(
+    template: str, vocab: SpecialVocab, variables: dict[str, str]
+) -> tuple[tuple[str, str] | None, list[Evidence]]:
+    """The reasoning marker pair and where it was found: the template's text, the tokenizer's added tokens
+    (special or not), or the template's rendered output."""
+    rendered: str | None = None
+    for start, end, probe, end_alone in _MARKERS:
+        places: list[str] = []
+        if probe in template:
+            places.append("the chat template writes the start marker")
+        elif end_alone and end in template:
+            places.append(f"the chat template handles the end marker {end!r}")
+        opener = probe.split("thought")[0]
+        if vocab.contains_text(opener) and vocab.contains_text(end):
+            places.append("the tokenizer has both as added tokens")
+        if not places and template:
+            rendered = _rendered_probes(template, variables) if rendered is None else rendered
+            if probe in rendered or (end_alone and end in rendered):
+                places.append("the rendered template writes them")
+        if not places:
+            continue
+        evidence = [
+            Evidence(
+                source="chat template" if "template" in place else "tokenizer",
+                detail=f"{place}: {start!r} … {end!r}",
+            )
+            for place in places
+        ]
+        special = [vocab.is_special(opener), vocab.is_special(end)]
+        if all(flag is True for flag in special):
+            how = "special tokens (also matched as text at runtime)"
+        elif any(flag is True for flag in special):
+            how = "partly special tokens; matched as text at runtime"
+        else:
+            state = (
+                "added tokens, not special"
+                if all(flag is False for flag in special)
+                else "not special tokens"
+            )
+            how = f"{state}: plain text, matched as text at runtime with hold-back"
+        evidence.append(
+            Evidence(
+                source="tokenizer",
+                field="added tokens",
+                detail=f"markers are {how}",
+                value=how.split(";")[0].split(" (")[0],
+            )
+        )
+        return (start, end), evidence
+    return None, []
+
+
 def decide_reasoning(
-    template: str | None, special_texts: set[str], variables: dict[str, str]
+    template: str | None, vocab: SpecialVocab, variables: dict[str, str]
 ) -> ReasoningDecision:
     """Find the reasoning markers, switch and default, and the tool-call format."""
     text = template or ""
     evidence: list[Evidence] = []
+    warnings: list[str] = []
     reasoning = Reasoning()
-    for start, end, probe in _MARKERS:
-        in_template = probe in text
-        in_vocab = probe.split("thought")[0] in special_texts and end in special_texts
-        if in_template or in_vocab:
-            reasoning = Reasoning(supported=True, start=start, end=end)
-            where = "chat template" if in_template else "special tokens"
-            evidence.append(Evidence(source=where, detail=f"reasoning markers {start!r} … {end!r}"))
-            break
+    markers, marker_evidence = _find_markers(text, vocab, variables)
+    evidence.extend(marker_evidence)
+    switch, switch_why = _switch_by_rendering(text, variables) if text else (None, "")
+    if markers:
+        reasoning = Reasoning(supported=True, start=markers[0], end=markers[1])
     if reasoning.supported and text:
-        switch = _switch_in(text)
         reasoning.switch = switch
         if switch:
-            evidence.append(Evidence(source="chat template", field=switch, detail=f"template reads {switch}"))
+            evidence.append(Evidence(source="chat template", field=switch, detail=switch_why))
         default, why = _default_enabled(text, switch, reasoning.start or "", variables)
         reasoning.default_enabled = default
         evidence.append(Evidence(source="chat template", field="render probe", detail=why))
+    elif switch:
+        warnings.append(
+            f"the chat template has a reasoning switch ({switch}: {switch_why}) but no reasoning markers were "
+            "found in it, in the tokenizer or in its rendered prompts: reasoning is not split from content"
+        )
+        evidence.append(
+            Evidence(source="chat template", field=switch, detail=f"{switch_why}; no markers found")
+        )
     if reasoning.supported:
         state = {True: "on", False: "off", None: "unknown"}[reasoning.default_enabled]
         value = f"{reasoning.start} … {reasoning.end}; default {state}; switch {reasoning.switch or 'none'}"
     else:
         value = "no reasoning markers"
+    special_texts = vocab.known_texts()
     tools, tool_evidence = _tool_format(text, special_texts)
     tool_value = (
         f"{tools.format} ({tools.start} … {tools.end})" if tools.format else "no tool-call syntax found"
@@ -115,6 +210,7 @@ def decide_reasoning(
         tool_calls=tools,
         reasoning_decision=Decision(value=value, evidence=evidence),
         tool_decision=Decision(value=tool_value, evidence=tool_evidence),
+        warnings=warnings,
     )
 
 

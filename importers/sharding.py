@@ -35,7 +35,7 @@ def decide_sharding(meta: RepoMetadata, backend: str, model_type: str | None) ->
                 evidence=[Evidence(source="mlx-vlm", detail="mlx-vlm has no sharded (distributed) loading")],
             ),
         )
-    methods = sharding_methods(model_type) if model_type else None
+    methods = sharding_methods(meta.config) if model_type else None
     version = library_version("mlx-lm")
     if methods is None:
         detail = (

@@ -20,12 +20,15 @@ class SpecialVocab:
         self._meta = meta
         self._by_id: dict[int, tuple[str, str]] = {}
         self._by_text: dict[str, tuple[int, str]] = {}
+        self._special: dict[str, bool] = {}  # text -> the file's `special` flag, where the file has one
         self._head_loaded = False
         self._load_small_files()
 
-    def _add(self, token_id: int, text: str, source: str) -> None:
+    def _add(self, token_id: int, text: str, source: str, special: Any = None) -> None:
         self._by_id.setdefault(token_id, (text, source))
         self._by_text.setdefault(text, (token_id, source))
+        if isinstance(special, bool):
+            self._special.setdefault(text, special)
 
     def _load_small_files(self) -> None:
         decoder = self._meta.tokenizer_config.get("added_tokens_decoder")
@@ -46,7 +49,8 @@ class SpecialVocab:
                     raise BadMetadata(
                         f"tokenizer_config.json: added_tokens_decoder[{key}] has no string content"
                     )
-                self._add(token_id, content, "tokenizer_config.json:added_tokens_decoder")
+                special = entry.get("special") if isinstance(entry, dict) else None
+                self._add(token_id, content, "tokenizer_config.json:added_tokens_decoder", special)
         added = self._meta.json_object("added_tokens.json")
         if added:
             for text, token_id in added.items():
@@ -62,7 +66,7 @@ class SpecialVocab:
         for entry in tokens or []:
             token_id, content = entry.get("id"), entry.get("content")
             if isinstance(token_id, int) and not isinstance(token_id, bool) and isinstance(content, str):
-                self._add(token_id, content, "tokenizer.json:added_tokens")
+                self._add(token_id, content, "tokenizer.json:added_tokens", entry.get("special"))
 
     def text_of(self, token_id: int) -> tuple[str, str] | None:
         """(text, source file) for an id, or None when no file maps it."""
@@ -79,6 +83,13 @@ class SpecialVocab:
     def contains_text(self, text: str) -> bool:
         """Whether the special-token vocabulary has this text (without reading tokenizer.json)."""
         return text in self._by_text
+
+    def is_special(self, text: str) -> bool | None:
+        """Whether an added token is marked special (True), added as plain text (False), or unknown (None:
+        not an added token, or its file does not say)."""
+        if text not in self._by_text:
+            return None
+        return self._special.get(text)
 
     def known_texts(self) -> set[str]:
         """Every special-token text known so far."""

@@ -19,6 +19,7 @@ MODEL_FIXTURES: dict[str, str] = {
     "text-qwen3": "text_qwen3_model",
     "scripted-text": "scripted_text_model",
     "scripted-think": "scripted_think_model",
+    "scripted-textthink": "scripted_textthink_model",
     "scripted-tool": "scripted_tool_model",
     "text-notemplate": "text_notemplate_model",
     "vlm-qwen2vl": "vlm_model",
@@ -70,6 +71,7 @@ text_qwen3_model = _model_fixture("text-qwen3", "text_qwen3_model")
 text_qwen2_model = _model_fixture("text-qwen2", "text_qwen2_model")
 scripted_text_model = _model_fixture("scripted-text", "scripted_text_model")
 scripted_think_model = _model_fixture("scripted-think", "scripted_think_model")
+scripted_textthink_model = _model_fixture("scripted-textthink", "scripted_textthink_model")
 scripted_tool_model = _model_fixture("scripted-tool", "scripted_tool_model")
 text_notemplate_model = _model_fixture("text-notemplate", "text_notemplate_model")
 vlm_model = _model_fixture("vlm-qwen2vl", "vlm_model")
