@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 _STATUS_BYTES = 480  # one rank's status line in the load handshake
+_INLINE_BYTES = 2040  # message bytes carried by the first collective (with the 8-byte length: 2 KiB)
 
 
 class ClusterError(RuntimeError):
@@ -71,24 +72,35 @@ class Group:
         return out
 
     def send(self, payload: bytes) -> None:
-        """Rank 0: deliver payload to every other rank (each is blocked in receive)."""
+        """Rank 0: deliver payload to every other rank (each is blocked in receive).
+
+        One collective carries the length and the first _INLINE_BYTES; only a longer payload (a long prompt)
+        needs a second one, so an ordinary step costs one round trip.
+        """
         import mlx.core as mx
         import numpy as np
 
-        self._sum(mx.array(len(payload), dtype=mx.int64))
-        if payload:
-            self._sum(mx.array(np.frombuffer(payload, dtype=np.uint8)))
+        head = np.zeros(_INLINE_BYTES + 8, dtype=np.uint8)
+        head[:8] = np.frombuffer(len(payload).to_bytes(8, "little"), dtype=np.uint8)
+        first = payload[:_INLINE_BYTES]
+        head[8 : 8 + len(first)] = np.frombuffer(first, dtype=np.uint8)
+        self._sum(mx.array(head))
+        rest = payload[_INLINE_BYTES:]
+        if rest:
+            self._sum(mx.array(np.frombuffer(rest, dtype=np.uint8)))
 
     def receive(self) -> bytes:
         """Ranks above 0: wait for rank 0's next payload."""
         import mlx.core as mx
         import numpy as np
 
-        size = int(self._sum(mx.array(0, dtype=mx.int64)).item())
-        if size <= 0:
-            return b""
-        data = self._sum(mx.zeros(size, dtype=mx.uint8))
-        return bytes(np.array(data, copy=False).tobytes())
+        head = np.array(self._sum(mx.zeros(_INLINE_BYTES + 8, dtype=mx.uint8)), copy=False)
+        size = int.from_bytes(head[:8].tobytes(), "little")
+        payload = head[8 : 8 + min(size, _INLINE_BYTES)].tobytes()
+        if size > _INLINE_BYTES:
+            rest = self._sum(mx.zeros(size - _INLINE_BYTES, dtype=mx.uint8))
+            payload += np.array(rest, copy=False).tobytes()
+        return payload
 
     def gather_status(self, problem: str | None) -> list[str | None]:
         """Every rank's problem (None: fine), in rank order; every rank must call it."""

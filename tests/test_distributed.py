@@ -167,7 +167,8 @@ def test_pipeline_run_answers_like_one_process_then_a_killed_rank_fails_fast(tex
     reference = _reference(text_qwen2_model)
     from runtime.request import GenerationRequest
 
-    prompts = [f"question {i}: " + "tell me more " * i for i in range(6)]
+    # Prompt 5 is long: its token ids do not fit in one message collective (see backends.distributed).
+    prompts = [f"question {i}: " + "tell me more " * (i if i < 5 else 400) for i in range(6)]
 
     def ask_reference(i: int) -> str:
         request = GenerationRequest(
