@@ -9,11 +9,12 @@
 - TextStreams: one mlx-lm generator per request, advanced round-robin, for what BatchGenerator cannot
   batch: a draft model (speculative decoding) and a quantized KV cache. Same prefix cache.
 - VlmStreams: one mlx-vlm generator per request (images, audio, video; text on VLMs without a shared text
-  route), advanced round-robin; prefix reuse through mlx-vlm's PromptCacheState, kept per set of media
-  (by content hash), so a prefix is reused only with the same images. mlx-vlm keeps per-request state on
-  shared objects (the stop criteria on the tokenizer, mRoPE offsets on the language model): each
+  route, or with a drafter), advanced round-robin; prefix reuse through mlx-vlm's PromptCacheState, kept per
+  set of media (by content hash), so a prefix is reused only with the same images. mlx-vlm keeps per-request
+  state on shared objects (the stop criteria on the tokenizer, mRoPE offsets on the language model): each
   request's copy is swapped in before its step and out after, so interleaved requests never see each
-  other's state.
+  other's state. A drafter (bundled MTP layers, or a separate one) keeps its drafting state on itself, so
+  each request drafts with its own shallow copy.
 
 Each step returns `Token`s: the token id, its text when the library detokenized it (VLM), the finish
 reason ("stop" when it is one of the request's stop ids, "length" at max tokens) and log-probabilities
@@ -22,6 +23,7 @@ when asked for. The engine turns tokens into answers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -306,6 +308,7 @@ class _Stream:
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
     prefix_state: Any = None
     last_count: int = -1
+    drafter: Any = None  # this request's own drafter (VLM streams that draft)
 
 
 class _RoundRobin:
@@ -511,8 +514,8 @@ class VlmStreams(_RoundRobin):
             self.options.update(
                 kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
             )
-        if draft_model is not None:
-            self.options.update(draft_model=draft_model, draft_kind=draft_kind or "mtp")
+        self.draft_model = draft_model
+        self.draft_kind = draft_kind or "mtp"
 
     def add(self, spec: DecodeSpec) -> Started:
         """Start a request's generator (the processor, the towers and the prompt run inside its first step)."""
@@ -526,6 +529,10 @@ class VlmStreams(_RoundRobin):
         import mlx.core as mx
 
         sampler = spec.sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+        options = dict(self.options)
+        drafter = self._drafter(spec)
+        if drafter is not None:
+            options.update(draft_model=drafter, draft_kind=self.draft_kind)
         generator = stream_generate(
             self.model,
             self.processor,
@@ -537,12 +544,24 @@ class VlmStreams(_RoundRobin):
             sampler=sampler,
             logits_processors=list(spec.processors) or None,
             prompt_cache_state=state,
-            **self.options,
+            **options,
         )
-        stream = _Stream(spec, generator, prefix_state=state)
+        stream = _Stream(spec, generator, prefix_state=state, drafter=drafter)
         stream.state = {"stopping_criteria": _StopIds(spec.stop_ids)}
         self.streams[spec.uid] = stream
         return Started()
+
+    def _drafter(self, spec: DecodeSpec) -> Any:
+        """This request's drafter, or None: none is loaded, or the request needs what drafting drops.
+
+        mlx-vlm's speculative loop applies logits processors (penalties, bias, grammar, thinking budget) to the
+        first token only and returns no log-probabilities after it, so such requests decode without drafts. The
+        drafter keeps a generation's state (its KV cache, positions, acceptance history) on itself: each request
+        gets its own shallow copy, which shares the weights.
+        """
+        if self.draft_model is None or spec.processors or spec.logprobs is not None:
+            return None
+        return copy.copy(self.draft_model)
 
     def _swap_in(self, stream: _Stream) -> dict[str, Any]:
         saved = {"stopping_criteria": getattr(self.tokenizer, "stopping_criteria", None)}
