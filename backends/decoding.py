@@ -498,6 +498,7 @@ class VlmStreams(_RoundRobin):
         quantized_kv_start: int = 0,
         draft_model: Any = None,
         draft_kind: str | None = None,
+        num_draft_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -516,6 +517,7 @@ class VlmStreams(_RoundRobin):
             )
         self.draft_model = draft_model
         self.draft_kind = draft_kind or "mtp"
+        self.num_draft_tokens = num_draft_tokens
 
     def add(self, spec: DecodeSpec) -> Started:
         """Start a request's generator (the processor, the towers and the prompt run inside its first step)."""
@@ -533,6 +535,9 @@ class VlmStreams(_RoundRobin):
         drafter = self._drafter(spec)
         if drafter is not None:
             options.update(draft_model=drafter, draft_kind=self.draft_kind)
+            drafts = spec.num_draft_tokens or self.num_draft_tokens
+            if drafts:
+                options["draft_block_size"] = drafts + 1  # a verification block is the drafts plus one token
         generator = stream_generate(
             self.model,
             self.processor,

@@ -517,6 +517,7 @@ class Engine:
                 prefill_step=settings.prefill_step,
                 draft_model=vlm_backend.draft_model,
                 draft_kind=vlm_backend.draft_kind,
+                num_draft_tokens=settings.num_draft_tokens or config.mlx.speculative.num_draft_tokens,
                 **kv,
             )
         vlm_drafts = vlm_backend is not None and vlm_backend.draft_model is not None
