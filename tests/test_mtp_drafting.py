@@ -4,7 +4,8 @@ The fixture (`vlm-qwen35-mtp`) is a tiny qwen3_5 whose weights carry one MTP lay
 importer pins `mlx.speculative.mtp: true` from its weights index, the loader hands the model folder to
 mlx-vlm's `load_drafter`, and every request of the config runs on mlx-vlm's speculative loop. Its drafter
 predicts the model's bigram choice, which the context often overrides, so some drafts are accepted and
-others rejected (both verification paths run), and answers depend on the prompt.
+others rejected (both verification paths run), and answers depend on the prompt. Seeded sampled requests
+draft too, and stay reproducible alone or in a batch.
 
 The baseline is the same config with `mtp: false` and `text_route: vlm`, so both engines run the same
 mlx-vlm code and only the drafting differs (the shared-weights text route is mlx-lm's, whose detokenizer
@@ -162,6 +163,23 @@ def test_drafting_never_changes_a_greedy_answer_alone_streaming_or_concurrent(
     assert status["draft_tokens"] >= 4 * generated and status["accepted"] >= 4 * accepted
     assert status["accepted"] < status["proposed"]  # mlx-vlm proposed more drafts than the model accepted
     assert plain.status()["speculative"] == {}
+
+
+def test_a_seeded_sampled_request_drafts_and_is_the_same_alone_or_in_a_batch(
+    engines: tuple[Any, Any],
+) -> None:
+    drafting, _plain = engines
+    requests = [
+        _request(text, temperature=0.8, top_p=0.9, seed=7 + index) for index, text in enumerate(PROMPTS[:4])
+    ]
+    before = drafting.status()["speculative"]["draft_tokens"]
+    alone = [drafting.generate(request) for request in requests]
+    together = [handle.result() for handle in [drafting.submit(request) for request in requests]]
+    assert [a.content for a in alone] == [t.content for t in together]
+    assert [a.seed for a in alone] == [7, 8, 9, 10]
+    assert drafting.status()["speculative"]["draft_tokens"] - before == 2 * sum(
+        a.usage.completion_tokens for a in alone
+    )  # every one of them drafted
 
 
 def test_requests_drafting_cannot_honour_decode_without_drafts(engines: tuple[Any, Any]) -> None:
