@@ -388,13 +388,17 @@ class Engine:
             caches["text"] = self._prefix.describe()
         if self._vlm is not None:
             caches["vlm"] = self._vlm.describe()
-        draft = {}
-        if self._streams is not None and self._streams.drafted:
+        draft: dict[str, Any] = {}
+        drafting = [d for d in (self._streams, self._vlm) if d is not None and d.drafted]
+        if drafting:
+            drafted, accepted = sum(d.drafted for d in drafting), sum(d.accepted for d in drafting)
             draft = {
-                "draft_tokens": self._streams.drafted,
-                "accepted": self._streams.accepted,
-                "acceptance": round(self._streams.accepted / self._streams.drafted, 4),
+                "draft_tokens": drafted,
+                "accepted": accepted,
+                "acceptance": round(accepted / drafted, 4),
             }
+            if self._vlm is not None and self._vlm.proposed:
+                draft["proposed"] = self._vlm.proposed  # drafts offered (mlx-vlm counts them per round)
         return {
             "state": state,
             "model": self.config.name,
@@ -583,6 +587,7 @@ class Engine:
                 prefill_step=settings.prefill_step,
                 draft_model=vlm_backend.draft_model,
                 draft_kind=vlm_backend.draft_kind,
+                num_draft_tokens=settings.num_draft_tokens or config.mlx.speculative.num_draft_tokens,
                 **kv,
             )
         vlm_drafts = vlm_backend is not None and vlm_backend.draft_model is not None

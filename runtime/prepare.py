@@ -190,7 +190,8 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
             f"thinking_budget: {config.name} has no reasoning block to limit", field="thinking_budget"
         )
     speculative = route != "vlm" and runtime.speculative
-    if request.num_draft_tokens and not runtime.speculative and not runtime.vlm_for_text:
+    vlm_drafts = runtime.vlm_backend is not None and runtime.vlm_backend.draft_model is not None
+    if request.num_draft_tokens and not runtime.speculative and not vlm_drafts:
         raise RequestError(
             f"num_draft_tokens: {config.name} has no draft model (pin one in mlx.speculative)",
             field="num_draft_tokens",

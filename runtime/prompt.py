@@ -91,14 +91,19 @@ def render_request_prompt(
 
 
 def check_media_markers(config: ModelConfig, prompt: str, media: list[MediaItem]) -> None:
-    """Refuse media the prompt has no place for (the image would be silently dropped otherwise)."""
-    images = sum(1 for item in media if item.kind == "image")
-    marker = config.mlx.media.marker
-    if images and marker and prompt.count(marker) < images:
-        raise RequestError(
-            f"{images} image(s) sent but the prompt has only {prompt.count(marker)} {marker!r} marker(s): "
-            "the images would be dropped"
-        )
+    """Refuse media the prompt has no place for (the processor would encode it and the model never see it)."""
+    pinned = config.mlx.media
+    for kind, marker in (
+        ("image", pinned.marker),
+        ("audio", pinned.audio_token),
+        ("video", pinned.video_token),
+    ):
+        count = sum(1 for item in media if item.kind == kind)
+        if count and marker and prompt.count(marker) < count:
+            raise RequestError(
+                f"{count} {kind} input(s) sent but the prompt has only {prompt.count(marker)} {marker!r} "
+                f"marker(s): the {kind} inputs would be dropped"
+            )
 
 
 def accepted_media(config: ModelConfig) -> set[str]:

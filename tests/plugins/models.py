@@ -1,9 +1,9 @@
 """Pytest plugin: the tiny real MLX models from ``fixtures/build_models.py`` as session fixtures.
 
 ``fixture_models`` builds (only if needed) and returns every model folder by name; one fixture per model
-(``scripted_text_model``, ``vlm_model``, ``smollm2_model``, ...) returns a single folder and builds only
-that one. Each fixture skips, rather than fails, where MLX is not installed, so the importer and catalog
-tests still run on any machine. Folders carry a ``fixture.json``; read it with :func:`fixture_info`.
+(``scripted_text_model``, ``vlm_model``, ``mtp_vlm_model``, ``audio_vlm_model``, ``smollm2_model``, ...)
+returns a single folder and builds only that one. Each fixture skips, rather than fails, where MLX is not
+installed, so the importer and catalog tests still run on any machine. Folders carry a ``fixture.json``; read it with :func:`fixture_info`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ MODEL_FIXTURES: dict[str, str] = {
     "text-notemplate": "text_notemplate_model",
     "vlm-qwen2vl": "vlm_model",
     "scripted-vlm": "scripted_vlm_model",
+    "vlm-qwen35-mtp": "mtp_vlm_model",
+    "vlm-gemma4-audio": "audio_vlm_model",
     "smollm2": "smollm2_model",
 }
 
@@ -76,4 +78,6 @@ scripted_tool_model = _model_fixture("scripted-tool", "scripted_tool_model")
 text_notemplate_model = _model_fixture("text-notemplate", "text_notemplate_model")
 vlm_model = _model_fixture("vlm-qwen2vl", "vlm_model")
 scripted_vlm_model = _model_fixture("scripted-vlm", "scripted_vlm_model")
+mtp_vlm_model = _model_fixture("vlm-qwen35-mtp", "mtp_vlm_model")
+audio_vlm_model = _model_fixture("vlm-gemma4-audio", "audio_vlm_model")
 smollm2_model = _model_fixture("smollm2", "smollm2_model")
