@@ -17,6 +17,7 @@ import pytest
 # Model name -> fixture name. The random tiny VLM is plain ``vlm_model``; the rest follow their name.
 MODEL_FIXTURES: dict[str, str] = {
     "text-qwen3": "text_qwen3_model",
+    "text-qwen2": "text_qwen2_model",
     "scripted-text": "scripted_text_model",
     "scripted-think": "scripted_think_model",
     "scripted-textthink": "scripted_textthink_model",
