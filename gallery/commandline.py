@@ -27,6 +27,15 @@ _EXIT = (click.exceptions.Exit, typer.Exit)
 _ABORT = (click.exceptions.Abort, typer.Abort)
 _CLICK_ERROR = (click.ClickException, _typer_click.ClickException)
 _USAGE_ERROR = (click.UsageError, _typer_click.UsageError)
+# A command given no arguments shows its help (on stdout, as --help does) rather than an error line.
+_NO_ARGS = tuple(
+    kind
+    for kind in (
+        getattr(click.exceptions, "NoArgsIsHelpError", None),
+        getattr(_typer_click, "NoArgsIsHelpError", None),
+    )
+    if kind
+)
 INTERRUPTED = next(code for code, (name, _) in EXIT_CODES.items() if name == "interrupted")
 
 
@@ -46,6 +55,10 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str, label: 
     except _ABORT:
         print(f"\n{label}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except _NO_ARGS as exc:
+        context = getattr(exc, "ctx", None)
+        print(context.get_help() if context is not None else exc.format_message())
+        return UsageError.exit_code
     except _CLICK_ERROR as exc:
         usage = isinstance(exc, _USAGE_ERROR)
         context = getattr(exc, "ctx", None)
