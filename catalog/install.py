@@ -204,10 +204,8 @@ def install_entry(
                 workers=max_workers,
             )
         except BaseException:
-            if created and not any(folder.rglob("*")):
-                shutil.rmtree(
-                    folder, ignore_errors=True
-                )  # nothing installed (a gated repo…): no empty folder
+            if created and not _has_model_files(folder):  # nothing installed (a gated repo…): no empty folder
+                shutil.rmtree(folder, ignore_errors=True)
             raise
     downloaded: list[str] = []
     for name in missing:
@@ -240,6 +238,11 @@ def install_entry(
         if written:
             atomic_write(config_path, text)
     return InstallResult(entry.name, store, folder, config_path, verified, downloaded, written, removed)
+
+
+def _has_model_files(folder: Path) -> bool:
+    """Whether a models-dir folder holds any model file (huggingface_hub's own .cache/ does not count)."""
+    return any(p.is_file() and ".cache" not in p.relative_to(folder).parts for p in folder.rglob("*"))
 
 
 def _download(
