@@ -150,7 +150,11 @@ def describe_drift(old: Entry, new: Entry) -> list[str]:
     ]
     if other:
         changes.append(f"other config fields: {', '.join(other)}")
-    derived = {"files", "config", "config_file"}  # config_file is LocalAI's view of the config: compared above
+    derived = {
+        "files",
+        "config",
+        "config_file",
+    }  # config_file is LocalAI's view of the config: compared above
     meta_old = old.meta.model_dump(exclude=derived)
     meta_new = new.meta.model_dump(exclude=derived)
     meta_changed = [key for key in meta_old if meta_old[key] != meta_new[key]]

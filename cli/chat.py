@@ -210,9 +210,10 @@ def _turn(
     conversation.turns.append(request.messages[-1])
     conversation.turns.append({"role": "assistant", "content": final.content})
     usage, timings = final.usage, final.timings
+    reason = "" if final.finish_reason == "stop" else f", {final.finish_reason}"
     console.print(
-        f"({usage.completion_tokens} tokens, {timings.generation_tps:.1f} tok/s, "
-        f"first token after {timings.prompt_s:.2f} s{', ' + str(final.finish_reason) if final.finish_reason != 'stop' else ''})",
+        f"(prompt {usage.prompt_tokens} tokens, {usage.cached_tokens} cached; answer {usage.completion_tokens} "
+        f"tokens, {timings.generation_tps:.1f} tok/s; first token after {timings.prompt_s:.2f} s{reason})",
         style="dim",
         markup=False,
     )

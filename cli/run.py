@@ -145,9 +145,8 @@ def stream_answer(
                 printed = True
     except KeyboardInterrupt:
         handle.cancel()
-        if printed or in_reasoning:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+        sys.stdout.write("\n")  # end the partial answer's line (or the ^C the terminal echoed)
+        sys.stdout.flush()
         raise
     return Streamed(answer.completion(), printed)
 
