@@ -62,6 +62,15 @@ for module in (models, chat, run, importing, catalog, serve):
     app.add_typer(module.app)
 
 
+def _one_line_warning(message: Warning | str, *_: object, **__: object) -> None:
+    from cli.output import warn
+
+    warn(" ".join(str(message).split()))  # a library's warning (not enough disk space…) in one line, not two
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every failure into one line and an exit code."""
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     return run_app(app, argv, prog_name="gallery", label="gallery")

@@ -106,8 +106,7 @@ def pull_command(
     if fit is not None:
         note(fit)
     folder = install_and_report(entry, resolve_models_dir(models_dir), as_json=as_json)
-    if not as_json:
-        note(f"ready: `gallery chat {entry.name}` or `gallery run {entry.name} -p TEXT` ({folder})")
+    note(f"ready: `gallery chat {entry.name}` or `gallery run {entry.name} -p TEXT` ({folder})")
 
 
 def _same_repo(source: str, name: str | None, catalog: Path | None) -> Entry | None:
