@@ -105,10 +105,12 @@ def _row(entry: Entry, *, installed: Path | None = None) -> dict[str, Any]:
     }
 
 
-def _status(row: dict[str, Any]) -> str:
+def _status(row: dict[str, Any]) -> Any:
+    from rich.text import Text
+
     if not row["weights"]:
-        return "no weights"
-    return "installed" if row["installed"] else ""
+        return Text("no weights", style="yellow")
+    return Text("installed", style="green") if row["installed"] else ""
 
 
 def _rows(entries: list[Entry]) -> list[dict[str, Any]]:

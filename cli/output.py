@@ -9,6 +9,7 @@ stderr is a terminal (a log file gets no control characters).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -18,14 +19,22 @@ from rich.console import Console
 from gallery.config import ModelConfig
 
 
+def _terminal_width(stream: Any) -> int | None:
+    """The width of the terminal a stream is, asked of the terminal itself (an exported $COLUMNS can be stale)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def stdout_console() -> Console:
-    """A console on stdout (rich decides colour and width from the real terminal, NO_COLOR, TERM)."""
-    return Console(highlight=False, soft_wrap=False)
+    """A console on stdout (rich decides colour from the terminal, NO_COLOR and TERM; the width is the terminal's)."""
+    return Console(highlight=False, soft_wrap=False, width=_terminal_width(sys.stdout))
 
 
 def stderr_console() -> Console:
     """A console on stderr."""
-    return Console(stderr=True, highlight=False, soft_wrap=False)
+    return Console(stderr=True, highlight=False, soft_wrap=False, width=_terminal_width(sys.stderr))
 
 
 def stdout_is_terminal() -> bool:
@@ -39,13 +48,15 @@ def stderr_is_terminal() -> bool:
 
 
 def warn(message: str) -> None:
-    """Print a warning line to stderr."""
-    stderr_console().print(f"[yellow]gallery: warning:[/yellow] {_escape(message)}", soft_wrap=True)
+    """Print a warning to stderr: one line in a log, wrapped to the width of a terminal."""
+    stderr_console().print(
+        f"[yellow]gallery: warning:[/yellow] {_escape(message)}", soft_wrap=not stderr_is_terminal()
+    )
 
 
 def note(message: str) -> None:
-    """Print an informational line to stderr."""
-    stderr_console().print(f"[dim]gallery:[/dim] {_escape(message)}", soft_wrap=True)
+    """Print an informational message to stderr: one line in a log, wrapped to the width of a terminal."""
+    stderr_console().print(f"[dim]gallery:[/dim] {_escape(message)}", soft_wrap=not stderr_is_terminal())
 
 
 def emit(text: str) -> None:
@@ -60,12 +71,17 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, wrap: Sequence[str] = ()) -> None:
-    """A plain table on stdout that fits the terminal: columns in `wrap` shrink (ellipsis), the others do not."""
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, wrap: Sequence[str] = ()) -> None:
+    """A plain table on stdout that fits the terminal: columns in `wrap` shrink (ellipsis), the others do not.
+
+    Cells are plain strings, or rich Text for a coloured cell.
+    """
     from rich.table import Table
 
     console = stdout_console()
-    widths = [max([len(header), *(len(row[index]) for row in rows)]) for index, header in enumerate(headers)]
+    widths = [
+        max([len(header), *(len(str(row[index])) for row in rows)]) for index, header in enumerate(headers)
+    ]
     fixed = sum(w for h, w in zip(headers, widths, strict=True) if h not in wrap) + 2 * (len(headers) - 1)
     spare = max(8, (console.width - fixed) // max(1, len(wrap)))
     # Like `docker ps`: no rules, two spaces between columns, the header in bold.
@@ -76,7 +92,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, wrap: 
         else:  # never shrink a name, a size or a revision
             table.add_column(header, no_wrap=True, min_width=width)
     for row in rows:
-        table.add_row(*[_escape(cell) for cell in row])
+        table.add_row(*[cell if not isinstance(cell, str) else _escape(cell) for cell in row])
     console.print(table)
 
 

@@ -71,7 +71,10 @@ def spawn(
 
 
 def strip_ansi(text: str) -> str:
-    """Text without terminal control sequences (colours, cursor moves)."""
+    """What a terminal shows at the end: control sequences removed, and of each line only what the last
+    carriage return left (a spinner redraws its line in place)."""
     import re
 
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r", "", text)
+    text = text.replace("\x1b[2K", "\r")  # erase-line: what was on the line is gone
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text)
+    return "\n".join(line.rstrip("\r").split("\r")[-1] for line in text.split("\n"))
