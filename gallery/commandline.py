@@ -44,6 +44,8 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str, label: 
     debug = os.environ.get("GALLERY_DEBUG") == "1"
     try:
         result: Any = app(args=argv, prog_name=prog_name, standalone_mode=False)
+        if result == INTERRUPTED:  # typer turns Ctrl-C into a return of 130: say so, as below
+            print(f"\n{label}: interrupted", file=sys.stderr)
         return result if isinstance(result, int) else 0
     except GalleryError as exc:
         if debug:
