@@ -15,34 +15,97 @@ from tests.catalog_support import BUNDLED, run_cli
 
 # LocalAI's gallery model (core/gallery/models_types.go GalleryModel + Metadata): the keys it reads.
 LOCALAI_GALLERY_KEYS = {
-    "url", "name", "description", "license", "urls", "icon", "tags", "config_file", "overrides", "files", "size",
+    "url",
+    "name",
+    "description",
+    "license",
+    "urls",
+    "icon",
+    "tags",
+    "config_file",
+    "overrides",
+    "files",
+    "size",
 }
 LOCALAI_FILE_KEYS = {"filename", "sha256", "uri"}
 # LocalAI's model config keys this export may use (core/config/model_config.go, documented in its model
 # configuration reference).
 LOCALAI_MODEL_KEYS = {
-    "name", "backend", "description", "license", "context_size", "parameters", "stopwords", "template",
-    "known_usecases", "options",
+    "name",
+    "backend",
+    "description",
+    "license",
+    "context_size",
+    "parameters",
+    "stopwords",
+    "template",
+    "known_usecases",
+    "options",
 }
-LOCALAI_PARAMETERS = {"model", "temperature", "top_p", "top_k", "min_p", "max_tokens", "repeat_penalty", "seed"}
+LOCALAI_PARAMETERS = {
+    "model",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_tokens",
+    "repeat_penalty",
+    "seed",
+}
 # LocalAI's parser names (core/config/parser_defaults.json): the vocabulary tool_parser/reasoning_parser use.
 LOCALAI_TOOL_PARSERS = {
-    "qwen3_xml", "hermes", "llama4_pythonic", "llama3_json", "mistral", "deepseek_v3", "glm47", "glm45", "gemma4",
-    "granite4", "minimax_m2", "kimi_k2", "olmo3", "ernie45", "phi4_mini_json", "openai", "pythonic",
+    "qwen3_xml",
+    "hermes",
+    "llama4_pythonic",
+    "llama3_json",
+    "mistral",
+    "deepseek_v3",
+    "glm47",
+    "glm45",
+    "gemma4",
+    "granite4",
+    "minimax_m2",
+    "kimi_k2",
+    "olmo3",
+    "ernie45",
+    "phi4_mini_json",
+    "openai",
+    "pythonic",
 }
 LOCALAI_REASONING_PARSERS = {
-    "qwen3", "deepseek_r1", "mistral", "deepseek_v3", "glm45", "gemma4", "granite", "minimax_m2", "kimi_k2",
-    "nemotron_v3", "olmo3", "ernie45", "openai_gptoss",
+    "qwen3",
+    "deepseek_r1",
+    "mistral",
+    "deepseek_v3",
+    "glm45",
+    "gemma4",
+    "granite",
+    "minimax_m2",
+    "kimi_k2",
+    "nemotron_v3",
+    "olmo3",
+    "ernie45",
+    "openai_gptoss",
 }
 # LM Studio's model.yaml (its "Introduction to model.yaml" page): core fields and their documented parts.
 LMSTUDIO_KEYS = {"model", "base", "metadataOverrides", "config", "customFields", "suggestions"}
 LMSTUDIO_METADATA = {
-    "domain", "architectures", "compatibilityTypes", "paramsStrings", "minMemoryUsageBytes", "contextLengths",
-    "vision", "reasoning", "trainedForToolUse",
+    "domain",
+    "architectures",
+    "compatibilityTypes",
+    "paramsStrings",
+    "minMemoryUsageBytes",
+    "contextLengths",
+    "vision",
+    "reasoning",
+    "trainedForToolUse",
 }
 LMSTUDIO_FIELD_KEYS = {
-    "llm.prediction.temperature", "llm.prediction.topKSampling", "llm.prediction.topPSampling",
-    "llm.prediction.minPSampling", "llm.load.contextLength",
+    "llm.prediction.temperature",
+    "llm.prediction.topKSampling",
+    "llm.prediction.topPSampling",
+    "llm.prediction.minPSampling",
+    "llm.load.contextLength",
 }
 
 
@@ -110,5 +173,7 @@ def test_lmstudio_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert thinking["type"] == "boolean" and thinking["effects"] == [
         {"type": "setJinjaVariable", "variable": "enable_thinking"}
     ]
-    text_only = yaml.safe_load(run_cli(capsys, "export", "gemma-3-4b-it-text-4bit", "--format", "lmstudio").out)
+    text_only = yaml.safe_load(
+        run_cli(capsys, "export", "gemma-3-4b-it-text-4bit", "--format", "lmstudio").out
+    )
     assert text_only["metadataOverrides"]["vision"] is False and "customFields" not in text_only

@@ -16,7 +16,9 @@ def test_readme_opens_with_a_title_a_paragraph_and_exactly_two_commands() -> Non
     assert lines[0].startswith("# ") and lines[1] == ""
     fence = lines.index("```bash")
     paragraph = lines[2 : fence - 1]
-    assert paragraph and all(line.strip() and not line.startswith(("#", "```", "|", "-")) for line in paragraph)
+    assert paragraph and all(
+        line.strip() and not line.startswith(("#", "```", "|", "-")) for line in paragraph
+    )
     assert lines[fence - 1] == "" and lines[fence + 3] == "```"
     assert lines[fence + 1].startswith("./run demo") and lines[fence + 2].startswith("./run test")
 
