@@ -82,6 +82,8 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, wrap: 
     widths = [
         max([len(header), *(len(str(row[index])) for row in rows)]) for index, header in enumerate(headers)
     ]
+    if not stdout_is_terminal():  # piped: whole cells, for grep and scripts (--json is the stable form)
+        console = Console(highlight=False, soft_wrap=False, width=max(80, sum(widths) + 2 * len(widths)))
     fixed = sum(w for h, w in zip(headers, widths, strict=True) if h not in wrap) + 2 * (len(headers) - 1)
     spare = max(8, (console.width - fixed) // max(1, len(wrap)))
     # Like `docker ps`: no rules, two spaces between columns, the header in bold.

@@ -115,7 +115,7 @@ def _index() -> list[dict]:
 
 def test_index_entries_carry_what_localai_reads() -> None:
     for item in _index():
-        assert LOCALAI_GALLERY_KEYS >= set(item) - {"config"}, set(item) - LOCALAI_GALLERY_KEYS
+        assert set(item) - {"config"} <= LOCALAI_GALLERY_KEYS, set(item) - LOCALAI_GALLERY_KEYS
         assert item.get("url") or item.get("config_file"), item["name"]  # LocalAI needs one of the two
         for file in item["files"]:
             assert set(file) == LOCALAI_FILE_KEYS
