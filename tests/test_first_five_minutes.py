@@ -80,8 +80,11 @@ def test_pull_ls_run_chat_rm(new_user: tuple[dict[str, str], Path], tmp_path: Pa
     chat.sendline("/exit")
     chat.expect(pexpect.EOF)
     chat.close()
-    transcript = strip_ansi(chat.transcript.getvalue())
+    raw = chat.transcript.getvalue()
+    transcript = strip_ansi(raw)
     assert chat.exitstatus == 0, transcript
+    # signs of life while the model loads and while a prompt is processed: a spinner with the elapsed time
+    assert re.search(r"loading tiny-vlm\S* \S*0:00:0\d", raw) and "processing the prompt" in raw
     assert "Traceback" not in transcript
     # What the CLI formats itself fits the 80-column terminal (the model's answer wraps as the terminal wraps it).
     own = [line for line in transcript.splitlines() if line.startswith(("(", "chatting with", "gallery:"))]
