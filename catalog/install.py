@@ -18,11 +18,9 @@ the next successful install; a full disk is exit 18, not a network error.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -37,7 +35,7 @@ from gallery.errors import (
     UsageError,
     WriteFailed,
 )
-from gallery.hub import cache_dir, endpoint, hub_errors, repo_cache_folder, sha256_file
+from gallery.hub import cache_dir, download_files, repo_cache_folder, sha256_file
 from gallery.yamlio import atomic_write
 
 MODELS_DIR_ENV = "GALLERY_MODELS_DIR"
@@ -194,14 +192,13 @@ def install_entry(
             + (f" into {folder}" if models_dir is not None else " into the HF cache")
         )
         try:
-            _download(
+            download_files(
                 repo,
-                revision,
                 missing,
-                models_dir=models_dir,
-                folder=folder,
+                revision,
+                local_dir=folder if models_dir is not None else None,
                 token=token,
-                workers=max_workers,
+                max_workers=max_workers,
             )
         except BaseException:
             if created and not _has_model_files(folder):  # nothing installed (a gated repo…): no empty folder
@@ -243,52 +240,6 @@ def install_entry(
 def _has_model_files(folder: Path) -> bool:
     """Whether a models-dir folder holds any model file (huggingface_hub's own .cache/ does not count)."""
     return any(p.is_file() and ".cache" not in p.relative_to(folder).parts for p in folder.rglob("*"))
-
-
-def _download(
-    repo: str,
-    revision: str,
-    names: list[str],
-    *,
-    models_dir: Path | None,
-    folder: Path,
-    token: str | bool | None,
-    workers: int,
-) -> None:
-    """Fetch `names` at the pinned commit with huggingface_hub's snapshot_download (parallel, resumable)."""
-    from huggingface_hub import snapshot_download
-
-    from gallery.hub import _retry_settings, configure_session
-
-    configure_session()
-    settings = _retry_settings()
-    wait, attempt = settings["base_wait_time"], 0
-    # Exactly these files: escaped, since allow_patterns are fnmatch patterns and names may hold [ ] * ?.
-    patterns = [glob.escape(name) for name in names]
-    while True:
-        try:
-            with hub_errors(
-                repo_id=repo, revision=revision, what=f"the files of {repo}@{revision[:12]}", token=token
-            ):
-                snapshot_download(
-                    repo,
-                    revision=revision,
-                    allow_patterns=patterns,
-                    max_workers=workers,
-                    token=token,
-                    endpoint=endpoint(),
-                    cache_dir=None if models_dir is not None else cache_dir(),
-                    local_dir=folder if models_dir is not None else None,
-                )
-            return
-        except NetworkFailure:
-            # huggingface_hub retries its metadata requests but not a 5xx on a file body: retry the snapshot
-            # (files already fetched are not fetched again), with the same budget as every other request.
-            attempt += 1
-            if attempt > settings["max_retries"]:
-                raise
-            time.sleep(wait)
-            wait = min(wait * 2, settings["max_wait_time"])
 
 
 def _remove_file(target: Path, store: Store, folder: Path) -> None:

@@ -50,13 +50,6 @@ class Conversation:
         self.turns: list[dict[str, Any]] = []
         self.pending_images: list[str] = []
 
-    def messages(self, text: str, images: list[str]) -> list[dict[str, Any]]:
-        """The conversation with a new user message appended (not yet kept)."""
-        parts: list[dict[str, Any]] = [{"type": "image", "image": path} for path in images]
-        content: object = [*parts, {"type": "text", "text": text}] if parts else text
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, *self.turns, {"role": "user", "content": content}]
-
 
 def command(line: str, conversation: Conversation) -> bool:
     """Run one /command; returns False when the session should end."""
@@ -183,15 +176,15 @@ def _turn(
     console = stderr_console()
     request = build_request(
         text,
-        images=[],
-        system=None,
+        images=images,
+        system=conversation.system,
         raw=False,
         max_tokens=max_tokens,
         temperature=temperature,
         seed=seed,
         thinking=conversation.thinking,
+        history=conversation.turns,
     )
-    request.messages = conversation.messages(text, images)
     try:
         handle = host.submit(request)
         streamed = stream_answer(handle, reasoning_to_stderr=False)

@@ -125,7 +125,7 @@ def stream_answer(
             if event.reasoning and show_reasoning:
                 if reasoning_console is not None:
                     if not in_reasoning:
-                        reasoning_console.print("[dim][reasoning][/dim] ", end="")
+                        reasoning_console.print("[reasoning] ", end="", style="dim", markup=False)
                     reasoning_console.print(event.reasoning, end="", style="dim", markup=False)
                 else:
                     from cli.output import stdout_console
@@ -201,8 +201,10 @@ def build_request(
     temperature: float | None,
     seed: int | None,
     thinking: bool | None,
+    history: list[dict[str, Any]] | None = None,
 ) -> GenerationRequest:
-    """The generation request for one prompt (chat messages through the template, or a raw prompt)."""
+    """The generation request for one prompt (chat messages through the template, or a raw prompt); `history`
+    is the conversation so far (after the system message, before the new user message)."""
     from runtime.messages import MediaItem
     from runtime.request import GenerationRequest
 
@@ -213,8 +215,10 @@ def build_request(
     else:
         parts: list[dict[str, Any]] = [{"type": "image", "image": path} for path in images]
         content: object = [*parts, {"type": "text", "text": prompt}] if parts else prompt
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": content}
+        messages = [
+            *([{"role": "system", "content": system}] if system else []),
+            *(history or []),
+            {"role": "user", "content": content},
         ]
         request = GenerationRequest(messages=messages)
     request.max_tokens = max_tokens
