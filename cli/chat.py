@@ -135,7 +135,7 @@ def chat(
         )
     console = stderr_console()
     console.print(
-        f"chatting with {loaded.name} ({loaded.backend}). /help for commands, /exit or Ctrl-D to leave.",
+        f"chatting with {loaded.name} ({loaded.backend}) · /help for commands, Ctrl-D to leave",
         style="dim",
         markup=False,
     )
@@ -203,10 +203,10 @@ def _turn(
     conversation.turns.append(request.messages[-1])
     conversation.turns.append({"role": "assistant", "content": final.content})
     usage, timings = final.usage, final.timings
-    reason = "" if final.finish_reason == "stop" else f", {final.finish_reason}"
+    reason = "" if final.finish_reason == "stop" else f" · {final.finish_reason}"
     console.print(
-        f"(prompt {usage.prompt_tokens} tokens, {usage.cached_tokens} cached; answer {usage.completion_tokens} "
-        f"tokens, {timings.generation_tps:.1f} tok/s; first token after {timings.prompt_s:.2f} s{reason})",
+        f"(prompt {usage.prompt_tokens} tokens, {usage.cached_tokens} cached · answer {usage.completion_tokens} "
+        f"tokens, {timings.generation_tps:.1f} tok/s · first token {timings.prompt_s:.1f} s{reason})",
         style="dim",
         markup=False,
     )

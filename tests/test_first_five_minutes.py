@@ -60,7 +60,7 @@ def test_pull_ls_run_chat_rm(new_user: tuple[dict[str, str], Path], tmp_path: Pa
     chat = spawn("chat", NAME, "--max-tokens", "400", env=offline, cwd=work, columns=80)
     chat.expect(">>> ")
     chat.sendline("hello")
-    chat.expect(r"\(prompt (\d+) tokens, \d+ cached; answer (\d+) tokens")
+    chat.expect(r"\(prompt (\d+) tokens, \d+ cached · answer (\d+) tokens")
     first_prompt, first_answer = int(chat.match.group(1)), int(chat.match.group(2))
     chat.expect(">>> ")
     chat.sendline("/image red.png")
