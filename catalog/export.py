@@ -1,9 +1,13 @@
-"""`gallery export`: turn a catalog entry into a LocalAI model YAML that carries the pins.
+"""`gallery export`: a catalog entry as another tool's model file, carrying the pins.
 
-LocalAI's model YAML has keys for most of what the config pins (backend, stop words, context size, use of the
-tokenizer's template, use cases, sampling defaults); the revision has none, so it travels as a `key:value`
-option (`revision:<commit>`), which LocalAI's MLX backends accept and ignore if unknown, and in a header
-comment together with the template's sha256. Unknown keys are ignored by LocalAI, so nothing else is added.
+- `localai`: LocalAI's model YAML. LocalAI has keys for most of what the config pins (backend, stop words,
+  context size, use of the tokenizer's template, use cases, sampling defaults); the revision has none, so it
+  travels as a `key:value` option (`revision:<commit>`), as do the tool-call and reasoning parsers LocalAI's own
+  MLX importer sets (`tool_parser:…`, `reasoning_parser:…`, in LocalAI's vocabulary). The same mapping is what
+  a catalog index entry carries as `config_file`, so LocalAI's gallery can install from the index.
+- `lmstudio`: LM Studio's `model.yaml` (model, base with a Hugging Face source, metadataOverrides with vision,
+  reasoning, tool use and context length, config with sampling and load fields, and a thinking switch as a
+  custom field that sets the template variable).
 """
 
 from __future__ import annotations
@@ -12,9 +16,59 @@ from pathlib import Path
 from typing import Any, Literal
 
 from catalog.index import Entry
+from gallery.config import ModelConfig
 from gallery.yamlio import dump_yaml
 
-ExportFormat = Literal["localai"]
+ExportFormat = Literal["localai", "lmstudio"]
+EXPORT_FORMATS: tuple[str, ...] = ("localai", "lmstudio")
+
+# The config's tool-call syntax (named after mlx-lm's parsers) in LocalAI's parser vocabulary (vLLM's names,
+# as in LocalAI's core/config/parser_defaults.json). Syntaxes LocalAI has no parser for get no option.
+_LOCALAI_TOOL_PARSERS = {
+    "gemma4": "gemma4",
+    "glm47": "glm47",
+    "harmony": "openai",
+    "json_tools": "hermes",
+    "kimi_k2": "kimi_k2",
+    "llama3_json": "llama3_json",
+    "minimax_m2": "minimax_m2",
+    "mistral": "mistral",
+    "pythonic": "pythonic",
+    "qwen3_coder": "qwen3_xml",
+}
+
+
+def localai_reasoning_parser(config: ModelConfig) -> str | None:
+    """LocalAI's reasoning parser for the config's reasoning markers (None when it does not reason)."""
+    reasoning = config.mlx.reasoning
+    if not reasoning.supported or not reasoning.start:
+        return None
+    start, model_type = reasoning.start, (config.mlx.model_type or "").lower()
+    if start == "<think>":
+        return "qwen3" if model_type.startswith("qwen3") else "deepseek_r1"
+    if start.startswith("<|channel>"):
+        return "gemma4"
+    if start == "[THINK]":
+        return "mistral"
+    if start.startswith("<|channel|>") or config.mlx.tool_calls.format == "harmony":
+        return "openai_gptoss"
+    return None
+
+
+def localai_options(config: ModelConfig) -> list[str]:
+    """The config's options plus the revision and the parsers, as LocalAI `key:value` strings."""
+    options = list(config.options)
+    keys = {option.split(":", 1)[0] for option in options}
+    source = config.mlx.source
+    if source.revision and "revision" not in keys:
+        options.append(f"revision:{source.revision}")
+    tool_parser = _LOCALAI_TOOL_PARSERS.get(config.mlx.tool_calls.format or "")
+    if tool_parser and "tool_parser" not in keys:
+        options.append(f"tool_parser:{tool_parser}")
+    reasoning_parser = localai_reasoning_parser(config)
+    if reasoning_parser and "reasoning_parser" not in keys:
+        options.append(f"reasoning_parser:{reasoning_parser}")
+    return options
 
 
 def localai_data(entry: Entry, *, model_path: Path | None = None) -> dict[str, Any]:
@@ -25,9 +79,6 @@ def localai_data(entry: Entry, *, model_path: Path | None = None) -> dict[str, A
     parameters["model"] = (
         str(model_path) if model_path is not None else (source.repo or config.parameters.model)
     )
-    options = list(config.options)
-    if source.revision and not any(option.startswith("revision:") for option in options):
-        options.append(f"revision:{source.revision}")
     data: dict[str, Any] = {
         "name": config.name,
         "backend": config.backend,
@@ -38,17 +89,82 @@ def localai_data(entry: Entry, *, model_path: Path | None = None) -> dict[str, A
         "stopwords": list(config.stopwords),
         "template": {"use_tokenizer_template": True},
         "known_usecases": list(config.known_usecases),
-        "options": options,
+        "options": localai_options(config),
     }
     return {key: value for key, value in data.items() if value not in (None, [], {})}
 
 
+def lmstudio_data(entry: Entry) -> dict[str, Any]:
+    """LM Studio's model.yaml for an entry (its documented core fields only)."""
+    config = entry.config
+    source = config.mlx.source
+    repo = source.repo or config.parameters.model
+    user, _, name = repo.partition("/")
+    metadata: dict[str, Any] = {
+        "domain": "llm",
+        "architectures": [config.mlx.model_type] if config.mlx.model_type else [],
+        "compatibilityTypes": ["safetensors"],
+        "minMemoryUsageBytes": config.mlx.total_size,
+        "contextLengths": [config.context_size] if config.context_size else [],
+        "vision": bool(config.mlx.media.image),
+        "reasoning": bool(config.mlx.reasoning.supported),
+        "trainedForToolUse": bool(config.mlx.tool_calls.format),
+    }
+    params = config.parameters
+    operation: list[dict[str, Any]] = []
+    if params.temperature is not None:
+        operation.append({"key": "llm.prediction.temperature", "value": params.temperature})
+    if params.top_k is not None:
+        operation.append({"key": "llm.prediction.topKSampling", "value": params.top_k})
+    if params.top_p is not None:
+        operation.append(
+            {"key": "llm.prediction.topPSampling", "value": {"checked": True, "value": params.top_p}}
+        )
+    if params.min_p is not None:
+        operation.append(
+            {"key": "llm.prediction.minPSampling", "value": {"checked": True, "value": params.min_p}}
+        )
+    load = [{"key": "llm.load.contextLength", "value": config.context_size}] if config.context_size else []
+    data: dict[str, Any] = {
+        "model": f"{user}/{config.name}" if name else config.name,
+        "base": [
+            {"key": repo.lower(), "sources": [{"type": "huggingface", "user": user, "repo": name or repo}]}
+        ],
+        "metadataOverrides": {k: v for k, v in metadata.items() if v not in (None, [])},
+        "config": {
+            key: {"fields": fields} for key, fields in (("operation", operation), ("load", load)) if fields
+        },
+    }
+    reasoning = config.mlx.reasoning
+    if reasoning.supported and reasoning.switch:
+        data["customFields"] = [
+            {
+                "key": "enableThinking",
+                "displayName": "Enable Thinking",
+                "description": "Whether the model reasons before it answers",
+                "type": "boolean",
+                "defaultValue": reasoning.default_enabled is not False,
+                "effects": [{"type": "setJinjaVariable", "variable": reasoning.switch}],
+            }
+        ]
+    if not data["config"]:
+        del data["config"]
+    return data
+
+
 def export_entry(entry: Entry, output: ExportFormat = "localai", *, model_path: Path | None = None) -> str:
     """The entry exported in `output` format, as text."""
-    if output != "localai":  # the CLI restricts the choice; a library caller gets a clear error
-        raise ValueError(f"unknown export format {output!r}")
     source = entry.config.mlx.source
     template = entry.config.mlx.chat_template
+    if output == "lmstudio":
+        header = [f"# LM Studio model.yaml for {entry.name}, exported by mlx-gallery."]
+        if source.repo and source.revision:
+            header.append(
+                f"# Pinned: {source.repo}@{source.revision} (LM Studio downloads the default branch)"
+            )
+        return "\n".join(header) + "\n" + dump_yaml(lmstudio_data(entry))
+    if output != "localai":  # the CLI restricts the choice; a library caller gets a clear error
+        raise ValueError(f"unknown export format {output!r}")
     header = [f"# LocalAI model config for {entry.name}, exported by mlx-gallery."]
     if source.repo and source.revision:
         header.append(f"# Pinned: {source.repo}@{source.revision}")

@@ -40,6 +40,7 @@ from gallery.yamlio import YamlDocument, atomic_write, dump_yaml, read_yaml_file
 INDEX_FILE = "index.yaml"
 ENTRIES_DIR = "entries"
 CATALOG_ENV = "GALLERY_CATALOG"
+HOME_ENV = "GALLERY_HOME"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 INDEX_HEADER = (
@@ -96,13 +97,61 @@ def bundled_catalog_path() -> Path:
     return Path(__file__).resolve().parent / INDEX_FILE
 
 
-def resolve_catalog_path(option: Path | str | None = None) -> Path:
-    """The catalog to use: --catalog, else $GALLERY_CATALOG, else the bundled one (a folder means its index.yaml)."""
-    chosen = option if option not in (None, "") else os.environ.get(CATALOG_ENV) or None
-    path = Path(chosen).expanduser() if chosen is not None else bundled_catalog_path()
+def gallery_home() -> Path:
+    """The user's own folder for this tool: $GALLERY_HOME, else $XDG_DATA_HOME/mlx-gallery, else
+    ~/.local/share/mlx-gallery (the user-level catalog lives here, never inside the installed package)."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path("~/.local/share").expanduser())
+    return Path(data).expanduser() / "mlx-gallery"
+
+
+def user_catalog_path() -> Path:
+    """The user-level catalog that `gallery add` and `gallery pull` write when no catalog is named."""
+    return gallery_home() / "catalog" / INDEX_FILE
+
+
+def _as_index(path: Path) -> Path:
     # A folder (existing, or a new path without a YAML suffix) means the index.yaml inside it.
     is_folder = path.is_dir() or (not path.exists() and path.suffix.lower() not in (".yaml", ".yml"))
     return path / INDEX_FILE if is_folder else path
+
+
+def _named_catalog(option: Path | str | None) -> Path | None:
+    chosen = option if option not in (None, "") else os.environ.get(CATALOG_ENV) or None
+    return _as_index(Path(chosen).expanduser()) if chosen is not None else None
+
+
+def resolve_catalog_path(option: Path | str | None = None) -> Path:
+    """The catalog to read when one is meant: --catalog, else $GALLERY_CATALOG, else the bundled one."""
+    return _named_catalog(option) or bundled_catalog_path()
+
+
+def catalog_search_path(option: Path | str | None = None) -> list[Path]:
+    """The catalogs names are looked up in: the one named (--catalog / $GALLERY_CATALOG), else the user's
+    catalog (when it exists) and then the bundled one."""
+    named = _named_catalog(option)
+    if named is not None:
+        return [named]
+    user = user_catalog_path()
+    return [user, bundled_catalog_path()] if user.is_file() else [bundled_catalog_path()]
+
+
+def writable_catalog_path(option: Path | str | None = None) -> Path:
+    """The catalog `add`, `pull` and `refresh --write` change: the one named, else the user-level catalog.
+
+    Never the catalog inside an installed package (site-packages): that file is replaced by every upgrade.
+    A source checkout's catalog/index.yaml can be named explicitly (that is how its maintainers refresh it).
+    """
+    path = _named_catalog(option) or user_catalog_path()
+    if path.resolve() == bundled_catalog_path() and any(
+        part in ("site-packages", "dist-packages") for part in path.resolve().parts
+    ):
+        raise UsageError(
+            f"refusing to write {path}: it belongs to the installed package; name your own catalog with "
+            f"--catalog PATH (or leave it out to use {user_catalog_path()})"
+        )
+    return path
 
 
 def path_problem(name: Any, what: str = "file name") -> str | None:
@@ -216,6 +265,7 @@ class IndexEntry(_Strict):
     size: str | None = None
     config: str | dict[str, Any]
     files: list[CatalogFile] = Field(min_length=1)
+    config_file: dict[str, Any] | None = None  # LocalAI's key: the model YAML its install writes
 
     @field_validator("name")
     @classmethod
@@ -260,6 +310,7 @@ class Entry:
     meta: IndexEntry
     config: ModelConfig
     config_ref: str | None
+    index_path: Path | None = None  # the catalog index it was read from (None: built, not yet written)
 
     @property
     def name(self) -> str:
@@ -281,6 +332,10 @@ class Entry:
             data["size"] = self.meta.size
         data["config"] = self.config_ref if self.config_ref is not None else self.config.to_data()
         data["files"] = [f.model_dump() for f in self.meta.files]
+        from catalog.export import localai_data
+
+        # LocalAI's gallery reads `config_file` (the model YAML it writes on install) and `files`.
+        data["config_file"] = localai_data(self)
         return data
 
 
@@ -361,7 +416,7 @@ class RawEntry:
         """The valid Entry, or None when the index fields or the config did not validate."""
         if self.meta is None or self.config is None:
             return None
-        return Entry(self.meta, self.config, self.config_ref)
+        return Entry(self.meta, self.config, self.config_ref, self.index_path)
 
 
 def read_index(path: Path) -> YamlDocument:
@@ -589,6 +644,24 @@ def load_catalog_strict(path: Path) -> Catalog:
     return catalog
 
 
+def load_catalogs(paths: list[Path]) -> Catalog:
+    """Several catalogs read as one (the first one's entry wins a name); a missing user catalog is skipped."""
+    if len(paths) == 1:
+        return load_catalog(paths[0])
+    loaded = [load_catalog(path) for path in paths if path.is_file()]
+    if not loaded:
+        return load_catalog(paths[-1])
+    entries: list[Entry] = []
+    seen: set[str] = set()
+    for catalog in loaded:
+        for entry in catalog.entries:
+            if entry.name.lower() not in seen:
+                seen.add(entry.name.lower())
+                entries.append(entry)
+    problems = [problem for catalog in loaded for problem in catalog.problems]
+    return Catalog(path=loaded[0].path, entries=entries, problems=problems, fingerprint=loaded[0].fingerprint)
+
+
 # ----------------------------------------------------------------------------------------------- writing
 def config_ref_for(name: str) -> str:
     """Where `gallery add` writes an entry's config, relative to the index."""
@@ -651,11 +724,56 @@ def write_catalog(
                 ) from None
             if fresh:
                 created.append(target)
-        atomic_write(path, render_index(entries), create_parents=True)  # `add` may start a new catalog
+        atomic_write(path, _index_text(path, entries, changed), create_parents=True)  # `add` may start one
     except BaseException:
         for target in created:
             target.unlink(missing_ok=True)
         raise
+
+
+def _index_text(path: Path, entries: list[Entry], changed: set[str] | None) -> str:
+    """The new index text: a fresh file in canonical form, or the existing file rewritten round-trip.
+
+    A rewrite keeps what a maintainer put in the index (comments, key order, quoting) and changes only the
+    entries named in `changed` (every entry when None) plus new ones, appended in order. ruamel.yaml's
+    round-trip mode does the preserving; each new or changed entry is first written by the project's own
+    writer and read back, so its formatting matches a freshly written catalog.
+    """
+    if not path.is_file():
+        return render_index(entries)
+    from io import StringIO
+
+    from ruamel.yaml import YAML
+
+    yaml = _roundtrip_yaml(YAML)
+    document = yaml.load(path.read_text(encoding="utf-8"))
+    if document is None:
+        document = yaml.load("[]\n")
+    by_name = {item.get("name"): item for item in document if hasattr(item, "get")}
+    for entry in entries:
+        if changed is not None and entry.name not in changed and entry.name in by_name:
+            continue
+        fresh = yaml.load(dump_yaml([entry.index_data()]))[0]
+        current = by_name.get(entry.name)
+        if current is None:
+            document.append(fresh)
+            continue
+        for key in [k for k in current if k not in fresh]:
+            del current[key]
+        for key, value in fresh.items():
+            current[key] = value
+    buffer = StringIO()
+    yaml.dump(document, buffer)
+    return buffer.getvalue()
+
+
+def _roundtrip_yaml(factory: Any) -> Any:
+    """ruamel.yaml in round-trip mode, formatted like the project's writer (lists flush with their key)."""
+    yaml = factory(typ="rt")
+    yaml.preserve_quotes = True
+    yaml.width = 4096  # never fold a long description onto several lines
+    yaml.indent(mapping=2, sequence=2, offset=0)
+    return yaml
 
 
 def describe_location(file: str, line: int | None) -> str:

@@ -1,14 +1,18 @@
-"""`gallery install`: download an entry's pinned files, verify every sha256, then write its config.
+"""Installing a catalog entry: its pinned files, downloaded once and verified, where every command finds them.
 
-    <models-dir>/<name>/…      the files, at the pinned commit, each verified against the catalog's sha256
-    <models-dir>/<name>.yaml   the entry's config with parameters.model pointing at that folder
+Two stores, one behaviour:
+- the standard Hugging Face cache (the default): huggingface_hub's `snapshot_download` fetches the entry's
+  files (`allow_patterns` = exactly those files, `revision` = the pinned commit, several files at once) into
+  `models--org--name/snapshots/<commit>/`, where mlx-lm, mlx-vlm, `hf` and every other tool find them too;
+- a plain folder (`--models-dir DIR` or $GALLERY_MODELS_DIR, LocalAI's layout): the files in `DIR/<name>/`
+  and the entry's config in `DIR/<name>.yaml` (parameters.model pointing at the folder), written last and
+  atomically, so an interrupted install never leaves a config that points at half a model.
 
-The config is written last, atomically, and only after every file verified: an interrupted or failed install
-never leaves a config behind, so nothing tries to load a half-downloaded model. A file that is already
-present and verifies is not fetched again (so a re-run resumes after the last verified file, and a second
-install only re-verifies); a file that does not verify is deleted, and its download fails with exit 16.
-Downloads go through huggingface_hub (`hf_hub_download(..., revision=<commit>, local_dir=…)`, with its
-progress bars and its copy-from-cache when the file is already in the Hugging Face cache).
+Either way every file is checked against the catalog's sha256 after the download; a file that is already
+there and verifies is not fetched again (so a re-run resumes, an offline install from a complete cache works,
+and a second install only re-verifies, without network); a file that does not verify is deleted and the
+install fails with exit 16. A download that a killed process left half-written (`*.incomplete`) is removed by
+the next successful install; a full disk is exit 18, not a network error.
 """
 
 from __future__ import annotations
@@ -19,26 +23,40 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
-from catalog.index import Entry, path_problem, render_config
-from gallery.errors import BadConfig, HashMismatch, OutputExists, UsageError, WriteFailed
-from gallery.hub import download_file, sha256_file
+from catalog.index import Entry, human_size, path_problem, render_config
+from gallery.errors import (
+    BadConfig,
+    HashMismatch,
+    NetworkFailure,
+    OutputExists,
+    UnsupportedModel,
+    UsageError,
+    WriteFailed,
+)
+from gallery.hub import cache_dir, download_files, repo_cache_folder, sha256_file
 from gallery.yamlio import atomic_write
 
 MODELS_DIR_ENV = "GALLERY_MODELS_DIR"
-DEFAULT_MODELS_DIR = "models"
+DOWNLOAD_WORKERS = 8  # files fetched at once (huggingface_hub's own default for snapshot_download)
+WEIGHT_SUFFIXES = (".safetensors",)
+
+Store = Literal["hf-cache", "models-dir"]
 
 
 @dataclasses.dataclass
 class InstallResult:
-    """What an install did: the folder, the config file, and per-file outcomes."""
+    """What an install did: where the files are, the config it wrote (models dir only), and per-file outcomes."""
 
     name: str
+    store: Store
     folder: Path
-    config_path: Path
+    config_path: Path | None
     verified: list[str]  # present and verified, not fetched
     downloaded: list[str]  # fetched and verified
     config_written: bool
+    removed_partials: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -46,114 +64,269 @@ class InstallResult:
         return bool(self.downloaded) or self.config_written
 
 
-def resolve_models_dir(option: Path | str | None) -> Path:
-    """--models-dir, else $GALLERY_MODELS_DIR, else ./models (LocalAI's default)."""
-    chosen = option if option not in (None, "") else os.environ.get(MODELS_DIR_ENV) or DEFAULT_MODELS_DIR
-    return Path(chosen).expanduser().resolve()
+def resolve_models_dir(option: Path | str | None) -> Path | None:
+    """--models-dir, else $GALLERY_MODELS_DIR, else None: the Hugging Face cache."""
+    chosen = option if option not in (None, "") else os.environ.get(MODELS_DIR_ENV) or None
+    return Path(chosen).expanduser().resolve() if chosen is not None else None
 
 
-def _remove_download(folder: Path, filename: str) -> None:
-    """Delete a file and huggingface_hub's local-dir metadata for it (so it is not trusted next time)."""
-    (folder / filename).unlink(missing_ok=True)
-    meta = folder / ".cache" / "huggingface" / "download" / f"{filename}.metadata"
-    meta.unlink(missing_ok=True)
+def check_models_dir(path: Path | None) -> None:
+    """Refuse a models dir that is a file (the one-line error beats a traceback from mkdir)."""
+    if path is not None and path.exists() and not path.is_dir():
+        raise UsageError(f"--models-dir {path} is not a folder")
+
+
+# ----------------------------------------------------------------------------------------------- what to fetch
+def weight_files(entry: Entry) -> list[str]:
+    """The entry's weight files (safetensors): an entry without any cannot run."""
+    return [f.filename for f in entry.meta.files if f.filename.lower().endswith(WEIGHT_SUFFIXES)]
+
+
+def missing_weights_reason(entry: Entry) -> str | None:
+    """Why the entry has nothing to run (its pinned files hold no weights), or None when it has weights."""
+    if weight_files(entry):
+        return None
+    source = entry.config.mlx.source
+    return (
+        f"{entry.name} pins {source.repo}@{(source.revision or '?')[:12]}, whose files hold no .safetensors "
+        f"weights ({len(entry.meta.files)} metadata files, {entry.meta.size or 'no size'}): there is nothing to "
+        "run; pin a revision or an MLX conversion that has weights (`gallery add REPO`)"
+    )
+
+
+def _pins(entry: Entry) -> tuple[str, str]:
+    source = entry.config.mlx.source
+    if source.repo is None or source.revision is None:
+        raise BadConfig(f"entry {entry.name!r} does not pin a Hub repo at a commit (run `gallery validate`)")
+    return source.repo, source.revision
 
 
 def _target(folder: Path, filename: str) -> Path:
     problem = path_problem(filename)
     if problem:
         raise BadConfig(f"refusing to install: {problem}")
-    target = (folder / filename).resolve()
-    if folder.resolve() not in target.parents:
-        raise BadConfig(f"refusing to install: {filename!r} resolves outside {folder}")
-    return target
+    return folder / filename
 
 
-def _fetch_all(
-    entry: Entry,
-    folder: Path,
-    repo: str,
-    revision: str,
-    token: str | bool | None,
-    say: Callable[[str], None],
-    verified: list[str],
-    downloaded: list[str],
-) -> None:
-    """Verify or download every file of the entry, in order; fills `verified` and `downloaded` as it goes."""
-    total = len(entry.meta.files)
-    for number, file in enumerate(entry.meta.files, start=1):
-        target = _target(folder, file.filename)
-        label = f"[{number}/{total}] {file.filename}"
-        if target.is_file():
-            if sha256_file(target) == file.sha256:
-                verified.append(file.filename)
-                say(f"{label}: present, sha256 verified")
-                continue
-            say(f"{label}: present but its sha256 does not match: downloading again")
-            _remove_download(folder, file.filename)
-        say(f"{label}: downloading {repo}@{revision[:12]}")
-        path = download_file(repo, file.filename, revision, local_dir=folder, token=token)
-        actual = sha256_file(path)
-        if actual != file.sha256:
-            _remove_download(folder, file.filename)
-            raise HashMismatch(
-                f"{entry.name}: {file.filename} from {repo}@{revision[:12]} has sha256 {actual}, but the catalog pins "
-                f"{file.sha256}; the file was removed. The entry is stale or the download was tampered with "
-                f"(run `gallery refresh {entry.name}`)",
-                file=file.filename,
-                expected=file.sha256,
-                actual=actual,
-            )
-        downloaded.append(file.filename)
-        say(f"{label}: downloaded, sha256 verified")
+def snapshot_folder(entry: Entry) -> Path:
+    """Where the entry's files are in the Hugging Face cache (`…/snapshots/<commit>/`)."""
+    repo, revision = _pins(entry)
+    return repo_cache_folder(repo) / "snapshots" / revision
 
 
+def installed_location(entry: Entry, models_dir: Path | None = None) -> Path | None:
+    """The folder holding every pinned file of the entry (no hashing: a quick look), or None.
+
+    With a models dir, its `<name>/` folder counts only once the install wrote `<name>.yaml`; the Hugging Face
+    cache counts when every file is in the pinned commit's snapshot.
+    """
+    if models_dir is not None:
+        folder = models_dir / entry.name
+        if (models_dir / f"{entry.name}.yaml").is_file() and all(
+            (folder / f.filename).is_file() for f in entry.meta.files
+        ):
+            return folder
+        return None
+    try:
+        folder = snapshot_folder(entry)
+    except BadConfig:
+        return None
+    if entry.meta.files and all((folder / f.filename).is_file() for f in entry.meta.files):
+        return folder
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- installing
 def install_entry(
     entry: Entry,
-    models_dir: Path,
+    models_dir: Path | None = None,
     *,
     token: str | bool | None = None,
     progress: Callable[[str], None] | None = None,
+    max_workers: int = DOWNLOAD_WORKERS,
 ) -> InstallResult:
-    """Install an entry into models_dir. Raises HashMismatch (16), network/auth errors, or BadConfig."""
+    """Install an entry into the Hugging Face cache (models_dir None) or into models_dir.
+
+    Raises UnsupportedModel (10) for an entry without weights, HashMismatch (16), WriteFailed (18), the Hub's
+    errors (gated 4, network 7, offline 6, …) and BadConfig for an entry that pins no commit.
+    """
     say = progress or (lambda message: print(f"gallery: {message}", file=sys.stderr))
-    config = entry.config
-    repo, revision = config.mlx.source.repo, config.mlx.source.revision
-    if repo is None or revision is None:
-        raise BadConfig(f"entry {entry.name!r} does not pin a Hub repo at a commit (run `gallery validate`)")
-    folder = models_dir / entry.name
-    config_path = models_dir / f"{entry.name}.yaml"
-    if config_path.exists() and not config_path.is_file():
-        raise OutputExists(f"{config_path} exists and is not a file", path=config_path)
-    if folder.exists() and not folder.is_dir():
-        raise OutputExists(f"{folder} exists and is not a folder", path=folder)
-    created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise WriteFailed.from_os_error(folder, exc) from None
+    repo, revision = _pins(entry)
+    reason = missing_weights_reason(entry)
+    if reason:
+        raise UnsupportedModel(reason)
+    if models_dir is None:
+        store: Store = "hf-cache"
+        folder = snapshot_folder(entry)
+        config_path = None
+    else:
+        store = "models-dir"
+        folder = models_dir / entry.name
+        config_path = models_dir / f"{entry.name}.yaml"
+        if config_path.exists() and not config_path.is_file():
+            raise OutputExists(f"{config_path} exists and is not a file", path=config_path)
+        if folder.exists() and not folder.is_dir():
+            raise OutputExists(f"{folder} exists and is not a folder", path=folder)
+    expected = {f.filename: f.sha256 for f in entry.meta.files}
+    targets = {name: _target(folder, name) for name in expected}
 
     verified: list[str] = []
+    missing: list[str] = []
+    for name, target in targets.items():
+        if target.is_file() and sha256_file(target) == expected[name]:
+            verified.append(name)
+            continue
+        if target.exists() or target.is_symlink():
+            say(f"{name}: present but its sha256 does not match the catalog: downloading it again")
+            _remove_file(target, store, folder)
+        missing.append(name)
+    if verified:
+        say(f"{len(verified)} of {len(expected)} files already present, sha256 verified")
+
+    created = models_dir is not None and not folder.exists()
+    if missing:
+        total = sum(f.size or 0 for f in entry.config.mlx.files if f.path in set(missing))
+        say(
+            f"downloading {len(missing)} file(s) ({human_size(total) if total else 'size unknown'}) of "
+            f"{repo}@{revision[:12]}"
+            + (f" into {folder}" if models_dir is not None else " into the HF cache")
+        )
+        try:
+            download_files(
+                repo,
+                missing,
+                revision,
+                local_dir=folder if models_dir is not None else None,
+                token=token,
+                max_workers=max_workers,
+            )
+        except BaseException:
+            if created and not _has_model_files(folder):  # nothing installed (a gated repo…): no empty folder
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
     downloaded: list[str] = []
+    for name in missing:
+        target = targets[name]
+        if not target.is_file():
+            raise NetworkFailure(
+                f"{repo}/{name}: the Hub sent no file for it at {revision[:12]}", repo_id=repo
+            )
+        actual = sha256_file(target)
+        if actual != expected[name]:
+            _remove_file(target, store, folder)
+            raise HashMismatch(
+                f"{entry.name}: {name} from {repo}@{revision[:12]} has sha256 {actual}, but the catalog pins "
+                f"{expected[name]}; the file was removed. The entry is stale or the download was tampered with "
+                f"(run `gallery refresh {entry.name}`)",
+                file=name,
+                expected=expected[name],
+                actual=actual,
+            )
+        downloaded.append(name)
+    removed = _remove_stale_partials(repo, list(expected), store, folder)
+
+    written = False
+    if config_path is not None and models_dir is not None:
+        installed = entry.config.model_copy(deep=True)
+        installed.parameters.model = str(folder.resolve())
+        text = render_config(installed)
+        current = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+        written = current != text
+        if written:
+            atomic_write(config_path, text)
+    return InstallResult(entry.name, store, folder, config_path, verified, downloaded, written, removed)
+
+
+def _has_model_files(folder: Path) -> bool:
+    """Whether a models-dir folder holds any model file (huggingface_hub's own .cache/ does not count)."""
+    return any(p.is_file() and ".cache" not in p.relative_to(folder).parts for p in folder.rglob("*"))
+
+
+def _remove_file(target: Path, store: Store, folder: Path) -> None:
+    """Delete an installed file that failed its check (in the cache: the snapshot link and its blob)."""
     try:
-        _fetch_all(entry, folder, repo, revision, token, say, verified, downloaded)
-    except BaseException:
-        if created and not verified and not downloaded:
-            # Nothing was installed (e.g. a gated repo): leave no empty folder behind.
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-    installed = config.model_copy(deep=True)
-    installed.parameters.model = str(folder.resolve())
-    text = render_config(installed)
-    current = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
-    written = current != text
-    if written:
-        atomic_write(config_path, text)
-    return InstallResult(entry.name, folder, config_path, verified, downloaded, written)
+        if store == "hf-cache":
+            blob = target.resolve()
+            target.unlink(missing_ok=True)
+            if blob != target and blob.parent.name == "blobs":
+                blob.unlink(missing_ok=True)
+            return
+        target.unlink(missing_ok=True)
+        relative = target.relative_to(folder).as_posix()
+        (folder / ".cache" / "huggingface" / "download" / f"{relative}.metadata").unlink(missing_ok=True)
+    except OSError as exc:
+        raise WriteFailed.from_os_error(target, exc) from None
 
 
-def check_models_dir(path: Path) -> None:
-    """Refuse a models dir that is a file (the one-line error beats a traceback from mkdir)."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--models-dir {path} is not a folder")
+def _remove_stale_partials(repo: str, names: list[str], store: Store, folder: Path) -> list[str]:
+    """Delete half-written downloads (`*.incomplete`) whose download lock nobody holds.
+
+    huggingface_hub writes each download to `<etag>.<random>.incomplete` (cache) or
+    `<hash>.<etag>.<random>.incomplete` (local folder) and deletes it on any error it sees, but a killed process
+    leaves it behind for good. The lock it downloads under tells a dead download from a running one.
+    """
+    from filelock import FileLock, Timeout
+
+    candidates: list[tuple[Path, Path]] = []  # (partial, the lock its download holds)
+    if store == "hf-cache":
+        blobs = repo_cache_folder(repo) / "blobs"
+        locks = cache_dir() / ".locks" / repo_cache_folder(repo).name
+        for partial in blobs.glob("*.incomplete") if blobs.is_dir() else []:
+            candidates.append((partial, locks / f"{partial.name.split('.')[0]}.lock"))
+    else:
+        from huggingface_hub._local_folder import get_local_download_paths
+
+        for name in names:
+            paths = get_local_download_paths(folder, name)
+            prefix = paths.incomplete_path("etag").name.split(".")[0]
+            for partial in paths.metadata_path.parent.glob(f"{prefix}.*.incomplete"):
+                candidates.append((partial, paths.lock_path))
+    removed: list[str] = []
+    for partial, lock in candidates:
+        try:
+            with FileLock(str(lock), timeout=0):
+                partial.unlink(missing_ok=True)
+            removed.append(partial.name)
+        except (Timeout, OSError):  # another process is downloading it right now (or it is gone)
+            continue
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------- removing
+def remove_installed(entry: Entry, models_dir: Path | None = None) -> list[Path]:
+    """Delete an installed entry's files (and, in a models dir, its config); returns what was removed.
+
+    In the Hugging Face cache this is huggingface_hub's own revision delete (`scan_cache_dir().delete_revisions`),
+    which keeps blobs another revision still uses.
+    """
+    removed: list[Path] = []
+    if models_dir is not None:
+        folder, config = models_dir / entry.name, models_dir / f"{entry.name}.yaml"
+        try:
+            if folder.is_dir():
+                shutil.rmtree(folder)
+                removed.append(folder)
+            if config.is_file():
+                config.unlink()
+                removed.append(config)
+        except OSError as exc:
+            raise WriteFailed.from_os_error(exc.filename or folder, exc) from None
+        return removed
+    from huggingface_hub import scan_cache_dir
+
+    repo, revision = _pins(entry)
+    folder = snapshot_folder(entry)
+    if not folder.is_dir():
+        return removed
+    try:
+        strategy = scan_cache_dir(cache_dir()).delete_revisions(revision)
+        strategy.execute()
+    except OSError as exc:
+        raise WriteFailed.from_os_error(exc.filename or folder, exc) from None
+    removed.append(folder)
+    repo_folder = repo_cache_folder(repo)
+    if repo_folder.is_dir() and not any((repo_folder / "snapshots").glob("*")):
+        shutil.rmtree(
+            repo_folder, ignore_errors=True
+        )  # the last revision: drop refs and the empty repo folder
+    return removed

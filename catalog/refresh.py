@@ -150,8 +150,13 @@ def describe_drift(old: Entry, new: Entry) -> list[str]:
     ]
     if other:
         changes.append(f"other config fields: {', '.join(other)}")
-    meta_old = old.meta.model_dump(exclude={"files", "config"})
-    meta_new = new.meta.model_dump(exclude={"files", "config"})
+    derived = {
+        "files",
+        "config",
+        "config_file",
+    }  # config_file is LocalAI's view of the config: compared above
+    meta_old = old.meta.model_dump(exclude=derived)
+    meta_new = new.meta.model_dump(exclude=derived)
     meta_changed = [key for key in meta_old if meta_old[key] != meta_new[key]]
     if meta_changed:
         changes.append(f"index fields: {', '.join(meta_changed)}")

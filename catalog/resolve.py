@@ -5,8 +5,9 @@ stdio `load`, the HTTP server's `model`) resolves it here, in the same order:
 1. a config file that exists (YAML or JSON), relative to the working folder or to a base folder (LocalAI's
    models directory);
 2. a model folder that exists (imported on the fly from its metadata);
-3. a catalog entry name: its installed copy in the models folder first (it points at verified local files),
-   else the catalog's pinned config;
+3. a catalog entry name (the user's catalog, then the bundled one): its installed copy first — in the models
+   folder when one is given, else the entry's verified files in the Hugging Face cache — else its pinned
+   config (whose weights then come from the cache, or a download when allowed);
 4. a Hub repo id or URL (imported on the fly through the Hub, or the local cache when offline).
 A spec that looks like a config file or a path but does not exist is an error at once, rather than being
 tried as a repo id.
@@ -20,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from catalog.index import load_catalog, resolve_catalog_path
-from catalog.install import resolve_models_dir
+from catalog.index import catalog_search_path, load_catalogs
+from catalog.install import installed_location, resolve_models_dir
 from gallery.config import ModelConfig
 from gallery.configfile import read_config
 from gallery.errors import BadConfig, ModelNotFound, UsageError
@@ -113,25 +114,35 @@ def find_entry(
 ) -> Resolved | None:
     """A catalog entry by name: its installed copy when there is one, else the catalog's pinned config.
 
-    None when `name` is not an entry name of the catalog (the caller then tries the spec's other meanings);
-    BadConfig when the catalog or the entry is broken.
+    Installed means: `<models-dir>/<name>.yaml` when a models dir is given (--models-dir or
+    $GALLERY_MODELS_DIR), else every pinned file in the Hugging Face cache at the pinned commit — found the same
+    from any working folder. The catalogs searched are the one named (--catalog, $GALLERY_CATALOG), else the
+    user's catalog and the bundled one. None when `name` is no entry name (the caller then tries the spec's
+    other meanings); BadConfig when the catalog or the entry is broken.
     """
     if not _ENTRY_NAME.fullmatch(name) or ".." in name:
         return None
-    installed = resolve_models_dir(models_dir) / f"{name}.yaml"
-    if installed.is_file():
+    folder = resolve_models_dir(models_dir)
+    if folder is not None and (folder / f"{name}.yaml").is_file():
+        installed = folder / f"{name}.yaml"
         return Resolved(read_config(installed), installed.parent, "installed", name)
-    path = resolve_catalog_path(catalog)
-    if not path.exists():
+    paths = catalog_search_path(catalog)
+    if not any(path.exists() for path in paths):
         if catalog is not None:
-            raise BadConfig("no such catalog", file=path)
+            raise BadConfig("no such catalog", file=paths[0])
         return None
-    loaded = load_catalog(path)
+    loaded = load_catalogs(paths)
     try:
         entry = loaded.get(name)
     except UsageError:
         return None
-    return Resolved(entry.config, path.parent, "entry", name)
+    base = entry.index_path.parent if entry.index_path is not None else paths[0].parent
+    location = installed_location(entry) if folder is None else None
+    if location is not None:
+        config = entry.config.model_copy(deep=True)
+        config.parameters.model = str(location)  # the verified snapshot: the loader needs no look-up
+        return Resolved(config, base, "installed", name)
+    return Resolved(entry.config, base, "entry", name)
 
 
 def _import(source: str, spec: str, kind: SpecKind) -> Resolved:

@@ -1,14 +1,14 @@
 """The catalog commands of the `gallery` CLI: validate, list, show, search, add, refresh, install, export.
 
-The root app (cli.app) adds them. Every
-command takes --catalog PATH (default: $GALLERY_CATALOG, else the bundled gallery/index.yaml), prints human
-output by default and JSON with --json, and fails with one line and a documented exit code.
+The root app (cli.app) adds them. Every command takes --catalog PATH; without it names are looked up in the
+user's catalog and then the bundled one, and `add` / `refresh --write` write the user's catalog (never the
+installed package's). Human output by default and JSON with --json; every failure is one line and a
+documented exit code.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from enum import Enum
 from pathlib import Path
@@ -19,18 +19,28 @@ import typer
 from catalog.index import (
     Catalog,
     Entry,
-    load_catalog,
+    catalog_search_path,
     load_catalog_strict,
+    load_catalogs,
     resolve_catalog_path,
+    writable_catalog_path,
     write_catalog,
 )
-from cli.output import emit, warn
-from gallery.errors import BadConfig, OutputExists, UsageError, ValidationFailed
+from cli.output import emit, note, print_table, spinner, stderr_is_terminal, warn
+from gallery.errors import BadConfig, OutputExists, UsageError, ValidationFailed, WriteFailed
 
 CatalogOpt = Annotated[
     Path | None,
     typer.Option(
-        "--catalog", help="Catalog index (or its folder). Default: $GALLERY_CATALOG, else the bundled one."
+        "--catalog",
+        help="Catalog index (or its folder). Default: $GALLERY_CATALOG, else yours and the bundled one.",
+    ),
+]
+ModelsDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--models-dir",
+        help="Install into this plain folder ($GALLERY_MODELS_DIR) instead of the Hugging Face cache.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
@@ -47,11 +57,24 @@ class ValidateFormat(str, Enum):
 
 class ExportFormat(str, Enum):
     localai = "localai"
+    lmstudio = "lmstudio"
+
+
+def entry_names(incomplete: str) -> list[str]:
+    """Shell completion: the catalog's entry names that start with what was typed."""
+    try:
+        names = load_catalogs(catalog_search_path(None)).names()
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [name for name in names if name.startswith(incomplete)]
+
+
+NameArg = Annotated[str, typer.Argument(help="Entry name.", autocompletion=entry_names)]
 
 
 def _load(catalog: Path | None) -> Catalog:
     """Load the catalog leniently, warning (once, on stderr) about entries that are skipped as invalid."""
-    loaded = load_catalog(resolve_catalog_path(catalog))
+    loaded = load_catalogs(catalog_search_path(catalog))
     loaded_names = set(loaded.names())
     broken = sorted({p.entry or "?" for p in loaded.errors} - loaded_names)
     if broken:
@@ -64,7 +87,9 @@ def _load(catalog: Path | None) -> Catalog:
     return loaded
 
 
-def _row(entry: Entry) -> dict[str, Any]:
+def _row(entry: Entry, *, installed: Path | None = None) -> dict[str, Any]:
+    from catalog.install import missing_weights_reason
+
     config = entry.config
     return {
         "name": entry.name,
@@ -75,26 +100,49 @@ def _row(entry: Entry) -> dict[str, Any]:
         "description": entry.meta.description or config.description,
         "repo": config.mlx.source.repo,
         "revision": config.mlx.source.revision,
+        "weights": missing_weights_reason(entry) is None,
+        "installed": str(installed) if installed is not None else None,
     }
 
 
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+def _status(row: dict[str, Any]) -> Any:
+    from rich.text import Text
+
+    if not row["weights"]:
+        return Text("no weights", style="yellow")
+    return Text("installed", style="green") if row["installed"] else ""
 
 
-def _table(entries: list[Entry]) -> str:
-    if not entries:
-        return "(no entries)\n"
-    rows = [_row(e) for e in entries]
-    headers = ("NAME", "BACKEND", "SIZE", "LICENSE", "DESCRIPTION")
-    cells = [
-        (r["name"], r["backend"], r["size"] or "-", r["license"] or "-", _clip(r["description"] or "", 70))
-        for r in rows
-    ]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers[:-1])]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths, strict=True)) + "  " + headers[-1]]
-    lines += ["  ".join(c[i].ljust(w) for i, w in enumerate(widths)) + "  " + c[-1] for c in cells]
-    return "\n".join(line.rstrip() for line in lines) + "\n"
+def _rows(entries: list[Entry]) -> list[dict[str, Any]]:
+    from catalog.install import installed_location, resolve_models_dir
+
+    models_dir = resolve_models_dir(None)
+    return [_row(e, installed=installed_location(e, models_dir)) for e in entries]
+
+
+def _print_entries(entries: list[Entry], as_json: bool) -> None:
+    rows = _rows(entries)
+    if as_json:
+        emit(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+        return
+    if not rows:
+        emit("(no entries)\n")
+        return
+    print_table(
+        ("NAME", "BACKEND", "SIZE", "STATUS", "LICENSE", "DESCRIPTION"),
+        [
+            (
+                r["name"],
+                r["backend"],
+                r["size"] or "-",
+                _status(r),
+                r["license"] or "-",
+                r["description"] or "",
+            )
+            for r in rows
+        ],
+        wrap=("DESCRIPTION",),
+    )
 
 
 @app.command("validate")
@@ -108,13 +156,14 @@ def validate_command(
     ] = ValidateFormat.text,
     strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as problems (exit 14).")] = False,
     catalog: CatalogOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The same as --format json.")] = False,
 ) -> None:
     """Check catalogs and configs offline (CI). Exit 0 ok, 14 problems found, 13 a file could not be read."""
     from catalog.validate import format_report, validate_paths
 
     targets = list(paths or []) or [resolve_catalog_path(catalog)]
     report = validate_paths(targets)
-    emit(format_report(report, output.value, strict=strict))
+    emit(format_report(report, "json" if as_json else output.value, strict=strict))
     code = report.exit_code(strict=strict)
     if code:
         raise typer.Exit(code)
@@ -122,12 +171,8 @@ def validate_command(
 
 @app.command("list")
 def list_command(catalog: CatalogOpt = None, as_json: JsonOpt = False) -> None:
-    """List the catalog's entries."""
-    loaded = _load(catalog)
-    if as_json:
-        emit(json.dumps([_row(e) for e in loaded.entries], indent=2, ensure_ascii=False) + "\n")
-        return
-    emit(_table(loaded.entries))
+    """List the catalog's entries (STATUS: installed, or no weights to install)."""
+    _print_entries(_load(catalog).entries, as_json)
 
 
 @app.command("search")
@@ -158,27 +203,31 @@ def search_command(
         ).lower()
         if all(word in haystack for word in words):
             found.append(entry)
-    if as_json:
-        emit(json.dumps([_row(e) for e in found], indent=2, ensure_ascii=False) + "\n")
-        return
-    emit(_table(found))
+    _print_entries(found, as_json)
 
 
 @app.command("show")
 def show_command(
-    name: Annotated[str, typer.Argument(help="Entry name.")],
+    name: NameArg,
     catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show one entry: its pins (repo, commit, files with sha256), backend, stop set and template."""
+    from catalog.install import installed_location, missing_weights_reason, resolve_models_dir
+
     entry = _load(catalog).get(name)
     config = entry.config
+    location = installed_location(entry, resolve_models_dir(None))
+    no_weights = missing_weights_reason(entry)
     if as_json:
         emit(
             json.dumps(
                 {
                     "index": entry.meta.model_dump(exclude={"config"}),
                     "config_file": entry.config_ref,
+                    "catalog": str(entry.index_path) if entry.index_path else None,
+                    "installed": str(location) if location else None,
+                    "weights": no_weights is None,
                     "config": config.to_data(),
                 },
                 indent=2,
@@ -206,6 +255,15 @@ def show_command(
         + (f" (sha256 {template.sha256}, from {template.source})" if template.sha256 else ""),
         f"tags:         {', '.join(entry.meta.tags) or '-'}",
         f"config:       {entry.config_ref or '(inline)'}",
+        f"catalog:      {entry.index_path or '-'}",
+        "installed:    "
+        + (
+            str(location)
+            if location
+            else "no weights to install"
+            if no_weights
+            else f"no (gallery pull {entry.name})"
+        ),
         "files:",
     ]
     sizes = {f.path: f.size for f in config.mlx.files}
@@ -242,66 +300,71 @@ def _check_new_entry(entry: Entry) -> None:
         )
 
 
-@app.command("add")
-def add_command(
-    source: Annotated[str, typer.Argument(help="Hub repo: org/name, hf://org/name or a Hub URL.")],
-    name: Annotated[
-        str | None, typer.Option("--name", help="Entry name (default: from the repo name).")
-    ] = None,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="Branch, tag or commit to pin (default: main).")
-    ] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="Force a backend: mlx or mlx-vlm.")] = None,
-    description: Annotated[str | None, typer.Option("--description", help="Curated description.")] = None,
-    icon: Annotated[str | None, typer.Option("--icon", help="Icon URL (https).")] = None,
-    tags: Annotated[
-        list[str] | None, typer.Option("--tag", help="Tag (repeatable; default: derived).")
-    ] = None,
-    accept_missing_template: Annotated[
-        bool,
-        typer.Option(
-            "--accept-missing-template",
-            help="Accept a repo without a usable chat template (marks the entry).",
-        ),
-    ] = False,
-    inline: Annotated[
-        bool, typer.Option("--inline", help="Put the config inline in the index, not in entries/.")
-    ] = False,
-    catalog: CatalogOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Import a Hub repo into the catalog: writes entries/<name>.yaml and appends the index entry (atomically).
+SourceArg = Annotated[str, typer.Argument(help="Hub repo: org/name, hf://org/name or a Hub URL.")]
+EntryNameOpt = Annotated[str | None, typer.Option("--name", help="Entry name (default: from the repo name).")]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Branch, tag or commit to pin (default: main).")
+]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="Force a backend: mlx or mlx-vlm.")]
+AcceptMissingTemplateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--accept-missing-template", help="Accept a repo without a usable chat template (marks the entry)."
+    ),
+]
 
-    Exit 11 when the name is taken, 14 when the new entry would fail `gallery validate`.
+
+def add_entry(
+    source: str,
+    *,
+    catalog: Path | None,
+    name: str | None = None,
+    revision: str | None = None,
+    backend: str | None = None,
+    description: str | None = None,
+    icon: str | None = None,
+    tags: list[str] | None = None,
+    accept_missing_template: bool = False,
+    inline: bool = False,
+) -> tuple[Entry, Path]:
+    """Import SOURCE into the writable catalog (the one named, else the user's); returns the entry and index.
+
+    Exit 11 when the name is taken (in that catalog or one searched with it), 14 when the new entry would fail
+    `gallery validate`. Writes are atomic and keep the index's comments and key order.
     """
     from catalog.build import build_entry
-    from catalog.index import Catalog
 
-    path = resolve_catalog_path(catalog)
+    path = writable_catalog_path(catalog)
     current = load_catalog_strict(path) if path.exists() else Catalog(path=path, entries=[], problems=[])
-    taken = {n.lower() for n in current.names()}
+    others = [p for p in catalog_search_path(catalog) if p != path and p.is_file()]
+    searched = load_catalogs(others).entries if others else []
+    taken = {n.lower(): path for n in current.names()} | {
+        e.name.lower(): e.index_path or path for e in searched if e.name.lower() not in current.names()
+    }
     if name is not None and name.lower() in taken:
-        raise OutputExists(f"the catalog already has an entry named {name!r}", path=path)
-    built = build_entry(
-        source,
-        name=name,
-        revision=revision,
-        backend=backend,
-        description=description,
-        icon=icon,
-        tags=tags or None,
-        accept_missing_template=accept_missing_template,
-        inline=inline,
-    )
+        raise OutputExists(f"{taken[name.lower()]} already has an entry named {name!r}", path=path)
+    with spinner(f"importing {source}"):
+        built = build_entry(
+            source,
+            name=name,
+            revision=revision,
+            backend=backend,
+            description=description,
+            icon=icon,
+            tags=tags or None,
+            accept_missing_template=accept_missing_template,
+            inline=inline,
+        )
     entry = built.entry
     if entry.name.lower() in taken:
         raise OutputExists(
-            f"the catalog already has an entry named {entry.name!r} (choose another with --name)", path=path
+            f"{taken[entry.name.lower()]} already has an entry named {entry.name!r} (choose another with --name)",
+            path=path,
         )
     for message in built.warnings:
         warn(message)
     repo = entry.config.mlx.source.repo
-    same_repo = [e.name for e in current.entries if e.config.mlx.source.repo == repo]
+    same_repo = [e.name for e in [*current.entries, *searched] if e.config.mlx.source.repo == repo]
     if same_repo:
         warn(f"{repo} is already in the catalog as {', '.join(same_repo)}")
     _check_new_entry(entry)
@@ -317,28 +380,75 @@ def add_command(
         new_configs={entry.name},
         expect_fingerprint=current.fingerprint,
     )
+    entry.index_path = path
+    return entry, path
+
+
+@app.command("add")
+def add_command(
+    source: SourceArg,
+    name: EntryNameOpt = None,
+    revision: RevisionOpt = None,
+    backend: BackendOpt = None,
+    description: Annotated[str | None, typer.Option("--description", help="Curated description.")] = None,
+    icon: Annotated[str | None, typer.Option("--icon", help="Icon URL (https).")] = None,
+    tags: Annotated[
+        list[str] | None, typer.Option("--tag", help="Tag (repeatable; default: derived).")
+    ] = None,
+    accept_missing_template: AcceptMissingTemplateOpt = False,
+    inline: Annotated[
+        bool, typer.Option("--inline", help="Put the config inline in the index, not in entries/.")
+    ] = False,
+    catalog: CatalogOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a Hub repo into a catalog (yours unless --catalog): entries/<name>.yaml plus the index entry.
+
+    Exit 11 when the name is taken, 14 when the new entry would fail `gallery validate`.
+    """
+    entry, path = add_entry(
+        source,
+        catalog=catalog,
+        name=name,
+        revision=revision,
+        backend=backend,
+        description=description,
+        icon=icon,
+        tags=tags,
+        accept_missing_template=accept_missing_template,
+        inline=inline,
+    )
     if as_json:
         emit(json.dumps(entry.index_data(), indent=2, ensure_ascii=False) + "\n")
-    print(
-        f"gallery: added {entry.name} ({entry.config.backend}, {len(entry.meta.files)} files, "
-        f"{entry.meta.size or 'size unknown'}) to {path}",
-        file=sys.stderr,
+    note(
+        f"added {entry.name} ({entry.config.backend}, {len(entry.meta.files)} files, "
+        f"{entry.meta.size or 'size unknown'}) to {path}"
     )
 
 
 @app.command("refresh")
 def refresh_command(
     names: Annotated[list[str] | None, typer.Argument(help="Entries to refresh (default: all).")] = None,
-    write: Annotated[bool, typer.Option("--write", help="Rewrite drifted entries (atomically).")] = False,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Entries re-imported at once.")] = 4,
+    write: Annotated[
+        bool, typer.Option("--write", help="Rewrite drifted entries (atomically, comments kept).")
+    ] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Entries re-imported at once.")] = 4,
     catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-import entries against the Hub and report drift. Exit 15 if any drifted (even with --write)."""
+    """Re-import entries against the Hub and report drift. Exit 15 if any drifted (even with --write).
+
+    --write changes the catalog named with --catalog, else yours; never the installed package's.
+    """
     from catalog.refresh import format_refresh, refresh_catalog
 
-    path = resolve_catalog_path(catalog)
-    loaded = load_catalog_strict(path) if write else _load(catalog)
+    if write:
+        path = writable_catalog_path(catalog)
+        if not path.is_file():
+            raise UsageError(f"no catalog at {path} to rewrite: name one with --catalog PATH")
+        loaded = load_catalog_strict(path)
+    else:
+        loaded = _load(catalog)
     report = refresh_catalog(loaded, names or [], write=write, jobs=jobs)
     emit(format_refresh(report, as_json=as_json, write=write))
     code = report.exit_code()
@@ -346,52 +456,66 @@ def refresh_command(
         raise typer.Exit(code)
 
 
-@app.command("install")
-def install_command(
-    name: Annotated[str, typer.Argument(help="Entry name.")],
-    models_dir: Annotated[
-        Path | None,
-        typer.Option("--models-dir", help="Where models go (default: $GALLERY_MODELS_DIR, else ./models)."),
-    ] = None,
-    catalog: CatalogOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Download an entry's pinned files, verify each sha256, and write <models-dir>/<name>.yaml.
+def install_and_report(entry: Entry, models_dir: Path | None, *, as_json: bool) -> Path:
+    """Install an entry (HF cache, or a models dir) with progress on stderr; returns where its files are."""
+    from catalog.install import check_models_dir, install_entry
 
-    Exit 16 when a file does not match its sha256 (the file is removed), 4 for a gated repo without access.
-    """
-    from catalog.install import check_models_dir, install_entry, resolve_models_dir
+    check_models_dir(models_dir)
+    if not stderr_is_terminal():
+        from huggingface_hub.utils import disable_progress_bars
 
-    loaded = _load(catalog)
-    entry = loaded.get(name)
-    _refuse_invalid(loaded, entry)
-    target = resolve_models_dir(models_dir)
-    check_models_dir(target)
-    result = install_entry(entry, target)
+        disable_progress_bars()  # no carriage-return bars in a log file
+    result = install_entry(entry, models_dir)
     if as_json:
         emit(
             json.dumps(
                 {
                     "name": result.name,
+                    "store": result.store,
                     "folder": str(result.folder),
-                    "config": str(result.config_path),
+                    "config": str(result.config_path) if result.config_path else None,
                     "downloaded": result.downloaded,
                     "verified": result.verified,
                     "config_written": result.config_written,
+                    "removed_partials": result.removed_partials,
                 },
                 indent=2,
             )
             + "\n"
         )
     state = "installed" if result.changed else "already installed, every file verified"
-    print(f"gallery: {result.name}: {state}; config {result.config_path}", file=sys.stderr)
+    where = result.config_path if result.config_path is not None else result.folder
+    note(f"{result.name}: {state} ({entry.meta.size or 'size unknown'}); {where}")
+    return result.folder
 
 
-def _refuse_invalid(loaded: Catalog, entry: Entry) -> None:
-    """Run the full validation on the catalog and refuse an entry with errors (never install a broken pin)."""
+@app.command("install")
+def install_command(
+    name: NameArg,
+    models_dir: ModelsDirOpt = None,
+    catalog: CatalogOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download an entry's pinned files into the Hugging Face cache (or --models-dir), each sha256-verified.
+
+    Exit 16 when a file does not match its sha256 (the file is removed), 10 for an entry without weights, 4 for
+    a gated repo without access, 18 when the disk is full.
+    """
+    from catalog.install import resolve_models_dir
+
+    loaded = _load(catalog)
+    entry = loaded.get(name)
+    refuse_invalid(entry)
+    install_and_report(entry, resolve_models_dir(models_dir), as_json=as_json)
+
+
+def refuse_invalid(entry: Entry) -> None:
+    """Run the full validation on the entry's catalog and refuse an entry with errors (never install a broken pin)."""
     from catalog.validate import validate_paths
 
-    report = validate_paths([loaded.path])
+    if entry.index_path is None:
+        return
+    report = validate_paths([entry.index_path])
     errors = [p for p in report.sorted_problems() if p.severity == "error" and p.entry == entry.name]
     if errors:
         first = errors[0]
@@ -401,14 +525,21 @@ def _refuse_invalid(loaded: Catalog, entry: Entry) -> None:
         )
 
 
+def check_output_path(output: Path) -> None:
+    """An output file's folder must exist: a typo in -o must not create a tree of folders."""
+    parent = output.expanduser().parent
+    if not parent.is_dir():
+        raise WriteFailed(output, f"the folder {parent} does not exist")
+
+
 @app.command("export")
 def export_command(
-    name: Annotated[str, typer.Argument(help="Entry name.")],
+    name: NameArg,
     output_format: Annotated[
-        ExportFormat, typer.Option("--format", help="Output format.")
+        ExportFormat, typer.Option("--format", help="localai (LocalAI model YAML) or lmstudio (model.yaml).")
     ] = ExportFormat.localai,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
+        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout (- is stdout).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     models_dir: Annotated[
@@ -419,21 +550,24 @@ def export_command(
     ] = None,
     catalog: CatalogOpt = None,
 ) -> None:
-    """Export an entry as a LocalAI model YAML that carries its pins."""
+    """Export an entry as a LocalAI model YAML or an LM Studio model.yaml that carries its pins."""
     from catalog.export import export_entry
+    from catalog.install import installed_location
     from gallery.yamlio import atomic_write
 
     entry = _load(catalog).get(name)
     model_path = None
     if models_dir is not None:
-        model_path = models_dir.expanduser().resolve() / entry.name
-        if not model_path.is_dir():
+        model_path = installed_location(entry, models_dir.expanduser().resolve())
+        if model_path is None:
             raise UsageError(
-                f"{entry.name} is not installed in {models_dir} (run `gallery install {entry.name}`)"
+                f"{entry.name} is not installed in {models_dir} (run `gallery install {entry.name} "
+                f"--models-dir {models_dir}`)"
             )
     text = export_entry(entry, output_format.value, model_path=model_path)
-    if output is None:
+    if output is None or str(output) == "-":
         emit(text)
         return
+    check_output_path(output)
     atomic_write(output, text, overwrite=force)
-    print(f"gallery: wrote {output}", file=sys.stderr)
+    note(f"wrote {output}")

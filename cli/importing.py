@@ -5,16 +5,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from catalog.resolve import looks_like_config_file
-from cli.output import emit, loud_template_warning, warn
+from cli.catalog import check_output_path
+from cli.output import (
+    emit,
+    loud_template_warning,
+    note,
+    print_table,
+    spinner,
+    stdout_console,
+    stdout_is_terminal,
+    template_warning,
+    warn,
+)
 from gallery.config import ModelConfig, json_schema
-from gallery.configfile import config_to_json, config_to_yaml, read_config, write_config
+from gallery.configfile import config_to_json, config_to_yaml, write_config
 from gallery.errors import OutputExists, StrictFailure
 
 app = typer.Typer()
@@ -31,7 +40,12 @@ def import_command(
     name: Annotated[str | None, typer.Option("--name", help="Config name (default: the repo name).")] = None,
     revision: RevisionOpt = None,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Write the config here (- for stdout). Default: stdout when piped, else ./NAME.yaml.",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
@@ -39,27 +53,48 @@ def import_command(
         bool, typer.Option("--strict", help="Fail when the chat template is missing or broken.")
     ] = False,
 ) -> None:
-    """Import a repo into a pinned, explained model config."""
+    """Import a repo into a pinned, explained model config.
+
+    In a terminal it prints the decisions and writes ./NAME.yaml; piped (or with -o -) the config goes to stdout.
+    """
     from importers import import_model
 
-    if output is not None and output.exists() and not force:
-        raise OutputExists(f"{output} exists; use --force to replace it", path=output)
-    result = import_model(source, revision=revision, backend=backend, name=name)
+    to_stdout = str(output) == "-" or (output is None and not stdout_is_terminal())
+    if output is not None and not to_stdout:
+        check_output_path(output)
+        if output.exists() and not force:
+            raise OutputExists(f"{output} exists; use --force to replace it", path=output)
+    with spinner(f"importing {source}"):
+        result = import_model(source, revision=revision, backend=backend, name=name)
     config = result.config
     for message in result.warnings:
-        warn(message)
+        if not (template_warning(config) and "template" in message.lower()):
+            warn(message)
     loud_template_warning(config)
     if strict:
         _check_strict(config)
-    if output is None:
+    if to_stdout:
         emit(config_to_json(config) if as_json else config_to_yaml(config))
         return
-    write_config(config, output, overwrite=force, as_json=as_json)
-    print(
-        f"gallery: wrote {output} ({config.backend}, {len(config.mlx.stop_tokens)} stop tokens, "
-        f"template {config.mlx.chat_template.status})",
-        file=sys.stderr,
+    target = output or Path(f"{config.name}.{'json' if as_json else 'yaml'}")
+    if output is None and target.exists() and not force:
+        raise OutputExists(
+            f"{target} exists; use --force to replace it, or -o PATH (- for stdout)", path=target
+        )
+    write_config(config, target, overwrite=force, as_json=as_json)
+    if output is None:  # a person at a terminal: the decisions, then where the config went
+        _print_summary(config)
+    note(
+        f"wrote {target} ({config.backend}, {len(config.mlx.stop_tokens)} stop tokens, "
+        f"template {config.mlx.chat_template.status}); `gallery explain {target}` shows the evidence"
     )
+
+
+def _print_summary(config: ModelConfig) -> None:
+    """One line per decision (the value only; `explain` has the evidence), fitted to the terminal."""
+    rows = [(key, decision.value) for key, decision in config.mlx.decisions.items()]
+    stdout_console().print(f"{config.name} ({config.backend})", style="bold", markup=False)
+    print_table(("DECISION", "VALUE"), rows, wrap=("VALUE",))
 
 
 def _check_strict(config: ModelConfig) -> None:
@@ -81,20 +116,30 @@ def _check_strict(config: ModelConfig) -> None:
 
 @app.command()
 def explain(
-    target: Annotated[str, typer.Argument(help="A config file, or a SOURCE to import first.")],
+    target: Annotated[
+        str, typer.Argument(help="A catalog name, config file, model folder, or a SOURCE to import first.")
+    ],
     backend: BackendOpt = None,
     revision: RevisionOpt = None,
+    catalog: Annotated[
+        str | None, typer.Option("--catalog", help="Catalog index to look names up in.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Decisions as JSON.")] = False,
 ) -> None:
     """Show every decision in a config and the evidence behind it."""
-    if looks_like_config_file(target) and not Path(target).is_dir():
-        config = read_config(target)
-        warnings = config.mlx.warnings
-    else:
+    if backend is not None or revision is not None:  # an import with choices: not a stored config
         from importers import import_model
 
-        result = import_model(target, revision=revision, backend=backend)
+        with spinner(f"importing {target}"):
+            result = import_model(target, revision=revision, backend=backend)
         config, warnings = result.config, result.warnings
+    else:
+        from catalog.resolve import resolve_spec
+
+        with spinner(f"reading {target}"):
+            resolved = resolve_spec(target, catalog=catalog)
+        config = resolved.config
+        warnings = resolved.warnings if resolved.kind in ("folder", "repo") else config.mlx.warnings
     loud_template_warning(config)
     from importers.memory import check_fit
 
@@ -116,10 +161,10 @@ def render_explanation(config: ModelConfig, warnings: list[str]) -> str:
 
     from importers.memory import check_fit
 
-    table = Table(title=f"{config.name} ({config.backend})", show_lines=True, expand=False)
+    table = Table(title=f"{config.name} ({config.backend})", show_lines=True, expand=True)
     table.add_column("decision", style="bold", no_wrap=True)
-    table.add_column("value", overflow="fold", max_width=48)
-    table.add_column("evidence", overflow="fold", max_width=70)
+    table.add_column("value", overflow="fold", ratio=2)
+    table.add_column("evidence", overflow="fold", ratio=3)
     for key, decision in config.mlx.decisions.items():
         lines = [
             f"{'(' + e.strength + ') ' if e.strength else ''}{e.source}{':' + e.field if e.field else ''} — {e.detail}"
@@ -128,8 +173,9 @@ def render_explanation(config: ModelConfig, warnings: list[str]) -> str:
         lines += [f"AGAINST: {c}" for c in decision.conflicts]
         table.add_row(key, decision.value, "\n".join(lines) or "-")
     buffer = StringIO()
-    width = int(os.environ.get("COLUMNS", "160"))
-    console = Console(file=buffer, width=max(width, 100), force_terminal=False, color_system=None)
+    # The real terminal's width (rich reads it, and COLUMNS only when there is none); 100 when piped.
+    width = stdout_console().width if stdout_is_terminal() else int(os.environ.get("COLUMNS") or 100)
+    console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
     console.print(table)
     fit = check_fit(config)
     console.print(f"memory: {fit.summary()}", soft_wrap=True)

@@ -27,6 +27,15 @@ _EXIT = (click.exceptions.Exit, typer.Exit)
 _ABORT = (click.exceptions.Abort, typer.Abort)
 _CLICK_ERROR = (click.ClickException, _typer_click.ClickException)
 _USAGE_ERROR = (click.UsageError, _typer_click.UsageError)
+# A command given no arguments shows its help (on stdout, as --help does) rather than an error line.
+_NO_ARGS = tuple(
+    kind
+    for kind in (
+        getattr(click.exceptions, "NoArgsIsHelpError", None),
+        getattr(_typer_click, "NoArgsIsHelpError", None),
+    )
+    if kind
+)
 INTERRUPTED = next(code for code, (name, _) in EXIT_CODES.items() if name == "interrupted")
 
 
@@ -35,6 +44,8 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str, label: 
     debug = os.environ.get("GALLERY_DEBUG") == "1"
     try:
         result: Any = app(args=argv, prog_name=prog_name, standalone_mode=False)
+        if result == INTERRUPTED:  # typer turns Ctrl-C into a return of 130: say so, as below
+            print(f"\n{label}: interrupted", file=sys.stderr)
         return result if isinstance(result, int) else 0
     except GalleryError as exc:
         if debug:
@@ -46,6 +57,10 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str, label: 
     except _ABORT:
         print(f"\n{label}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except _NO_ARGS as exc:
+        context = getattr(exc, "ctx", None)
+        print(context.get_help() if context is not None else exc.format_message())
+        return UsageError.exit_code
     except _CLICK_ERROR as exc:
         usage = isinstance(exc, _USAGE_ERROR)
         context = getattr(exc, "ctx", None)

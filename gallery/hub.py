@@ -19,9 +19,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from gallery.errors import (
@@ -36,6 +36,7 @@ from gallery.errors import (
     one_line,
 )
 
+T = TypeVar("T")
 HUB_WEB = "https://huggingface.co"
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _HASH_CHUNK = 4 * 1024 * 1024
@@ -357,6 +358,31 @@ def read_file(
     return b"".join(chunks)
 
 
+def _with_retries(
+    download: Callable[[], T], *, repo_id: str, revision: str, what: str, token: str | bool | None
+) -> T:
+    """Run a huggingface_hub download with this module's errors and retry budget.
+
+    huggingface_hub retries its metadata requests but not a 5xx or a dropped connection on a file body: such
+    a failure is retried here (a file already fetched is not fetched again), with the same budget as every
+    other request.
+    """
+    configure_session()
+    settings = _retry_settings()
+    wait = settings["base_wait_time"]
+    attempt = 0
+    while True:
+        try:
+            with hub_errors(repo_id=repo_id, revision=revision, what=what, token=token):
+                return download()
+        except NetworkFailure:
+            attempt += 1
+            if attempt > settings["max_retries"]:
+                raise
+            time.sleep(wait)
+            wait = min(wait * 2, settings["max_wait_time"])
+
+
 def download_file(
     repo_id: str,
     filename: str,
@@ -369,32 +395,58 @@ def download_file(
     """Download one file at a pinned commit (into local_dir, or the Hugging Face cache); returns its path."""
     from huggingface_hub import hf_hub_download
 
-    configure_session()
-    settings = _retry_settings()
-    wait = settings["base_wait_time"]
-    attempt = 0
-    while True:
-        try:
-            with hub_errors(repo_id=repo_id, revision=revision, what=f"{repo_id}/{filename}", token=token):
-                return Path(
-                    hf_hub_download(
-                        repo_id,
-                        filename,
-                        revision=revision,
-                        local_dir=local_dir,
-                        cache_dir=cache,
-                        token=token,
-                        endpoint=endpoint(),
-                    )
-                )
-        except NetworkFailure:
-            # hf_hub_download retries its metadata request but not the body's GET: a 5xx or a dropped
-            # connection mid-body is retried here, with the same budget as every other request.
-            attempt += 1
-            if attempt > settings["max_retries"]:
-                raise
-            time.sleep(wait)
-            wait = min(wait * 2, settings["max_wait_time"])
+    def download() -> Path:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                local_dir=local_dir,
+                cache_dir=cache,
+                token=token,
+                endpoint=endpoint(),
+            )
+        )
+
+    return _with_retries(
+        download, repo_id=repo_id, revision=revision, what=f"{repo_id}/{filename}", token=token
+    )
+
+
+def download_files(
+    repo_id: str,
+    filenames: list[str],
+    revision: str,
+    *,
+    local_dir: Path | None = None,
+    token: str | bool | None = None,
+    max_workers: int = 8,
+) -> Path:
+    """Download exactly these files at a pinned commit, several at once (huggingface_hub's snapshot_download),
+    into local_dir or the Hugging Face cache; returns the folder they are in."""
+    import glob
+
+    from huggingface_hub import snapshot_download
+
+    # allow_patterns are fnmatch patterns and file names may hold [ ] * ?: escape them to mean just the file.
+    patterns = [glob.escape(name) for name in filenames]
+
+    def download() -> Path:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=patterns,
+                max_workers=max_workers,
+                token=token,
+                endpoint=endpoint(),
+                cache_dir=None if local_dir is not None else cache_dir(),
+                local_dir=local_dir,
+            )
+        )
+
+    what = f"the files of {repo_id}@{revision[:12]}"
+    return _with_retries(download, repo_id=repo_id, revision=revision, what=what, token=token)
 
 
 # ----- hashes -----

@@ -96,7 +96,9 @@ def _literal_roundtrips(text: str) -> bool:
     # differently; checking the round trip is cheaper than enumerating YAML's rules.
     try:
         dumped = yaml.dump({"k": text}, Dumper=_ForceBlockDumper, width=100000, allow_unicode=True)
-        return yaml.safe_load(dumped) == {"k": text}
+        # Read back with the loader the files are read with: libyaml refuses some blocks PyYAML accepts
+        # (a line of only a tab).
+        return yaml.load(dumped, Loader=_BaseLoader) == {"k": text}
     except yaml.YAMLError:
         return False
 

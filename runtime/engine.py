@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import queue
 import sys
@@ -65,6 +66,8 @@ from runtime.request import (
     Usage,
 )
 from runtime.textstream import ReasoningSplitter, StopStringMatcher, ToolCallExtractor
+
+log = logging.getLogger("runtime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +345,9 @@ class Engine:
         if self._load_error is not None:
             raise self._load_error
         for message in self.warnings:
-            print(f"runtime: WARNING: {message}", file=sys.stderr)
+            log.warning(
+                "%s", message
+            )  # through logging, so a front end that shows them itself can quiet them
         return self
 
     def shutdown(self, *, cancel: bool = True, timeout: float | None = 30.0) -> None:

@@ -54,7 +54,7 @@ def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -
     if not allow_download or is_offline():
         raise RuntimeFailure(
             f"the weights of {repo}@{(revision or 'main')[:12]} are not in the local cache; run "
-            "`gallery install NAME` for a catalog entry, or allow downloads (`--allow-download`, or the "
+            "`gallery pull NAME` (or `gallery install NAME`) for a catalog entry, or allow downloads (`--allow-download`, or the "
             "load option `allow_download:true`)" + (" and unset HF_HUB_OFFLINE" if is_offline() else "")
         )
     with hub_errors(

@@ -15,6 +15,10 @@ os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["HF_HUB_ETAG_TIMEOUT"] = "5"
+# The user-level catalog (`gallery add`/`pull` without --catalog) goes here, never into the real home.
+os.environ["GALLERY_HOME"] = tempfile.mkdtemp(prefix="gallery-tests-home-")
+os.environ.pop("GALLERY_CATALOG", None)
+os.environ.pop("GALLERY_MODELS_DIR", None)
 
 pytest_plugins = ["tests.plugins.hub", "tests.plugins.models"]
 

@@ -22,13 +22,15 @@ def test_list_shows_every_entry(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_cli(capsys, "list")
     assert result.code == 0
     lines = result.out.splitlines()
-    assert lines[0].split() == ["NAME", "BACKEND", "SIZE", "LICENSE", "DESCRIPTION"]
+    assert lines[0].split() == ["NAME", "BACKEND", "SIZE", "STATUS", "LICENSE", "DESCRIPTION"]
     assert len(lines) == 7
+    assert "no weights" in next(line for line in lines if line.startswith("smollm3-3b"))
     rows = run_cli(capsys, "list", "--json").json()
     assert [r["name"] for r in rows] == load_catalog(BUNDLED / "index.yaml").names()
     gemma = next(r for r in rows if r["name"] == "gemma-4-e4b-it-qat-4bit")
     assert gemma["backend"] == "mlx-vlm" and gemma["repo"] == "mlx-community/gemma-4-E4B-it-qat-4bit"
     assert len(gemma["revision"]) == 40 and gemma["size"] == "5.15 GB"
+    assert gemma["weights"] and not next(r for r in rows if r["name"] == "smollm3-3b")["weights"]
 
 
 def test_search_matches_every_word(capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,7 +107,12 @@ def test_export_localai_yaml(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["template"] == {"use_tokenizer_template": True}
     assert data["context_size"] == 40960
     assert data["known_usecases"] == ["chat", "completion"]
-    assert data["options"] == [f"revision:{config.mlx.source.revision}"]
+    # The revision, and the parsers LocalAI's own MLX importer sets (Qwen3: hermes tool calls, qwen3 reasoning).
+    assert data["options"] == [
+        f"revision:{config.mlx.source.revision}",
+        "tool_parser:hermes",
+        "reasoning_parser:qwen3",
+    ]
     assert data["description"] == entry.meta.description and data["license"] == "apache-2.0"
     assert result.out.startswith("# LocalAI model config for qwen3-4b-4bit")
     vlm = yaml.safe_load(run_cli(capsys, "export", "gemma-4-e4b-it-qat-4bit").out)
@@ -178,7 +185,7 @@ def test_install_through_a_real_subprocess(
     )
     assert first.returncode == 0, first.stderr
     assert (tmp_path / "m" / "tiny-qwen3.yaml").is_file()
-    assert "[4/5] model.safetensors: downloaded, sha256 verified" in first.stderr
+    assert "downloading 5 file(s)" in first.stderr and "tiny-qwen3: installed" in first.stderr
     second = subprocess.run(
         [str(GALLERY), "install", "tiny-qwen3"], capture_output=True, text=True, env=env, timeout=120
     )

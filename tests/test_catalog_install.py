@@ -4,6 +4,7 @@ real folders, sha256 verification, idempotence, resumption after an interrupted 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -137,14 +138,14 @@ def test_interrupted_install_then_successful_rerun(
     assert not (models / f"{NAME}.yaml").exists()
     assert not (models / NAME / "model.safetensors").exists()
     done_before = [name for name in FILES if (models / NAME / name).is_file()]
-    assert done_before == ["README.md", "config.json", "generation_config.json"]
+    assert done_before == [name for name in FILES if name != "model.safetensors"]  # fetched side by side
 
     tiny_hub.clear_injections()
     tiny_hub.reset_stats()
     result = run_cli(capsys, "install", NAME, "--models-dir", models, "--catalog", catalog, "--json")
     assert result.code == 0, result.err
     assert sorted(result.json()["verified"]) == done_before
-    assert sorted(result.json()["downloaded"]) == ["model.safetensors", "tokenizer_config.json"]
+    assert sorted(result.json()["downloaded"]) == ["model.safetensors"]
     assert not set(_resolve_requests(tiny_hub)) & set(done_before)  # verified files are not fetched again
     assert (models / f"{NAME}.yaml").is_file()
 
@@ -158,18 +159,43 @@ def test_transient_errors_are_retried(
 
 
 def test_gated_repo_says_how_to_authenticate(
-    tiny_hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    hub_factory,  # type: ignore[no-untyped-def]
+    hub_token: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    index = copy_catalog(tmp_path / "catalog")
+    repo = make_tiny_repo(tmp_path / "gated-repo")
+    info = json.loads((repo / "_info.json").read_text())
+    (repo / "_info.json").write_text(json.dumps({**info, "gated": "manual"}))
+    hub = hub_factory(extra_repos={"test-org/gated-tiny": repo})
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("GALLERY_HTTP_BACKOFF", "0")
+    index = tmp_path / "catalog" / "index.yaml"
+    monkeypatch.setenv("HF_TOKEN", hub_token)  # the maintainer who added it had access
+    assert run_cli(capsys, "add", "test-org/gated-tiny", "--catalog", index).code == 0
+    monkeypatch.delenv("HF_TOKEN")
     models = tmp_path / "models"
-    result = run_cli(capsys, "install", "llama-3.2-3b-instruct", "--models-dir", models, "--catalog", index)
+    result = run_cli(capsys, "install", "gated-tiny", "--models-dir", models, "--catalog", index)
     assert result.code == 4, result.err
-    assert "meta-llama/Llama-3.2-3B-Instruct is gated" in result.err
+    assert "test-org/gated-tiny is gated" in result.err
     assert "HF_TOKEN" in result.err and "hf auth login" in result.err
     assert len(result.err.strip().splitlines()[-1]) < 300 and "Traceback" not in result.err
-    assert not (models / "llama-3.2-3b-instruct.yaml").exists()
-    assert not (models / "llama-3.2-3b-instruct").exists()  # nothing installed: no empty folder left
+    assert not (models / "gated-tiny.yaml").exists()
+    assert not (models / "gated-tiny").exists()  # nothing installed: no empty folder left
+
+
+def test_entry_without_weights_is_refused_and_marked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pinned revision without weights (the recorded SmolLM3 metadata) cannot be installed: say why, mark it."""
+    index = copy_catalog(tmp_path / "catalog")
+    result = run_cli(capsys, "install", "smollm3-3b", "--catalog", index)
+    assert result.code == 10, result.err
+    assert "no .safetensors weights" in result.err and "nothing to run" in result.err
+    assert result.err.count("\n") == 1
+    listed = {row["name"]: row for row in run_cli(capsys, "list", "--catalog", index, "--json").json()}
+    assert listed["smollm3-3b"]["weights"] is False and listed["qwen3-4b-4bit"]["weights"] is True
 
 
 def test_install_refuses_an_invalid_entry_and_unknown_names(

@@ -51,4 +51,28 @@ def test_add_install_run(hub_factory, scripted_text_model: Path, tmp_path: Path)
     ran = gallery("run", "scripted-text", "--prompt", "hi", HF_HUB_OFFLINE="1")
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == fixture_info(scripted_text_model)["answer"]
+    # From another folder, with the models dir given on the command line rather than in the environment.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env.pop("GALLERY_MODELS_DIR")
+    moved = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "run",
+            "scripted-text",
+            "-p",
+            "hi",
+            "--models-dir",
+            str(tmp_path / "models"),
+        ],
+        cwd=elsewhere,
+        env={**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert moved.returncode == 0, moved.stderr
+    assert moved.stdout.strip() == fixture_info(scripted_text_model)["answer"]
     assert "Traceback" not in ran.stderr + installed.stderr + added.stderr

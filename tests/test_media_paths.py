@@ -194,7 +194,10 @@ def test_the_importer_decides_each_tower_from_config_processor_and_weights(
         evidence[("model.safetensors.index.json", "weight_map")],
     )
     assert counted and int(counted[1]) > 0 and int(counted[2]) > 0
-    assert "an audio feature extractor" in evidence[("processor_config.json", "feature_extractor.feature_extractor_type")]
+    assert (
+        "an audio feature extractor"
+        in evidence[("processor_config.json", "feature_extractor.feature_extractor_type")]
+    )
 
     for folder in (vlm_model, mtp_vlm_model):  # Qwen VLMs: video through the vision tower, no audio tower
         qwen = import_model(str(folder)).config.mlx.media
