@@ -178,13 +178,13 @@ def render_explanation(config: ModelConfig, warnings: list[str]) -> str:
     console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
     console.print(table)
     fit = check_fit(config)
-    console.print(f"memory: {fit.summary()}", soft_wrap=True)
+    console.print(f"memory: {fit.summary()}")
     if fit.warning and fit.warning not in warnings:
         warnings = [*warnings, fit.warning]
     if warnings:
         console.print("warnings:")
         for message in warnings:
-            console.print(f"  - {message}", soft_wrap=True)
+            console.print(f"  - {message}")
     return buffer.getvalue()
 
 
