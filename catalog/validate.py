@@ -73,7 +73,6 @@ _USER_PROBE_TEXTS = [m["content"] for m in PROBE_TEXT if m["role"] == "user"]
 _IMAGE_PROBE_TEXT_ONLY: list[dict[str, Any]] = [
     {"role": "user", "content": [{"type": "text", "text": "What is in this image?"}]}
 ]
-_RENDER_DEADLINE_S = 2.0
 _WEIGHT_SUFFIXES = (".safetensors",)
 _REQUIRED_FILES = (
     "config.json",
@@ -173,12 +172,12 @@ def _render_probes(
     rendered: str | None = None
     probe = PROBE_TEXT if supports_system else PROBE_TEXT_NO_SYSTEM
     try:
-        rendered = render_chat(text, probe, variables=variables, deadline_s=_RENDER_DEADLINE_S)
+        rendered = render_chat(text, probe, variables=variables)
     except TemplateError as exc:
         hint = ""
         if supports_system:
             try:
-                render_chat(text, PROBE_TEXT_NO_SYSTEM, variables=variables, deadline_s=_RENDER_DEADLINE_S)
+                render_chat(text, PROBE_TEXT_NO_SYSTEM, variables=variables)
                 hint = (
                     " (it renders without the system message: set mlx.chat_template.supports_system: false)"
                 )
@@ -206,10 +205,8 @@ def _image_probe(
 ) -> list[tuple[str, tuple[str, ...], str]]:
     where = ("mlx", "chat_template", "text")
     try:
-        with_image = render_chat(text, PROBE_IMAGE, variables=variables, deadline_s=_RENDER_DEADLINE_S)
-        text_only = render_chat(
-            text, _IMAGE_PROBE_TEXT_ONLY, variables=variables, deadline_s=_RENDER_DEADLINE_S
-        )
+        with_image = render_chat(text, PROBE_IMAGE, variables=variables)
+        text_only = render_chat(text, _IMAGE_PROBE_TEXT_ONLY, variables=variables)
     except TemplateError as exc:
         return [("template-image", where, f"the chat template fails the image probe: {exc}")]
     if marker is None:
