@@ -277,7 +277,18 @@ def _stop_problems(config: ModelConfig, rendered: str | None) -> list[tuple[str,
                 "no stop token ids (mlx.stop_tokens): the runtime can only stop on strings",
             )
         )
+    vocab = config.mlx.vocab_size
     for token in tokens:
+        if vocab is not None and token.id >= vocab:
+            problems.append(
+                (
+                    "error",
+                    "stop-set",
+                    ("mlx", "stop_tokens"),
+                    f"stop token id {token.id} is outside the vocabulary (mlx.vocab_size {vocab}): the model "
+                    "can never generate it",
+                )
+            )
         if token.text and token.text not in config.stopwords:
             problems.append(
                 (

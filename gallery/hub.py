@@ -328,11 +328,13 @@ def read_file(
     token: str | bool | None,
     limit: int,
     byte_range: tuple[int, int] | None = None,
+    listed_size: int | None = None,
 ) -> bytes:
-    """Read a repo file (or an inclusive byte range of it), refusing bodies larger than `limit` bytes.
+    """Read a repo file (or an inclusive byte range of it), refusing bodies larger than `limit` bytes, or than
+    `listed_size` (the size the Hub's listing gives the file) when that is known.
 
-    The body is read in chunks and cut off at the limit, so a server that sends more than it listed
-    (a 200 MB or HTML "config.json") costs at most `limit` bytes. Raises BadMetadata when over the limit.
+    The body is read in chunks and cut off at the first byte too many, so a server that sends more than it
+    listed (a 200 MB or HTML "config.json") costs at most that many bytes. Raises BadMetadata when over.
     """
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
@@ -348,6 +350,12 @@ def read_file(
         hf_raise_for_status(response)
         for chunk in response.iter_bytes():
             size += len(chunk)
+            if listed_size is not None and size > listed_size:
+                raise BadMetadata(
+                    f"{path} of {repo_id}@{revision[:12]} from {endpoint()} does not match the Hub's listing "
+                    f"(more than the {listed_size} bytes listed); it was not stored",
+                    file=path,
+                )
             if size > limit:
                 raise BadMetadata(
                     f"{path} of {repo_id} is larger than the {limit}-byte limit for a metadata file",
