@@ -307,12 +307,45 @@ def model_info(repo_id: str, revision: str | None, *, token: str | bool | None) 
         data = response.json()
         if not isinstance(data, dict):
             raise TypeError(f"a JSON {type(data).__name__}")
+        _check_listing(data)
         return ModelInfo(**data)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise BadMetadata(
             f"the Hub's model info for {repo_id} is not valid ({type(exc).__name__}: {one_line(exc)[:120]})",
             file="model info",
         ) from None
+
+
+def safe_repo_path(path: object) -> bool:
+    """Whether a file name from a listing is a plain relative path inside the repo (no `..`, no absolute or
+    empty parts, no backslashes or NULs): a listing that names anything else must never reach the disk."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path or path.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+def _check_listing(data: dict[str, Any]) -> None:
+    """The model-info fields an import relies on, with the types it relies on (huggingface_hub's ModelInfo
+    takes whatever it is given); raises TypeError or ValueError naming the first that is wrong."""
+    if not isinstance(data.get("sha"), (str, type(None))):
+        raise TypeError(f"sha is {type(data['sha']).__name__}, not a string")
+    siblings = data.get("siblings")
+    if siblings is None:
+        return
+    if not isinstance(siblings, list):
+        raise TypeError(f"siblings is {type(siblings).__name__}, not a list")
+    for sibling in siblings:
+        if not isinstance(sibling, dict) or not isinstance(sibling.get("rfilename"), str):
+            raise TypeError("a siblings entry has no rfilename string")
+        if not safe_repo_path(sibling["rfilename"]):
+            raise ValueError(f"unsafe file name {sibling['rfilename'][:80]!r} in siblings")
+        size, blob, lfs = sibling.get("size"), sibling.get("blobId"), sibling.get("lfs")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise TypeError(f"size of {sibling['rfilename']!r} is not a byte count")
+        if blob is not None and not isinstance(blob, str):
+            raise TypeError(f"blobId of {sibling['rfilename']!r} is not a string")
+        if lfs is not None and not (isinstance(lfs, dict) and isinstance(lfs.get("sha256", ""), str)):
+            raise TypeError(f"lfs of {sibling['rfilename']!r} is not an object with a sha256 string")
 
 
 def resolve_url(repo_id: str, revision: str, path: str) -> str:

@@ -216,6 +216,8 @@ def _parse_added_tokens(head: bytes) -> list[dict[str, Any]] | None:
 def _wanted(paths: Iterable[str]) -> list[str]:
     wanted = []
     for path in paths:
+        if not hub.safe_repo_path(path):  # `*` matches `/`: `additional_chat_templates/../../x.jinja` never
+            continue
         if path in METADATA_FILES or any(fnmatch.fnmatch(path, pattern) for pattern in METADATA_PATTERNS):
             wanted.append(path)
     return sorted(wanted)

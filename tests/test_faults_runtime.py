@@ -5,6 +5,8 @@ Each test reproduces one finding of the adversarial run and checks what happens 
   (nor the issue's trigger, TopK=2147483647 with a temperature) poisons the next sampled request;
 - item 2: a prompt over the context is refused at once (or left-truncated when asked); a long prefill stops
   between chunks when the client cancels, and SIGTERM stops it within the grace period;
+- item 3: the runtime renders under the same template budget as import and validate (a bomb in a dead branch
+  costs nothing; one a message triggers is that request's -32602);
 - item 8: LoadModel of a very long name or of /proc/self/environ is a clean failure naming the problem;
 - item 9: a request protobuf cannot parse (bad UTF-8) is INVALID_ARGUMENT; during a SIGTERM drain every new
   request gets UNAVAILABLE; exactly one `authorization` header is accepted.
@@ -14,8 +16,10 @@ the change, not asserted).
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -160,6 +164,29 @@ def test_out_of_range_sampling_values_never_poison_the_stdio_runtime(text_qwen3_
         status = process.call("status")["result"]
         assert status["state"] == "READY", status
         assert process.bad_lines == []
+    assert no_traceback(process.stderr.text)
+
+
+# ----- item 3: template bombs at runtime -----
+def test_template_bombs_at_runtime_fail_only_the_request_that_triggers_them(
+    text_qwen3_model: Path, tmp_path: Path
+) -> None:
+    """Issue: the runtime's first request took 26 s and kept +950 MB for a bomb in `{% if false %}`."""
+    folder = tmp_path / "bomb-model"
+    shutil.copytree(text_qwen3_model, folder)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = (
+        "{% if false %}{{ '%999999999s' % 'a' }}{% endif %}"
+        "{% if messages[0].content == 'boom' %}{{ '{:>999999999}'.format('a') }}{% endif %}"
+        + tokenizer_config["chat_template"]
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with running(StdioProcess(str(folder))) as process:
+        assert isinstance(process, StdioProcess)
+        boom = process.call("chat", {"messages": [{"role": "user", "content": "boom"}], "max_tokens": 3})
+        assert boom["error"]["code"] == -32602 and "format width too large" in boom["error"]["message"], boom
+        fine = process.call("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert fine["result"]["usage"]["completion_tokens"] == 3, fine
     assert no_traceback(process.stderr.text)
 
 
