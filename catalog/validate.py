@@ -590,9 +590,13 @@ def validate_config_file(path: Path, report: Report, doc: Any = None) -> None:
             return
     report.files += 1
     file = str(path)
-    report.problems.extend(
-        Problem(file, line, "error", "duplicate-key", message) for _k, line, message in doc.duplicates
-    )
+    if doc.duplicates:
+        # run, explain and serve refuse a config with a duplicate key outright (which value was meant is unknown);
+        # so does validate, rather than going on to judge the last value of each key.
+        report.problems.extend(
+            Problem(file, line, "error", "duplicate-key", message) for _k, line, message in doc.duplicates
+        )
+        return
     try:
         config = ModelConfig.model_validate(doc.data)
     except ValidationError as exc:

@@ -184,6 +184,10 @@ def translate(
 
     if isinstance(exc, GalleryError):
         return exc
+    if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None and not is_offline():
+        # hf_hub_download hides why its metadata request failed behind "not in the local cache": judge the failure
+        # itself, so a download fails with the same code and message as every other request.
+        return translate(exc.__cause__, repo_id=repo_id, revision=revision, what=what, token=token)
     repo = repo_id or "the repo"
     label = what or repo
     data = {"repo_id": repo_id, "revision": revision, "what": what}
@@ -409,33 +413,56 @@ def download_file(
 ) -> Path:
     """Download one file at a pinned commit (into local_dir, or the Hugging Face cache); returns its path."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import build_hf_headers
 
     configure_session()
+    # hf_hub_download's own metadata request is not retried, and its one retry of a 429 or 5xx comes at once,
+    # without waiting out a Retry-After: ask first through request(), which retries like every other request.
+    with hub_errors(repo_id=repo_id, revision=revision, what=f"{repo_id}/{filename}", token=token):
+        request("HEAD", resolve_url(repo_id, revision, filename), headers=build_hf_headers(token=token))
     settings = _retry_settings()
     wait = settings["base_wait_time"]
     attempt = 0
     while True:
         try:
-            with hub_errors(repo_id=repo_id, revision=revision, what=f"{repo_id}/{filename}", token=token):
-                return Path(
-                    hf_hub_download(
-                        repo_id,
-                        filename,
-                        revision=revision,
-                        local_dir=local_dir,
-                        cache_dir=cache,
-                        token=token,
-                        endpoint=endpoint(),
-                    )
+            return Path(
+                hf_hub_download(
+                    repo_id,
+                    filename,
+                    revision=revision,
+                    local_dir=local_dir,
+                    cache_dir=cache,
+                    token=token,
+                    endpoint=endpoint(),
                 )
-        except NetworkFailure:
-            # hf_hub_download retries its metadata request but not the body's GET: a 5xx or a dropped
-            # connection mid-body is retried here, with the same budget as every other request.
+            )
+        except GalleryError:
+            raise
+        except Exception as exc:
+            failure = translate(
+                exc, repo_id=repo_id, revision=revision, what=f"{repo_id}/{filename}", token=token
+            )
+            # hf_hub_download retries neither its metadata request nor the body's GET: a 429, a 5xx or a dropped
+            # connection is retried here with the same budget as every other request, and a Retry-After is
+            # waited out the way huggingface_hub's http_backoff waits it out (its seconds, plus one).
             attempt += 1
-            if attempt > settings["max_retries"]:
-                raise
-            time.sleep(wait)
+            if not isinstance(failure, NetworkFailure) or attempt > settings["max_retries"]:
+                raise failure from None
+            retry_after = _retry_after(exc)
+            time.sleep(retry_after + 1.0 if retry_after is not None else wait)
             wait = min(wait * 2, settings["max_wait_time"])
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    """The Retry-After seconds of the HTTP answer behind an exception (or its causes), when it gives one."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        value = response.headers.get("Retry-After") if response is not None else None
+        if isinstance(value, str) and value.strip().isdigit():
+            return float(value.strip())
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 # ----- hashes -----
