@@ -35,9 +35,12 @@ from tests.interfaces_support import (  # noqa: E402
     GrpcProcess,
     StdioProcess,
     chat,
+    grpc_state,
     no_traceback,
+    rpc_error,
     running,
     runtime_env,
+    wait_for_grpc_state,
 )
 
 pytestmark = pytest.mark.mlx
@@ -47,25 +50,11 @@ EMPTY = pb.HealthMessage()
 LONG_WORDS = "sea river mountain"
 
 
-def _state(stub: Any) -> str:
-    return pb.StatusResponse.State.Name(stub.Status(EMPTY, timeout=10).state)
+_error = rpc_error
 
 
 def _wait_state(stub: Any, wanted: str, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    state = _state(stub)
-    while state != wanted and time.monotonic() < deadline:
-        time.sleep(0.05)
-        state = _state(stub)
-    return state
-
-
-def _error(call: Any) -> Any:
-    with pytest.raises(grpc.RpcError) as caught:
-        result = call()
-        if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
-            list(result)
-    return caught.value
+    return wait_for_grpc_state(stub, wanted, timeout)
 
 
 # ----- item 1: sampling values -----
@@ -140,7 +129,7 @@ def test_out_of_range_sampling_values_never_poison_the_grpc_runtime(text_qwen3_m
             # After each refusal, an unseeded sampled request still works, on both RPCs.
             assert stub.Predict(sampled, timeout=60).tokens >= 1, fields
             assert list(stub.PredictStream(sampled, timeout=60))[-1].tokens >= 1, fields
-        assert _state(stub) == "READY" and stub.Health(EMPTY, timeout=10).message == b"OK"
+        assert grpc_state(stub) == "READY" and stub.Health(EMPTY, timeout=10).message == b"OK"
     assert no_traceback(process.stderr.text)
 
 
@@ -229,7 +218,7 @@ def test_a_prompt_over_the_context_is_refused_at_once_or_truncated_on_request(te
         calls = [stub.Predict.future(chat(huge, Tokens=4), timeout=120) for _ in range(2)]
         for call in calls:
             assert call.exception() is not None and call.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert _state(stub) == "READY"
+        assert grpc_state(stub) == "READY"
         # Asked for, the prompt is left-truncated to fit (the end of the conversation is kept).
         reply = stub.Predict(chat(long_text, Tokens=4, Metadata={"truncate": "true"}), timeout=120)
         assert 0 < reply.prompt_tokens < context and reply.tokens >= 1
