@@ -412,10 +412,16 @@ def download_file(
     token: str | bool | None = None,
 ) -> Path:
     """Download one file at a pinned commit (into local_dir, or the Hugging Face cache); returns its path."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.utils import build_hf_headers
 
     configure_session()
+    if (
+        local_dir is None
+    ):  # already in the cache at this commit: no request at all, as hf_hub_download would do
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached)
     # hf_hub_download's own metadata request is not retried, and its one retry of a 429 or 5xx comes at once,
     # without waiting out a Retry-After: ask first through request(), which retries like every other request.
     with hub_errors(repo_id=repo_id, revision=revision, what=f"{repo_id}/{filename}", token=token):
