@@ -74,7 +74,6 @@ _USER_PROBE_TEXTS = [m["content"] for m in PROBE_TEXT if m["role"] == "user"]
 _IMAGE_PROBE_TEXT_ONLY: list[dict[str, Any]] = [
     {"role": "user", "content": [{"type": "text", "text": "What is in this image?"}]}
 ]
-_RENDER_DEADLINE_S = 2.0
 _WEIGHT_SUFFIXES = (".safetensors",)
 _REQUIRED_FILES = (
     "config.json",
@@ -174,12 +173,12 @@ def _render_probes(
     rendered: str | None = None
     probe = PROBE_TEXT if supports_system else PROBE_TEXT_NO_SYSTEM
     try:
-        rendered = render_chat(text, probe, variables=variables, deadline_s=_RENDER_DEADLINE_S)
+        rendered = render_chat(text, probe, variables=variables)
     except TemplateError as exc:
         hint = ""
         if supports_system:
             try:
-                render_chat(text, PROBE_TEXT_NO_SYSTEM, variables=variables, deadline_s=_RENDER_DEADLINE_S)
+                render_chat(text, PROBE_TEXT_NO_SYSTEM, variables=variables)
                 hint = (
                     " (it renders without the system message: set mlx.chat_template.supports_system: false)"
                 )
@@ -207,10 +206,8 @@ def _image_probe(
 ) -> list[tuple[str, tuple[str, ...], str]]:
     where = ("mlx", "chat_template", "text")
     try:
-        with_image = render_chat(text, PROBE_IMAGE, variables=variables, deadline_s=_RENDER_DEADLINE_S)
-        text_only = render_chat(
-            text, _IMAGE_PROBE_TEXT_ONLY, variables=variables, deadline_s=_RENDER_DEADLINE_S
-        )
+        with_image = render_chat(text, PROBE_IMAGE, variables=variables)
+        text_only = render_chat(text, _IMAGE_PROBE_TEXT_ONLY, variables=variables)
     except TemplateError as exc:
         return [("template-image", where, f"the chat template fails the image probe: {exc}")]
     if marker is None:
@@ -281,7 +278,18 @@ def _stop_problems(config: ModelConfig, rendered: str | None) -> list[tuple[str,
                 "no stop token ids (mlx.stop_tokens): the runtime can only stop on strings",
             )
         )
+    vocab = config.mlx.vocab_size
     for token in tokens:
+        if vocab is not None and token.id >= vocab:
+            problems.append(
+                (
+                    "error",
+                    "stop-set",
+                    ("mlx", "stop_tokens"),
+                    f"stop token id {token.id} is outside the vocabulary (mlx.vocab_size {vocab}): the model "
+                    "can never generate it",
+                )
+            )
         if token.text and token.text not in config.stopwords:
             problems.append(
                 (
@@ -588,9 +596,13 @@ def validate_config_file(path: Path, report: Report, doc: Any = None) -> None:
             return
     report.files += 1
     file = str(path)
-    report.problems.extend(
-        Problem(file, line, "error", "duplicate-key", message) for _k, line, message in doc.duplicates
-    )
+    if doc.duplicates:
+        # run, explain and serve refuse a config with a duplicate key outright (which value was meant is unknown);
+        # so does validate, rather than going on to judge the last value of each key.
+        report.problems.extend(
+            Problem(file, line, "error", "duplicate-key", message) for _k, line, message in doc.duplicates
+        )
+        return
     try:
         config = ModelConfig.model_validate(doc.data)
     except ValidationError as exc:

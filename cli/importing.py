@@ -50,7 +50,11 @@ def import_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Fail when the chat template is missing or broken.")
+        bool,
+        typer.Option(
+            "--strict",
+            help="Fail when the chat template is missing or broken, or an expected metadata file could not be read.",
+        ),
     ] = False,
 ) -> None:
     """Import a repo into a pinned, explained model config.
@@ -72,7 +76,7 @@ def import_command(
             warn(message)
     loud_template_warning(config)
     if strict:
-        _check_strict(config)
+        _check_strict(config, result.missing)
     if to_stdout:
         emit(config_to_json(config) if as_json else config_to_yaml(config))
         return
@@ -97,7 +101,12 @@ def _print_summary(config: ModelConfig) -> None:
     print_table(("DECISION", "VALUE"), rows, wrap=("VALUE",))
 
 
-def _check_strict(config: ModelConfig) -> None:
+def _check_strict(config: ModelConfig, missing: list[str]) -> None:
+    if missing:
+        raise StrictFailure(
+            f"--strict: {config.name} was imported without {', '.join(missing)} (listed by the Hub but not "
+            "read; import once online to fill the cache)"
+        )
     template = config.mlx.chat_template
     if template.status != "pinned":
         raise StrictFailure(f"--strict: {config.name} has no usable chat template ({template.status})")

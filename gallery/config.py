@@ -102,10 +102,14 @@ class Source(_Strict):
         return self
 
 
+# Token ids are int32 everywhere they travel (tokenizers, LocalAI's gRPC): a larger id is a typo or an attack.
+MAX_TOKEN_ID = 2**31 - 1
+
+
 class StopToken(_Strict):
     """One end-of-sequence token: its id, its text, and every place that named it."""
 
-    id: int = Field(ge=0)
+    id: int = Field(ge=0, le=MAX_TOKEN_ID)
     text: str | None = Field(default=None, description="The token's text; null when no file maps the id.")
     sources: list[str] = Field(default_factory=list, description="file:field entries that named this token.")
 
@@ -307,6 +311,13 @@ class MlxSection(_Strict):
     source: Source
     model_type: str | None = None
     architectures: list[str] = Field(default_factory=list)
+    vocab_size: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TOKEN_ID + 1,
+        description="The language model's vocabulary size (config.json, or its text/llm sub-config): "
+        "stop token ids must be below it.",
+    )
     stop_tokens: list[StopToken] = Field(default_factory=list)
     chat_template: ChatTemplate
     reasoning: Reasoning = Field(default_factory=Reasoning)

@@ -185,6 +185,10 @@ def translate(
 
     if isinstance(exc, GalleryError):
         return exc
+    if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None and not is_offline():
+        # hf_hub_download hides why its metadata request failed behind "not in the local cache": judge the failure
+        # itself, so a download fails with the same code and message as every other request.
+        return translate(exc.__cause__, repo_id=repo_id, revision=revision, what=what, token=token)
     repo = repo_id or "the repo"
     label = what or repo
     data = {"repo_id": repo_id, "revision": revision, "what": what}
@@ -308,12 +312,45 @@ def model_info(repo_id: str, revision: str | None, *, token: str | bool | None) 
         data = response.json()
         if not isinstance(data, dict):
             raise TypeError(f"a JSON {type(data).__name__}")
+        _check_listing(data)
         return ModelInfo(**data)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise BadMetadata(
             f"the Hub's model info for {repo_id} is not valid ({type(exc).__name__}: {one_line(exc)[:120]})",
             file="model info",
         ) from None
+
+
+def safe_repo_path(path: object) -> bool:
+    """Whether a file name from a listing is a plain relative path inside the repo (no `..`, no absolute or
+    empty parts, no backslashes or NULs): a listing that names anything else must never reach the disk."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path or path.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+def _check_listing(data: dict[str, Any]) -> None:
+    """The model-info fields an import relies on, with the types it relies on (huggingface_hub's ModelInfo
+    takes whatever it is given); raises TypeError or ValueError naming the first that is wrong."""
+    if not isinstance(data.get("sha"), (str, type(None))):
+        raise TypeError(f"sha is {type(data['sha']).__name__}, not a string")
+    siblings = data.get("siblings")
+    if siblings is None:
+        return
+    if not isinstance(siblings, list):
+        raise TypeError(f"siblings is {type(siblings).__name__}, not a list")
+    for sibling in siblings:
+        if not isinstance(sibling, dict) or not isinstance(sibling.get("rfilename"), str):
+            raise TypeError("a siblings entry has no rfilename string")
+        if not safe_repo_path(sibling["rfilename"]):
+            raise ValueError(f"unsafe file name {sibling['rfilename'][:80]!r} in siblings")
+        size, blob, lfs = sibling.get("size"), sibling.get("blobId"), sibling.get("lfs")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise TypeError(f"size of {sibling['rfilename']!r} is not a byte count")
+        if blob is not None and not isinstance(blob, str):
+            raise TypeError(f"blobId of {sibling['rfilename']!r} is not a string")
+        if lfs is not None and not (isinstance(lfs, dict) and isinstance(lfs.get("sha256", ""), str)):
+            raise TypeError(f"lfs of {sibling['rfilename']!r} is not an object with a sha256 string")
 
 
 def resolve_url(repo_id: str, revision: str, path: str) -> str:
@@ -329,11 +366,13 @@ def read_file(
     token: str | bool | None,
     limit: int,
     byte_range: tuple[int, int] | None = None,
+    listed_size: int | None = None,
 ) -> bytes:
-    """Read a repo file (or an inclusive byte range of it), refusing bodies larger than `limit` bytes.
+    """Read a repo file (or an inclusive byte range of it), refusing bodies larger than `limit` bytes, or than
+    `listed_size` (the size the Hub's listing gives the file) when that is known.
 
-    The body is read in chunks and cut off at the limit, so a server that sends more than it listed
-    (a 200 MB or HTML "config.json") costs at most `limit` bytes. Raises BadMetadata when over the limit.
+    The body is read in chunks and cut off at the first byte too many, so a server that sends more than it
+    listed (a 200 MB or HTML "config.json") costs at most that many bytes. Raises BadMetadata when over.
     """
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
@@ -349,6 +388,12 @@ def read_file(
         hf_raise_for_status(response)
         for chunk in response.iter_bytes():
             size += len(chunk)
+            if listed_size is not None and size > listed_size:
+                raise BadMetadata(
+                    f"{path} of {repo_id}@{revision[:12]} from {endpoint()} does not match the Hub's listing "
+                    f"(more than the {listed_size} bytes listed); it was not stored",
+                    file=path,
+                )
             if size > limit:
                 raise BadMetadata(
                     f"{path} of {repo_id} is larger than the {limit}-byte limit for a metadata file",
@@ -373,13 +418,17 @@ def _with_retries(
     attempt = 0
     while True:
         try:
-            with hub_errors(repo_id=repo_id, revision=revision, what=what, token=token):
-                return download()
-        except NetworkFailure:
+            return download()
+        except GalleryError:
+            raise
+        except Exception as exc:
+            failure = translate(exc, repo_id=repo_id, revision=revision, what=what, token=token)
             attempt += 1
-            if attempt > settings["max_retries"]:
-                raise
-            time.sleep(wait)
+            if not isinstance(failure, NetworkFailure) or attempt > settings["max_retries"]:
+                raise failure from None
+            # A Retry-After is waited out the way huggingface_hub's http_backoff waits it out (its seconds, plus one).
+            retry_after = _retry_after(exc)
+            time.sleep(retry_after + 1.0 if retry_after is not None else wait)
             wait = min(wait * 2, settings["max_wait_time"])
 
 
@@ -393,7 +442,20 @@ def download_file(
     token: str | bool | None = None,
 ) -> Path:
     """Download one file at a pinned commit (into local_dir, or the Hugging Face cache); returns its path."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import build_hf_headers
+
+    configure_session()
+    if (
+        local_dir is None
+    ):  # already in the cache at this commit: no request at all, as hf_hub_download would do
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached)
+    # hf_hub_download's own metadata request is not retried, and its one retry of a 429 or 5xx comes at once,
+    # without waiting out a Retry-After: ask first through request(), which retries like every other request.
+    with hub_errors(repo_id=repo_id, revision=revision, what=f"{repo_id}/{filename}", token=token):
+        request("HEAD", resolve_url(repo_id, revision, filename), headers=build_hf_headers(token=token))
 
     def download() -> Path:
         return Path(
@@ -447,6 +509,18 @@ def download_files(
 
     what = f"the files of {repo_id}@{revision[:12]}"
     return _with_retries(download, repo_id=repo_id, revision=revision, what=what, token=token)
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    """The Retry-After seconds of the HTTP answer behind an exception (or its causes), when it gives one."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        value = response.headers.get("Retry-After") if response is not None else None
+        if isinstance(value, str) and value.strip().isdigit():
+            return float(value.strip())
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 # ----- hashes -----

@@ -25,6 +25,7 @@ from importers.facts import (
     decide_quantization,
     decide_sampling,
     decide_speculative,
+    model_vocab_size,
     repo_files,
 )
 from importers.fetch import FetchStats, RepoSnapshot, fetch
@@ -40,12 +41,14 @@ from importers.vocab import SpecialVocab
 
 @dataclasses.dataclass
 class ImportResult:
-    """A finished import: the config, the warnings to show, and what the fetch cost."""
+    """A finished import: the config, the warnings to show, what the fetch cost, and the expected metadata files
+    it could not read (an offline import from a half-filled cache; `--strict` refuses those)."""
 
     config: ModelConfig
     warnings: list[str]
     stats: FetchStats
     origin: str
+    missing: list[str] = dataclasses.field(default_factory=list)
 
 
 def default_name(snapshot: RepoSnapshot) -> str:
@@ -209,6 +212,7 @@ def build_config(
                 source=source,
                 model_type=model_type,
                 architectures=str_list(meta.config.get("architectures"), "config.json", "architectures"),
+                vocab_size=model_vocab_size(meta),
                 stop_tokens=stops.tokens,
                 chat_template=template.template,
                 reasoning=reasoning.reasoning,
@@ -230,7 +234,11 @@ def build_config(
             raise UsageError(f"--name {name!r}: letters, digits and . _ + - only") from None
         raise GalleryError(f"the import produced an invalid config: {exc}") from None
     return ImportResult(
-        config=config, warnings=list(dict.fromkeys(warnings)), stats=snapshot.stats, origin=snapshot.origin
+        config=config,
+        warnings=list(dict.fromkeys(warnings)),
+        stats=snapshot.stats,
+        origin=snapshot.origin,
+        missing=list(snapshot.missing),
     )
 
 

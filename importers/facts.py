@@ -7,7 +7,7 @@ import dataclasses
 import re
 from typing import Any
 
-from gallery.config import Decision, Evidence, Parameters, Quantization, RepoFile, Speculative
+from gallery.config import MAX_TOKEN_ID, Decision, Evidence, Parameters, Quantization, RepoFile, Speculative
 from gallery.errors import BadMetadata
 from importers.fetch import RepoSnapshot
 from importers.metadata import RepoMetadata, optional_int, optional_number, optional_str
@@ -77,6 +77,17 @@ def decide_context(meta: RepoMetadata) -> Fact:
                 break
     shown = str(chosen) if chosen is not None else "unknown (no position limit declared)"
     return Fact(chosen, Decision(value=shown, evidence=evidence))
+
+
+def model_vocab_size(meta: RepoMetadata) -> int | None:
+    """The language model's vocabulary size: `vocab_size` at the root of config.json or in its language
+    sub-config (text_config, llm_config, …; vision/audio towers skipped). None when undeclared or not a
+    usable size (a wrongly typed or absurd value bounds nothing)."""
+    for _path, node in meta.sub_configs():
+        value = node.get("vocab_size")
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_TOKEN_ID + 1:
+            return value
+    return None
 
 
 def decide_quantization(meta: RepoMetadata) -> Fact:

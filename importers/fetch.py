@@ -223,6 +223,8 @@ def _parse_added_tokens(head: bytes) -> list[dict[str, Any]] | None:
 def _wanted(paths: Iterable[str]) -> list[str]:
     wanted = []
     for path in paths:
+        if not hub.safe_repo_path(path):  # `*` matches `/`: `additional_chat_templates/../../x.jinja` never
+            continue
         if path in METADATA_FILES or any(fnmatch.fnmatch(path, pattern) for pattern in METADATA_PATTERNS):
             wanted.append(path)
     return sorted(wanted)
@@ -284,14 +286,14 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
         if cached is not None:
             return path, cached
         if meta.size is not None and meta.size > MAX_METADATA_BYTES:
-            raise BadMetadata(
-                f"{path} of {repo_id} is {meta.size} bytes, over the {MAX_METADATA_BYTES}-byte limit "
-                "for a metadata file",
-                file=path,
-            )
+            _oversized(path, meta.size, f"{path} of {repo_id}", warnings)
+            missing.append(path)
+            return path, None
         stats.requests += 1
         try:
-            data = hub.read_file(repo_id, commit, path, token=token, limit=MAX_METADATA_BYTES)
+            data = hub.read_file(
+                repo_id, commit, path, token=token, limit=MAX_METADATA_BYTES, listed_size=meta.size
+            )
         except GalleryError as exc:
             if exc.exit_code == 3:  # listed, but the Hub cannot serve it (404): decide without it, and say so
                 warnings.append(f"{path} is listed by the Hub but could not be downloaded (404)")
@@ -360,6 +362,22 @@ def _card_dict(card_data: Any) -> dict[str, Any]:
         return dict(card_data)
     to_dict = getattr(card_data, "to_dict", None)
     return dict(to_dict()) if callable(to_dict) else {}
+
+
+def _oversized(path: str, size: int, where: str, warnings: list[str]) -> None:
+    """A metadata file over the size limit: an error for config.json (nothing can be decided without it), else a
+    warning (the decisions that need it say what they lack)."""
+    message = f"{where} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for a metadata file"
+    if path == "config.json":
+        raise BadMetadata(message, file=path)
+    warnings.append(f"{message}: not read")
+
+
+def _file_size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
 
 
 def _cached_path(cache: Path, commit: str, path: str) -> Path | None:
@@ -451,16 +469,23 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
     listing = _cached_listing(repo_id, commit, cache_dir, snapshot_dir, recorded)
     files: dict[str, bytes] = {}
     missing: list[str] = []
+    warnings = [
+        f"{reason}: read {repo_id}@{commit[:12]} from the local cache; Hub facts (pipeline tag, tags, "
+        "license) and hashes of files not in the cache are unavailable"
+    ]
+    oversized: list[str] = []
     for path in _wanted(listing):
+        found = _cached_path(cache, commit, path)
+        size = _file_size(found)
+        if found is not None and size > MAX_METADATA_BYTES:
+            _oversized(path, size, str(found), warnings)
+            oversized.append(path)
+            continue
         data = _cached_file(cache, commit, path)
         if data is not None:
             files[path] = data
         else:
             missing.append(path)
-    warnings = [
-        f"{reason}: read {repo_id}@{commit[:12]} from the local cache; Hub facts (pipeline tag, tags, "
-        "license) and hashes of files not in the cache are unavailable"
-    ]
     if missing:
         warnings.append(
             f"offline import without {', '.join(missing)}: the Hub lists "
@@ -493,7 +518,7 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
         listing=listing,
         files=files,
         warnings=warnings,
-        missing=missing,
+        missing=missing + oversized,
         _head_reader=read_range,
     )
     _require_config(snapshot)
@@ -556,16 +581,12 @@ def _fetch_local(source: ModelSource) -> RepoSnapshot:
     for rel, size in _walk_local(folder, allowed_root, warnings):
         listing[rel] = FileMeta(path=rel, size=size)
     files: dict[str, bytes] = {}
+    missing: list[str] = []
     for path in _wanted(listing):
         size = listing[path].size or 0
         if size > MAX_METADATA_BYTES:
-            if path == "config.json":
-                raise BadMetadata(
-                    f"{folder / path} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for a "
-                    "metadata file",
-                    file=path,
-                )
-            warnings.append(f"{path} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit: not read")
+            _oversized(path, size, str(folder / path), warnings)
+            missing.append(path)
             continue
         try:
             files[path] = (folder / path).read_bytes()
@@ -584,6 +605,7 @@ def _fetch_local(source: ModelSource) -> RepoSnapshot:
         listing=listing,
         files=files,
         warnings=warnings,
+        missing=missing,
         _head_reader=read_range,
     )
     _require_config(snapshot)

@@ -78,7 +78,7 @@ def _default_enabled(
 ) -> tuple[bool | None, str]:
     """Render with the switch unset / on / off and see which the default matches."""
     try:
-        unset = render_chat(template, _PROBE_USER, variables=variables, deadline_s=2.0)
+        unset = render_chat(template, _PROBE_USER, variables=variables)
         if switch is None:
             opens = unset.rstrip().endswith(start)
             return (
@@ -89,9 +89,9 @@ def _default_enabled(
         if switch == "reasoning_effort":
             return True, "reasoning_effort only sets how much it reasons"
         switched: dict[str, Any] = {switch: True}
-        on = render_chat(template, _PROBE_USER, variables=variables, deadline_s=2.0, **switched)
+        on = render_chat(template, _PROBE_USER, variables=variables, **switched)
         switched[switch] = False
-        off = render_chat(template, _PROBE_USER, variables=variables, deadline_s=2.0, **switched)
+        off = render_chat(template, _PROBE_USER, variables=variables, **switched)
     except TemplateError as exc:
         return None, f"could not render the probes ({exc})"
     if on == off:

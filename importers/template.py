@@ -172,10 +172,10 @@ def _as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _text_probe(text: str, variables: dict[str, str], messages: list[dict[str, Any]]) -> tuple[str, bool]:
     """Render the text probe (falling back to no system message). Returns (prompt, system accepted)."""
     try:
-        return render_chat(text, messages, variables=variables, deadline_s=2.0), True
+        return render_chat(text, messages, variables=variables), True
     except TemplateError:
         no_system = [m for m in messages if m["role"] != "system"]
-        return render_chat(text, no_system, variables=variables, deadline_s=2.0), False
+        return render_chat(text, no_system, variables=variables), False
 
 
 def _render_checks(text: str, variables: dict[str, str], *, vlm: bool, markers: list[str]) -> ProbeResult:
@@ -216,10 +216,8 @@ def _render_checks(text: str, variables: dict[str, str], *, vlm: bool, markers: 
     if vlm:
         question = {"type": "text", "text": "What is in this image?"}
         try:
-            with_image = render_chat(text, PROBE_IMAGE, variables=variables, deadline_s=2.0)
-            text_only = render_chat(
-                text, [{"role": "user", "content": [question]}], variables=variables, deadline_s=2.0
-            )
+            with_image = render_chat(text, PROBE_IMAGE, variables=variables)
+            text_only = render_chat(text, [{"role": "user", "content": [question]}], variables=variables)
             result.marker = next((m for m in markers if with_image.count(m) > text_only.count(m)), None)
             if with_image == text_only:
                 check.image_probe = "error"
@@ -246,7 +244,7 @@ def _checked_named(
         if cand.text == chosen.text:
             continue
         try:
-            render_chat(cand.text, PROBE_TEXT_NO_SYSTEM, variables=variables, deadline_s=2.0)
+            render_chat(cand.text, PROBE_TEXT_NO_SYSTEM, variables=variables)
         except TemplateError as exc:
             warnings.append(f"named template {name!r} in {cand.source} not pinned: {exc}")
             continue

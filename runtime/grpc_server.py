@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from gallery.errors import RequestError
+from gallery.errors import RequestError, one_line
 from runtime.async_bridge import handle_events, run_blocking
 from runtime.engine import RequestHandle
 from runtime.errors import NotLoaded
@@ -47,19 +48,20 @@ _STATES = {
 
 # ----- authentication -----
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Refuse every RPC (Health included) whose `authorization` metadata is not `Bearer <token>`."""
+    """Refuse every RPC (Health included) that does not carry exactly one `authorization: Bearer <token>`."""
 
     def __init__(self, token: str) -> None:
         self._token = token.encode("utf-8")
 
     def _authorized(self, metadata: Any) -> bool:
-        given = b""
-        for key, value in metadata or ():
-            if key.lower() == "authorization":
-                text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-                scheme, _, credential = text.strip().partition(" ")
-                if scheme.lower() == "bearer":
-                    given = credential.strip().encode("utf-8")
+        # Exactly one `authorization` header: with several, which one a proxy or a later check reads is
+        # ambiguous (a wrong token followed by a right one must not pass).
+        values = [value for key, value in metadata or () if key.lower() == "authorization"]
+        if len(values) != 1:
+            return False
+        text = values[0].decode("utf-8", "replace") if isinstance(values[0], bytes) else str(values[0])
+        scheme, _, credential = text.strip().partition(" ")
+        given = credential.strip().encode("utf-8") if scheme.lower() == "bearer" else b""
         return hmac.compare_digest(given, self._token)  # constant time: no token-guessing by timing
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
@@ -79,6 +81,62 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         if handler is not None and handler.response_streaming and not handler.request_streaming:
             return grpc.unary_stream_rpc_method_handler(deny_stream)
         return grpc.unary_unary_rpc_method_handler(deny_unary)
+
+
+# ----- requests protobuf cannot parse -----
+class _Undecodable:
+    """A request body that is not a valid message (a string field that is not UTF-8, or not protobuf at all)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Answer a request protobuf cannot parse with INVALID_ARGUMENT, as every other bad request is answered.
+
+    grpc reports a failing request deserializer as UNKNOWN; so each method's deserializer is wrapped to hand
+    the handler a marker instead, and the handler refuses it with the parser's reason.
+    """
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        """The method's handler, with a deserializer that never raises."""
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return _Undecodable(f"malformed request: {one_line(exc)} (string fields must be valid UTF-8)")
+
+        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
+            log.info("%s refused (INVALID_ARGUMENT): %s", details.method, request.reason)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
+        if handler.response_streaming:
+            behavior = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                async for reply in behavior(request, context):
+                    yield reply
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=lenient, response_serializer=handler.response_serializer
+            )
+        unary_behavior = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            return await unary_behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=lenient, response_serializer=handler.response_serializer
+        )
 
 
 # ----- replies -----
@@ -126,6 +184,18 @@ class BackendServicer(pb_grpc.BackendServicer):
     def __init__(self, host: ModelHost, executor: concurrent.futures.Executor) -> None:
         self.host = host
         self.executor = executor
+        self.in_flight = 0  # Predict / PredictStream calls that hold a queued or running request
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def _started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def _ended(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
 
     # ----- helpers -----
     async def _abort(
@@ -154,6 +224,7 @@ class BackendServicer(pb_grpc.BackendServicer):
             raise  # unreachable: abort raises
         # The client went away (cancel, deadline, disconnect): stop generating within one step.
         context.add_done_callback(lambda _context: handle.cancel())
+        self._started()
         return handle
 
     async def _finish(
@@ -205,7 +276,7 @@ class BackendServicer(pb_grpc.BackendServicer):
             raise
         except Exception as exc:
             kind, message = classify(exc)
-            log.warning("LoadModel %s failed (%s): %s", spec or "(empty)", kind, message)
+            log.warning("LoadModel %s failed (%s): %s", (spec or "(empty)")[:200], kind, message[:500])
             context.set_trailing_metadata((("x-gallery-fault", kind),))
             return pb.Result(success=False, message=message)
         return pb.Result(success=True, message=report.message)
@@ -236,6 +307,7 @@ class BackendServicer(pb_grpc.BackendServicer):
                     tag,
                 )
             handle.cancel()  # no-op when finished; frees the worker when the client went away mid-stream
+            self._ended()
 
     async def Predict(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.Reply:
         """The whole answer in one reply."""
@@ -252,6 +324,7 @@ class BackendServicer(pb_grpc.BackendServicer):
                     tag,
                 )
             handle.cancel()
+            self._ended()
         done = answer.completion()
         whole = Event(
             content=done.content,
@@ -347,20 +420,22 @@ class BackendServicer(pb_grpc.BackendServicer):
 # ----- the server -----
 def build_server(
     host: ModelHost, *, token: str | None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
-) -> tuple[grpc.aio.Server, concurrent.futures.Executor]:
+) -> tuple[grpc.aio.Server, concurrent.futures.Executor, BackendServicer]:
     """A grpc.aio server with the Backend service (and the bearer-token check when a token is set)."""
     limit = max(1, max_message_mb) * 1024 * 1024
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="rpc")
+    interceptors: list[grpc.aio.ServerInterceptor] = [BearerAuth(token)] if token else []
     server = grpc.aio.server(
-        interceptors=[BearerAuth(token)] if token else None,
+        interceptors=[*interceptors, MalformedRequests()],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),  # a port already in use must fail, not be silently shared
         ],
     )
-    pb_grpc.add_BackendServicer_to_server(BackendServicer(host, executor), server)
-    return server, executor
+    servicer = BackendServicer(host, executor)
+    pb_grpc.add_BackendServicer_to_server(servicer, server)
+    return server, executor, servicer
 
 
 async def serve(
@@ -374,7 +449,7 @@ async def serve(
     preload: Callable[[], Any] | None = None,
 ) -> int:
     """Serve until a signal or the parent's death; returns the exit code."""
-    server, executor = build_server(host, token=token, max_message_mb=max_message_mb)
+    server, executor, servicer = build_server(host, token=token, max_message_mb=max_message_mb)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
@@ -406,20 +481,23 @@ async def serve(
             await settle(watcher)
             raise loading.exception()  # type: ignore[misc]
     await stop.requested.wait()
-    host.draining = True  # new requests are refused while in-flight ones finish
+    host.draining = True  # new requests are refused (UNAVAILABLE) while in-flight ones finish
     loop = asyncio.get_running_loop()
     if stop.mode == "drain":
-        # gRPC refuses new calls and waits; at the end of the grace (or on a second signal) the engine
-        # cancels what is left, so each stream ends with our own CANCELLED status rather than the
-        # transport's. The extra seconds only back that up.
-        stopping = asyncio.create_task(server.stop(grace + 5.0))
+        # The server keeps answering during the grace, so a new request gets our UNAVAILABLE rather than
+        # whatever the transport says when it is shut down mid-call. At the end of the grace (or on a second
+        # signal) the engine cancels what is left, each stream ends with our own CANCELLED status, and only
+        # then does the transport stop.
+        idle = asyncio.create_task(servicer.idle.wait())
         escalation = asyncio.create_task(stop.escalated.wait())
-        await asyncio.wait({stopping, escalation}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
-        cancel_task(escalation)
-        await settle(escalation)
-        if not stopping.done():
+        await asyncio.wait({idle, escalation}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        if not idle.done():
             await loop.run_in_executor(None, lambda: host.close(cancel=True))
-        await stopping
+            await asyncio.wait({idle}, timeout=5.0)  # the cancelled streams send their status
+        for task in (idle, escalation):
+            cancel_task(task)
+            await settle(task)
+        await server.stop(1.0)
     else:
         await loop.run_in_executor(None, lambda: host.close(cancel=True))
         await server.stop(1.0)  # a moment for the cancelled streams to send their status

@@ -149,7 +149,10 @@ def _common(request: GenerationRequest, params: _Common) -> GenerationRequest:
     request.top_p = params.top_p
     request.top_k = params.top_k
     request.min_p = params.min_p
-    request.repeat_penalty = params.repetition_penalty or params.repeat_penalty
+    # `is not None`, not `or`: a 0 sent by the client must be refused by the check, not read as "unset".
+    request.repeat_penalty = (
+        params.repetition_penalty if params.repetition_penalty is not None else params.repeat_penalty
+    )
     request.repetition_context_size = params.repetition_context_size
     request.presence_penalty = params.presence_penalty
     request.presence_context_size = params.presence_context_size

@@ -304,6 +304,36 @@ def chat(content: str = "Hi", **fields: Any) -> Any:
     )
 
 
+def grpc_state(stub: Any) -> str:
+    """The Status RPC's state name (UNINITIALIZED, BUSY, READY, ERROR)."""
+    from runtime.proto import backend_pb2 as pb
+
+    return pb.StatusResponse.State.Name(stub.Status(pb.HealthMessage(), timeout=10).state)
+
+
+def wait_for_grpc_state(stub: Any, wanted: str, timeout: float = 30.0) -> str:
+    """Poll Status until it says `wanted` or `timeout` seconds pass; returns the last state seen."""
+    deadline = time.monotonic() + timeout
+    state = grpc_state(stub)
+    while state != wanted and time.monotonic() < deadline:
+        time.sleep(0.05)
+        state = grpc_state(stub)
+    return state
+
+
+def rpc_error(call: Any) -> Any:
+    """The grpc.RpcError that `call()` raises (a stream is read to its end first); AssertionError if none."""
+    import grpc
+
+    try:
+        result = call()
+        if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
+            list(result)
+    except grpc.RpcError as error:
+        return error
+    raise AssertionError("the call succeeded; an RpcError was expected")
+
+
 def no_traceback(text: str) -> bool:
     """Whether a log is free of Python tracebacks."""
     return "Traceback (most recent call last)" not in text

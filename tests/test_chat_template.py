@@ -173,3 +173,118 @@ def test_special_tokens_and_kwargs_reach_the_template() -> None:
         enable_thinking=False,
     )
     assert out == "<s>False4"
+
+
+# ----- issue #11 item 3: size bombs, at compile time (Jinja's constant folding) and at render time -----
+HUGE = 999_999_999
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        # printf-style `%`, as an operator and as the `format` filter: width, precision, `*`, many fields
+        (f"{{{{ '%{HUGE}s' % 'a' }}}}", "format width too large"),
+        (f"{{{{ '%.{HUGE}d' % 1 }}}}", "format width too large"),
+        (f"{{{{ '%*s' % ({HUGE}, 'a') }}}}", "format width too large"),
+        ("{{ '" + "%99999s" * 400 + "' % (('a',) * 400) }}", "'%' formatting would build a value larger"),
+        (f"{{{{ '%.{HUGE}f' | format(1.0) }}}}", "format width too large"),
+        (f"{{{{ '%(a){HUGE}s' % {{'a': 1}} }}}}", "format width too large"),
+        (f"{{{{ '%{HUGE}s'.encode() % ('a'.encode(),) }}}}", "format width too large"),
+        # str.format / format_map: widths, precisions and nested widths resolved at format time
+        (f"{{{{ '{{:>{HUGE}}}'.format('a') }}}}", "format width too large"),
+        (f"{{{{ '{{:{{}}}}'.format('a', {HUGE}) }}}}", "format width too large"),
+        (f"{{{{ '{{:.{HUGE}f}}'.format(1.0) }}}}", "format width too large"),
+        (f"{{{{ '{{a:>{HUGE}}}'.format_map({{'a': 1}}) }}}}", "format width too large"),
+        # repetition, concatenation, numbers
+        ("{{ 'a' * 10**9 }}", "'[*]' would build a value larger"),
+        ("{{ [0] * 10**9 }}", "'[*]' would build a value larger"),
+        ("{% set a = 'x' * 30000000 %}{{ (a ~ a ~ a ~ a) | length }}", "'~' would build a value larger"),
+        (
+            "{% set ns = namespace(x=10) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+            "number larger than",
+        ),
+        # padding, indenting, wrapping, joining, replacing: filters and str methods
+        (f"{{{{ 'a' | center({HUGE}) }}}}", "filter center width too large"),
+        ("{{ ('" + "\\n" * 20000 + "') | indent(99999, true, true) }}", "filter indent would build"),
+        ("{{ ('" + "\\n" * 20000 + "') | indent('" + "x" * 50000 + "', true, true) }}", "filter indent"),
+        ("{{ ('" + "a " * 50000 + "') | wordwrap(1, true, '" + "x" * 50000 + "') }}", "filter wordwrap"),
+        ("{{ range(100000) | join('" + "x" * 50000 + "') }}", "filter join would build"),
+        ("{{ ('a' * 100000) | replace('a', '" + "b" * 50000 + "') }}", "filter replace would build"),
+        (f"{{{{ [1] | batch({HUGE}, 'x') | list }}}}", "filter batch width too large"),
+        (f"{{{{ [1] | slice({HUGE}) | list | length }}}}", "filter slice width too large"),
+        ("{{ ([[[[[[1]]]]]] * 1000) | tojson(indent=99999) }}", "filter tojson would build"),
+        ("{{ ([[1]] * 100000) | sum(start=[]) | length }}", "filter sum"),
+        (f"{{{{ 'a'.ljust({HUGE}) }}}}", "str.ljust width too large"),
+        (f"{{{{ 'a'.encode().center({HUGE}) }}}}", "str.center width too large"),
+        ("{{ ('" + "\\t" * 50000 + "').expandtabs(99999) }}", "str.expandtabs would build"),
+        ("{{ ('a' * 100000).replace('a', '" + "b" * 50000 + "') }}", "str.replace would build"),
+        ("{{ '" + "x" * 50000 + "'.join(range(100000) | map('string')) }}", "str.join would build"),
+        ("{{ ('a' * 100000).translate({97: '" + "b" * 50000 + "'}) }}", "str.translate would build"),
+        (f"{{{{ lipsum({HUGE}) }}}}", "lipsum width too large"),
+        # blocks: a macro's, caller's or {% set %} block's output is joined under the same cap
+        (
+            "{% set a = 'x' * 30000000 %}{% macro m() %}{{ a }}{{ a }}{% endmacro %}{% set r = m() %}",
+            "block larger than the size limit",
+        ),
+        # loops over long strings tick the budget like range() does
+        ("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "iterations"),
+        # Python's own compiler limits are a template error, not a crash
+        ("{{ " + "(" * 300 + "1" + ")" * 300 + " }}", "does not compile"),
+    ],
+)
+def test_size_bombs_are_refused_before_they_build(template: str, why: str) -> None:
+    with pytest.raises(TemplateError, match=why) as info:
+        render_chat(template, PROBE_TEXT)
+    assert "\n" not in str(info.value)
+
+
+def _largest_constant(code: object) -> int:
+    """The longest string constant anywhere in a compiled template's code (folded values end up there)."""
+    consts = getattr(code, "co_consts", ())
+    sizes = [len(c) for c in consts if isinstance(c, (str, bytes))]
+    sizes += [_largest_constant(c) for c in consts if hasattr(c, "co_consts")]
+    return max(sizes, default=0)
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        "'%5000000s' % 'a'",
+        "'%.5000000d' % 1",
+        "'%5000000s' | format('a')",
+        "'a' * 5000000",
+        "'a' | center(99999)",
+        "'x\\ny\\n' | indent(99999, true, true)",
+        "('ab' ~ 'cd') | wordwrap(1, true, '" + "w" * 40000 + "')",
+        "['" + "j" * 1000 + "'] | batch(99999, 'padding') | list",
+    ],
+)
+def test_constant_folding_cannot_build_a_bomb_at_compile_time(bomb: str) -> None:
+    """Jinja evaluates constant expressions while compiling, even inside `{% if false %}` (the issue's 26 s and
+    3.9 GB at import, validate and load): nothing larger than MAX_FOLDED_CHARS may be folded into the code."""
+    from gallery.chat_template import MAX_FOLDED_CHARS, compile_template
+
+    template = "{% if false %}{{ " + bomb + " }}{% endif %}ok"
+    compiled = compile_template(template)
+    assert _largest_constant(compiled.root_render_func.__code__) <= MAX_FOLDED_CHARS
+    assert render_chat(template, PROBE_TEXT) == "ok"  # the dead branch never runs
+
+
+def test_budget_keeps_real_template_features_working() -> None:
+    """The guards change no answer: loops with loop.*, `~`, `%` and str.format with widths, padding, tojson with
+    indent, join, macros and blocks render exactly as transformers renders them."""
+    chat_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    template = (
+        "{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ '|' if not loop.last }}"
+        "{{ m.role ~ ':' ~ m.content[:5] }}{% endfor %}"
+        "{{ '%-6s|%5.2f|%*d' % ('ab', 3.14159, 4, 7) }}{{ '{:>4}{:{}}'.format(7, 'z', 3) }}"
+        "{{ 'x' | center(5) }}{{ 'a\\nb' | indent(2, true) }}{{ 'a b c' | wordwrap(2) }}"
+        "{{ {'a': [1, 2]} | tojson(indent=2) }}{{ ['a', 'b'] | join(', ') }}{{ [[1], [2]] | sum(start=[]) }}"
+        "{% macro m(x) %}<{{ x }}>{% endmacro %}{{ m('y') }}{{ '%(k)s' % {'k': 'v'} }}"
+        "{% set block %}{% for c in 'abc' %}{{ c | upper }}{% endfor %}{% endset %}{{ block }}"
+        "{{ 'a-b'.replace('-', '+') }}{{ '+'.join(['p', 'q']) }}{{ 2 ** 10 }}{{ 'ab' * 3 }}"
+    )
+    ours = render_chat(template, PROBE_TEXT)
+    theirs = chat_utils.render_jinja_template([PROBE_TEXT], chat_template=template)[0][0]
+    assert ours == theirs
+    assert "4/4user:And o" in ours and "ABC" in ours

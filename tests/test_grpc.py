@@ -29,9 +29,12 @@ from tests.interfaces_support import (  # noqa: E402
     ROOT,
     GrpcProcess,
     chat,
+    grpc_state,
     no_traceback,
+    rpc_error,
     running,
     runtime_env,
+    wait_for_grpc_state,
 )
 from tests.plugins.models import fixture_info  # noqa: E402
 
@@ -41,30 +44,12 @@ EMPTY = pb.HealthMessage()
 
 
 def _code(call: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as caught:
-        result = call()
-        if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
-            list(result)
-    return caught.value.code()
+    return rpc_error(call).code()
 
 
-def _error(call: Any) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return caught.value
-
-
-def _state(stub: Any) -> str:
-    return pb.StatusResponse.State.Name(stub.Status(EMPTY, timeout=10).state)
-
-
-def _wait_state(stub: Any, wanted: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    state = _state(stub)
-    while state != wanted and time.monotonic() < deadline:
-        time.sleep(0.05)
-        state = _state(stub)
-    return state
+_error = rpc_error
+_state = grpc_state
+_wait_state = wait_for_grpc_state
 
 
 def _stream_text(replies: list[Any]) -> tuple[str, Any]:
