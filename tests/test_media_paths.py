@@ -117,7 +117,7 @@ class InProcessGrpc:
         self.thread.start()
 
         async def start() -> tuple[Any, Any, int]:
-            server, executor = build_server(self.host, token=None)
+            server, executor, _servicer = build_server(self.host, token=None)
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
             return server, executor, port
