@@ -4,8 +4,9 @@
   boundaries, each with its own sampler, logits processors, stop ids and max tokens; prompts are processed
   in chunks (one chunk per step, so a long prompt never holds the batch for long, and a cancelled one is
   dropped between chunks). Prefix reuse uses mlx-lm's LRUPromptCache: a request starts from the longest
-  cached prefix of its token ids; finished (and cancelled) requests and segment boundaries (the end of
-  the system prompt, the end of the prompt) are stored back.
+  cached prefix of its token ids; finished (and cancelled) requests are stored back, and, for caches that
+  cannot be trimmed (sliding-window, SSM), so is the prompt itself (one token short, where the batch
+  generator splits it off) so that the same prompt can reuse it exactly.
 - TextStreams: one mlx-lm generator per request, advanced round-robin, for what BatchGenerator cannot
   batch: a draft model (speculative decoding) and a quantized KV cache. Same prefix cache.
 - VlmStreams: one mlx-vlm generator per request (images, audio, video; text on VLMs without a shared text

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -91,6 +92,15 @@ def check_hosts(hosts: list[str], backend: str) -> None:
             f"--hosts: the first host ({hosts[0]}) runs rank 0, which serves the interface: run this command on "
             "that machine (or list this machine first)"
         )
+
+
+def hostfile_backend(path: str) -> str | None:
+    """The backend an mlx.launch hostfile names (`"backend": "jaccl"`), if it names one."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        backend = data.get("backend") if isinstance(data, dict) else None
+        return backend if backend in ("ring", "jaccl") else None
+    return None
 
 
 def free_port_block(count: int, start: int = DEFAULT_RING_PORT) -> int:

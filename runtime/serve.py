@@ -160,7 +160,12 @@ def _distributed_target(options: ServeOptions) -> tuple[list[str], str | None, s
         return None
     hosts = options.hosts or (list(section.hosts) if section else [])
     hostfile = options.hostfile or (section.hostfile if section and not options.hosts else None)
-    backend = options.distributed_backend or (section.backend if section else "ring")
+    backend = options.distributed_backend
+    if backend is None and hostfile is not None:
+        from runtime.launch import hostfile_backend
+
+        backend = hostfile_backend(hostfile)  # mlx.distributed_config writes the backend into its hostfiles
+    backend = backend or (section.backend if section else "ring")
     return hosts, hostfile, backend
 
 

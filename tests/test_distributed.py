@@ -323,3 +323,45 @@ def test_stdio_run_goes_through_the_launcher_and_ends_at_end_of_input(text_qwen2
         assert process.wait(60) == 0
         assert not process.bad_lines  # nothing but JSON-RPC on stdout: rank 1 never writes there
         assert "rank 1: rank 0 said exit" in process.stderr.text
+
+
+# ------------------------------------------------------------------------------------------- replicas for users
+def test_replicas_answer_alike_and_sticky_routing_keeps_each_chat_in_one_prefix_cache(
+    text_qwen2_model: Path,
+) -> None:
+    """Two independent replicas (what a load balancer or LocalAI spreads users over): the same answers whichever
+    replica serves a turn; only the replica that served a chat's earlier turns has them cached."""
+    with (
+        running(HttpProcess(str(text_qwen2_model))) as first,
+        running(HttpProcess(str(text_qwen2_model))) as second,
+    ):
+        assert isinstance(first, HttpProcess) and isinstance(second, HttpProcess)
+        replicas = [first.client, second.client]
+
+        def chat_through(topic: str, route: list[int]) -> tuple[list[str], list[int], list[int]]:
+            messages: list[dict[str, str]] = []
+            answers, prompts, cached = [], [], []
+            for turn, replica in enumerate(route):
+                messages.append({"role": "user", "content": f"{topic}, part {turn}: say more about {topic}"})
+                response = replicas[replica].chat.completions.create(
+                    model="text-qwen2", messages=messages, max_tokens=12, temperature=0.0
+                )
+                answer = response.choices[0].message.content or ""
+                messages.append({"role": "assistant", "content": answer})
+                answers.append(answer)
+                assert response.usage is not None
+                prompts.append(response.usage.prompt_tokens)
+                details = response.usage.prompt_tokens_details
+                cached.append(int(details.cached_tokens or 0) if details else 0)
+            return answers, prompts, cached
+
+        sticky, sticky_prompts, sticky_cached = chat_through("rivers", [0, 0, 0])
+        elsewhere, _, _ = chat_through("rivers", [1, 1, 1])
+        assert sticky == elsewhere  # one config, greedy: the replica does not change the answer
+        _, spread_prompts, spread_cached = chat_through("mountains", [0, 1, 0])
+        # Sticky: every later turn reuses the whole earlier conversation from its replica's cache.
+        assert sticky_cached[1] >= sticky_prompts[0] and sticky_cached[2] >= sticky_prompts[1]
+        # Spread: the turn that lands on the other replica recomputes the conversation (at most the template's
+        # shared opening is reused), and the next one only finds what its replica saw two turns back.
+        assert spread_cached[1] < spread_prompts[0]
+        assert spread_cached[2] < spread_prompts[1]
