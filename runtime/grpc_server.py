@@ -247,6 +247,14 @@ class BackendServicer(pb_grpc.BackendServicer):
             )
         if final.error:
             await context.abort(grpc.StatusCode.INTERNAL, final.error)
+        # LocalAI's Reply has no field for these: trailing metadata carries them without changing its schema.
+        context.set_trailing_metadata(
+            (
+                ("x-gallery-cached-tokens", str(usage.cached_tokens)),
+                ("x-gallery-reasoning-tokens", str(usage.reasoning_tokens)),
+                ("x-gallery-finish-reason", final.finish_reason or ""),
+            )
+        )
 
     # ----- RPCs -----
     async def Health(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Reply:

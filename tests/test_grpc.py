@@ -194,6 +194,12 @@ def test_predict_stream_and_predict(server: Server, scripted_text_model: Path) -
     assert raw.message.decode() == info["answer"].split(info["stop_string_example"])[0]
     assert raw.prompt_tokens == tokens.length == whole.prompt_tokens
     assert "[corr-42] PredictStream done: stop" in server.process.stderr.text
+    # Cached prompt tokens travel in trailing metadata (LocalAI's Reply has no field for them): the same
+    # conversation again reuses the prefix the first answer left in the cache.
+    _reply, call = stub.Predict.with_call(chat(Tokens=30), timeout=30)
+    trailing = dict(call.trailing_metadata())
+    assert int(trailing["x-gallery-cached-tokens"]) > 0 and trailing["x-gallery-finish-reason"] == "stop"
+    assert trailing["x-gallery-reasoning-tokens"] == "0"
 
 
 def test_32_concurrent_streams_all_complete(server: Server, scripted_text_model: Path) -> None:
