@@ -140,7 +140,7 @@ def _raw_decode(model: Path, runs: int) -> dict[str, float]:
     return {"ttft": median(ttfts), "decode_tps": median(rates)}
 
 
-def chat(model: Path, runs: int, turns: int = 6, words: int = 260, answer: int = 24) -> dict[str, Any]:
+def chat(model: Path, runs: int, turns: int = 6, words: int = 300, answer: int = 24) -> dict[str, Any]:
     """A multi-turn chat growing past 2,000 tokens: TTFT per turn."""
     results: dict[str, Any] = {}
     for label, start in _servers(model):

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -187,7 +188,9 @@ def run_launch(
     elif not Path(hostfile).is_file():
         raise UsageError(f"--hostfile {hostfile}: no such file")
     count = len(hosts) if hosts else 8
-    base = port if port is not None else free_port_block(count)
+    # A random start: two launches starting at once (tests in parallel, two services) must not both pick
+    # the same free block before either has bound it.
+    base = port if port is not None else free_port_block(count, DEFAULT_RING_PORT + secrets.randbelow(4000))
     with tempfile.TemporaryDirectory(prefix="gallery-launch-") as folder:
         launch_dir = Path(folder)
         env = {ENV_BACKEND: backend, ENV_LAUNCH_DIR: str(launch_dir)}

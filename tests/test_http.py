@@ -109,6 +109,31 @@ def test_chat_stops_on_the_pinned_end_of_turn_streaming_and_not(
     )  # the same prompt again: its prefix came from the cache
 
 
+def test_the_real_smollm2_answers_streaming_and_not(smollm2_model: Path) -> None:
+    """The real SmolLM2-135M-Instruct behind its own server: the answer, the stop, usage, the cache."""
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    with running(HttpProcess(str(smollm2_model))) as process:
+        assert isinstance(process, HttpProcess)
+        whole = process.client.chat.completions.create(
+            model="smollm2", messages=question, max_tokens=24, temperature=0
+        )
+        answer = whole.choices[0].message.content or ""
+        assert "Paris" in answer and whole.choices[0].finish_reason == "stop"
+        stream = process.client.chat.completions.create(
+            model="smollm2",
+            messages=question,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        content, _reasoning, _calls, finish, usage = _stream_text(stream)
+        assert content == answer and finish == "stop"
+        assert (
+            usage.prompt_tokens == whole.usage.prompt_tokens and usage.prompt_tokens_details.cached_tokens > 0
+        )
+
+
 def test_reasoning_is_split_and_no_marker_ever_leaks(server: HttpProcess, scripted_think_model: Path) -> None:
     info = fixture_info(scripted_think_model)
     whole = server.client.chat.completions.create(
