@@ -70,6 +70,18 @@ def memory_stats() -> dict[str, int]:
     return stats
 
 
+def drop_buffer_cache() -> None:
+    """On the MLX thread, between requests: free the buffers MLX keeps for reuse after a request's arrays die.
+
+    Without it an idle server keeps its largest prefill's working memory on top of the weights and the prefix
+    cache, so resident memory is not bounded by what the cache options say.
+    """
+    if "mlx.core" in sys.modules:
+        import mlx.core as mx
+
+        mx.clear_cache()
+
+
 def release_memory(timeout: float = 10.0) -> None:
     """Give freed model memory back to the system (MLX keeps freed buffers in its cache)."""
     if "mlx.core" not in sys.modules:

@@ -97,8 +97,13 @@ def main() -> int:
     """Run both scenarios and print one JSON line each, then the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="overhead,peers", help="which scenarios, comma-separated")
     args = parser.parse_args()
-    json_line("overhead", overhead(args.runs))
+    chosen = set(args.only.split(","))
+    if "overhead" in chosen:
+        json_line("overhead", overhead(args.runs))
+    if "peers" not in chosen:
+        return 0
     from fixtures.build_models import ensure_models
 
     result = streams(

@@ -355,9 +355,9 @@ def main() -> int:
 
     tokens = 100 if args.quick else 200
     print(
-        f"3. Concurrent gRPC streams on text-qwen3 ({tokens} tokens each; engine max_active 8, round-robin one "
-        "token per stream per step), and mlx-lm's batch_generate on the same model and prompts in-process as a "
-        "reference for batched decoding (not used by the engine)\n"
+        f"3. Concurrent gRPC streams on text-qwen3 ({tokens} tokens each; the engine's continuous batching), and "
+        "mlx-lm's batch_generate on the same model and prompts in-process, with no server around it, as the "
+        "reference\n"
     )
     print("| streams | aggregate tok/s | vs 1 stream | mean time to first token |")
     print("|---|---|---|---|")

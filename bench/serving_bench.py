@@ -290,6 +290,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default="single,chat,streams,tiny,memory")
+    parser.add_argument("--memory-mb", type=int, default=64, help="memory: the prefix cache's byte bound")
+    parser.add_argument("--memory-prompts", type=int, default=40, help="memory: distinct prompts sent")
     args = parser.parse_args()
     chosen = set(args.only.split(","))
     from fixtures.build_models import ensure_models
@@ -344,7 +346,7 @@ def main() -> int:
             {"batched vs round-robin": result["batched"]["tok_s"] / result["round-robin"]["tok_s"]},
         )
     if "memory" in chosen:
-        json_line("memory", memory(quantized))
+        json_line("memory", memory(quantized, args.memory_mb, args.memory_prompts))
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -32,11 +33,46 @@ async def handle_events(handle: RequestHandle) -> AsyncIterator[Event]:
     handle.on_event(notify)
     while True:
         wake.clear()
+        pending: list[Event] = []
         while (event := handle.poll()) is not None:
+            pending.append(event)
+            if event.done:
+                break
+        for event in coalesce(pending):
             yield event
             if event.done:
                 return
         await wake.wait()
+
+
+def _plain_kind(event: Event) -> str | None:
+    """'content' or 'reasoning' for an event that only carries that text (and its logprobs); None otherwise."""
+    if event.done or event.error or event.tool_calls or bool(event.content) == bool(event.reasoning):
+        return None
+    return "content" if event.content else "reasoning"
+
+
+def coalesce(events: list[Event]) -> list[Event]:
+    """Merge runs of text pieces that were waiting together into one piece each, keeping their order.
+
+    A consumer that falls behind the worker (a slow client, a busy loop) then sends one message for what
+    piled up instead of one per token, so the interface's cost per token shrinks exactly when it matters.
+    Pieces with tool calls, the final event and mixed pieces are never merged.
+    """
+    merged: list[Event] = []
+    for event in events:
+        kind = _plain_kind(event)
+        if merged and kind is not None and _plain_kind(merged[-1]) == kind:
+            last = merged[-1]
+            merged[-1] = dataclasses.replace(
+                last,
+                content=last.content + event.content,
+                reasoning=last.reasoning + event.reasoning,
+                logprobs=[*last.logprobs, *event.logprobs],
+            )
+        else:
+            merged.append(event)
+    return merged
 
 
 async def run_blocking(executor: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> T:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from backends import memory_stats, run_on_mlx_thread, tool_parser
+from backends import drop_buffer_cache, memory_stats, run_on_mlx_thread, tool_parser
 from backends.decoding import (
     DecodeSpec,
     PrefixCache,
@@ -624,6 +624,8 @@ class Engine:
             mirror = self._batcher if isinstance(self._batcher, MirroredBatcher) else None
             # A distributed run pings its ranks while idle, so a dead one is noticed (and reported) at once.
             beat = HEARTBEAT_S if idle and mirror is not None and mirror.cluster.failure is None else None
+            if idle and self._queue.empty():
+                drop_buffer_cache()  # nothing to do: hold only the weights and the bounded prefix cache
             try:
                 handle = self._queue.get(block=idle, timeout=beat)
             except queue.Empty:

@@ -110,7 +110,7 @@ def _read_bytes(data: Any, label: str, policy: MediaPolicy) -> bytes:
         if not policy.allow_remote_urls:
             raise MediaError(
                 f"{label}: remote URLs are disabled (send the bytes as a data URL or base64, "
-                "or start the runtime with --allow-remote-media)"
+                "or load the model with the option allow_remote_media:true, e.g. `-o allow_remote_media:true`)"
             )
         return _fetch_remote(text, label, policy)
     # Base64 may start with "/" (every JPEG does: "/9j/"), so only text that cannot be base64 is a path:

@@ -368,6 +368,65 @@ def test_a_client_disconnect_frees_the_slot(server: HttpProcess) -> None:
     assert after.choices[0].finish_reason == "length"
 
 
+def test_a_full_queue_answers_429_with_retry_after_and_cors_only_when_asked(
+    server: HttpProcess, text_qwen3_model: Path
+) -> None:
+    import httpx
+
+    origin = "http://app.example"
+    with running(
+        HttpProcess(str(text_qwen3_model), "-o", "max_active:1", "-o", "max_queue:1", "--cors-origin", origin)
+    ) as busy:
+        assert isinstance(busy, HttpProcess)
+        long = {"model": "text-qwen3", "messages": HI, "max_tokens": 3000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{busy.url}/v1/chat/completions", json=long, timeout=120) as running_one:
+            lines = running_one.iter_lines()
+            for _ in range(2):
+                next(lines)  # the only slot is taken
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                queued = pool.submit(
+                    busy.client.chat.completions.create, model="text-qwen3", messages=HI, max_tokens=5
+                )
+                deadline = time.monotonic() + 30
+                while _metric(busy, "gallery_queue_depth", 'model="text-qwen3"') < 1:
+                    assert time.monotonic() < deadline, "the second request never queued"
+                    time.sleep(0.1)
+                refused = _post(busy, "/v1/chat/completions", {"model": "text-qwen3", "messages": HI})
+                assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+                assert (
+                    refused.json()["error"]["type"] == "rate_limit_error"
+                    and refused.json()["error"]["code"] == "busy"
+                )
+                running_one.close()  # the client leaves: the queued request gets the slot
+                assert queued.result(timeout=120).choices[0].finish_reason == "length"
+        # CORS: the configured origin is allowed (preflight and answer); any other origin is not.
+        preflight = {
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type",
+        }
+        allowed = httpx.options(f"{busy.url}/v1/chat/completions", headers={"origin": origin, **preflight})
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == origin
+        other = httpx.options(
+            f"{busy.url}/v1/chat/completions", headers={"origin": "http://evil.example", **preflight}
+        )
+        assert "access-control-allow-origin" not in other.headers
+        answered = _post(
+            busy,
+            "/v1/chat/completions",
+            {"model": "text-qwen3", "messages": HI, "max_tokens": 2},
+            origin=origin,
+        )
+        assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == origin
+    # Off by default: the shared server names no origin.
+    plain = _post(
+        server,
+        "/v1/chat/completions",
+        {"model": "text-qwen3", "messages": HI, "max_tokens": 2},
+        origin=origin,
+    )
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [

@@ -200,3 +200,44 @@ def test_media_decoding_limits_and_errors(tmp_path) -> None:
 def test_string_content_as_parts_for_templates_that_need_it() -> None:
     chat = normalize_messages([{"role": "user", "content": "hi"}], content_as_parts=True)
     assert chat.messages == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["content", "reasoning", "both", "call", "logprob"]),
+            st.text(min_size=1, max_size=4),
+        ),
+        max_size=12,
+    )
+)
+def test_coalescing_pending_pieces_keeps_every_piece_in_order(pieces: list[tuple[str, str]]) -> None:
+    """Pieces merged for a consumer that fell behind carry the same text, calls and logprobs in the same order."""
+    from runtime.async_bridge import _plain_kind, coalesce
+    from runtime.request import Event, TokenLogprob, Usage
+
+    events = []
+    for index, (kind, text) in enumerate(pieces):
+        if kind == "content":
+            events.append(Event(content=text))
+        elif kind == "reasoning":
+            events.append(Event(reasoning=text))
+        elif kind == "both":
+            events.append(Event(reasoning=text, content=text))
+        elif kind == "call":
+            events.append(Event(tool_calls=[{"name": text, "arguments": "{}"}]))  # type: ignore[list-item]
+        else:
+            events.append(Event(content=text, logprobs=[TokenLogprob(text, index, -1.0)]))
+    events.append(Event(content="end", done=True, finish_reason="stop", usage=Usage()))
+    merged = coalesce(events)
+
+    def flat(stream: list[Event]) -> list[tuple[str, str]]:  # reasoning before content within one piece
+        return [(k, ch) for e in stream for k, text in (("r", e.reasoning), ("c", e.content)) for ch in text]
+
+    assert flat(merged) == flat(events)
+    assert [c for e in merged for c in e.tool_calls] == [c for e in events for c in e.tool_calls]
+    assert [p for e in merged for p in e.logprobs] == [p for e in events for p in e.logprobs]
+    assert merged[-1] is events[-1] and sum(e.done for e in merged) == 1
+    kinds = [_plain_kind(e) for e in merged]
+    assert all(a is None or a != b for a, b in itertools.pairwise(kinds))  # each run of one kind is one piece
