@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 # huggingface_hub reads its environment at import time, so isolate it before anything imports it:
@@ -19,6 +20,11 @@ os.environ["HF_HUB_ETAG_TIMEOUT"] = "5"
 os.environ["GALLERY_HOME"] = tempfile.mkdtemp(prefix="gallery-tests-home-")
 os.environ.pop("GALLERY_CATALOG", None)
 os.environ.pop("GALLERY_MODELS_DIR", None)
+
+# A suite started in the background (`cmd &`, nohup) inherits SIGINT ignored, and so would every child the
+# tests start: the Ctrl-C tests would then test nothing. Children get the default action back on exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 pytest_plugins = ["tests.plugins.hub", "tests.plugins.models"]
 
