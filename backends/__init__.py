@@ -86,9 +86,7 @@ def release_memory(timeout: float = 10.0) -> None:
     """Give freed model memory back to the system (MLX keeps freed buffers in its cache)."""
     if "mlx.core" not in sys.modules:
         return
-    import mlx.core as mx
-
-    run_on_mlx_thread(mx.clear_cache, name="mlx-free").wait(timeout)
+    run_on_mlx_thread(drop_buffer_cache, name="mlx-free").wait(timeout)
 
 
 def tool_parser(fmt: str) -> tuple[Callable[[str, Any], Any] | None, str | None, str | None]:
