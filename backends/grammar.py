@@ -40,6 +40,15 @@ def llg_tokenizer(hf_tokenizer: Any) -> Any:
         return found
 
 
+def marker_lark(marker: str, hf_tokenizer: Any) -> str:
+    """A tool-call marker in llguidance's Lark: the special token by id where the marker is one (a quoted string
+    would never match it: llguidance keeps special tokens out of text), else the quoted text."""
+    ids = hf_tokenizer.encode(marker, add_special_tokens=False)
+    if len(ids) == 1 and llg_tokenizer(hf_tokenizer).is_special_token(int(ids[0])):
+        return f"<[{int(ids[0])}]>"
+    return json.dumps(marker)
+
+
 def compile_grammar(kind: GrammarKind, text: str | dict[str, Any] | None, tokenizer: Any) -> str:
     """The llguidance grammar for a request, checked against the tokenizer. Raises GrammarError naming the problem."""
     from llguidance import LLMatcher
@@ -133,8 +142,12 @@ class GrammarProcessor:
                     f"token {last} broke the grammar: {self.matcher.get_error() or 'rejected'}"
                 )
         if self.phase == "reasoning":
+            # The structured answer comes after the reasoning: the answer may not end before it starts.
             self.consume_next = False
-            return logits
+            if not self.stop_ids:
+                return logits
+            blocked = mx.array([i for i in self.stop_ids if i < logits.shape[-1]])
+            return logits.at[..., blocked].add(-float("inf")) if blocked.size else logits
         allowed = self._mask(logits.shape[-1])
         if self.phase == "maybe":
             allowed[self.start_ids[0]] = True

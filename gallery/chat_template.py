@@ -690,7 +690,8 @@ def _prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     for message in messages:
         if not isinstance(message, Mapping):
             raise TemplateError(f"chat messages must be objects, got {type(message).__name__}")
-        # transformers drops None-valued keys (OpenAI clients send content=None with tool calls).
+        # transformers (5.x apply_chat_template) drops None-valued keys (OpenAI clients send content=None with
+        # tool calls); a template that then fails on the missing content is retried by runtime.prompt.
         plain = _plain({key: value for key, value in message.items() if value is not None})
         reasoning = next((plain[k] for k in _REASONING_FIELDS if plain.get(k) is not None), None)
         if reasoning is not None:

@@ -232,6 +232,7 @@ class _Job:
             tool_calls.end,
             prepared.tools,
             library=tool_parser(fmt) if fmt else (None, None, None),
+            max_calls=prepared.max_tool_calls,
         )
         self.detokenizer = backend.detokenizer() if prepared.route != "vlm" else None
         self.failure: str | None = None
@@ -790,7 +791,7 @@ class Engine:
         event = job.pipe(text)
         if event_logprob is not None:
             event.logprobs.append(event_logprob)
-        if job.stops.stopped:
+        if job.stops.stopped or job.tools.complete:
             if token.finish is None:
                 job.decoder.cancel(job.uid)
             self._close(job, "stop", event)

@@ -50,7 +50,10 @@ class Fault:
         return {
             400: "invalid_request_error",
             401: "authentication_error",
+            403: "permission_error",
             404: "not_found_error",
+            405: "invalid_request_error",
+            415: "invalid_request_error",
             413: "invalid_request_error",
             429: "rate_limit_error",
             503: "service_unavailable_error",
@@ -90,6 +93,17 @@ FAULTS: dict[str, Fault] = {
     ),
     "generation_failed": Fault("INTERNAL", -32000, 500, "the model failed while generating"),
     "unauthenticated": Fault("UNAUTHENTICATED", 0, 401, "missing or wrong bearer token (gRPC and HTTP)"),
+    "forbidden": Fault(
+        "PERMISSION_DENIED",
+        0,
+        403,
+        "HTTP, keyless server: a Host or Origin that is not loopback or allowed (a web page or DNS rebinding)",
+    ),
+    "unknown_endpoint": Fault("UNIMPLEMENTED", 0, 404, "HTTP: no such endpoint"),
+    "method_not_allowed": Fault("UNIMPLEMENTED", 0, 405, "HTTP: the endpoint does not take this method"),
+    "unsupported_media_type": Fault(
+        "INVALID_ARGUMENT", 0, 415, "HTTP: a JSON endpoint was sent a body that is not application/json"
+    ),
     "internal": Fault("INTERNAL", -32603, 500, "a bug in the runtime (please report it)"),
 }
 

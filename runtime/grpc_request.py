@@ -36,6 +36,7 @@ METADATA_KEYS = (
     "response_format",
     "thinking_budget",
     "truncate",
+    "parallel_tool_calls",
 )
 
 
@@ -86,6 +87,10 @@ def _metadata(request: GenerationRequest, metadata: Mapping[str, str]) -> None:
             raise RequestError("Metadata thinking_budget: must be an integer", field="Metadata") from None
     if metadata.get("truncate", "").strip():
         request.truncate = parse_bool(metadata["truncate"], "Metadata truncate")
+    if metadata.get("parallel_tool_calls", "").strip():
+        request.parallel_tool_calls = parse_bool(
+            metadata["parallel_tool_calls"], "Metadata parallel_tool_calls"
+        )
 
 
 def _refuse_unsupported(options: Any) -> None:
@@ -130,9 +135,11 @@ def predict_request(options: Any) -> GenerationRequest:
     _refuse_unsupported(options)
     media = media_items(options.Images, options.Audios, options.Videos)
     tools = check_tools(parse_json(options.Tools, "Tools"), "Tools") if options.Tools.strip() else None
-    tools = apply_tool_choice(tools, parse_tool_choice(options.ToolChoice), "ToolChoice")
+    tools, required = apply_tool_choice(tools, parse_tool_choice(options.ToolChoice), "ToolChoice")
     use_messages = bool(options.Messages) and (options.UseTokenizerTemplate or not options.Prompt)
-    request = GenerationRequest(tools=tools, correlation_id=options.CorrelationId or None)
+    request = GenerationRequest(
+        tools=tools, tools_required=required, correlation_id=options.CorrelationId or None
+    )
     _metadata(request, options.Metadata)
     if use_messages:
         messages = [

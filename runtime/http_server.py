@@ -26,13 +26,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.async_bridge import handle_events, run_blocking
 from runtime.engine import RequestHandle
 from runtime.errors import RequestTooLarge
 from runtime.faults import FAULTS, classify
+from runtime.http_guard import AccessRecord, BrowserGuard, is_json_content_type
 from runtime.metrics import CONTENT_TYPE, ServerMetrics
 from runtime.openai_request import ChatParams, CompleteParams, chat_request, complete_request, one_line
 from runtime.openai_response import logprobs_json, tool_calls_json, usage_json
@@ -83,12 +86,19 @@ class _Context:
     """What the routes share: the pool, metrics, an executor for blocking work, and the limits."""
 
     def __init__(
-        self, pool: ModelPool, metrics: ServerMetrics, *, api_key: str | None, max_body: int
+        self,
+        pool: ModelPool,
+        metrics: ServerMetrics,
+        *,
+        api_key: str | None,
+        max_body: int,
+        guard: BrowserGuard | None = None,
     ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body
+        self.guard = guard or BrowserGuard.make("127.0.0.1", keyless=api_key is None)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="http")
         self.ready = asyncio.Event()
         self.startup_error: str | None = None
@@ -205,9 +215,22 @@ def _completion_logprobs(done: Completion) -> dict[str, Any] | None:
     }
 
 
+def _public_name(name: str) -> bool:
+    """Whether a model name may be shown to clients: a name or repo id, never a filesystem path."""
+    return not (
+        name.startswith(("/", "./", "../", "~", "\\"))
+        or "\\" in name
+        or (len(name) > 1 and name[1] == ":")
+        or name.count("/") > 1
+    )
+
+
 def _model_card(served: Served) -> dict[str, Any]:
+    """OpenAI's model object, with what this runtime knows about the model (no filesystem path)."""
     config = served.config
     engine = served.engine
+    source = config.mlx.source
+    repo = source.repo if source.repo and _public_name(source.repo) else None
     return {
         "id": config.name,
         "object": "model",
@@ -218,43 +241,110 @@ def _model_card(served: Served) -> dict[str, Any]:
         "input_modalities": ["text", *sorted(accepted_media(config))],
         "reasoning": config.mlx.reasoning.supported,
         "tool_format": config.mlx.tool_calls.format,
-        "source": {"repo": config.mlx.source.repo, "revision": config.mlx.source.revision},
-        "aliases": sorted(served.names - {config.name.lower()}),
+        "source": {"repo": repo, "revision": source.revision if repo else None},
+        "aliases": sorted(
+            name for name in served.display_names if name != config.name and _public_name(name)
+        ),
         "loaded": engine is not None and engine.ready,
     }
 
 
-def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
-    """The FastAPI application (routes, auth, CORS, errors) over a model pool."""
-    app = FastAPI(title="mlx-gallery", docs_url=None, redoc_url=None, openapi_url=None)
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
+def _metrics_route(request: Request) -> str:
+    """The route template a request matched (never the raw path: label values stay bounded)."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", None)
+    return template if isinstance(template, str) else "other"
 
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+
+def _refusal(context: _Context, request: Request) -> Response | None:
+    """The answer for a request refused before any route runs (browser boundary, key, content type)."""
+    guard = context.guard
+    why = guard.host_refusal(request.headers.get("host")) or guard.origin_refusal(
+        request.headers.get("origin")
+    )
+    if why:
+        return error_response("forbidden", why)
+    if request.method == "OPTIONS":
+        return None
+    if request.url.path != "/health" and not context.authorized(request):
+        return error_response(
+            "unauthenticated",
+            "missing or invalid API key (send exactly one 'Authorization: Bearer <key>' header)",
         )
+    if request.method == "POST" and not is_json_content_type(request.headers.get("content-type")):
+        return error_response(
+            "unsupported_media_type",
+            f"this endpoint takes a JSON body: send 'Content-Type: application/json' "
+            f"(got {request.headers.get('content-type') or 'none'!r})",
+        )
+    return None
+
+
+def _logged(response: Response, record: AccessRecord) -> Response:
+    """Write the access line when the response is complete (a stream: when its last byte is sent)."""
+    if not isinstance(response, StreamingResponse) and not hasattr(response, "body_iterator"):
+        record.write(response.status_code)
+        return response
+    body = response.body_iterator
+    status = response.status_code
+
+    async def logging_body() -> AsyncIterator[Any]:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            record.write(status)
+
+    response.body_iterator = logging_body()
+    return response
+
+
+def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
+    """The FastAPI application (routes, auth, browser boundary, CORS, errors, access log) over a model pool."""
+    app = FastAPI(title="mlx-gallery", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path
-        if path != "/health" and request.method != "OPTIONS" and not context.authorized(request):
-            response: Response = error_response(
-                "unauthenticated",
-                "missing or invalid API key (send exactly one 'Authorization: Bearer <key>' header)",
-            )
-        else:
+        record = AccessRecord(request.method, request.url.path)
+        request.state.access = record
+        response = _refusal(context, request)
+        if response is None:
             try:
                 response = await call_next(request)
             except Exception as exc:  # an error outside a route: still one JSON line, never a traceback
                 error = _as_http_error(exc)
                 response = error_response(error.kind, error.message, error.param)
-        context.metrics.http.labels(
-            path if path.startswith(("/v1/", "/health", "/metrics")) else "other", str(response.status_code)
-        ).inc()
-        return response
+        context.metrics.http.labels(_metrics_route(request), str(response.status_code)).inc()
+        return _logged(response, record)
+
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # Added after the guard, so it wraps it: refusals (401, 403) carry CORS headers a browser app can read.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"],
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(
+                "unknown_endpoint", f"no such endpoint: {request.method} {request.url.path}"
+            )
+        if exc.status_code == 405:
+            return error_response("method_not_allowed", f"{request.url.path} does not take {request.method}")
+        return error_response("invalid_request", str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())) or None
+        return error_response(
+            "invalid_request", f"invalid request: {where}: {first.get('msg', 'invalid')}", where
+        )
 
     async def routed(handler: Callable[[], Awaitable[Response]]) -> Response:
         try:
@@ -286,6 +376,13 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
     async def models() -> Response:
         return JSONResponse({"object": "list", "data": [_model_card(s) for s in context.pool.served]})
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        async def run() -> Response:
+            return JSONResponse(_model_card(context.pool.lookup(model_id)))
+
+        return await routed(run)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(context.metrics.render(), media_type=CONTENT_TYPE)
@@ -295,16 +392,22 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
         async def run() -> Response:
             params = ChatParams.model_validate(await context.body(request))
             served, _engine = await context.pool.engine(params.model)
+            record: AccessRecord = request.state.access
+            record.model = served.config.name
             handle = await context.submit(served, chat_request(params))
             rid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), served.config.name
             if params.stream:
                 usage = params.stream_options is not None and params.stream_options.include_usage
                 return StreamingResponse(
-                    _chat_stream(handle, rid, created, model, usage),
+                    _chat_stream(handle, rid, created, model, usage, record),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
             done = await _whole(request, handle)
+            record.prompt_tokens, record.completion_tokens = (
+                done.usage.prompt_tokens,
+                done.usage.completion_tokens,
+            )
             choice = {
                 "index": 0,
                 "message": _chat_message(done),
@@ -331,16 +434,22 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
         async def run() -> Response:
             params = CompleteParams.model_validate(await context.body(request))
             served, _engine = await context.pool.engine(params.model)
+            record: AccessRecord = request.state.access
+            record.model = served.config.name
             handle = await context.submit(served, complete_request(params))
             rid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), served.config.name
             if params.stream:
                 usage = params.stream_options is not None and params.stream_options.include_usage
                 return StreamingResponse(
-                    _completion_stream(handle, rid, created, model, usage),
+                    _completion_stream(handle, rid, created, model, usage, record),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
             done = await _whole(request, handle)
+            record.prompt_tokens, record.completion_tokens = (
+                done.usage.prompt_tokens,
+                done.usage.completion_tokens,
+            )
             choice = {
                 "index": 0,
                 "text": done.content,
@@ -380,7 +489,7 @@ def _stream_error(event: Event) -> bytes:
 
 
 async def _chat_stream(
-    handle: RequestHandle, rid: str, created: int, model: str, include_usage: bool
+    handle: RequestHandle, rid: str, created: int, model: str, include_usage: bool, record: AccessRecord
 ) -> AsyncIterator[bytes]:
     kind = "chat.completion.chunk"
     yield _chunk(
@@ -392,6 +501,11 @@ async def _chat_stream(
     )
     calls = 0
     async for event in _events(handle):
+        if event.done and event.usage is not None:
+            record.prompt_tokens, record.completion_tokens = (
+                event.usage.prompt_tokens,
+                event.usage.completion_tokens,
+            )
         delta: dict[str, Any] = {}
         if event.content:
             delta["content"] = event.content
@@ -430,10 +544,15 @@ async def _chat_stream(
 
 
 async def _completion_stream(
-    handle: RequestHandle, rid: str, created: int, model: str, include_usage: bool
+    handle: RequestHandle, rid: str, created: int, model: str, include_usage: bool, record: AccessRecord
 ) -> AsyncIterator[bytes]:
     kind = "text_completion"
     async for event in _events(handle):
+        if event.done and event.usage is not None:
+            record.prompt_tokens, record.completion_tokens = (
+                event.usage.prompt_tokens,
+                event.usage.completion_tokens,
+            )
         text = event.content
         if text or (event.done and not event.error):
             yield _chunk(
@@ -486,6 +605,8 @@ async def serve(
     grace: float,
     max_body_mb: int = DEFAULT_MAX_BODY_MB,
     parent_pid: int | None = None,
+    allowed_hosts: list[str] | None = None,
+    quiet: bool = False,
 ) -> int:
     """Serve the OpenAI API until a signal or the parent's death; returns the exit code.
 
@@ -498,10 +619,17 @@ async def serve(
 
     metrics = ServerMetrics(pool.statuses)
     pool.on_engine = lambda name, engine: engine.listeners.append(metrics.listener(name))
-    context = _Context(pool, metrics, api_key=api_key, max_body=max(1, max_body_mb) * 1024 * 1024)
-    app = create_app(context, cors_origins=cors_origins)
     sock = _listen(address)
     host, port = sock.getsockname()[:2]
+    guard = BrowserGuard.make(
+        str(host), keyless=api_key is None, hosts=allowed_hosts or [], origins=cors_origins
+    )
+    context = _Context(
+        pool, metrics, api_key=api_key, max_body=max(1, max_body_mb) * 1024 * 1024, guard=guard
+    )
+    app = create_app(context, cors_origins=cors_origins)
+    if quiet:
+        logging.getLogger("runtime.access").setLevel(logging.WARNING)
     config = uvicorn.Config(
         app,
         log_level="warning",

@@ -3,8 +3,12 @@
 Clients send OpenAI-shaped messages as dicts or as attribute objects, with string or list-of-parts
 content, `developer` roles, system messages in the middle of a conversation, and consecutive
 messages of the same role. Strict templates reject several of those. Normalization fixes exactly
-those cases and leaves a well-formed conversation unchanged:
-- `developer` becomes `system`;
+those cases and otherwise passes messages the way transformers and vLLM pass them to templates:
+- `content: null` stays None on a turn that calls tools (the renderer then passes it as transformers does,
+  runtime.prompt retries a template that cannot take it with an empty string, as vLLM does);
+- a tool call's `arguments` JSON string becomes the mapping templates read (`tool_call.function.arguments`);
+- a tool result without a `name` gets the name of the call it answers (templates that print it need it);
+- `developer` becomes `system` unless the template has a developer role of its own;
 - system messages after the first turn are merged into the leading system message (or, when the
   template rejects system messages entirely, folded into the first user turn);
 - consecutive user (or plain assistant) messages are merged;
@@ -127,22 +131,36 @@ def _normalize_content(content: Any, media: list[MediaItem], where: str) -> tupl
 
 
 def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise RequestError(f"{where}: tool_calls must be a list of tool calls", field="messages")
     calls = []
-    for index, raw in enumerate(value if isinstance(value, list) else [value]):
-        call = _as_dict(raw, f"{where} tool call {index}")
+    for index, raw in enumerate(value):
+        call = {k: v for k, v in _as_dict(raw, f"{where} tool call {index}").items() if v is not None}
         function = call.get("function")
-        if function is not None:
-            function = _as_dict(function, f"{where} tool call {index} function")
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                # Templates expect a mapping (transformers' chat format); clients send a JSON string.
-                try:
-                    parsed = json.loads(arguments) if arguments.strip() else {}
-                    if isinstance(parsed, dict):
-                        function["arguments"] = parsed
-                except json.JSONDecodeError:
-                    pass
-            call["function"] = function
+        if function is None:
+            raise RequestError(f"{where} tool call {index} has no function", field="messages")
+        function = _as_dict(function, f"{where} tool call {index} function")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise RequestError(f"{where} tool call {index}: the function needs a name", field="messages")
+        arguments = function.get("arguments")
+        if arguments is None:
+            function["arguments"] = {}
+        elif isinstance(arguments, str):
+            # Templates read a mapping (transformers' chat format, what vLLM passes); clients send a JSON string.
+            # A string that is no JSON object (a model's broken call sent back) stays a string: templates print
+            # it as it is, and the conversation goes on.
+            try:
+                parsed = json.loads(arguments) if arguments.strip() else {}
+            except (json.JSONDecodeError, RecursionError):
+                parsed = None
+            if isinstance(parsed, dict):
+                function["arguments"] = parsed
+        elif not isinstance(arguments, Mapping):
+            raise RequestError(
+                f"{where} tool call {index}: arguments must be a JSON object or string", field="messages"
+            )
+        call["function"] = function
+        call.setdefault("type", "function")
         calls.append(call)
     return calls
 
@@ -156,10 +174,15 @@ def _join(a: Any, b: Any) -> Any:
 
 
 def normalize_messages(
-    raw_messages: Any, *, supports_system: bool = True, content_as_parts: bool = False
+    raw_messages: Any,
+    *,
+    supports_system: bool = True,
+    supports_developer: bool = False,
+    content_as_parts: bool = False,
 ) -> NormalizedChat:
     """Normalize a chat request's messages (see the module docstring). Raises RequestError.
 
+    supports_developer: the template has a `developer` role of its own (kept as it is).
     content_as_parts: the template renders only list-of-parts content (string content would be dropped),
     so every string content becomes `[{"type": "text", "text": …}]`.
     """
@@ -168,34 +191,48 @@ def normalize_messages(
         or isinstance(raw_messages, (str, bytes, Mapping))
         or not isinstance(raw_messages, Sequence)
     ):
-        raise RequestError("messages must be a list of message objects")
+        raise RequestError("messages must be a list of message objects", field="messages")
     if not raw_messages:
-        raise RequestError("messages is empty")
+        raise RequestError("messages is empty", field="messages")
     if len(raw_messages) > MAX_MESSAGES:
-        raise RequestError(f"too many messages ({len(raw_messages)} > {MAX_MESSAGES})")
+        raise RequestError(f"too many messages ({len(raw_messages)} > {MAX_MESSAGES})", field="messages")
     media: list[MediaItem] = []
     changes: list[str] = []
     cleaned: list[dict[str, Any]] = []
+    call_names: dict[str, str] = {}
     for index, raw in enumerate(raw_messages):
-        message = {k: v for k, v in _as_dict(raw, f"message {index}").items() if v is not None}
+        where = f"message {index}"
+        given = _as_dict(raw, where)
+        # None values are dropped (a client's `"name": null` means no name), except content: see the docstring.
+        message = {k: v for k, v in given.items() if v is not None}
         role = message.get("role")
         if not isinstance(role, str) or not role:
-            raise RequestError(f"message {index} has no role")
-        if role == "developer":
+            raise RequestError(f"{where} has no role", field="messages")
+        if role == "developer" and not supports_developer:
             role = "system"
-            changes.append(f"message {index}: developer role sent as system")
-        if role not in ("system", "user", "assistant", "tool", "function", "ipython"):
-            raise RequestError(f"message {index}: unknown role {role!r}")
+            changes.append(f"{where}: developer role sent as system")
+        if role not in ("system", "developer", "user", "assistant", "tool", "function", "ipython"):
+            raise RequestError(f"{where}: unknown role {role!r}", field="messages")
         message["role"] = role
-        content, _ = _normalize_content(message.get("content"), media, f"message {index}")
-        if content is None:
-            message.pop("content", None)
-        else:
-            message["content"] = content
-        if role == "tool" and not isinstance(message.get("content", ""), (str, list)):
-            message["content"] = json.dumps(message["content"])
+        content, _ = _normalize_content(message.get("content"), media, where)
+        message["content"] = content
+        if role == "tool" and content is not None and not isinstance(content, (str, list)):
+            message["content"] = json.dumps(content)
         if "tool_calls" in message:
-            message["tool_calls"] = _tool_calls(message["tool_calls"], f"message {index}")
+            message["tool_calls"] = _tool_calls(message["tool_calls"], where)
+            if not message["tool_calls"]:
+                del message["tool_calls"]
+            for call in message.get("tool_calls", []):
+                if isinstance(call.get("id"), str):
+                    call_names[call["id"]] = call["function"]["name"]
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise RequestError(f"{where}: tool_call_id must be a string", field="messages")
+            if "name" not in message and call_id in call_names:
+                message["name"] = call_names[call_id]
+        if content is None and "tool_calls" not in message:
+            message["content"] = ""  # only a turn that calls tools has no content (OpenAI's rule)
         cleaned.append(message)
 
     # System messages: one leading system message, as strict templates demand.

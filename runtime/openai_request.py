@@ -183,18 +183,14 @@ def _common(request: GenerationRequest, params: _Common) -> GenerationRequest:
 
 
 def chat_request(params: ChatParams) -> GenerationRequest:
-    """A chat GenerationRequest: tools checked and filtered by tool_choice, media lists attached."""
-    if params.parallel_tool_calls is False:
-        raise RequestError(
-            "parallel_tool_calls false is not supported (the model decides how many calls it makes)",
-            field="parallel_tool_calls",
-        )
-    tools = apply_tool_choice(check_tools(params.tools, "tools"), params.tool_choice)
+    """A chat GenerationRequest: tools checked and chosen by tool_choice, media lists attached."""
+    tools, required = apply_tool_choice(check_tools(params.tools, "tools"), params.tool_choice)
     messages = [dict(m) if isinstance(m, dict) else m for m in params.messages]
     extra = media_items(params.images, params.audios, params.videos)
     if extra:
         messages = attach_media(messages, extra)
-    request = _common(GenerationRequest(messages=messages, tools=tools), params)
+    request = _common(GenerationRequest(messages=messages, tools=tools, tools_required=required), params)
+    request.parallel_tool_calls = params.parallel_tool_calls is not False
     request.logprobs = params.logprobs
     request.top_logprobs = params.top_logprobs or 0
     return request

@@ -32,8 +32,9 @@ class Served:
 
     spec: str
     config: ModelConfig
-    names: set[str]
+    names: set[str]  # lower-cased, for lookups
     host: ModelHost
+    display_names: set[str] = dataclasses.field(default_factory=set)  # as given, for /v1/models
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     last_used: float = 0.0
 
@@ -85,7 +86,16 @@ class ModelPool:
             resolved.config,
             {name.lower() for name in names},
             ModelHost(interface="http", catalog=self.catalog, cluster=self.cluster),
+            display_names=set(names),
         )
+
+    def lookup(self, name: str) -> Served:
+        """The served model this name means, without loading or importing anything. Raises ModelNotFound."""
+        key = name.lower()
+        for served in self.served:
+            if key in served.names:
+                return served
+        raise ModelNotFound(f"model {name!r} is not served here", spec=name)
 
     def find(self, name: str | None) -> Served:
         """The served model a request names (None: the only one). Raises ModelNotFound."""

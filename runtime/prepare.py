@@ -18,8 +18,8 @@ from gallery.errors import RequestError
 from runtime.media import DecodedMedia, MediaPolicy, decode_media
 from runtime.prompt import check_media_allowed, check_media_markers, render_request_prompt, thinking_setting
 from runtime.request import GenerationRequest, RequestLimits, check_request
+from runtime.tool_grammar import needs_grammar_for_single_call, tool_call_grammar
 
-DEFAULT_MAX_TOKENS = 512
 Route = Literal["text", "text-route", "vlm"]
 # What a route is called in answers and logs: the library that runs it.
 ROUTE_NAMES: dict[Route, str] = {"text": "mlx", "text-route": "text-route", "vlm": "mlx-vlm"}
@@ -45,6 +45,7 @@ class Prepared:
     thinking_budget: int | None
     speculative: bool
     num_draft_tokens: int | None = None
+    max_tool_calls: int | None = None  # parallel_tool_calls false: the answer ends after its first call
     truncated_tokens: int = 0
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -156,11 +157,13 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
             f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary (0..{vocab - 1})",
             field="logit_bias",
         )
+    # No limit from the request, the load options or the config: the rest of the context (OpenAI's default),
+    # bounded by the runtime's max_tokens limit.
     max_tokens = _pick(
         request.max_tokens,
         runtime.defaults.get("max_tokens"),
         config.parameters.max_tokens,
-        DEFAULT_MAX_TOKENS,
+        runtime.limits.max_tokens,
     )
     max_tokens = min(int(max_tokens), runtime.limits.max_tokens)
     prompt_ids: list[int] | None = None
@@ -183,7 +186,8 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
             counted = prompt_ids
         max_tokens = max(1, min(max_tokens, context - len(counted)))
     stop_ids = frozenset() if request.ignore_eos else frozenset(config.mlx.stop_token_ids)
-    grammar = _grammar(request, backend, thinking)
+    _check_tools(request, config)
+    grammar = _tool_grammar(request, config, backend) or _grammar(request, backend, thinking)
     budget = request.thinking_budget
     if budget is not None and not (config.mlx.reasoning.supported and config.mlx.reasoning.end):
         raise RequestError(
@@ -214,6 +218,7 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
         logprobs=request.top_logprobs if request.logprobs else None,
         grammar=grammar,
         thinking_budget=budget,
+        max_tool_calls=None if request.parallel_tool_calls or not request.tools else 1,
         speculative=speculative,
         num_draft_tokens=request.num_draft_tokens,
         truncated_tokens=truncated,
@@ -231,3 +236,44 @@ def _grammar(request: GenerationRequest, backend: Any, thinking: bool) -> str | 
         )
     except GrammarError as exc:
         raise RequestError(f"response_format: {exc}", field="response_format") from None
+
+
+def _check_tools(request: GenerationRequest, config: ModelConfig) -> None:
+    """Tools are honoured or refused, never dropped: a config without a tool-call format cannot parse calls."""
+    if request.tools and not config.mlx.tool_calls.format:
+        raise RequestError(
+            f"{config.name} has no tool-call format pinned (mlx.tool_calls.format), so it cannot be offered tools: "
+            "its calls could not be recognised. Send the request without tools, or pin the format in the config",
+            field="tools",
+        )
+    if request.tools_required and request.response_format is not None:
+        raise RequestError(
+            "response_format cannot be combined with a required tool call (both would constrain the answer)",
+            field="response_format",
+        )
+
+
+def _tool_grammar(request: GenerationRequest, config: ModelConfig, backend: Any) -> str | None:
+    """The grammar that keeps tool_choice "required"/named and parallel_tool_calls false (None if not needed)."""
+    tool_calls = config.mlx.tool_calls
+    single = not request.parallel_tool_calls
+    if not request.tools or not (
+        request.tools_required or (single and needs_grammar_for_single_call(tool_calls))
+    ):
+        return None
+    from backends.grammar import GrammarError, compile_grammar, llg_tokenizer, marker_lark
+
+    lark = tool_call_grammar(
+        tool_calls,
+        request.tools,
+        required=request.tools_required,
+        single=single,
+        template=config.mlx.chat_template.text or "",
+        marker=lambda marker: marker_lark(marker, backend.hf_tokenizer),
+    )
+    try:
+        return compile_grammar("lark", lark, llg_tokenizer(backend.hf_tokenizer))
+    except GrammarError as exc:
+        raise RequestError(
+            f"tools: the tools' parameter schemas cannot be enforced ({exc})", field="tools"
+        ) from None

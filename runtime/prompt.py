@@ -13,7 +13,7 @@ from typing import Any
 from gallery.chat_template import TemplateError, render_chat
 from gallery.config import ModelConfig
 from gallery.errors import RequestError
-from runtime.messages import MediaItem, normalize_messages
+from runtime.messages import MediaItem, NormalizedChat, normalize_messages
 
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 _RESERVED_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
@@ -56,6 +56,8 @@ def render_request_prompt(
     chat = normalize_messages(
         messages,
         supports_system=template.supports_system,
+        # A template that names the developer role (harmony's, for one) renders it itself.
+        supports_developer="'developer'" in template.text or '"developer"' in template.text,
         content_as_parts=template.content_format == "parts",
     )
     check_media_allowed(config, chat.media)
@@ -71,10 +73,7 @@ def render_request_prompt(
         kwargs.setdefault(switch, thinking)
     elif enable_thinking is not None and "reasoning_effort" not in kwargs:
         kwargs["reasoning_effort"] = "medium" if enable_thinking else "low"
-    try:
-        text = render_chat(template.text, chat.messages, tools=tools, variables=template.variables, **kwargs)
-    except TemplateError as exc:
-        raise RequestError(f"the chat template rejected this conversation: {exc}") from None
+    text = _render(template.text, chat, tools=tools, variables=template.variables, kwargs=kwargs)
     if len(text) > MAX_PROMPT_CHARS:
         raise RequestError(
             f"the rendered prompt is {len(text)} characters, over the {MAX_PROMPT_CHARS} limit"
@@ -88,6 +87,35 @@ def render_request_prompt(
         starts_inside_reasoning=starts_inside,
         changes=chat.changes,
     )
+
+
+def _render(
+    template: str,
+    chat: NormalizedChat,
+    *,
+    tools: list[dict[str, Any]] | None,
+    variables: dict[str, Any],
+    kwargs: dict[str, Any],
+) -> str:
+    """Render as transformers' apply_chat_template does (it drops None-valued keys, so `content: null` is a missing
+    key); a template that fails on a missing content (`message.content.split(...)`, as the Qwen3 template does
+    on an assistant turn that only calls tools) gets an empty string there instead, as vLLM passes it."""
+    try:
+        return render_chat(template, chat.messages, tools=tools, variables=variables, **kwargs)
+    except TemplateError as exc:
+        first_error = exc
+    if not any(message.get("content", "") is None for message in chat.messages):
+        raise RequestError(f"the chat template rejected this conversation: {first_error}") from None
+    messages = [
+        {**message, "content": ""} if message.get("content", "") is None else message
+        for message in chat.messages
+    ]
+    try:
+        text = render_chat(template, messages, tools=tools, variables=variables, **kwargs)
+    except TemplateError:
+        raise RequestError(f"the chat template rejected this conversation: {first_error}") from None
+    chat.changes.append("null content sent as an empty string (the template cannot take a missing content)")
+    return text
 
 
 def check_media_markers(config: ModelConfig, prompt: str, media: list[MediaItem]) -> None:

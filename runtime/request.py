@@ -19,6 +19,7 @@ from gallery.errors import RequestError
 from runtime.errors import RequestTooLarge
 from runtime.messages import MediaItem
 from runtime.textstream import ToolCall
+from runtime.tool_grammar import strict_schema
 
 MAX_SEED = 2**63 - 1
 MAX_TOP_LOGPROBS = 20
@@ -46,6 +47,8 @@ class GenerationRequest:
     prompt: str | None = None
     media: list[MediaItem] = dataclasses.field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    tools_required: bool = False  # the answer must be tool calls (tool_choice "required" or a named function)
+    parallel_tool_calls: bool = True  # False: at most one call
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -232,34 +235,35 @@ def check_tools(tools: Any, what: str = "Tools") -> list[dict[str, Any]] | None:
 
 def apply_tool_choice(
     tools: list[dict[str, Any]] | None, choice: Any, what: str = "tool_choice"
-) -> list[dict[str, Any]] | None:
-    """OpenAI tool_choice: "auto" keeps the tools, "none" hides them, a named function keeps only that one.
+) -> tuple[list[dict[str, Any]] | None, bool]:
+    """OpenAI tool_choice as (the tools the prompt offers, whether the answer must call one).
 
-    "required" (the model must call some tool) cannot be honoured by rendering the template alone, so it is
-    refused by name rather than treated as "auto".
+    "auto" keeps the tools; "none" hides them; "required" (and "any", Anthropic's and LangChain's word) keeps
+    them and requires a call; a named function keeps only that one and requires it. A requirement is enforced
+    by constrained decoding over the config's own tool-call syntax (runtime.tool_grammar).
     """
     if choice in (None, "", "auto"):
-        return tools
+        return tools, False
     if choice == "none":
-        return None
+        return None, False
     if choice in ("required", "any"):
-        raise RequestError(
-            f'{what} {choice!r} is not supported by this runtime (use "auto" or name one function)',
-            field="tool_choice",
-        )
+        if not tools:
+            raise RequestError(f"{what} {choice!r} needs tools", field="tool_choice")
+        return tools, True
     if isinstance(choice, Mapping):
         function = choice.get("function") if isinstance(choice.get("function"), Mapping) else choice
         name = function.get("name") if isinstance(function, Mapping) else None
         if not isinstance(name, str):
             raise RequestError(
-                f'{what}: expected "auto", "none" or {{"function": {{"name": …}}}}', field="tool_choice"
+                f'{what}: expected "auto", "none", "required" or {{"function": {{"name": …}}}}',
+                field="tool_choice",
             )
         chosen = [tool for tool in tools or [] if tool.get("function", tool).get("name") == name]
         if not chosen:
             raise RequestError(
                 f"{what} names {name!r}, which is not among the request's tools", field="tool_choice"
             )
-        return chosen
+        return chosen, True
     raise RequestError(f"{what}: unsupported value {choice!r}", field="tool_choice")
 
 
@@ -330,7 +334,12 @@ def response_format(value: Any, what: str = "response_format") -> ResponseFormat
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if not isinstance(schema, (Mapping, bool)):
             raise RequestError(f'{what}: json_schema needs a "schema" object', field="response_format")
-        return ResponseFormat("json_schema", dict(schema) if isinstance(schema, Mapping) else {})
+        if not isinstance(schema, Mapping):
+            return ResponseFormat("json_schema", {})
+        if isinstance(spec, Mapping) and spec.get("strict") is True:
+            # OpenAI's strict mode: no object admits keys beyond its properties.
+            return ResponseFormat("json_schema", strict_schema(schema, "response_format.json_schema.schema"))
+        return ResponseFormat("json_schema", dict(schema))
     if kind in ("regex", "lark"):
         pattern = value.get(kind)
         if not isinstance(pattern, str) or not pattern:

@@ -35,6 +35,8 @@ class ServeOptions:
     http: str | None = None  # OpenAI-compatible HTTP HOST:PORT
     api_key: str | None = None  # HTTP: required bearer key
     cors_origins: list[str] = dataclasses.field(default_factory=list)
+    allowed_hosts: list[str] = dataclasses.field(default_factory=list)  # HTTP: Host names besides loopback
+    quiet: bool = False  # HTTP: no access log
     max_models: int = 1  # HTTP: models resident in memory at once
     any_model: bool = False  # HTTP: a request may name any spec (loaded on first use)
     load_timeout: float = 600.0
@@ -205,6 +207,10 @@ def rank_arguments(options: ServeOptions) -> list[str]:
         args.append("--stdio")
     for origin in options.cors_origins:
         args += ["--cors-origin", origin]
+    for name in options.allowed_hosts:
+        args += ["--allowed-host", name]
+    if options.quiet:
+        args.append("--quiet")
     for option in options.options:
         args += ["--option", option]
     if options.strategy:
@@ -308,6 +314,8 @@ def _serve_interface(options: ServeOptions, cluster: Any = None) -> int:
                 grace=options.grace,
                 max_body_mb=options.max_message_mb,
                 parent_pid=options.parent_pid,
+                allowed_hosts=options.allowed_hosts,
+                quiet=options.quiet,
             )
         )
     from runtime.grpc_server import AUTH_ENV
@@ -420,6 +428,15 @@ def serve_command(
         int | None,
         typer.Option("--parent-pid", help="Also exit when this process dies (default: the parent)."),
     ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="HTTP without an API key: also answer requests whose Host is this name (repeatable); "
+            "loopback names always are.",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="HTTP: no access-log line per request.")] = False,
     log_level: Annotated[
         str,
         typer.Option(
@@ -473,6 +490,8 @@ def serve_command(
         http=http,
         api_key=api_key,
         cors_origins=list(cors_origin or []),
+        allowed_hosts=list(allowed_host or []),
+        quiet=quiet,
         max_models=max_models,
         any_model=any_model,
         load_timeout=load_timeout,

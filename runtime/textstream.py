@@ -187,9 +187,12 @@ class ToolCallExtractor:
         tools: Any = None,
         *,
         library: tuple[Callable[[str, Any], Any] | None, str | None, str | None] = (None, None, None),
+        max_calls: int | None = None,
     ) -> None:
-        """`library` is the model library's parser for `fmt` and its markers (backends.tool_parser)."""
+        """`library` is the model library's parser for `fmt` and its markers (backends.tool_parser);
+        `max_calls`: the answer ends once this many calls are complete (parallel_tool_calls false)."""
         self.tools = tools
+        self.max_calls = max_calls
         self.calls: list[ToolCall] = []
         self.failed: list[str] = []
         parser, lib_start, lib_end = library if fmt else (None, None, None)
@@ -200,6 +203,11 @@ class ToolCallExtractor:
         self._buffer = ""
         self._in_call = False
         self._whole_output = self.active and (not self.start or fmt in ("mistral", "llama3_json", "harmony"))
+
+    @property
+    def complete(self) -> bool:
+        """The answer has made all the calls it may: generation should end here."""
+        return self.max_calls is not None and len(self.calls) >= self.max_calls
 
     def _finish_call(self, body: str) -> None:
         try:

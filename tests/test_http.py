@@ -189,10 +189,11 @@ def test_tool_calls_come_back_structured_streaming_and_not(server: HttpProcess) 
     assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
         (0, "get_weather", {"city": "Paris"})
     ]
-    with pytest.raises(Exception, match="required"):  # cannot be honoured: refused by name, never ignored
-        server.client.chat.completions.create(
-            model="scripted-tool", messages=messages, tools=tools, tool_choice="required"
-        )
+    forced = server.client.chat.completions.create(  # enforced by the grammar of the config's call syntax
+        model="scripted-tool", messages=messages, tools=tools, tool_choice="required", max_tokens=60
+    )
+    assert forced.choices[0].finish_reason == "tool_calls"
+    assert json.loads(forced.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
 
 
 def test_json_schema_output_parses_and_validates(server: HttpProcess) -> None:
