@@ -12,10 +12,13 @@ is the boundary. Ollama closed the same hole the same way (Host and Origin check
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 access_log = logging.getLogger("runtime.access")
@@ -136,3 +139,55 @@ class AccessRecord:
             f" model={self.model}" if self.model else "",
             tokens,
         )
+
+
+# ----------------------------------------------------------------------------------------------- bodies
+MAX_JSON_DEPTH = 64
+MAX_JSON_ITEMS = 200_000
+# A JSON string, unrolled so the regex engine never backtracks (strings can be megabytes of base64).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class BodyError(ValueError):
+    """A request body refused before or while parsing (one line, says which bound)."""
+
+
+def parse_json_body(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS) -> Any:
+    """Parse a JSON body whose nesting and number of values are bounded before Python objects are built.
+
+    Python's json builds every value of `[0, 0, …]` or `[{}, {}, …]` at tens of bytes each, so a body under the
+    size limit can still take gigabytes; the structure is measured first (strings blanked out, brackets and
+    commas counted with numpy) and json.loads runs only on bodies within the bounds.
+    """
+    import numpy as np
+
+    structure = _JSON_STRING.sub(b'""', raw)
+    codes = np.frombuffer(structure, dtype=np.uint8)
+    opens = (codes == ord("[")) | (codes == ord("{"))
+    closes = (codes == ord("]")) | (codes == ord("}"))
+    items = int(np.count_nonzero(codes == ord(","))) + int(np.count_nonzero(opens))
+    if items > max_items:
+        raise BodyError(
+            f"the request body has over {max_items} JSON values (arrays and objects count their items)"
+        )
+    if opens.any():
+        depth = int(np.cumsum(opens.astype(np.int32) - closes.astype(np.int32)).max())
+        if depth > max_depth:
+            raise BodyError(f"the request body nests {depth} levels deep, over the limit of {max_depth}")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BodyError(f"the request body is not valid JSON ({exc.msg})") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise BodyError("the request body is not valid UTF-8 JSON") from None
+    except ValueError as exc:  # Python's bound on integer digits
+        raise BodyError(f"the request body has a number this server does not read ({exc})") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BodyError(
+                "the request body has a lone UTF-16 surrogate (\\ud800–\\udfff) in a string"
+            ) from None
+    return data

@@ -35,7 +35,8 @@ from runtime.async_bridge import handle_events, run_blocking
 from runtime.engine import RequestHandle
 from runtime.errors import RequestTooLarge
 from runtime.faults import FAULTS, classify
-from runtime.http_guard import AccessRecord, BrowserGuard, is_json_content_type
+from runtime.http_conn import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, protocol_class
+from runtime.http_guard import AccessRecord, BodyError, BrowserGuard, is_json_content_type, parse_json_body
 from runtime.metrics import CONTENT_TYPE, ServerMetrics
 from runtime.openai_request import ChatParams, CompleteParams, chat_request, complete_request, one_line
 from runtime.openai_response import logprobs_json, tool_calls_json, usage_json
@@ -127,10 +128,10 @@ class _Context:
                 raise RequestTooLarge(f"request body is over this server's limit of {self.max_body} bytes")
             chunks.append(chunk)
         try:
-            data = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-            raise HttpError("invalid_request", f"the request body is not valid JSON ({detail})") from None
+            # Parsing a large body takes a while: off the event loop, with its structure bounded first.
+            data = await run_blocking(self.executor, parse_json_body, b"".join(chunks))
+        except BodyError as exc:
+            raise HttpError("invalid_request", str(exc)) from None
         if not isinstance(data, dict):
             raise HttpError("invalid_request", "the request body must be a JSON object")
         return data
@@ -138,6 +139,15 @@ class _Context:
     async def submit(self, served: Served, generation: GenerationRequest) -> RequestHandle:
         """Prepare and queue a request on the served model's engine (blocking work off the event loop)."""
         return await run_blocking(self.executor, served.host.submit, generation)
+
+    async def start(
+        self, request: Request, model: str | None, build: Callable[[], GenerationRequest]
+    ) -> tuple[Served, RequestHandle]:
+        """Route a request to its model and queue it there, holding the model against eviction until queued."""
+        async with self.pool.lease(model) as (served, _engine):
+            record: AccessRecord = request.state.access
+            record.model = served.config.name
+            return served, await self.submit(served, build())
 
 
 def _watch_disconnect(request: Request, handle: RequestHandle) -> asyncio.Task[None]:
@@ -280,42 +290,52 @@ def _refusal(context: _Context, request: Request) -> Response | None:
     return None
 
 
-def _logged(response: Response, record: AccessRecord) -> Response:
-    """Write the access line when the response is complete (a stream: when its last byte is sent)."""
-    if not isinstance(response, StreamingResponse) and not hasattr(response, "body_iterator"):
-        record.write(response.status_code)
-        return response
-    body = response.body_iterator
-    status = response.status_code
+class _Guard:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which hides client disconnects from the routes): the
+    browser boundary, the key and the content type before any route runs; metrics by route template and one
+    access-log line when the response is complete (a stream: when its last byte is sent)."""
 
-    async def logging_body() -> AsyncIterator[Any]:
+    def __init__(self, app: Any, context: _Context) -> None:
+        self.app = app
+        self.context = context
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        record = AccessRecord(request.method, request.url.path)
+        scope.setdefault("state", {})["access"] = record
+        status = 500
+        started = False
+
+        async def tracked_send(message: Any) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
         try:
-            async for chunk in body:
-                yield chunk
+            refusal = _refusal(self.context, request)
+            if refusal is not None:
+                await refusal(scope, receive, tracked_send)
+            else:
+                try:
+                    await self.app(scope, receive, tracked_send)
+                except Exception as exc:  # an error outside a route: still one JSON line, never a traceback
+                    if started:
+                        raise
+                    error = _as_http_error(exc)
+                    await error_response(error.kind, error.message, error.param)(scope, receive, tracked_send)
         finally:
+            self.context.metrics.http.labels(_metrics_route(request), str(status)).inc()
             record.write(status)
-
-    response.body_iterator = logging_body()
-    return response
 
 
 def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
     """The FastAPI application (routes, auth, browser boundary, CORS, errors, access log) over a model pool."""
     app = FastAPI(title="mlx-gallery", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        record = AccessRecord(request.method, request.url.path)
-        request.state.access = record
-        response = _refusal(context, request)
-        if response is None:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # an error outside a route: still one JSON line, never a traceback
-                error = _as_http_error(exc)
-                response = error_response(error.kind, error.message, error.param)
-        context.metrics.http.labels(_metrics_route(request), str(response.status_code)).inc()
-        return _logged(response, record)
+    app.add_middleware(_Guard, context=context)
 
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -391,10 +411,8 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
     async def chat(request: Request) -> Response:
         async def run() -> Response:
             params = ChatParams.model_validate(await context.body(request))
-            served, _engine = await context.pool.engine(params.model)
+            served, handle = await context.start(request, params.model, lambda: chat_request(params))
             record: AccessRecord = request.state.access
-            record.model = served.config.name
-            handle = await context.submit(served, chat_request(params))
             rid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), served.config.name
             if params.stream:
                 usage = params.stream_options is not None and params.stream_options.include_usage
@@ -433,10 +451,8 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
     async def complete(request: Request) -> Response:
         async def run() -> Response:
             params = CompleteParams.model_validate(await context.body(request))
-            served, _engine = await context.pool.engine(params.model)
+            served, handle = await context.start(request, params.model, lambda: complete_request(params))
             record: AccessRecord = request.state.access
-            record.model = served.config.name
-            handle = await context.submit(served, complete_request(params))
             rid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), served.config.name
             if params.stream:
                 usage = params.stream_options is not None and params.stream_options.include_usage
@@ -607,6 +623,8 @@ async def serve(
     parent_pid: int | None = None,
     allowed_hosts: list[str] | None = None,
     quiet: bool = False,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> int:
     """Serve the OpenAI API until a signal or the parent's death; returns the exit code.
 
@@ -632,6 +650,7 @@ async def serve(
         logging.getLogger("runtime.access").setLevel(logging.WARNING)
     config = uvicorn.Config(
         app,
+        http=protocol_class(header_timeout, max_connections),
         log_level="warning",
         access_log=False,
         lifespan="off",

@@ -3,16 +3,23 @@
 
 A request names its model (the config's name, the spec it was served as, its repo id, …); the same spec
 resolution as everywhere else (catalog.resolve, through ModelHost) finds its config, at start for the configs
-given on the command line, and on first use for any other spec when the server allows any model.
+given on the command line, and on first use for any other spec when the server allows any model (resolved on
+a worker thread: an import from a slow Hub never blocks the event loop). Two spellings of one model (a folder
+given as `./m` and `m/`, a repo id and its name) share one entry.
+
+Loads are serialized, so `max_resident` holds however requests arrive; a request holds a lease on its model
+from the moment it is routed until the engine has queued it, so an eviction never takes a model out from under
+a request being prepared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gallery.config import ModelConfig
@@ -43,11 +50,23 @@ class Served:
         """The loaded engine, if any."""
         return self.host.engine
 
+    leases: int = 0  # requests routed here and not yet queued on the engine
+
     @property
     def idle(self) -> bool:
-        """Whether unloading it would cancel nothing."""
+        """Whether unloading it would cancel or strand nothing."""
+        if self.leases:
+            return False
         engine = self.host.engine
-        return engine is None or (not engine.status()["active"] and not engine.status()["queued"])
+        if engine is None:
+            return True
+        status = engine.status()
+        return not status["active"] and not status["queued"]
+
+    def identity(self) -> tuple[str, str | None, str | None, str | None]:
+        """What makes two served entries the same model (whatever the spelling that named them)."""
+        source = self.config.mlx.source
+        return (self.config.name, source.repo, source.revision, source.local_path)
 
 
 class ModelPool:
@@ -77,6 +96,7 @@ class ModelPool:
         self.on_engine = on_engine
         self.served: list[Served] = [self._describe(spec) for spec in specs]
         self.closed = False
+        self._loading = asyncio.Lock()
 
     def _describe(self, spec: str) -> Served:
         resolved = resolve(spec, self.catalog, self.model_path)
@@ -97,8 +117,7 @@ class ModelPool:
                 return served
         raise ModelNotFound(f"model {name!r} is not served here", spec=name)
 
-    def find(self, name: str | None) -> Served:
-        """The served model a request names (None: the only one). Raises ModelNotFound."""
+    def _known(self, name: str | None) -> Served | None:
         if not name:
             if len(self.served) == 1:
                 return self.served[0]
@@ -107,22 +126,50 @@ class ModelPool:
                 f"({', '.join(s.config.name for s in self.served)})"
             )
         key = name.lower()
-        for served in self.served:
-            if key in served.names:
-                return served
-        if self.any_model:
-            served = self._describe(name)  # raises ModelNotFound for a spec that names nothing
-            self.served.append(served)
-            return served
-        raise ModelNotFound(
-            f"model {name!r} is not served here (serving: "
-            f"{', '.join(s.config.name for s in self.served) or 'nothing'})",
-            spec=name,
-        )
+        return next((served for served in self.served if key in served.names), None)
+
+    async def find(self, name: str | None) -> Served:
+        """The served model a request names (None: the only one); under --any-model a new spec is resolved on a
+        worker thread and joins the pool (once, however it is spelled). Raises ModelNotFound."""
+        found = self._known(name)
+        if found is not None:
+            return found
+        if not self.any_model or not name:
+            raise ModelNotFound(
+                f"model {name!r} is not served here (serving: "
+                f"{', '.join(s.config.name for s in self.served) or 'nothing'})",
+                spec=name,
+            )
+        described = await asyncio.get_running_loop().run_in_executor(None, self._describe, name)
+        found = self._known(name)  # another request may have added it meanwhile
+        if found is not None:
+            return found
+        same = next((s for s in self.served if s.identity() == described.identity()), None)
+        if same is not None:  # another spelling of a model already served: one entry, one more name
+            same.names |= described.names
+            same.display_names |= described.display_names
+            return same
+        self.served.append(described)
+        return described
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str | None) -> AsyncIterator[tuple[Served, Engine]]:
+        """The named model's engine, held so that no eviction unloads it until the block ends (queue the request
+        inside the block: once queued, the engine's own counts keep it resident)."""
+        served, engine = await self.engine(name)
+        served.leases += 1
+        try:
+            if served.engine is not engine:  # evicted between load and lease: load it again
+                served.leases -= 1
+                served, engine = await self.engine(name)
+                served.leases += 1
+            yield served, engine
+        finally:
+            served.leases -= 1
 
     async def engine(self, name: str | None) -> tuple[Served, Engine]:
         """The named model's engine, loading it (and unloading an idle one if needed) first."""
-        served = self.find(name)
+        served = await self.find(name)
         served.last_used = time.monotonic()
         engine = served.engine
         if engine is not None and engine.ready:
@@ -134,11 +181,14 @@ class ModelPool:
         try:
             engine = served.engine
             if engine is None or not engine.ready:
-                await self._make_room(served)
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(
-                    None, lambda: served.host.load(served.spec, self.options, model_path=self.model_path)
-                )
+                # One load at a time across the pool: room is made and taken atomically, so two models
+                # requested at once cannot both find a free slot.
+                async with self._loading:
+                    await self._make_room(served)
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(
+                        None, lambda: served.host.load(served.spec, self.options, model_path=self.model_path)
+                    )
                 engine = served.engine
                 assert engine is not None
                 if self.on_engine is not None:

@@ -37,6 +37,8 @@ class ServeOptions:
     cors_origins: list[str] = dataclasses.field(default_factory=list)
     allowed_hosts: list[str] = dataclasses.field(default_factory=list)  # HTTP: Host names besides loopback
     quiet: bool = False  # HTTP: no access log
+    header_timeout: float = 10.0  # HTTP: seconds a connection has to send its request headers
+    max_connections: int = 512  # HTTP: open connections; past it the oldest idle one is closed
     max_models: int = 1  # HTTP: models resident in memory at once
     any_model: bool = False  # HTTP: a request may name any spec (loaded on first use)
     load_timeout: float = 600.0
@@ -71,6 +73,8 @@ class ServeOptions:
             raise UsageError("--http: name the models to serve (CONFIG …), or pass --any-model")
         if self.max_models < 1 or self.load_timeout <= 0:
             raise UsageError("--max-models must be at least 1 and --load-timeout positive")
+        if self.header_timeout <= 0 or self.max_connections < 1:
+            raise UsageError("--header-timeout must be positive and --max-connections at least 1")
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, got {self.grace}")
         for name in ("max_message_mb", "max_line_mb"):
@@ -211,6 +215,12 @@ def rank_arguments(options: ServeOptions) -> list[str]:
         args += ["--allowed-host", name]
     if options.quiet:
         args.append("--quiet")
+    args += [
+        "--header-timeout",
+        str(options.header_timeout),
+        "--max-connections",
+        str(options.max_connections),
+    ]
     for option in options.options:
         args += ["--option", option]
     if options.strategy:
@@ -316,6 +326,8 @@ def _serve_interface(options: ServeOptions, cluster: Any = None) -> int:
                 parent_pid=options.parent_pid,
                 allowed_hosts=options.allowed_hosts,
                 quiet=options.quiet,
+                header_timeout=options.header_timeout,
+                max_connections=options.max_connections,
             )
         )
     from runtime.grpc_server import AUTH_ENV
@@ -437,6 +449,16 @@ def serve_command(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="HTTP: no access-log line per request.")] = False,
+    header_timeout: Annotated[
+        float,
+        typer.Option("--header-timeout", help="HTTP: seconds a connection has to send its request headers."),
+    ] = 10.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections", help="HTTP: open connections at most; past it the oldest idle one is closed."
+        ),
+    ] = 512,
     log_level: Annotated[
         str,
         typer.Option(
@@ -492,6 +514,8 @@ def serve_command(
         cors_origins=list(cors_origin or []),
         allowed_hosts=list(allowed_host or []),
         quiet=quiet,
+        header_timeout=header_timeout,
+        max_connections=max_connections,
         max_models=max_models,
         any_model=any_model,
         load_timeout=load_timeout,
