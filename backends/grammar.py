@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -65,10 +66,51 @@ def compile_grammar(kind: GrammarKind, text: str | dict[str, Any] | None, tokeni
             grammar = LLMatcher.grammar_from_lark(str(text))
     except (ValueError, TypeError, RuntimeError) as exc:
         raise GrammarError(f"{kind}: {' '.join(str(exc).split())[:300]}") from None
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise GrammarError(
+            f"{kind}: the grammar is {len(grammar)} characters, over the limit of {MAX_GRAMMAR_CHARS}"
+        )
+    limits = grammar_limits()
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=limits)
     if is_error:
         raise GrammarError(f"{kind}: {' '.join('; '.join(messages).split())[:300]}")
+    # The first step, here on the caller's thread: a grammar the matcher cannot follow (or one that admits no
+    # token at all) is refused now, not answered with an empty completion.
+    import llguidance.numpy
+
+    started = time.perf_counter()
+    matcher = LLMatcher(tokenizer, grammar, limits=limits)
+    bitmask = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
+    llguidance.numpy.fill_next_token_bitmask(matcher, bitmask, 0)
+    took = time.perf_counter() - started
+    if took > GRAMMAR_BUILD_BUDGET_S:
+        # The worker builds the same matcher again for generation: this is what it would stall everyone for.
+        raise GrammarError(
+            f"{kind}: the grammar is too complex (building its matcher took {took:.1f} s, over the "
+            f"{GRAMMAR_BUILD_BUDGET_S:g} s budget); send a smaller grammar"
+        )
+    if matcher.is_error():
+        raise GrammarError(f"{kind}: {' '.join(matcher.get_error().split())[:300]}")
+    if not bitmask.any() and not matcher.is_accepting():
+        raise GrammarError(f"{kind}: the grammar admits no token of this model's vocabulary")
     return grammar
+
+
+# A grammar's size and the work per step are bounded (llguidance's limits), so one request's grammar cannot
+# stall the worker that every other request on the model shares.
+MAX_GRAMMAR_CHARS = 256 * 1024
+GRAMMAR_BUILD_BUDGET_S = 0.5
+_LIMITS: Any = None
+
+
+def grammar_limits() -> Any:
+    """llguidance's parser limits for request grammars (grammar size and per-step work, below its defaults)."""
+    global _LIMITS
+    if _LIMITS is None:
+        from llguidance import LLParserLimits
+
+        _LIMITS = LLParserLimits(max_grammar_size=100_000, step_lexer_fuel=100_000, step_max_items=25_000)
+    return _LIMITS
 
 
 class GrammarProcessor:
@@ -92,7 +134,7 @@ class GrammarProcessor:
     ) -> None:
         from llguidance import LLMatcher
 
-        self.matcher = LLMatcher(tokenizer, grammar)
+        self.matcher = LLMatcher(tokenizer, grammar, limits=grammar_limits())
         self.vocab_size = tokenizer.vocab_size
         self.llg_eos = [int(i) for i in getattr(tokenizer, "eos_tokens", [tokenizer.eos_token])]
         self.stop_ids = [int(i) for i in stop_ids]

@@ -353,7 +353,8 @@ class Engine:
 
     def shutdown(self, *, cancel: bool = True, timeout: float | None = 30.0) -> None:
         """Stop the worker: cancel (or let finish) in-flight requests, refuse new ones."""
-        self._stopping.set()
+        with self._lock:
+            self._stopping.set()
         if cancel:
             self._hard_stop.set()
             with self._lock:
@@ -446,12 +447,17 @@ class Engine:
             raise ClusterLost(self._cluster.failure)
         prepared = self.prepare(request)
         with self._lock:
+            # Checked again under the lock shutdown() sets it with: a request prepared while the engine was
+            # being freed is refused here, never queued where no worker will read it.
+            if self._stopping.is_set():
+                prepared.cleanup()
+                raise ShuttingDown("the runtime is shutting down")
             if self._pending >= self.settings.max_queue:
                 prepared.cleanup()
                 raise QueueFull(f"the runtime is busy ({self._pending} requests queued); retry later")
             self._pending += 1
-        handle = RequestHandle(prepared)
-        self._queue.put(handle)
+            handle = RequestHandle(prepared)
+            self._queue.put(handle)
         return handle
 
     def generate(self, request: GenerationRequest) -> Completion:

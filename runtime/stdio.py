@@ -95,7 +95,11 @@ def _rpc_error_for(exc: BaseException) -> RpcError:
     kind, message = classify(exc)
     if kind == "internal":
         log.error("%s", message, exc_info=os.environ.get("GALLERY_DEBUG") == "1")
-    return RpcError(FAULTS[kind].jsonrpc_code or INTERNAL_ERROR, message, {"kind": kind})
+    data: dict[str, Any] = {"kind": kind}
+    field = getattr(exc, "field", None)
+    if isinstance(field, str):
+        data["field"] = field  # the request field at fault, as HTTP's `param`
+    return RpcError(FAULTS[kind].jsonrpc_code or INTERNAL_ERROR, message, data)
 
 
 class LineReader:

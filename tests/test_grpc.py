@@ -718,8 +718,12 @@ def test_predict_options_become_generation_requests() -> None:
     ).messages
     with pytest.raises(RequestError, match="'mystery'"):
         predict_request(chat("hi", Metadata={"mystery": "1"}))
-    with pytest.raises(RequestError, match="required"):
-        predict_request(chat(Tools=tools, ToolChoice="required"))
+    required = predict_request(
+        chat(Tools=tools, ToolChoice="required", Metadata={"parallel_tool_calls": "false"})
+    )
+    assert required.tools_required and not required.parallel_tool_calls and len(required.tools or []) == 2
+    with pytest.raises(RequestError, match="needs tools"):
+        predict_request(chat(ToolChoice="required"))
 
 
 def test_loopback_detection() -> None:

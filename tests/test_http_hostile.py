@@ -193,3 +193,68 @@ def test_any_model_imports_off_the_event_loop(hub: Any, tmp_path: Path) -> None:
         order.append("health")
         worker.join(120)
         assert order == ["health", "import"]
+
+
+def test_a_request_prepared_while_its_model_is_freed_is_answered(scripted_text_model: Path) -> None:
+    """gRPC Free (or an eviction) racing a request in preparation: the request is refused, never left hanging."""
+    from gallery.errors import RuntimeFailure
+    from runtime.host import ModelHost
+    from runtime.request import GenerationRequest
+
+    host = ModelHost(interface="grpc")
+    host.load(str(scripted_text_model))
+    engine = host.engine
+    assert engine is not None
+    preparing, freed = threading.Event(), threading.Event()
+    real_prepare = engine.prepare
+
+    def slow_prepare(request: GenerationRequest) -> Any:
+        prepared = real_prepare(request)
+        preparing.set()
+        freed.wait(30)  # the Free lands while this request is still being prepared
+        return prepared
+
+    engine.prepare = slow_prepare  # type: ignore[method-assign]
+    outcome: dict[str, Any] = {}
+
+    def submit() -> None:
+        try:
+            outcome["handle"] = host.submit(GenerationRequest(messages=HI, max_tokens=3))
+        except RuntimeFailure as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    assert preparing.wait(30)
+    host.free()
+    freed.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert "handle" not in outcome and "unloaded while this request was being prepared" in str(
+        outcome["error"]
+    )
+    host.close()
+
+
+@pytest.mark.parametrize(
+    ("grammar", "says"),
+    [
+        ("start: " + " | ".join(f'"w{i}"' for i in range(100_000)), "over the limit"),
+        ("start: " + " | ".join(f'"w{i}"' for i in range(20_000)), "too complex"),
+        ("start: <[99999]>", "too large"),
+    ],
+    ids=["huge", "complex", "unfollowable"],
+)
+def test_grammars_are_bounded_before_they_reach_the_worker(
+    server: HttpProcess, grammar: str, says: str
+) -> None:
+    body = {
+        "model": "scripted-text",
+        "messages": HI,
+        "max_tokens": 5,
+        "response_format": {"type": "lark", "lark": grammar},
+    }
+    response = _post(server.url, json.dumps(body))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "response_format" and says in error["message"]

@@ -291,3 +291,28 @@ def test_keyed_server_is_bounded_by_its_key(scripted_text_model: Path) -> None:
         assert refused.status_code == 401
         assert refused.headers.get("access-control-allow-origin") == "http://app.example"
         assert "POST /v1/chat/completions" not in process.stderr.text  # --quiet: no access log
+
+
+def test_tools_without_a_tool_format_are_refused_by_name_on_grpc_and_stdio(smollm2_model: Path) -> None:
+    import grpc
+
+    from runtime.proto import backend_pb2 as pb
+    from tests.interfaces_support import GrpcProcess, StdioProcess, rpc_error, wait_for_grpc_state
+
+    with running(StdioProcess(str(smollm2_model))) as stdio:
+        reply = stdio.call("chat", {"messages": CALL_TURN[:1], "tools": UNIT_TOOLS, "max_tokens": 3})
+        assert reply["error"]["data"] == {"kind": "invalid_request", "field": "tools"}
+        assert "tool-call format" in reply["error"]["message"]
+        assert "result" in stdio.call(
+            "chat", {"messages": CALL_TURN, "max_tokens": 3}
+        )  # the second turn renders
+    with running(GrpcProcess("--model", str(smollm2_model))) as process:
+        wait_for_grpc_state(process.stub, "READY")
+        options = pb.PredictOptions(
+            UseTokenizerTemplate=True,
+            Messages=[pb.Message(role="user", content="weather?")],
+            Tools=json.dumps(UNIT_TOOLS),
+            Tokens=3,
+        )
+        error = rpc_error(lambda: process.stub.Predict(options, timeout=60))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool-call format" in error.details()
