@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import platform
 import queue
 import sys
 import threading
@@ -51,6 +52,29 @@ def _mlx_thread_loop(inbox: queue.Queue[tuple[Callable[[], None], threading.Even
             with _IDLE_LOCK:
                 _IDLE_INBOXES.append(inbox)
             done.set()
+
+
+def device_info() -> dict[str, str]:
+    """The device MLX computes on: kind ("gpu" or "cpu"), backend ("cuda", "metal" or "cpu") and its name."""
+    import mlx.core as mx
+
+    device = mx.default_device()
+    kind = "gpu" if device.type == mx.DeviceType.gpu else "cpu"
+    backend = "cpu"
+    name = platform.processor() or platform.machine()
+    if kind == "gpu":
+        cuda = getattr(mx, "cuda", None)
+        backend = "cuda" if cuda is not None and cuda.is_available() else "metal"
+        with contextlib.suppress(Exception):
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            name = str(info.get("device_name") or info.get("architecture") or name)
+    return {"kind": kind, "backend": backend, "name": name}
+
+
+def default_prefill_step() -> int:
+    """Prompt tokens per prefill step for this device: 2048 on a GPU (what the peers use; a 2,000-token prompt
+    is one step), 512 on a CPU (compute-bound there, so smaller steps cost nothing and keep cancels quick)."""
+    return 2048 if device_info()["kind"] == "gpu" else 512
 
 
 def memory_stats() -> dict[str, int]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from backends import drop_buffer_cache, memory_stats, run_on_mlx_thread, tool_parser
+from backends import default_prefill_step, drop_buffer_cache, memory_stats, run_on_mlx_thread, tool_parser
 from backends.decoding import (
     DecodeSpec,
     PrefixCache,
@@ -114,7 +114,7 @@ class EngineSettings:
             max_active=int(options.get("max_active")),
             max_queue=int(options.get("max_queue")),
             batching=bool(options.get("batching")),
-            prefill_step=int(options.get("prefill_step")),
+            prefill_step=int(options.get("prefill_step") or default_prefill_step()),
             prefill_batch=int(options.get("prefill_batch")),
             prefix_cache=bool(options.get("prefix_cache")),
             prefix_cache_entries=int(options.get("prefix_cache_entries")),

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from backends import device_info
 from runtime.async_bridge import handle_events, run_blocking
 from runtime.engine import RequestHandle
 from runtime.errors import RequestTooLarge
@@ -103,6 +104,7 @@ class _Context:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="http")
         self.ready = asyncio.Event()
         self.startup_error: str | None = None
+        self.device: dict[str, str] = {}  # what MLX computes on (backends.device_info), once known
 
     def authorized(self, request: Request) -> bool:
         """Exactly one `Authorization: Bearer <key>` header with the right key (constant-time compare)."""
@@ -386,6 +388,7 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
             return JSONResponse({"status": "error", "error": cluster.failure}, status_code=503)
         body: dict[str, Any] = {"status": "ok"}
         if context.authorized(request):
+            body["device"] = context.device
             body["models"] = {
                 s.config.name: ("loaded" if s.engine is not None and s.engine.ready else "not loaded")
                 for s in context.pool.served
@@ -680,6 +683,8 @@ async def serve(
     async def preload() -> None:
         nonlocal exit_code
         try:
+            context.device = await asyncio.get_running_loop().run_in_executor(None, device_info)
+            metrics.set_device(context.device)
             if pool.served:
                 await pool.engine(pool.served[0].config.name)
             context.ready.set()

@@ -39,7 +39,11 @@ OPTIONS: dict[str, OptionSpec] = {
         "bool", True, "decode text requests in one continuous batch (off: one token each, in turn)"
     ),
     "prefill_step": OptionSpec(
-        "int", 512, "prompt tokens processed per step (a cancel or shutdown waits at most one)", 16
+        "int",
+        None,
+        "prompt tokens processed per step (a cancel or shutdown waits at most one); default 2048 on a GPU, "
+        "512 on a CPU",
+        16,
     ),
     "prefill_batch": OptionSpec("int", 8, "prompts processed together in one step", 1),
     "prefix_cache": OptionSpec(

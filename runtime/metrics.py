@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -83,11 +83,21 @@ class ServerMetrics:
         )
         self.http = Counter(
             "gallery_http_responses",
-            "HTTP responses by path and status",
+            "HTTP responses by route template and status",
             ["path", "status"],
             registry=self.registry,
         )
         self.registry.register(_EngineGauges(statuses))
+        self.device = Gauge(
+            "gallery_device_info",
+            "The device MLX computes on (value 1)",
+            ["kind", "backend", "name"],
+            registry=self.registry,
+        )
+
+    def set_device(self, info: dict[str, str]) -> None:
+        """Record the device (once MLX is up)."""
+        self.device.labels(info["kind"], info["backend"], info["name"]).set(1)
 
     def listener(self, model: str) -> Callable[[Event], None]:
         """What an engine calls with every finished request of `model`."""
