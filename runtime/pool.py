@@ -46,7 +46,7 @@ class Served:
     def idle(self) -> bool:
         """Whether unloading it would cancel nothing."""
         engine = self.host.engine
-        return engine is None or (not engine.status()["active"] and not engine.status()["queued"])
+        return engine is None or engine.idle
 
 
 class ModelPool:
