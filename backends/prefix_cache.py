@@ -6,7 +6,6 @@ stored back. Also: whether a quantized KV cache can work for a model (checked at
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from backends.decoder import CacheInfo, CacheStats
@@ -108,5 +107,5 @@ class PrefixCache:
             "enabled": self.enabled,
             "entries": len(self.lru),
             "bytes": int(self.lru.nbytes),
-            **dataclasses.asdict(self.stats),
+            **vars(self.stats),
         }

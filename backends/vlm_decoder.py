@@ -12,7 +12,6 @@ mlx-vlm detokenizes; log-probability texts come from the same tokenizer.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -218,7 +217,7 @@ class VlmStreams(_RoundRobin):
         return {
             "enabled": self.prefix_entries > 0,
             "entries": len(self.states),
-            **dataclasses.asdict(self.cache_stats),
+            **vars(self.cache_stats),
         }
 
     def stats(self) -> DecoderStats:

@@ -355,7 +355,10 @@ class Scheduler:
             completed=self.completed,
             prefix_cache=caches,
             speculative=draft,
-            stats=dataclasses.asdict(self.stats),
+            stats={
+                **vars(self.stats),
+                "finished": dict(self.stats.finished),
+            },  # a copy: asdict is slow per step
             error=self.error,
         )
 
