@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -114,9 +115,9 @@ class DecodeSpec:
     # Its JSON form (made on demand), for a decoder that replays it on other processes (runtime.cluster).
     wire: Callable[[], Mapping[str, object]] | None = None
 
-    @property
+    @functools.cached_property
     def stops(self) -> StopIds:
-        """The stop ids as the one stop check."""
+        """The stop ids as the one stop check (made once per request)."""
         return StopIds(self.stop_ids)
 
 
