@@ -27,13 +27,13 @@ from backends.decoder import (
     TokenEvent,
     TokenText,
 )
-from backends.text_decoders import _logprobs, _RoundRobin, _Stream
+from backends.text_decoders import RoundRobin, Stream, request_logprobs
 
 # Attributes mlx-vlm language models keep per generation (mRoPE offsets): swapped per request.
 _PER_REQUEST_MODEL_STATE = ("_rope_deltas", "_position_ids", "_rope_delta")
 
 
-class VlmStreams(_RoundRobin):
+class VlmStreams(RoundRobin):
     """mlx-vlm generators, one per request: media to the towers, text on VLMs without a text route."""
 
     def __init__(
@@ -103,7 +103,7 @@ class VlmStreams(_RoundRobin):
             prompt_cache_state=state,
             **options,
         )
-        stream = _Stream(spec, generator, prefix_state=state, drafter=drafter, text=TokenText(self, spec))
+        stream = Stream(spec, generator, prefix_state=state, drafter=drafter, text=TokenText(self, spec))
         stream.state = {"stopping_criteria": _StopIds(spec.stops)}
         self.streams[spec.uid] = stream
         return Started()
@@ -120,7 +120,7 @@ class VlmStreams(_RoundRobin):
             return None
         return copy.copy(self.draft_model)
 
-    def _from_draft(self, stream: _Stream) -> bool:
+    def _from_draft(self, stream: Stream) -> bool:
         """Whether the token just yielded was a draft the model accepted.
 
         mlx-vlm records a verification round's accepted count on the drafter before it yields the round's
@@ -135,7 +135,7 @@ class VlmStreams(_RoundRobin):
         stream.drafts_left -= 1
         return True
 
-    def _swap_in(self, stream: _Stream) -> dict[str, Any]:
+    def _swap_in(self, stream: Stream) -> dict[str, Any]:
         saved = {"stopping_criteria": getattr(self.tokenizer, "stopping_criteria", None)}
         self.tokenizer.stopping_criteria = stream.state["stopping_criteria"]
         for name in _PER_REQUEST_MODEL_STATE:
@@ -144,14 +144,14 @@ class VlmStreams(_RoundRobin):
                 setattr(self.language_model, name, stream.state.get(name))
         return saved
 
-    def _swap_out(self, stream: _Stream, saved: dict[str, Any]) -> None:
+    def _swap_out(self, stream: Stream, saved: dict[str, Any]) -> None:
         for name in _PER_REQUEST_MODEL_STATE:
             if name in saved:
                 stream.state[name] = getattr(self.language_model, name)
                 setattr(self.language_model, name, saved[name])
         self.tokenizer.stopping_criteria = saved["stopping_criteria"]
 
-    def _advance(self, stream: _Stream) -> TokenEvent | None:
+    def _advance(self, stream: Stream) -> TokenEvent | None:
         spec = stream.spec
         saved = self._swap_in(stream)
         try:
@@ -183,7 +183,9 @@ class VlmStreams(_RoundRobin):
                 from_draft = self._from_draft(stream)
                 self.drafted += 1
                 self.accepted += from_draft
-        logprob, top = _logprobs(spec, result.logprobs, token_id) if token_id is not None else (None, None)
+        logprob, top = (
+            request_logprobs(spec, result.logprobs, token_id) if token_id is not None else (None, None)
+        )
         event = TokenEvent(
             spec.uid,
             token_id,
@@ -199,7 +201,7 @@ class VlmStreams(_RoundRobin):
         is_stop = finish is FinishReason.STOP and token_id in spec.stops
         return stream.text.describe(event, is_stop=is_stop)
 
-    def _finished(self, stream: _Stream, *, cancelled: bool) -> None:
+    def _finished(self, stream: Stream, *, cancelled: bool) -> None:
         if stream.drafter is not None:
             self.proposed += int(sum(getattr(stream.drafter, "draft_lens", None) or []))
         if stream.prefix_state is None or cancelled:
