@@ -27,13 +27,15 @@ import gc
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from backends import memory_stats, release_memory
-from backends.decoding import DecodeSpec, Started, TextBatcher, Token
+from backends.decoder import DecoderStats, DecodeSpec, Started, TokenEvent
 from backends.distributed import ClusterError, Group, pipeline_layers
 from backends.mlx_lm_backend import Shard
+from backends.text_decoders import TextBatcher
 from gallery.config import ModelConfig
 from gallery.errors import GalleryError
 from gallery.sharding import ShardingRefused, ShardPlan, parse_split, plan_sharding
@@ -106,6 +108,10 @@ class Cluster:
         failed = [f"rank {rank}: {text}" for rank, text in enumerate(statuses) if text]
         if failed:
             raise LoadFailed("; ".join(failed))
+
+    def heartbeat(self) -> None:
+        """Rank 0, idle: check that every rank is still there (raises ClusterLost)."""
+        self.send({"op": "beat"})
 
     def describe(self) -> dict[str, Any]:
         """For Status and /health."""
@@ -206,56 +212,63 @@ def load_sharded(
     return loaded
 
 
+@dataclasses.dataclass
+class _Change:
+    """A change to the batch, applied on every rank before the next step: a request added, or one dropped."""
+
+    uid: int
+    spec: DecodeSpec | None = None  # set for an addition
+    wire: Mapping[str, object] | None = None  # the addition's Recipe, as the other ranks receive it
+
+    def to_json(self) -> dict[str, object]:
+        return {"add": self.wire} if self.spec is not None else {"cancel": self.uid}
+
+
 class MirroredBatcher:
-    """Rank 0's text batcher: changes are queued, sent to the other ranks, and applied on every rank in the
-    same order right before each step (so the prefix caches, and then the batches, stay identical)."""
+    """Rank 0's text batcher (a backends.decoder.Decoder): changes are queued, sent to the other ranks, and
+    applied on every rank in the same order right before each step (so the prefix caches, and then the
+    batches, stay identical)."""
 
     def __init__(self, batcher: TextBatcher, cluster: Cluster) -> None:
         self.batcher = batcher
         self.cluster = cluster
-        self._pending: list[tuple[str, Any, Any]] = []
+        self._pending: list[_Change] = []
         self._cached: dict[
             int, int
         ] = {}  # request uid -> prompt tokens reused, reported with its first token
-
-    @property
-    def specs(self) -> dict[int, DecodeSpec]:
-        """The requests in the batch."""
-        return self.batcher.specs
 
     def busy(self) -> bool:
         """Whether a change waits or a request is in the batch."""
         return bool(self._pending) or self.batcher.busy()
 
-    def add(self, spec: DecodeSpec, recipe: Recipe) -> Started:
+    def add(self, spec: DecodeSpec) -> Started:
         """Queue a request; it joins the batch (on every rank) at the next step."""
-        self._pending.append(("add", spec, recipe))
+        if spec.wire is None:
+            raise ValueError("a request for a distributed batch needs its wire form (a Recipe)")
+        self._pending.append(_Change(spec.uid, spec, spec.wire()))
         return Started(cached_tokens=0)
 
     def cancel(self, uid: int) -> None:
         """Drop a request: at once if it has not joined yet, else at the next step on every rank."""
-        for index, (kind, spec, _) in enumerate(self._pending):
-            if kind == "add" and spec.uid == uid:
+        for index, change in enumerate(self._pending):
+            if change.spec is not None and change.uid == uid:
                 del self._pending[index]
                 return
         if uid in self.batcher.uids:
-            self._pending.append(("cancel", uid, None))
+            self._pending.append(_Change(uid))
 
-    def step(self) -> list[Token]:
+    def step(self) -> list[TokenEvent]:
         """Send the queued changes, apply them, and step the batch; any failure breaks the cluster (ClusterLost)."""
         evicted = self.batcher.prefix.evict_over_budget()
-        ops = [
-            {"add": recipe.to_json()} if kind == "add" else {"cancel": item}
-            for kind, item, recipe in self._pending
-        ]
+        ops = [change.to_json() for change in self._pending]
         self.cluster.send({"op": "step", "evict": evicted, "ops": ops})
         pending, self._pending = self._pending, []
         try:
-            for kind, item, _ in pending:
-                if kind == "add":
-                    self._cached[item.uid] = self.batcher.add(item).cached_tokens
+            for change in pending:
+                if change.spec is not None:
+                    self._cached[change.uid] = self.batcher.add(change.spec).cached_tokens
                 else:
-                    self.batcher.cancel(item)
+                    self.batcher.cancel(change.uid)
             tokens = self.batcher.step()
         except Exception as exc:
             # Another rank may be inside this step's collectives: the ranks can no longer be kept in step.
@@ -266,9 +279,15 @@ class MirroredBatcher:
                 token.cached_tokens = cached
         return tokens
 
-    def heartbeat(self) -> None:
-        """Idle: check that every rank is still there (raises ClusterLost)."""
-        self.cluster.send({"op": "beat"})
+    def stats(self) -> DecoderStats:
+        """The batch's rows."""
+        return self.batcher.stats()
+
+    def reset(self) -> None:
+        """After a failed step (one that did not break the cluster): a fresh batch here."""
+        self._pending.clear()
+        self._cached.clear()
+        self.batcher.reset()
 
     def close(self) -> None:
         """Release the batch here and tell the followers to unload."""

@@ -11,8 +11,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from backends.decoding import PrefixCache, TextBatcher
+from backends.decoder import TextCodec
+from backends.prefix_cache import PrefixCache
 from backends.sampling import SamplingParams, ThinkingBudget, greedy_token, make_processors, make_sampler
+from backends.text_decoders import TextBatcher
 from gallery.config import ModelConfig
 
 
@@ -118,8 +120,10 @@ def new_prefix_cache(settings: BatchSettings) -> PrefixCache:
     )
 
 
-def new_batcher(model: Any, prefix: PrefixCache, settings: BatchSettings) -> TextBatcher:
-    """A continuous-batching decoder over model, sharing prefix."""
+def new_batcher(
+    model: Any, prefix: PrefixCache, settings: BatchSettings, *, codec: TextCodec | None = None
+) -> TextBatcher:
+    """A continuous-batching decoder over model, sharing prefix (`codec`: to write text; None on follower ranks)."""
     return TextBatcher(
         model,
         prefix,
@@ -127,4 +131,5 @@ def new_batcher(model: Any, prefix: PrefixCache, settings: BatchSettings) -> Tex
         prefill_batch=settings.prefill_batch,
         prefill_step=settings.prefill_step,
         max_kv_size=settings.max_kv_size,
+        codec=codec,
     )

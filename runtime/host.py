@@ -74,14 +74,12 @@ def resolve(spec: str, catalog: str | None, model_path: str | None = None) -> Re
 
 
 def apply_options(config: ModelConfig, options: LoadOptions, overrides: Overrides) -> ModelConfig:
-    """A copy of config with the sampling defaults, context size and trust settings the load asked for."""
+    """A copy of config with the context size and trust settings the load asked for.
+
+    Sampling defaults are not written into the copy: the engine lays them over the config's once
+    (runtime.sampling.SamplingDefaults), from the same options.
+    """
     config = config.model_copy(deep=True)
-    params = config.parameters
-    for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed"):
-        if options.given(key):
-            setattr(params, key, options.get(key))
-    if overrides.seed is not None and not options.given("seed"):
-        params.seed = overrides.seed
     context = options.get("context_size") or overrides.context_size
     if context:
         config.context_size = int(context)
@@ -162,7 +160,7 @@ class ModelHost:
             self.loading, self.error = config.name, None
             log.info("loading %s (%s) from %s", config.name, config.backend, located)
             try:
-                engine = self._start_engine(config, base, parsed)
+                engine = self._start_engine(config, base, parsed, overrides)
             except GalleryError as exc:
                 self.error = str(exc)
                 if type(exc) is RuntimeFailure:  # a plain runtime failure means "found, but would not load"
@@ -193,8 +191,10 @@ class ModelHost:
                 import_warnings=list(resolved.warnings),
             )
 
-    def _start_engine(self, config: ModelConfig, base: Path | None, options: LoadOptions) -> Engine:
-        settings = EngineSettings.from_options(options, interface=self.interface)
+    def _start_engine(
+        self, config: ModelConfig, base: Path | None, options: LoadOptions, overrides: Overrides
+    ) -> Engine:
+        settings = EngineSettings.from_options(options, interface=self.interface, seed=overrides.seed)
         engine = Engine(
             config,
             settings=settings,
@@ -216,8 +216,7 @@ class ModelHost:
         if engine is None:
             return None
         name = engine.config.name
-        engine.shutdown(cancel=True)
-        engine.loaded = None  # drop the model's arrays now, not whenever the engine object goes away
+        engine.shutdown(cancel=True)  # the worker drops the model's arrays as it exits
         del engine
         gc.collect()
         release_memory()

@@ -58,10 +58,7 @@ class Served:
         if self.leases:
             return False
         engine = self.host.engine
-        if engine is None:
-            return True
-        status = engine.status()
-        return not status["active"] and not status["queued"]
+        return engine is None or engine.idle
 
     def identity(self) -> tuple[str, str | None, str | None, str | None]:
         """What makes two served entries the same model (whatever the spelling that named them)."""

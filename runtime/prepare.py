@@ -12,12 +12,13 @@ import dataclasses
 import time
 from typing import Any, Literal
 
-from backends.sampling import SamplingParams, random_seed
+from backends.sampling import SamplingParams
 from gallery.config import ModelConfig
 from gallery.errors import RequestError
 from runtime.media import DecodedMedia, MediaPolicy, decode_media
 from runtime.prompt import check_media_allowed, check_media_markers, render_request_prompt, thinking_setting
 from runtime.request import GenerationRequest, RequestLimits, check_request
+from runtime.sampling import SamplingDefaults
 from runtime.tool_grammar import needs_grammar_for_single_call, tool_call_grammar
 
 Route = Literal["text", "text-route", "vlm"]
@@ -67,37 +68,11 @@ class Runtime:
     context_size: int | None
     speculative: bool  # a draft model is loaded for the text route
     vlm_for_text: bool  # text requests go to mlx-vlm too (no text route, or bundled MTP drafting there)
-    defaults: dict[str, Any]
+    sampling: SamplingDefaults  # load options over the config's parameters, merged once at load
 
 
 def _pick(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
-
-
-def sampling_params(request: GenerationRequest, runtime: Runtime) -> SamplingParams:
-    """The request's sampling values, falling back to the load options' defaults, then the config's."""
-    config_defaults = runtime.config.parameters
-    defaults = runtime.defaults
-    temperature = _pick(request.temperature, defaults.get("temperature"), config_defaults.temperature, 0.0)
-    seed = _pick(request.seed, defaults.get("seed"), config_defaults.seed)
-    if seed is None and temperature > 0:
-        seed = random_seed()
-    return SamplingParams(
-        temperature=float(temperature),
-        top_p=float(_pick(request.top_p, defaults.get("top_p"), config_defaults.top_p, 1.0)),
-        top_k=int(_pick(request.top_k, defaults.get("top_k"), config_defaults.top_k, 0)),
-        min_p=float(_pick(request.min_p, defaults.get("min_p"), config_defaults.min_p, 0.0)),
-        repetition_penalty=_pick(
-            request.repeat_penalty, defaults.get("repeat_penalty"), config_defaults.repeat_penalty
-        ),
-        repetition_context_size=request.repetition_context_size or 20,
-        presence_penalty=request.presence_penalty,
-        presence_context_size=request.presence_context_size or 20,
-        frequency_penalty=request.frequency_penalty,
-        frequency_context_size=request.frequency_context_size or 20,
-        logit_bias=dict(request.logit_bias) if request.logit_bias else None,
-        seed=seed,
-    )
 
 
 def _check_sampling_defaults(params: SamplingParams) -> None:
@@ -142,7 +117,7 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
             reasoning.supported and reasoning.start and prompt.rstrip().endswith(reasoning.start)
         )
     check_media_allowed(config, media_items)
-    params = sampling_params(request, runtime)
+    params = runtime.sampling.params(request)
     _check_sampling_defaults(params)
     route: Route = (
         "vlm"
@@ -161,8 +136,7 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
     # bounded by the runtime's max_tokens limit.
     max_tokens = _pick(
         request.max_tokens,
-        runtime.defaults.get("max_tokens"),
-        config.parameters.max_tokens,
+        runtime.sampling.max_tokens,
         runtime.limits.max_tokens,
     )
     max_tokens = min(int(max_tokens), runtime.limits.max_tokens)
