@@ -40,7 +40,7 @@ LOOP = "scripted-toolloop"
 VLM = "scripted-vlm"
 ANSWER = "It is sunny in Paris."
 QUESTION = "What is the weather in Paris?"
-WEATHER_TOOL = {
+WEATHER_TOOL: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -76,7 +76,9 @@ def _png_data_url() -> str:
 
 @pytest.fixture(scope="module")
 def server(scripted_toolloop_model: Path, scripted_vlm_model: Path) -> Iterator[HttpProcess]:
-    with running(HttpProcess(str(scripted_toolloop_model), str(scripted_vlm_model), "--max-models", "2")) as process:
+    with running(
+        HttpProcess(str(scripted_toolloop_model), str(scripted_vlm_model), "--max-models", "2")
+    ) as process:
         yield process  # type: ignore[misc]
 
 
@@ -108,12 +110,13 @@ def test_openai_tool_loop(server: HttpProcess, stream: bool) -> None:
 def _openai_turn(server: HttpProcess, messages: list[Any], stream: bool) -> dict[str, Any]:
     """One turn as a client assembles it: content, tool calls (ids, names, joined argument pieces)."""
     if not stream:
-        choice = server.client.chat.completions.create(model=LOOP, messages=messages, tools=[WEATHER_TOOL]).choices[
-            0
-        ]
+        choice = server.client.chat.completions.create(
+            model=LOOP, messages=messages, tools=[WEATHER_TOOL]
+        ).choices[0]
         calls = [call.model_dump() for call in choice.message.tool_calls or []]
         return {"content": choice.message.content, "tool_calls": calls, "finish_reason": choice.finish_reason}
-    content, calls, finish = "", {}, None
+    content, finish = "", None
+    calls: dict[int, dict[str, Any]] = {}
     for chunk in server.client.chat.completions.create(
         model=LOOP, messages=messages, tools=[WEATHER_TOOL], stream=True
     ):
@@ -122,13 +125,19 @@ def _openai_turn(server: HttpProcess, messages: list[Any], stream: bool) -> dict
         delta = chunk.choices[0].delta
         content += delta.content or ""
         for piece in delta.tool_calls or []:
-            call = calls.setdefault(piece.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            call = calls.setdefault(
+                piece.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
             call["id"] += piece.id or ""
             if piece.function:
                 call["function"]["name"] += piece.function.name or ""
                 call["function"]["arguments"] += piece.function.arguments or ""
         finish = chunk.choices[0].finish_reason or finish
-    return {"content": content or None, "tool_calls": [calls[i] for i in sorted(calls)], "finish_reason": finish}
+    return {
+        "content": content or None,
+        "tool_calls": [calls[i] for i in sorted(calls)],
+        "finish_reason": finish,
+    }
 
 
 def test_openai_structured_output(server: HttpProcess) -> None:
@@ -139,11 +148,15 @@ def test_openai_structured_output(server: HttpProcess) -> None:
 
 
 def test_openai_required_tool_choice_single_call(server: HttpProcess) -> None:
-    unit_tool = {
+    unit_tool: Any = {
         "type": "function",
         "function": {
             "name": "get_unit",
-            "parameters": {"type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"unit": {"enum": ["C", "F"]}},
+                "required": ["unit"],
+            },
         },
     }
     # After a tool result the model answers in prose; "required" must still make it call, exactly once.
@@ -159,11 +172,18 @@ def test_openai_required_tool_choice_single_call(server: HttpProcess) -> None:
 
 
 def _call(call_id: str) -> dict[str, Any]:
-    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
 
 
 def test_openai_image(server: HttpProcess) -> None:
-    content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": _png_data_url()}}]
+    content = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": _png_data_url()}},
+    ]
     choice = server.client.chat.completions.create(
         model=VLM, messages=[{"role": "user", "content": content}], max_tokens=20
     ).choices[0]
@@ -235,7 +255,10 @@ def test_langchain_image(server: HttpProcess) -> None:
     from langchain_core.messages import HumanMessage
 
     message = HumanMessage(
-        content=[{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": _png_data_url()}}]
+        content=[
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": _png_data_url()}},
+        ]
     )
     answer = _chat_openai(server, model=VLM, max_tokens=20).invoke([message])
     assert answer.content
@@ -248,7 +271,12 @@ def test_langchain_image(server: HttpProcess) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_litellm_tool_loop(server: HttpProcess, stream: bool) -> None:
     litellm = pytest.importorskip("litellm")
-    base = {"model": f"openai/{LOOP}", "api_base": f"{server.url}/v1", "api_key": "unused", "tools": [WEATHER_TOOL]}
+    base = {
+        "model": f"openai/{LOOP}",
+        "api_base": f"{server.url}/v1",
+        "api_key": "unused",
+        "tools": [WEATHER_TOOL],
+    }
 
     def turn(messages: list[Any]) -> Any:
         if not stream:
@@ -262,7 +290,9 @@ def test_litellm_tool_loop(server: HttpProcess, stream: bool) -> None:
     messages.append(first)  # as litellm's docs do: the response message object goes back as it is
     for call in first.tool_calls:
         args = json.loads(call.function.arguments)
-        messages.append({"role": "tool", "tool_call_id": call.id, "name": "get_weather", "content": get_weather(**args)})
+        messages.append(
+            {"role": "tool", "tool_call_id": call.id, "name": "get_weather", "content": get_weather(**args)}
+        )
     final = turn(messages).choices[0].message
     assert final.content == ANSWER and not final.tool_calls
 
@@ -281,10 +311,13 @@ def test_litellm_structured_output(server: HttpProcess) -> None:
 
 def test_instructor_structured_output(server: HttpProcess) -> None:
     instructor = pytest.importorskip(
-        "instructor", reason="instructor caps jiter<0.15 and rich<15; this environment pins jiter 0.19, rich 15"
+        "instructor",
+        reason="instructor caps jiter<0.15 and rich<15; this environment pins jiter 0.19, rich 15",
     )
     client = instructor.from_openai(server.client, mode=instructor.Mode.JSON_SCHEMA)
-    answer = client.chat.completions.create(model=LOOP, messages=[{"role": "user", "content": QUESTION}], response_model=Weather)
+    answer = client.chat.completions.create(
+        model=LOOP, messages=[{"role": "user", "content": QUESTION}], response_model=Weather
+    )
     assert isinstance(answer, Weather)
 
 
@@ -292,16 +325,23 @@ def test_instructor_structured_output(server: HttpProcess) -> None:
 # openai-agents
 
 
-def _agent(server: HttpProcess, **kwargs: Any) -> Any:
-    agents = pytest.importorskip("agents")
-    from openai import AsyncOpenAI
-
+def _agents() -> Any:
+    """The openai-agents package, or a skip saying why it cannot run here."""
+    agents = pytest.importorskip("agents", reason="openai-agents is not installed")
     try:  # openai-agents 0.1.0 cannot build its own usage record with openai >= 3 (a field it never fills)
         agents.Usage()
     except ValueError as exc:
-        pytest.skip(f"openai-agents {_version('openai-agents')} does not work with openai {_version('openai')}: {exc}")
+        pytest.skip(
+            f"openai-agents {_version('openai-agents')} does not work with openai {_version('openai')}: {exc}"
+        )
+    return agents
 
-    agents.set_tracing_disabled(True)
+
+def _agent(server: HttpProcess, **kwargs: Any) -> Any:
+    from openai import AsyncOpenAI
+
+    agents = _agents()
+    agents.set_tracing_disabled(True)  # tracing would post to OpenAI's servers
     client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     model = agents.OpenAIChatCompletionsModel(model=LOOP, openai_client=client)
     return agents.Agent(name="weather", instructions="Answer about the weather.", model=model, **kwargs)
@@ -309,9 +349,9 @@ def _agent(server: HttpProcess, **kwargs: Any) -> Any:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_agents_tool_loop(server: HttpProcess, stream: bool) -> None:
-    from agents import Runner, function_tool
-
-    agent = _agent(server, tools=[function_tool(get_weather)])
+    agents = _agents()
+    agent = _agent(server, tools=[agents.function_tool(get_weather)])
+    Runner = agents.Runner
 
     if stream:
 
@@ -330,8 +370,7 @@ def test_agents_tool_loop(server: HttpProcess, stream: bool) -> None:
 
 
 def test_agents_structured_output(server: HttpProcess) -> None:
-    from agents import Runner
-
+    Runner = _agents().Runner
     agent = _agent(server, output_type=Weather)
 
     assert isinstance(Runner.run_sync(agent, QUESTION).final_output, Weather)
@@ -377,7 +416,9 @@ def _llm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_llm_cli_tool_loop(llm_env: dict[str, str], stream: bool) -> None:
-    functions = 'def get_weather(city: str) -> str:\n    "The weather in a city."\n    return "18C in " + city\n'
+    functions = (
+        'def get_weather(city: str) -> str:\n    "The weather in a city."\n    return "18C in " + city\n'
+    )
     args = ["-m", LOOP, "--functions", functions, "--td", QUESTION]
     result = _llm(llm_env, *args, *([] if stream else ["--no-stream"]))
     assert "get_weather" in result.stdout + result.stderr and "18C in Paris" in result.stdout + result.stderr
