@@ -448,3 +448,31 @@ def test_unknown_model_name_is_rejected(tmp_path: Path) -> None:
     """A typo fails loudly instead of building nothing."""
     with pytest.raises(ValueError, match="unknown fixture model"):
         ensure_models(["scripted-txt"], models_dir=tmp_path)
+
+
+@pytest.mark.parametrize("repeat", [0, 60, 600])
+def test_toolloop_calls_then_answers_at_any_prompt_length(
+    scripted_toolloop_model: Path, load_lm: Callable, repeat: int
+) -> None:
+    """The loop model calls get_weather while no tool result is in the prompt and answers once one is, with
+    the real Qwen3 template, thinking on or off, from a short prompt to one of a few thousand tokens."""
+    info = load_fixture_info(scripted_toolloop_model)
+    model, tokenizer = load_lm(scripted_toolloop_model)
+    question = "What is the weather like in Paris? " + "Tell me about the city of Paris. " * repeat
+    call = {
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": info["tool_call"]["arguments"]},
+    }
+    first = [{"role": "user", "content": question}]
+    second = [
+        *first,
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "18C"},
+    ]
+    for thinking in (True, False):
+        for messages, expected in ((first, info["tool_call_text"]), (second, info["answer"])):
+            prompt = tokenizer.apply_chat_template(
+                messages, tools=[WEATHER_TOOL], add_generation_prompt=True, enable_thinking=thinking
+            )
+            _, text, finish = _greedy(model, tokenizer, prompt)
+            assert (text, finish) == (expected, "stop"), (len(prompt), thinking)

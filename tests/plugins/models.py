@@ -22,6 +22,7 @@ MODEL_FIXTURES: dict[str, str] = {
     "scripted-think": "scripted_think_model",
     "scripted-textthink": "scripted_textthink_model",
     "scripted-tool": "scripted_tool_model",
+    "scripted-toolloop": "scripted_toolloop_model",
     "text-notemplate": "text_notemplate_model",
     "vlm-qwen2vl": "vlm_model",
     "scripted-vlm": "scripted_vlm_model",
@@ -76,6 +77,7 @@ scripted_text_model = _model_fixture("scripted-text", "scripted_text_model")
 scripted_think_model = _model_fixture("scripted-think", "scripted_think_model")
 scripted_textthink_model = _model_fixture("scripted-textthink", "scripted_textthink_model")
 scripted_tool_model = _model_fixture("scripted-tool", "scripted_tool_model")
+scripted_toolloop_model = _model_fixture("scripted-toolloop", "scripted_toolloop_model")
 text_notemplate_model = _model_fixture("text-notemplate", "text_notemplate_model")
 vlm_model = _model_fixture("vlm-qwen2vl", "vlm_model")
 scripted_vlm_model = _model_fixture("scripted-vlm", "scripted_vlm_model")
