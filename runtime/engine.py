@@ -836,6 +836,7 @@ class Engine:
         final.finish_reason = finish
         final.error = error
         final.seed = job.prepared.params.seed if not job.prepared.params.greedy else None
+        final.stop_sequence = job.stops.matched if finish == "stop" else None
         final.usage = Usage(
             prompt_tokens=job.prompt_tokens,
             completion_tokens=job.completion_tokens,
