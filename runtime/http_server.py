@@ -671,6 +671,7 @@ async def serve(
     parent_pid: int | None = None,
     allowed_hosts: list[str] | None = None,
     quiet: bool = False,
+    ollama_addr: str | None = None,
 ) -> int:
     """Serve the OpenAI API until a signal or the parent's death; returns the exit code.
 
@@ -685,6 +686,8 @@ async def serve(
     pool.on_engine = lambda name, engine: engine.listeners.append(metrics.listener(name))
     sock = _listen(address)
     host, port = sock.getsockname()[:2]
+    # The same app on a second address (Ollama's port): a client that assumes localhost:11434 works untouched.
+    sockets = [sock, *([_listen(ollama_addr)] if ollama_addr else [])]
     guard = BrowserGuard.make(
         str(host), keyless=api_key is None, hosts=allowed_hosts or [], origins=cors_origins
     )
@@ -712,6 +715,9 @@ async def serve(
         __import__("os").getpid(),
         ", API key required" if api_key else "",
     )
+    if ollama_addr:
+        extra_host, extra_port = sockets[1].getsockname()[:2]
+        log.info("Ollama's API also on http://%s:%d", extra_host, extra_port)
 
     def quit_now(reason: str) -> None:
         stop.request("cancel", reason)
@@ -738,7 +744,7 @@ async def serve(
 
     loading = asyncio.create_task(preload())
     try:
-        await server.serve(sockets=[sock])
+        await server.serve(sockets=sockets)
     finally:
         cancel_task(loading)
         await settle(loading)
@@ -746,6 +752,7 @@ async def serve(
         await settle(watcher)
         await asyncio.get_running_loop().run_in_executor(None, pool.close)
         context.executor.shutdown(wait=False, cancel_futures=True)
-        sock.close()
+        for listening in sockets:
+            listening.close()
     log.info("stopped (%s)", stop.reason or "server exit")
     return exit_code or stop.exit_code

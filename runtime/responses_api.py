@@ -361,6 +361,7 @@ class OutputBuilder:
         index = len(self.output) - 1
         events: list[tuple[str, dict[str, Any]]] = []
         ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        part: dict[str, Any]
         if item["type"] == "reasoning":
             part = {"type": "reasoning_text", "text": self._text}
             item["content"] = [part]

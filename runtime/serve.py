@@ -23,6 +23,7 @@ from gallery.errors import UsageError
 log = logging.getLogger("runtime")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+OLLAMA_ADDRESS = "127.0.0.1:11434"  # where Ollama's clients look by default
 
 
 @dataclasses.dataclass
@@ -37,6 +38,7 @@ class ServeOptions:
     cors_origins: list[str] = dataclasses.field(default_factory=list)
     allowed_hosts: list[str] = dataclasses.field(default_factory=list)  # HTTP: Host names besides loopback
     quiet: bool = False  # HTTP: no access log
+    ollama_addr: str | None = None  # HTTP: also listen here (Ollama's 127.0.0.1:11434 with --ollama)
     max_models: int = 1  # HTTP: models resident in memory at once
     any_model: bool = False  # HTTP: a request may name any spec (loaded on first use)
     load_timeout: float = 600.0
@@ -66,6 +68,10 @@ class ServeOptions:
             raise UsageError(
                 f"this interface serves one model at a time; got {len(self.specs)}: {' '.join(self.specs)} "
                 "(the HTTP server serves several)"
+            )
+        if self.ollama_addr and not self.http:
+            raise UsageError(
+                "--ollama / --ollama-addr: also give --http HOST:PORT (the same server answers both)"
             )
         if self.http and not self.specs and not self.any_model:
             raise UsageError("--http: name the models to serve (CONFIG …), or pass --any-model")
@@ -211,6 +217,8 @@ def rank_arguments(options: ServeOptions) -> list[str]:
         args += ["--allowed-host", name]
     if options.quiet:
         args.append("--quiet")
+    if options.ollama_addr:
+        args += ["--ollama-addr", options.ollama_addr]
     for option in options.options:
         args += ["--option", option]
     if options.strategy:
@@ -295,6 +303,15 @@ def _serve_interface(options: ServeOptions, cluster: Any = None) -> int:
             flag="--http",
             token_source=f"an API key (--api-key or {http_server.API_KEY_ENV})",
         )
+        if options.ollama_addr:
+            check_bind(
+                options.ollama_addr,
+                allow_remote=options.allow_remote,
+                insecure=options.insecure,
+                token=options.api_key,
+                flag="--ollama-addr",
+                token_source=f"an API key (--api-key or {http_server.API_KEY_ENV})",
+            )
         pool = ModelPool(
             options.specs,
             options=options.options,
@@ -316,6 +333,7 @@ def _serve_interface(options: ServeOptions, cluster: Any = None) -> int:
                 parent_pid=options.parent_pid,
                 allowed_hosts=options.allowed_hosts,
                 quiet=options.quiet,
+                ollama_addr=options.ollama_addr,
             )
         )
     from runtime.grpc_server import AUTH_ENV
@@ -437,6 +455,18 @@ def serve_command(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="HTTP: no access-log line per request.")] = False,
+    ollama: Annotated[
+        bool,
+        typer.Option(
+            "--ollama", help="HTTP: also listen on Ollama's 127.0.0.1:11434, for clients that assume it."
+        ),
+    ] = False,
+    ollama_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--ollama-addr", help="HTTP: also listen on this HOST:PORT (what --ollama picks for you)."
+        ),
+    ] = None,
     log_level: Annotated[
         str,
         typer.Option(
@@ -492,6 +522,7 @@ def serve_command(
         cors_origins=list(cors_origin or []),
         allowed_hosts=list(allowed_host or []),
         quiet=quiet,
+        ollama_addr=ollama_addr or (OLLAMA_ADDRESS if ollama else None),
         max_models=max_models,
         any_model=any_model,
         load_timeout=load_timeout,

@@ -331,10 +331,14 @@ def test_messages_errors_are_anthropics_shape(claude: Any, server: HttpProcess) 
         )  # /v1/models/{id} stays OpenAI's route, but the client still reads a 404
 
 
-def test_messages_take_x_api_key_and_bearer(scripted_text_model: Path) -> None:
+def test_messages_take_x_api_key_and_bearer_and_a_second_address_serves_ollama(
+    scripted_text_model: Path,
+) -> None:
     import anthropic
 
-    with running(HttpProcess(str(scripted_text_model), "--api-key", "sekret")) as keyed:
+    with running(
+        HttpProcess(str(scripted_text_model), "--api-key", "sekret", "--ollama-addr", "127.0.0.1:0")
+    ) as keyed:
         body = {"model": "scripted-text", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}
         ok = anthropic.Anthropic(base_url=keyed.url, api_key="sekret", max_retries=0)
         assert ok.messages.create(**body).content[0].text  # type: ignore[arg-type]
@@ -354,6 +358,18 @@ def test_messages_take_x_api_key_and_bearer(scripted_text_model: Path) -> None:
             headers={"x-api-key": "sekret"},
         )
         assert elsewhere.status_code == 401  # x-api-key is Anthropic's header, only on its paths
+        # The same app on a second address (what --ollama does on 127.0.0.1:11434), behind the same key.
+        import re
+
+        import ollama
+
+        second = re.search(r"Ollama's API also on (http://\S+)", keyed.stderr.text)
+        assert second is not None
+        client = ollama.Client(host=second.group(1), headers={"Authorization": "Bearer sekret"})
+        assert [model.model for model in client.list().models] == ["scripted-text:latest"]
+        with pytest.raises(ollama.ResponseError) as refused:
+            ollama.Client(host=second.group(1)).list()
+        assert refused.value.status_code == 401
 
 
 # ----------------------------------------------------------------------------------------------- Ollama
