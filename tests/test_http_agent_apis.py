@@ -56,6 +56,7 @@ def server(
     scripted_textthink_model: Path,
     scripted_tool_model: Path,
     text_qwen3_model: Path,
+    vlm_model: Path,
 ) -> Iterator[HttpProcess]:
     with running(
         HttpProcess(
@@ -64,8 +65,9 @@ def server(
             str(scripted_textthink_model),
             str(scripted_tool_model),
             str(text_qwen3_model),
+            str(vlm_model),
             "--max-models",
-            "5",
+            "6",
         )
     ) as process:
         yield process  # type: ignore[misc]
@@ -489,6 +491,107 @@ def test_the_same_greedy_request_gives_the_same_text_through_every_door(
     assert ollama_chat.message.content == text
     reasoning = getattr(reference, "reasoning_content", None) or ""
     assert (ollama_chat.message.thinking or "") == reasoning
+
+
+def _png_base64() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 8, 7)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_an_image_reaches_the_vlm_through_every_door(
+    server: HttpProcess, claude: Any, llama: Any, vlm_model: Path
+) -> None:
+    from tests.plugins.models import fixture_info
+
+    image, question = _png_base64(), "What is this?"
+    url = f"data:image/png;base64,{image}"
+    text_only = server.client.chat.completions.create(
+        model="vlm-qwen2vl", messages=[{"role": "user", "content": question}], max_tokens=3
+    )
+    chat = server.client.chat.completions.create(
+        model="vlm-qwen2vl",
+        max_tokens=3,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+    )
+    assert chat.usage is not None and text_only.usage is not None
+    prompt_tokens = chat.usage.prompt_tokens
+    assert prompt_tokens >= text_only.usage.prompt_tokens + fixture_info(vlm_model)["image_tokens_for_64x64"]
+    responses = server.client.responses.create(
+        model="vlm-qwen2vl",
+        max_output_tokens=3,
+        temperature=0,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": url, "detail": "auto"},
+                    {"type": "input_text", "text": question},
+                ],
+            }
+        ],
+    )
+    messages = claude.messages.create(
+        model="vlm-qwen2vl",
+        max_tokens=3,
+        extra_body={"temperature": 0},
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+    )
+    ollama_chat = llama.chat(
+        model="vlm-qwen2vl",
+        messages=[{"role": "user", "content": question, "images": [image]}],
+        options={"temperature": 0, "num_predict": 3},
+    )
+    assert responses.usage is not None and responses.usage.input_tokens == prompt_tokens
+    assert messages.usage.input_tokens + messages.usage.cache_read_input_tokens == prompt_tokens
+    assert ollama_chat.prompt_eval_count == prompt_tokens
+    text = chat.choices[0].message.content
+    assert (
+        responses.output_text == text
+        and messages.content[0].text == text
+        and ollama_chat.message.content == text
+    )
+
+
+def test_structured_output_through_responses_and_messages(server: HttpProcess, claude: Any) -> None:
+    response = server.client.responses.create(
+        model="scripted-text",
+        input="Unit?",
+        max_output_tokens=40,
+        reasoning={"effort": "none"},
+        text={"format": {"type": "json_schema", "name": "unit", "schema": UNIT_SCHEMA, "strict": True}},
+    )
+    assert json.loads(response.output_text)["unit"] in ("C", "F")
+    message = claude.messages.create(
+        model="scripted-text",
+        max_tokens=40,
+        thinking={"type": "disabled"},
+        output_config={"format": {"type": "json_schema", "schema": UNIT_SCHEMA}},
+        messages=[{"role": "user", "content": "Unit?"}],
+    )
+    assert json.loads(message.content[0].text)["unit"] in ("C", "F")
 
 
 # ----------------------------------------------------------------------------------------------- an agent
