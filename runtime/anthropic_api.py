@@ -299,7 +299,7 @@ def generation_request(params: _Conversation, config: Any) -> GenerationRequest:
     if thinking is not None:
         kind = thinking.get("type")
         reasoning = config.mlx.reasoning
-        extra = sorted(set(thinking) - {"type", "budget_tokens", "display"})
+        extra = sorted(set(thinking) - {"type", "budget_tokens"})
         if extra:
             raise RequestError(
                 f"thinking: {', '.join(extra)}: not a field this runtime understands", field="thinking"

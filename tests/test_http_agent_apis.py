@@ -432,11 +432,24 @@ def test_ollama_tools_format_and_keep_alive(llama: Any) -> None:
         options={"num_predict": 40},
     )
     assert json.loads(shaped.message.content)["unit"] in ("C", "F")
+    llama.chat(model="scripted-text", messages=[{"role": "user", "content": "Hi"}], keep_alive="5m")
+    expiry = {model.model: model.expires_at for model in llama.ps().models}["scripted-text:latest"]
+    assert expiry is not None and expiry.year < 9999  # a deadline, not "forever"
     loaded = llama.generate(model="scripted-text", keep_alive=-1)
     assert loaded.done_reason == "load"
     unloaded = llama.generate(model="scripted-text", keep_alive=0)
     assert unloaded.done_reason == "unload"
     assert "scripted-text:latest" not in {model.model for model in llama.ps().models}
+
+
+def test_keep_alive_durations() -> None:
+    from gallery.errors import RequestError
+    from runtime.ollama_api import keep_alive_seconds
+
+    assert keep_alive_seconds("5m") == 300 and keep_alive_seconds("1h30m") == 5400
+    assert keep_alive_seconds(0) == 0 and keep_alive_seconds("-1") == -1 and keep_alive_seconds(None) is None
+    with pytest.raises(RequestError, match="keep_alive"):
+        keep_alive_seconds("soon")
 
 
 def test_ollama_refuses_in_its_error_shape(llama: Any, server: HttpProcess) -> None:
