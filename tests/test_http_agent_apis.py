@@ -608,8 +608,9 @@ def test_structured_output_through_responses_and_messages(server: HttpProcess, c
 
 
 # ----------------------------------------------------------------------------------------------- an agent
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("door", ["responses", "messages"])
-def test_an_agent_program_drives_a_tool_loop(server: HttpProcess, door: str) -> None:
+def test_an_agent_program_drives_a_tool_loop(server: HttpProcess, door: str, streamed: bool) -> None:
     """pydantic-ai's Agent on the Responses API and on the Messages API: call → tool → result → next call.
 
     scripted-tool calls get_weather whatever it is told, so the loop runs until the agent's request limit; every
@@ -640,6 +641,18 @@ def test_an_agent_program_drives_a_tool_loop(server: HttpProcess, door: str) -> 
         seen.append(city)
         return f"18C in {city}"
 
+    limits = UsageLimits(request_limit=3)
+
+    async def stream() -> None:
+        async with agent.run_stream_events("Weather in Paris?", usage_limits=limits) as events:
+            async for _event in events:
+                pass
+
     with pytest.raises(UsageLimitExceeded):
-        agent.run_sync("Weather in Paris?", usage_limits=UsageLimits(request_limit=3))
+        if streamed:
+            import asyncio
+
+            asyncio.run(stream())
+        else:
+            agent.run_sync("Weather in Paris?", usage_limits=limits)
     assert seen == ["Paris", "Paris", "Paris"]
