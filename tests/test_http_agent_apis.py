@@ -105,6 +105,9 @@ def test_responses_create_splits_reasoning_from_text(server: HttpProcess) -> Non
     cut = server.client.responses.create(model="scripted-text", input="Hi", max_output_tokens=2)
     assert cut.status == "incomplete" and cut.incomplete_details is not None
     assert cut.incomplete_details.reason == "max_output_tokens"
+    with server.client.responses.stream(model="scripted-text", input="Hi", max_output_tokens=2) as stream:
+        last = list(stream)[-1]
+    assert last.type == "response.incomplete" and last.response.status == "incomplete"
 
 
 @pytest.mark.parametrize("model", ["scripted-think", "scripted-textthink"])
