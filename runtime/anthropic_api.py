@@ -235,6 +235,19 @@ def chat_messages(system: str | list[Any] | None, messages: list[Any]) -> list[d
         elif parts or not results:
             only_text = all(part["type"] == "text" for part in parts)
             out.append({"role": "user", "content": "".join(p["text"] for p in parts) if only_text else parts})
+    last = out[-1] if out else None
+    if (
+        last is not None
+        and last["role"] == "assistant"
+        and not last.get("tool_calls")
+        and last.get("content")
+    ):
+        # Anthropic continues a final assistant turn (prefill); the pinned templates close every assistant turn.
+        raise RequestError(
+            f"messages[{len(messages) - 1}]: a final assistant message (prefill) is not supported: "
+            "end with a user message",
+            field="messages",
+        )
     return out
 
 

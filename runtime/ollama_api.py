@@ -194,6 +194,13 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             turn["name"] = message["tool_name"]
         # A past turn's `thinking` is accepted and not rendered again (templates drop past reasoning).
         out.append(turn)
+    if out and out[-1]["role"] == "assistant" and out[-1]["content"] and not out[-1].get("tool_calls"):
+        # Ollama continues a final assistant turn; the pinned templates close every assistant turn.
+        raise RequestError(
+            f"messages[{len(out) - 1}]: continuing a final assistant message is not supported: "
+            "end with a user or tool message",
+            field="messages",
+        )
     return out
 
 

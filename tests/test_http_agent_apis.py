@@ -328,6 +328,12 @@ def test_messages_errors_are_anthropics_shape(claude: Any, server: HttpProcess) 
     assert caught.value.body["type"] == "error"  # type: ignore[index]
     assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     assert "server tool" in caught.value.body["error"]["message"]  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError, match="prefill"):
+        claude.messages.create(
+            model="scripted-text",
+            max_tokens=5,
+            messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        )
     missing = httpx.post(f"{server.url}/v1/messages", json={"model": "nope", "max_tokens": 5, "messages": []})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     with pytest.raises(anthropic.NotFoundError):
@@ -469,6 +475,11 @@ def test_ollama_refuses_in_its_error_shape(llama: Any, server: HttpProcess) -> N
     with pytest.raises(ollama.ResponseError) as thinking:
         llama.chat(model="scripted-text", messages=[{"role": "user", "content": "Hi"}], think="extreme")
     assert thinking.value.status_code == 400 and "think" in thinking.value.error
+    with pytest.raises(ollama.ResponseError, match="final assistant"):
+        llama.chat(
+            model="scripted-text",
+            messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        )
     unknown = httpx.post(f"{server.url}/api/embed", json={"model": "scripted-text", "input": "x"})
     assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
 
