@@ -594,6 +594,11 @@ def router(context: Any) -> APIRouter:
                         f"{config.mlx.model_type or 'model'}.context_length": config.context_size,
                         "mlx_gallery.reasoning": config.mlx.reasoning.model_dump(),
                         "mlx_gallery.tool_format": config.mlx.tool_calls.format,
+                        # The importer's decisions (verbose: with the evidence for and against each one).
+                        "mlx_gallery.decisions": {
+                            key: decision.model_dump(mode="json") if params.verbose else decision.value
+                            for key, decision in config.mlx.decisions.items()
+                        },
                     },
                     "capabilities": _capabilities(config),
                     "modified_at": "1970-01-01T00:00:00Z",

@@ -391,6 +391,9 @@ def test_ollama_list_show_chat_stream_and_ps(llama: Any, server: HttpProcess) ->
     assert "thinking" in (shown.capabilities or []) and "<|im_start|>" in (shown.template or "")
     assert shown.modelinfo["general.context_length"] > 0
     assert 'stop "<|im_end|>"' in (shown.parameters or "")
+    assert "chat_template" in shown.modelinfo["mlx_gallery.decisions"]
+    verbose = httpx.post(f"{server.url}/api/show", json={"model": "scripted-think", "verbose": True}).json()
+    assert verbose["model_info"]["mlx_gallery.decisions"]["stop_tokens"]["evidence"]
     answer = llama.chat(model="scripted-think", messages=[{"role": "user", "content": "Hi"}], think=True)
     assert (
         answer.message.content == "The answer is 42." and answer.message.thinking == "Let me think about it."
