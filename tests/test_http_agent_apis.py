@@ -252,6 +252,19 @@ def test_messages_create_and_stream_keep_thinking_out_of_text(claude: Any) -> No
                 _no_marker(block.text)
 
 
+def test_messages_thinking_budget_closes_the_thinking_block(claude: Any) -> None:
+    message = claude.messages.create(
+        model="scripted-think",
+        max_tokens=60,
+        thinking={"type": "enabled", "budget_tokens": 2},
+        messages=[{"role": "user", "content": "Hi"}],
+    )
+    thinking, text = message.content[0].thinking, message.content[-1].text
+    assert len(thinking) < len("Let me think about it.") and "Let me think about it.".startswith(thinking)
+    _no_marker(text)
+    assert text.endswith("The answer is 42.")
+
+
 def test_messages_stream_raw_choreography(server: HttpProcess) -> None:
     body = {
         "model": "scripted-text",
