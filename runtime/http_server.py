@@ -84,11 +84,6 @@ def error_for(path: str, kind: str, message: str, param: str | None = None) -> R
     return error_response(kind, message, param)
 
 
-def as_http_error(exc: BaseException) -> HttpError:
-    """Any failure as an HttpError (fault kind, one-line message, field at fault)."""
-    return _as_http_error(exc)
-
-
 def _as_http_error(exc: BaseException) -> HttpError:
     if isinstance(exc, HttpError):
         return exc
