@@ -92,7 +92,12 @@ FAULTS: dict[str, Fault] = {
         'the request was cancelled (stdio: a normal result with finish_reason "cancelled")',
     ),
     "generation_failed": Fault("INTERNAL", -32000, 500, "the model failed while generating"),
-    "unauthenticated": Fault("UNAUTHENTICATED", 0, 401, "missing or wrong bearer token (gRPC and HTTP)"),
+    "unauthenticated": Fault(
+        "UNAUTHENTICATED",
+        0,
+        401,
+        "missing or wrong bearer token (gRPC and HTTP; HTTP's /v1/messages also takes x-api-key)",
+    ),
     "forbidden": Fault(
         "PERMISSION_DENIED",
         0,

@@ -3,14 +3,19 @@
     POST /v1/chat/completions   chat (streaming SSE or not): media parts, tools, reasoning_content, logprobs,
                                 response_format, usage (with cached prompt tokens)
     POST /v1/completions        a raw prompt (no template)
+    POST /v1/responses …        OpenAI's Responses API (runtime.responses_api)
+    POST /v1/messages …         Anthropic's Messages API (runtime.anthropic_api)
+    /api/*, GET /               Ollama's API (runtime.ollama_api)
     GET  /v1/models             the served models, with backend, context, media and reasoning capabilities
     GET  /health                200 while serving (503 while the first model loads at start)
     GET  /metrics               Prometheus text (runtime.metrics)
 
 Bodies are OpenAI's (runtime.openai_request: one model shared with the stdio protocol, unknown fields
-refused by name); every failure is OpenAI's error JSON with the status of its kind (runtime.faults). A client
-that disconnects has its generation cancelled within one step. A bearer API key, when set, is required on
-everything but /health; CORS is off unless origins are given.
+refused by name); every failure is OpenAI's error JSON with the status of its kind (runtime.faults), or the
+error shape of the API a path belongs to (Anthropic's, Ollama's: each API module maps the same fault kinds).
+A client that disconnects has its generation cancelled within one step. A bearer API key, when set, is
+required on everything but /health (Anthropic's paths also take it as `x-api-key`); CORS is off unless
+origins are given.
 """
 
 from __future__ import annotations
@@ -68,6 +73,19 @@ def error_response(kind: str, message: str, param: str | None = None) -> JSONRes
     return JSONResponse(body, status_code=fault.http_status, headers=headers)
 
 
+ErrorShape = Callable[[str, str, str | None], Response]
+# Paths whose errors take another API's shape (filled by create_app from the API modules): prefix -> mapper.
+_ERROR_SHAPES: list[tuple[str, ErrorShape]] = []
+
+
+def error_for(path: str, kind: str, message: str, param: str | None = None) -> Response:
+    """The error response for a fault on this path, in the shape of the API the path belongs to."""
+    for prefix, shape in _ERROR_SHAPES:
+        if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+            return shape(kind, message, param)
+    return error_response(kind, message, param)
+
+
 def _as_http_error(exc: BaseException) -> HttpError:
     if isinstance(exc, HttpError):
         return exc
@@ -107,12 +125,19 @@ class _Context:
         self.device: dict[str, str] = {}  # what MLX computes on (backends.device_info), once known
 
     def authorized(self, request: Request) -> bool:
-        """Exactly one `Authorization: Bearer <key>` header with the right key (constant-time compare)."""
+        """Exactly one `Authorization: Bearer <key>` header with the right key (constant-time compare).
+
+        Anthropic's paths (/v1/messages…) take the key as `x-api-key` too (the anthropic SDK sends that; other
+        Anthropic-compatible clients send a bearer token): exactly one credential, either way.
+        """
         if self.api_key is None:
             return True
         values = request.headers.getlist("authorization")
-        if len(values) != 1:
+        keys = request.headers.getlist("x-api-key") if request.url.path.startswith("/v1/messages") else []
+        if len(values) + len(keys) != 1:
             return False
+        if keys:
+            return hmac.compare_digest(keys[0].strip().encode(), self.api_key)
         scheme, _, credential = values[0].strip().partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), self.api_key)
 
@@ -143,13 +168,26 @@ class _Context:
         return await run_blocking(self.executor, served.host.submit, generation)
 
     async def start(
-        self, request: Request, model: str | None, build: Callable[[], GenerationRequest]
-    ) -> tuple[Served, RequestHandle]:
-        """Route a request to its model and queue it there, holding the model against eviction until queued."""
+        self, request: Request, model: str | None, build: Callable[[Served], GenerationRequest]
+    ) -> tuple[Served, GenerationRequest, RequestHandle]:
+        """Route a request to its model and queue it there, holding the model against eviction until queued
+        (every API's routes start requests here). `build` makes the request for the served model."""
         async with self.pool.lease(model) as (served, _engine):
             record: AccessRecord = request.state.access
             record.model = served.config.name
-            return served, await self.submit(served, build())
+            generation = build(served)
+            return served, generation, await self.submit(served, generation)
+
+
+async def run_route(handler: Callable[[], Awaitable[Response]], shape: ErrorShape) -> Response:
+    """Run a route's body; any failure becomes one error response in the API's shape (never a traceback)."""
+    try:
+        return await handler()
+    except Exception as exc:
+        error = _as_http_error(exc)
+        if error.kind not in ("internal", "generation_failed"):
+            log.info("refused (%d): %s", FAULTS[error.kind].http_status, error.message)
+        return shape(error.kind, error.message, error.param)
 
 
 def _watch_disconnect(request: Request, handle: RequestHandle) -> asyncio.Task[None]:
@@ -163,6 +201,11 @@ def _watch_disconnect(request: Request, handle: RequestHandle) -> asyncio.Task[N
             await asyncio.sleep(0.1)
 
     return asyncio.create_task(watch())
+
+
+async def whole_answer(request: Request, handle: RequestHandle) -> Completion:
+    """The whole answer of a queued request (cancelled if the client goes away). Raises HttpError."""
+    return await _whole(request, handle)
 
 
 async def _whole(request: Request, handle: RequestHandle) -> Completion:
@@ -274,17 +317,22 @@ def _refusal(context: _Context, request: Request) -> Response | None:
     why = guard.host_refusal(request.headers.get("host")) or guard.origin_refusal(
         request.headers.get("origin")
     )
+    path = request.url.path
     if why:
-        return error_response("forbidden", why)
+        return error_for(path, "forbidden", why)
     if request.method == "OPTIONS":
         return None
-    if request.url.path != "/health" and not context.authorized(request):
-        return error_response(
+    if path != "/health" and not context.authorized(request):
+        return error_for(
+            path,
             "unauthenticated",
-            "missing or invalid API key (send exactly one 'Authorization: Bearer <key>' header)",
+            "missing or invalid API key (send exactly one 'Authorization: Bearer <key>' header"
+            + (" or 'x-api-key: <key>'" if path.startswith("/v1/messages") else "")
+            + ")",
         )
     if request.method == "POST" and not is_json_content_type(request.headers.get("content-type")):
-        return error_response(
+        return error_for(
+            path,
             "unsupported_media_type",
             f"this endpoint takes a JSON body: send 'Content-Type: application/json' "
             f"(got {request.headers.get('content-type') or 'none'!r})",
@@ -328,7 +376,8 @@ class _Guard:
                     if started:
                         raise
                     error = _as_http_error(exc)
-                    await error_response(error.kind, error.message, error.param)(scope, receive, tracked_send)
+                    failure = error_for(request.url.path, error.kind, error.message, error.param)
+                    await failure(scope, receive, tracked_send)
         finally:
             self.context.metrics.http.labels(_metrics_route(request), str(status)).inc()
             record.write(status)
@@ -352,30 +401,37 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        path = request.url.path
         if exc.status_code == 404:
-            return error_response(
-                "unknown_endpoint", f"no such endpoint: {request.method} {request.url.path}"
-            )
+            return error_for(path, "unknown_endpoint", f"no such endpoint: {request.method} {path}")
         if exc.status_code == 405:
-            return error_response("method_not_allowed", f"{request.url.path} does not take {request.method}")
-        return error_response("invalid_request", str(exc.detail))
+            return error_for(path, "method_not_allowed", f"{path} does not take {request.method}")
+        return error_for(path, "invalid_request", str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ())) or None
-        return error_response(
-            "invalid_request", f"invalid request: {where}: {first.get('msg', 'invalid')}", where
+        return error_for(
+            request.url.path,
+            "invalid_request",
+            f"invalid request: {where}: {first.get('msg', 'invalid')}",
+            where,
         )
 
+    # The other APIs' routers (imported here: their modules use this module's helpers).
+    from runtime import anthropic_api, ollama_api, responses_api
+
+    _ERROR_SHAPES[:] = [
+        ("/v1/messages", anthropic_api.error_response),
+        ("/api", ollama_api.error_response),
+    ]
+    app.include_router(responses_api.router(context))
+    app.include_router(anthropic_api.router(context))
+    app.include_router(ollama_api.router(context))
+
     async def routed(handler: Callable[[], Awaitable[Response]]) -> Response:
-        try:
-            return await handler()
-        except Exception as exc:
-            error = _as_http_error(exc)
-            if error.kind not in ("internal", "generation_failed"):
-                log.info("refused (%d): %s", FAULTS[error.kind].http_status, error.message)
-            return error_response(error.kind, error.message, error.param)
+        return await run_route(handler, error_response)
 
     @app.get("/health")
     async def health(request: Request) -> Response:
@@ -414,7 +470,7 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
     async def chat(request: Request) -> Response:
         async def run() -> Response:
             params = ChatParams.model_validate(await context.body(request))
-            served, handle = await context.start(request, params.model, lambda: chat_request(params))
+            served, _, handle = await context.start(request, params.model, lambda _: chat_request(params))
             record: AccessRecord = request.state.access
             rid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), served.config.name
             if params.stream:
@@ -454,7 +510,7 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
     async def complete(request: Request) -> Response:
         async def run() -> Response:
             params = CompleteParams.model_validate(await context.body(request))
-            served, handle = await context.start(request, params.model, lambda: complete_request(params))
+            served, _, handle = await context.start(request, params.model, lambda _: complete_request(params))
             record: AccessRecord = request.state.access
             rid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), served.config.name
             if params.stream:
@@ -489,6 +545,12 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
         return await routed(run)
 
     return app
+
+
+async def stream_events(handle: RequestHandle) -> AsyncIterator[Event]:
+    """The handle's events; closing the stream (client gone) cancels the generation."""
+    async for event in _events(handle):
+        yield event
 
 
 async def _events(handle: RequestHandle) -> AsyncIterator[Event]:
@@ -628,6 +690,7 @@ async def serve(
     quiet: bool = False,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ollama_addr: str | None = None,
 ) -> int:
     """Serve the OpenAI API until a signal or the parent's death; returns the exit code.
 
@@ -642,6 +705,8 @@ async def serve(
     pool.on_engine = lambda name, engine: engine.listeners.append(metrics.listener(name))
     sock = _listen(address)
     host, port = sock.getsockname()[:2]
+    # The same app on a second address (Ollama's port): a client that assumes localhost:11434 works untouched.
+    sockets = [sock, *([_listen(ollama_addr)] if ollama_addr else [])]
     guard = BrowserGuard.make(
         str(host), keyless=api_key is None, hosts=allowed_hosts or [], origins=cors_origins
     )
@@ -670,6 +735,9 @@ async def serve(
         __import__("os").getpid(),
         ", API key required" if api_key else "",
     )
+    if ollama_addr:
+        extra_host, extra_port = sockets[1].getsockname()[:2]
+        log.info("Ollama's API also on http://%s:%d", extra_host, extra_port)
 
     def quit_now(reason: str) -> None:
         stop.request("cancel", reason)
@@ -698,7 +766,7 @@ async def serve(
 
     loading = asyncio.create_task(preload())
     try:
-        await server.serve(sockets=[sock])
+        await server.serve(sockets=sockets)
     finally:
         cancel_task(loading)
         await settle(loading)
@@ -706,6 +774,7 @@ async def serve(
         await settle(watcher)
         await asyncio.get_running_loop().run_in_executor(None, pool.close)
         context.executor.shutdown(wait=False, cancel_futures=True)
-        sock.close()
+        for listening in sockets:
+            listening.close()
     log.info("stopped (%s)", stop.reason or "server exit")
     return exit_code or stop.exit_code

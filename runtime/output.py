@@ -133,6 +133,7 @@ class OutputProcessor:
         final.finish_reason = finish
         final.error = error
         final.seed = params.seed if not params.greedy else None
+        final.stop_sequence = self.stops.matched if finish is FinishReason.STOP else None
         final.usage = self.usage()
         final.timings = self._timings()
         return final

@@ -405,6 +405,7 @@ class Event:
     error: str | None = None
     route: str | None = None
     seed: int | None = None  # the seed a sampled request used (its own, or the one drawn for it)
+    stop_sequence: str | None = None  # the stop string that ended the answer (finish_reason "stop")
 
     @property
     def has_output(self) -> bool:
@@ -426,6 +427,7 @@ class Completion:
     route: str | None
     error: str | None = None
     seed: int | None = None
+    stop_sequence: str | None = None
 
 
 class Answer:
@@ -461,6 +463,7 @@ class Answer:
             final.route,
             final.error,
             final.seed,
+            final.stop_sequence,
         )
 
 

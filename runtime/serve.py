@@ -23,6 +23,7 @@ from gallery.errors import UsageError
 log = logging.getLogger("runtime")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+OLLAMA_ADDRESS = "127.0.0.1:11434"  # where Ollama's clients look by default
 
 
 @dataclasses.dataclass
@@ -39,6 +40,7 @@ class ServeOptions:
     quiet: bool = False  # HTTP: no access log
     header_timeout: float = 10.0  # HTTP: seconds a connection has to send its request headers
     max_connections: int = 512  # HTTP: open connections; past it the oldest idle one is closed
+    ollama_addr: str | None = None  # HTTP: also listen here (Ollama's 127.0.0.1:11434 with --ollama)
     max_models: int = 1  # HTTP: models resident in memory at once
     any_model: bool = False  # HTTP: a request may name any spec (loaded on first use)
     load_timeout: float = 600.0
@@ -68,6 +70,10 @@ class ServeOptions:
             raise UsageError(
                 f"this interface serves one model at a time; got {len(self.specs)}: {' '.join(self.specs)} "
                 "(the HTTP server serves several)"
+            )
+        if self.ollama_addr and not self.http:
+            raise UsageError(
+                "--ollama / --ollama-addr: also give --http HOST:PORT (the same server answers both)"
             )
         if self.http and not self.specs and not self.any_model:
             raise UsageError("--http: name the models to serve (CONFIG …), or pass --any-model")
@@ -221,6 +227,8 @@ def rank_arguments(options: ServeOptions) -> list[str]:
         "--max-connections",
         str(options.max_connections),
     ]
+    if options.ollama_addr:
+        args += ["--ollama-addr", options.ollama_addr]
     for option in options.options:
         args += ["--option", option]
     if options.strategy:
@@ -305,6 +313,15 @@ def _serve_interface(options: ServeOptions, cluster: Any = None) -> int:
             flag="--http",
             token_source=f"an API key (--api-key or {http_server.API_KEY_ENV})",
         )
+        if options.ollama_addr:
+            check_bind(
+                options.ollama_addr,
+                allow_remote=options.allow_remote,
+                insecure=options.insecure,
+                token=options.api_key,
+                flag="--ollama-addr",
+                token_source=f"an API key (--api-key or {http_server.API_KEY_ENV})",
+            )
         pool = ModelPool(
             options.specs,
             options=options.options,
@@ -328,6 +345,7 @@ def _serve_interface(options: ServeOptions, cluster: Any = None) -> int:
                 quiet=options.quiet,
                 header_timeout=options.header_timeout,
                 max_connections=options.max_connections,
+                ollama_addr=options.ollama_addr,
             )
         )
     from runtime.grpc_server import AUTH_ENV
@@ -459,6 +477,18 @@ def serve_command(
             "--max-connections", help="HTTP: open connections at most; past it the oldest idle one is closed."
         ),
     ] = 512,
+    ollama: Annotated[
+        bool,
+        typer.Option(
+            "--ollama", help="HTTP: also listen on Ollama's 127.0.0.1:11434, for clients that assume it."
+        ),
+    ] = False,
+    ollama_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--ollama-addr", help="HTTP: also listen on this HOST:PORT (what --ollama picks for you)."
+        ),
+    ] = None,
     log_level: Annotated[
         str,
         typer.Option(
@@ -516,6 +546,7 @@ def serve_command(
         quiet=quiet,
         header_timeout=header_timeout,
         max_connections=max_connections,
+        ollama_addr=ollama_addr or (OLLAMA_ADDRESS if ollama else None),
         max_models=max_models,
         any_model=any_model,
         load_timeout=load_timeout,

@@ -1,0 +1,612 @@
+"""Ollama's API on the same engines: `/api/chat`, `/api/generate`, `/api/tags`, `/api/show`, `/api/ps`,
+`/api/version`, and `GET /` (the heartbeat clients probe).
+
+A translation, not a pipeline: Ollama's messages (with `images` as base64, `tool_calls` with argument
+objects, `tool` turns with `tool_name`), `tools`, `format` (`"json"` or a JSON schema), `think`, and `options`
+become one GenerationRequest; the engine's events become Ollama's answer, streamed as NDJSON by default
+(`stream: false` for one object), reasoning in `thinking`, never in `content`.
+
+`options` honoured: temperature, top_p, top_k, min_p, seed, num_predict, stop, repeat_penalty, repeat_last_n,
+presence_penalty, frequency_penalty, and num_ctx up to the config's context (the window stays the config's).
+Every other option (mirostat, tfs_z, typical_p, num_gpu, …) is refused by name. `keep_alive` is honoured:
+`0` unloads the model once it is idle, a duration unloads it when idle that long after the request, a negative
+value keeps it; a request without one leaves the server's own policy (loaded until another model needs room).
+Errors are Ollama's shape: `{"error": "…"}` with the fault kind's HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from gallery.errors import RequestError
+from runtime.faults import FAULTS
+from runtime.http_guard import AccessRecord
+from runtime.pool import Served
+from runtime.request import Completion, Event, GenerationRequest, ResponseFormat, Timings, Usage, check_tools
+
+# The Ollama API version this server speaks (clients gate features such as `think` on it).
+OLLAMA_API_VERSION = "0.12.0"
+_FOREVER = "9999-12-31T23:59:59Z"
+_HONOURED_OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "repeat_penalty": "repeat_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+
+
+def error_response(kind: str, message: str, param: str | None = None) -> JSONResponse:
+    """Ollama's error shape, with the HTTP status of the fault kind (runtime.faults)."""
+    return JSONResponse({"error": message}, status_code=FAULTS[kind].http_status)
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Generation(_Params):
+    model: str
+    format: str | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    stream: bool = True
+    keep_alive: str | float | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class ChatParams(_Generation):
+    """The body of `POST /api/chat` (unknown fields refused by name)."""
+
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateParams(_Generation):
+    """The body of `POST /api/generate`."""
+
+    prompt: str | None = None
+    system: str | None = None
+    raw: bool | None = None
+    images: list[str] | None = None
+    suffix: None = None  # fill-in-the-middle needs a FIM template this runtime does not pin
+    template: None = None  # the config pins the template
+    context: None = None  # Ollama's deprecated token context: send the conversation to /api/chat
+
+
+class ShowParams(_Params):
+    """The body of `POST /api/show` (`name` is the older spelling of `model`)."""
+
+    model: str | None = None
+    name: str | None = None
+    verbose: bool | None = None
+
+
+# ----------------------------------------------------------------------------------------------- requests
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: str | float | None) -> float | None:
+    """keep_alive in seconds (a number of seconds or a Go duration such as "5m"); negative: forever."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text.replace(" ", ""):
+        raise RequestError(
+            f"keep_alive: {value!r} is not a duration (e.g. 5m, 30s, 0, -1)", field="keep_alive"
+        )
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def _options(request: GenerationRequest, options: Mapping[str, Any] | None, context_size: int | None) -> None:
+    for key, value in (options or {}).items():
+        if value is None:
+            continue
+        if key in _HONOURED_OPTIONS:
+            setattr(request, _HONOURED_OPTIONS[key], value)
+        elif key == "num_predict":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise RequestError("options.num_predict must be an integer", field="options")
+            request.max_tokens = value if value > 0 else None  # -1 / -2: until the end (of the context)
+        elif key == "stop":
+            request.stop = [value] if isinstance(value, str) else list(value)
+        elif key == "repeat_last_n":
+            if value not in (-1, 0):
+                request.repetition_context_size = value
+        elif key == "num_ctx":
+            if context_size is not None and isinstance(value, int) and value > context_size:
+                raise RequestError(
+                    f"options.num_ctx {value} is over this model's context of {context_size} tokens",
+                    field="options",
+                )
+        else:
+            raise RequestError(f"options.{key}: not an option this runtime can honour", field="options")
+
+
+def _format(value: str | dict[str, Any] | None) -> ResponseFormat | None:
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return ResponseFormat("json_object")
+    if isinstance(value, dict):
+        return ResponseFormat("json_schema", value)
+    raise RequestError(f'format: expected "json" or a JSON schema, got {value!r}', field="format")
+
+
+def _data_url(image: str) -> str:
+    return image if image.startswith("data:") else f"data:image/png;base64,{image}"
+
+
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ollama's messages as OpenAI chat messages (images as parts, tool calls with ids)."""
+    out: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        extra = sorted(set(message) - {"role", "content", "images", "tool_calls", "tool_name", "thinking"})
+        if extra:
+            raise RequestError(
+                f"{where}: {', '.join(extra)}: not a field this runtime understands", field="messages"
+            )
+        turn: dict[str, Any] = {"role": message.get("role"), "content": message.get("content") or ""}
+        images = message.get("images") or []
+        if images:
+            turn["content"] = [
+                *({"type": "image_url", "image_url": {"url": _data_url(str(image))}} for image in images),
+                {"type": "text", "text": turn["content"]},
+            ]
+        calls = message.get("tool_calls") or []
+        if calls:
+            turn["tool_calls"] = [
+                {
+                    "id": f"call_{index}_{number}",
+                    "type": "function",
+                    "function": {
+                        "name": (call.get("function") or {}).get("name"),
+                        "arguments": (call.get("function") or {}).get("arguments") or {},
+                    },
+                }
+                for number, call in enumerate(calls)
+            ]
+            if not turn["content"]:
+                turn["content"] = None
+        if message.get("tool_name"):
+            turn["name"] = message["tool_name"]
+        # A past turn's `thinking` is accepted and not rendered again (templates drop past reasoning).
+        out.append(turn)
+    if out and out[-1]["role"] == "assistant" and out[-1]["content"] and not out[-1].get("tool_calls"):
+        # Ollama continues a final assistant turn; the pinned templates close every assistant turn.
+        raise RequestError(
+            f"messages[{len(out) - 1}]: continuing a final assistant message is not supported: "
+            "end with a user or tool message",
+            field="messages",
+        )
+    return out
+
+
+def _thinking(request: GenerationRequest, think: bool | str | None, config: Any) -> None:
+    if think is None:
+        return
+    reasoning = config.mlx.reasoning
+    if think is False:
+        if reasoning.supported and not reasoning.switch:
+            raise RequestError(f'"{config.name}" always thinks (its template has no switch)', field="think")
+        request.enable_thinking = False if reasoning.supported else None
+        return
+    if not reasoning.supported:
+        raise RequestError(f'"{config.name}" does not support thinking', field="think")
+    request.enable_thinking = True if reasoning.switch else None
+    if isinstance(think, str):
+        if think not in ("low", "medium", "high"):
+            raise RequestError(
+                f"think: expected true, false, low, medium or high, got {think!r}", field="think"
+            )
+        request.template_kwargs = {"reasoning_effort": think}
+
+
+def _common(request: GenerationRequest, params: _Generation, config: Any) -> GenerationRequest:
+    _options(request, params.options, config.context_size)
+    request.response_format = _format(params.format)
+    _thinking(request, params.think, config)
+    if params.logprobs:
+        request.logprobs = True
+        request.top_logprobs = params.top_logprobs or 0
+    elif params.top_logprobs:
+        raise RequestError("top_logprobs needs logprobs", field="top_logprobs")
+    return request
+
+
+def chat_request(params: ChatParams, config: Any) -> GenerationRequest:
+    """The GenerationRequest of an /api/chat body."""
+    request = GenerationRequest(
+        messages=chat_messages(params.messages or []), tools=check_tools(params.tools or None, "tools")
+    )
+    return _common(request, params, config)
+
+
+def generate_request(params: GenerateParams, config: Any) -> GenerationRequest:
+    """The GenerationRequest of an /api/generate body (raw: the prompt as it is; else through the template)."""
+    images = [{"type": "image_url", "image_url": {"url": _data_url(i)}} for i in params.images or []]
+    if params.raw:
+        if params.system:
+            raise RequestError("system: a raw prompt has no template to put it in", field="system")
+        request = GenerationRequest(prompt=params.prompt or "")
+        if images:
+            raise RequestError("images: a raw prompt cannot place images (use /api/chat)", field="images")
+    else:
+        messages: list[dict[str, Any]] = (
+            [{"role": "system", "content": params.system}] if params.system else []
+        )
+        content: Any = params.prompt or ""
+        if images:
+            content = [*images, {"type": "text", "text": content}]
+        messages.append({"role": "user", "content": content})
+        request = GenerationRequest(messages=messages)
+    return _common(request, params, config)
+
+
+# ----------------------------------------------------------------------------------------------- answers
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _stats(usage: Usage | None, timings: Timings | None, started: float) -> dict[str, Any]:
+    usage, timings = usage or Usage(), timings or Timings()
+    return {
+        "total_duration": _ns(time.perf_counter() - started),
+        "load_duration": 0,
+        "prompt_eval_count": usage.prompt_tokens,
+        "prompt_eval_duration": _ns(timings.prompt_s),
+        "eval_count": usage.completion_tokens,
+        "eval_duration": _ns(timings.generation_s),
+    }
+
+
+def _done_reason(finish: str | None) -> str:
+    return "length" if finish == "length" else "stop"
+
+
+def _calls(event: Event | Completion) -> list[dict[str, Any]]:
+    calls = []
+    for call in event.tool_calls:
+        try:
+            arguments = json.loads(call.arguments) if call.arguments else {}
+        except json.JSONDecodeError:
+            arguments = {"_raw": call.arguments}
+        calls.append(
+            {"id": call.id, "function": {"index": call.index, "name": call.name, "arguments": arguments}}
+        )
+    return calls
+
+
+def _logprobs(event: Event | Completion) -> list[dict[str, Any]] | None:
+    if not event.logprobs:
+        return None
+    return [
+        {
+            "token": item.token,
+            "logprob": item.logprob,
+            "top_logprobs": [{"token": text, "logprob": lp} for text, _id, lp in item.top],
+        }
+        for item in event.logprobs
+    ]
+
+
+def _piece(event: Event | Completion, chat: bool) -> dict[str, Any]:
+    """The answer fields of one event (or the whole answer)."""
+    body: dict[str, Any] = {}
+    if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": event.content}
+        if event.reasoning:
+            message["thinking"] = event.reasoning
+        if event.tool_calls:
+            message["tool_calls"] = _calls(event)
+        body["message"] = message
+    else:
+        body["response"] = event.content
+        if event.reasoning:
+            body["thinking"] = event.reasoning
+    logprobs = _logprobs(event)
+    if logprobs:
+        body["logprobs"] = logprobs
+    return body
+
+
+def _line(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode() + b"\n"
+
+
+def _details(config: Any) -> dict[str, Any]:
+    quantization = config.mlx.quantization
+    return {
+        "parent_model": "",
+        "format": "mlx",
+        "family": config.mlx.model_type or "",
+        "families": [config.mlx.model_type] if config.mlx.model_type else None,
+        "parameter_size": "",
+        "quantization_level": f"Q{quantization.bits}" if quantization and quantization.bits else "F16",
+    }
+
+
+def _capabilities(config: Any) -> list[str]:
+    capabilities = ["completion"]
+    if config.mlx.tool_calls.format:
+        capabilities.append("tools")
+    if config.mlx.reasoning.supported:
+        capabilities.append("thinking")
+    if config.mlx.media.image:
+        capabilities.append("vision")
+    return capabilities
+
+
+def _size(config: Any) -> int:
+    memory = config.mlx.memory
+    return int(
+        (memory.weights_bytes if memory and memory.weights_bytes else None) or config.mlx.total_size or 0
+    )
+
+
+def _tag(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def _untag(name: str) -> str:
+    return name[: -len(":latest")] if name.endswith(":latest") else name
+
+
+def router(context: Any) -> APIRouter:
+    """Ollama's routes over the server's shared context (runtime.http_server._Context)."""
+    from runtime.async_bridge import run_blocking
+    from runtime.http_server import run_route, stream_events, whole_answer
+
+    api = APIRouter()
+    expiry: dict[str, float | None] = {}  # model -> wall-clock unload time (None: never)
+    timers: dict[str, asyncio.Task[None]] = {}
+
+    async def unload_when_idle(served: Any, delay: float) -> None:
+        """Unload the model after delay seconds once it is idle (a later keep_alive replaces this timer)."""
+        await asyncio.sleep(max(delay, 0.0))
+        while not served.idle:
+            await asyncio.sleep(0.2)
+        async with served.lock:
+            if served.idle and served.engine is not None:
+                await run_blocking(context.executor, served.host.free)
+        expiry.pop(served.config.name, None)
+
+    def keep_alive(served: Any, value: str | float | None) -> None:
+        seconds = keep_alive_seconds(value)
+        if seconds is None:
+            return
+        name = served.config.name
+        previous = timers.pop(name, None)
+        if previous is not None:
+            previous.cancel()
+        if seconds < 0:
+            expiry[name] = None
+            return
+        expiry[name] = time.time() + seconds
+        timers[name] = asyncio.get_running_loop().create_task(unload_when_idle(served, seconds))
+
+    async def answer(request: Request, params: _Generation, chat: bool) -> Response:
+        seconds = keep_alive_seconds(params.keep_alive)  # checked before anything loads
+        served = await context.pool.find(_untag(params.model))
+        record: AccessRecord = request.state.access
+        record.model = served.config.name
+        if isinstance(params, ChatParams):
+            empty = not params.messages
+        else:
+            assert isinstance(params, GenerateParams)
+            empty = not params.prompt and not params.images
+        base = {"model": _tag(served.config.name)}
+        if empty:  # Ollama's load / unload request: no prompt, only keep_alive
+            if seconds == 0:
+                if served.engine is not None:
+                    async with served.lock:
+                        await run_blocking(context.executor, served.host.free)
+                expiry.pop(served.config.name, None)
+                reason = "unload"
+            else:
+                await context.pool.engine(served.config.name)
+                keep_alive(served, params.keep_alive)
+                reason = "load"
+            empty_piece = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+            return JSONResponse(
+                {**base, "created_at": _now(), **empty_piece, "done": True, "done_reason": reason}
+            )
+
+        def build(served: Served) -> GenerationRequest:
+            if chat:
+                assert isinstance(params, ChatParams)
+                return chat_request(params, served.config)
+            assert isinstance(params, GenerateParams)
+            return generate_request(params, served.config)
+
+        started = time.perf_counter()
+        served, _generation, handle = await context.start(request, served.config.name, build)
+        if params.stream:
+            return StreamingResponse(
+                stream(handle, base, chat, started, record, served, params.keep_alive),
+                media_type="application/x-ndjson",
+            )
+        try:
+            done = await whole_answer(request, handle)
+        finally:
+            keep_alive(served, params.keep_alive)
+        record.prompt_tokens, record.completion_tokens = (
+            done.usage.prompt_tokens,
+            done.usage.completion_tokens,
+        )
+        body = {
+            **base,
+            "created_at": _now(),
+            **_piece(done, chat),
+            "done": True,
+            "done_reason": _done_reason(done.finish_reason),
+            **_stats(done.usage, done.timings, started),
+        }
+        return JSONResponse(body)
+
+    async def stream(
+        handle: Any,
+        base: dict[str, Any],
+        chat: bool,
+        started: float,
+        record: AccessRecord,
+        served: Any,
+        alive: Any,
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for event in stream_events(handle):
+                if event.has_output:
+                    yield _line({**base, "created_at": _now(), **_piece(event, chat), "done": False})
+                if not event.done:
+                    continue
+                if event.usage is not None:
+                    record.prompt_tokens = event.usage.prompt_tokens
+                    record.completion_tokens = event.usage.completion_tokens
+                if event.error and event.finish_reason != "cancelled":
+                    yield _line({"error": event.error})
+                    return
+                empty = Event()
+                yield _line(
+                    {
+                        **base,
+                        "created_at": _now(),
+                        **_piece(empty, chat),
+                        "done": True,
+                        "done_reason": _done_reason(event.finish_reason),
+                        **_stats(event.usage, event.timings, started),
+                    }
+                )
+        finally:
+            keep_alive(served, alive)
+
+    @api.post("/api/chat")
+    async def chat(request: Request) -> Response:
+        async def run() -> Response:
+            return await answer(request, ChatParams.model_validate(await context.body(request)), True)
+
+        return await run_route(run, error_response)
+
+    @api.post("/api/generate")
+    async def generate(request: Request) -> Response:
+        async def run() -> Response:
+            return await answer(request, GenerateParams.model_validate(await context.body(request)), False)
+
+        return await run_route(run, error_response)
+
+    @api.api_route("/", methods=["GET", "HEAD"])
+    async def heartbeat() -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    @api.api_route("/api/version", methods=["GET", "HEAD"])
+    async def version() -> Response:
+        return JSONResponse({"version": OLLAMA_API_VERSION})
+
+    @api.api_route("/api/tags", methods=["GET", "HEAD"])
+    async def tags() -> Response:
+        models = [
+            {
+                "name": _tag(s.config.name),
+                "model": _tag(s.config.name),
+                "modified_at": "1970-01-01T00:00:00Z",
+                "size": _size(s.config),
+                "digest": s.config.mlx.source.revision or "",
+                "details": _details(s.config),
+            }
+            for s in context.pool.served
+        ]
+        return JSONResponse({"models": models})
+
+    @api.get("/api/ps")
+    async def ps() -> Response:
+        models = []
+        for served in context.pool.served:
+            engine = served.engine
+            if engine is None:
+                continue
+            memory = engine.status().get("memory", {})
+            size = int(memory.get("mlx_active") or _size(served.config))
+            until = expiry.get(served.config.name)
+            models.append(
+                {
+                    "name": _tag(served.config.name),
+                    "model": _tag(served.config.name),
+                    "size": size,
+                    "size_vram": size,  # MLX's unified memory: the accelerator's memory is the process's
+                    "digest": served.config.mlx.source.revision or "",
+                    "details": _details(served.config),
+                    "expires_at": (
+                        dt.datetime.fromtimestamp(until, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+                        if until is not None
+                        else _FOREVER
+                    ),
+                    "context_length": served.config.context_size,
+                }
+            )
+        return JSONResponse({"models": models})
+
+    @api.post("/api/show")
+    async def show(request: Request) -> Response:
+        async def run() -> Response:
+            params = ShowParams.model_validate(await context.body(request))
+            name = params.model or params.name
+            if not name:
+                raise RequestError("model is required", field="model")
+            config = context.pool.lookup(_untag(name)).config
+            stops = [
+                *config.stopwords,
+                *(token.text for token in config.mlx.stop_tokens if getattr(token, "text", None)),
+            ]
+            parameters = "\n".join(f'stop "{stop}"' for stop in dict.fromkeys(stops))
+            return JSONResponse(
+                {
+                    "modelfile": f"# served by mlx-gallery from its config {config.name}\nFROM {config.name}\n",
+                    "parameters": parameters,
+                    "template": config.mlx.chat_template.text or "",
+                    "details": _details(config),
+                    "model_info": {
+                        "general.architecture": config.mlx.model_type or "",
+                        "general.context_length": config.context_size,
+                        f"{config.mlx.model_type or 'model'}.context_length": config.context_size,
+                        "mlx_gallery.reasoning": config.mlx.reasoning.model_dump(),
+                        "mlx_gallery.tool_format": config.mlx.tool_calls.format,
+                        # The importer's decisions (verbose: with the evidence for and against each one).
+                        "mlx_gallery.decisions": {
+                            key: decision.model_dump(mode="json") if params.verbose else decision.value
+                            for key, decision in config.mlx.decisions.items()
+                        },
+                    },
+                    "capabilities": _capabilities(config),
+                    "modified_at": "1970-01-01T00:00:00Z",
+                }
+            )
+
+        return await run_route(run, error_response)
+
+    return api
