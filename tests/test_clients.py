@@ -1,13 +1,14 @@
 """Client conformance (issue 19): real client packages from PyPI run whole agent loops against the server.
 
-Each client — `openai`, `langchain-openai`, `litellm`, `openai-agents` and the `llm` CLI — runs a whole tool
-loop (the model calls get_weather, the client runs it and sends the result back, the model answers in prose),
+Each client — `openai`, `langchain-openai`, `litellm`, `openai-agents` (on Chat Completions and on the Responses
+API) and the `llm` CLI — runs a whole tool loop (the model calls get_weather, the client runs it and sends the result back, the model answers in prose),
 streaming and not, against `scripted-toolloop`: a real tiny MLX model that calls the tool while no tool result
 is in its prompt and answers once one is (fixtures/build_models.py). Each client's structured-output mode is
 checked with a schema of enums and booleans (a scripted model under a grammar has no free text to write), and
 the clients that send images send one to `scripted-vlm`. LangChain's `tool_choice="any"` and
-`parallel_tool_calls=False` go through the grammar that enforces them. `instructor` is skipped where it cannot
-be installed beside the pinned packages (every release caps jiter and rich below the versions here).
+`parallel_tool_calls=False` go through the grammar that enforces them; `instructor` runs its schema mode and its
+tools mode (one forced function call). instructor's metadata caps jiter and rich below the versions pinned here,
+while it works with them, so `./run` installs it without its declared dependencies.
 
 One server process serves the whole module. Nothing reaches the network: litellm reads its bundled cost map,
 the agents SDK has tracing off, `llm` keeps its state in a temporary LLM_USER_PATH.
@@ -309,14 +310,13 @@ def test_litellm_structured_output(server: HttpProcess) -> None:
     Weather.model_validate_json(response.choices[0].message.content)
 
 
-def test_instructor_structured_output(server: HttpProcess) -> None:
-    instructor = pytest.importorskip(
-        "instructor",
-        reason="instructor caps jiter<0.15 and rich<15; this environment pins jiter 0.19, rich 15",
-    )
-    client = instructor.from_openai(server.client, mode=instructor.Mode.JSON_SCHEMA)
+@pytest.mark.parametrize("mode", ["JSON_SCHEMA", "TOOLS"])
+def test_instructor_structured_output(server: HttpProcess, mode: str) -> None:
+    """instructor's schema mode, and its tools mode (a forced call of one named function: tool_choice)."""
+    instructor = pytest.importorskip("instructor")
+    client = instructor.from_openai(server.client, mode=getattr(instructor.Mode, mode))
     answer = client.chat.completions.create(
-        model=LOOP, messages=[{"role": "user", "content": QUESTION}], response_model=Weather
+        model=LOOP, messages=[{"role": "user", "content": QUESTION}], response_model=Weather, max_retries=0
     )
     assert isinstance(answer, Weather)
 
@@ -337,20 +337,24 @@ def _agents() -> Any:
     return agents
 
 
-def _agent(server: HttpProcess, **kwargs: Any) -> Any:
+def _agent(server: HttpProcess, *, responses: bool = False, **kwargs: Any) -> Any:
     from openai import AsyncOpenAI
 
     agents = _agents()
     agents.set_tracing_disabled(True)  # tracing would post to OpenAI's servers
     client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-    model = agents.OpenAIChatCompletionsModel(model=LOOP, openai_client=client)
+    if responses:  # the SDK's default API: OpenAI's Responses API (issue 21's door)
+        model = agents.OpenAIResponsesModel(model=LOOP, openai_client=client)
+    else:
+        model = agents.OpenAIChatCompletionsModel(model=LOOP, openai_client=client)
     return agents.Agent(name="weather", instructions="Answer about the weather.", model=model, **kwargs)
 
 
+@pytest.mark.parametrize("responses", [False, True], ids=["chat", "responses"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_agents_tool_loop(server: HttpProcess, stream: bool) -> None:
+def test_agents_tool_loop(server: HttpProcess, stream: bool, responses: bool) -> None:
     agents = _agents()
-    agent = _agent(server, tools=[agents.function_tool(get_weather)])
+    agent = _agent(server, responses=responses, tools=[agents.function_tool(get_weather)])
     Runner = agents.Runner
 
     if stream:
