@@ -14,6 +14,7 @@ FOUNDATION = (
     "gallery.errors",
     "gallery.yamlio",
     "gallery.chat_template",
+    "gallery.template_sandbox",
     "gallery.hub",
     "gallery.families",
     "gallery.commandline",
