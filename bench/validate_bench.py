@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from catalog import validate  # noqa: E402
+from catalog import probes, validate  # noqa: E402
 from catalog.index import (  # noqa: E402
     CatalogFile,
     Entry,
@@ -102,7 +102,7 @@ def _with_weights(entry: Entry) -> Entry:
 
 
 def _reset_caches() -> None:
-    validate._VERDICTS.clear()
+    probes._VERDICTS.clear()
     chat_template._CACHE.clear()
     gc.collect()
 
@@ -164,17 +164,17 @@ def main(argv: list[str] | None = None) -> int:
 
         sample = sample_catalog(index, folder, args.sample)
         sample_cached, sample_cached_s, _ = timed(lambda: validate_paths([sample]))
-        original = validate._template_verdict
+        original = validate.template_verdict
 
         def uncached(text: str, sha256: str, *rest: object) -> object:
             chat_template._CACHE.clear()  # no compiled-template cache either: compile and render every time
-            return validate._render_probes(text, *rest)  # type: ignore[arg-type]
+            return probes.render_probes(text, *rest)  # type: ignore[arg-type]
 
-        validate._template_verdict = uncached  # type: ignore[assignment]
+        validate.template_verdict = uncached  # type: ignore[assignment]  # the name check_config calls
         try:
             sample_report, uncached_s, _ = timed(lambda: validate_paths([sample]))
         finally:
-            validate._template_verdict = original
+            validate.template_verdict = original
 
     rate = report.entries / cached_s
     uncached_rate = sample_report.entries / uncached_s

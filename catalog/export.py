@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from catalog.index import Entry
+from catalog.entry import Entry
 from gallery.config import ModelConfig
 from gallery.yamlio import dump_yaml
 

@@ -14,8 +14,9 @@
           uri: https://huggingface.co/mlx-community/Qwen3-4B-4bit/resolve/<commit>/config.json
 
 Reading is lenient where it can be (one broken entry must not hide the others, the lesson of LocalAI's
-gallery) and exact about where each problem is: every Problem carries its file and line. The deep
-checks (templates, stop sets, hashes against the config) live in catalog.validate.
+gallery) and exact about where each problem is: every Problem carries its file and line. The entry format
+(Entry, IndexEntry, CatalogFile, Problem) lives in catalog.entry and is re-exported here; the deep checks
+(templates, stop sets, hashes against the config) live in catalog.validate.
 """
 
 from __future__ import annotations
@@ -23,18 +24,30 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from gallery.config import SUPPORTED_BACKENDS, ModelConfig, RepoFile
+# The entry format lives in catalog.entry; its names stay importable from here (re-exported).
+from catalog.entry import (  # noqa: F401
+    CatalogFile,
+    Entry,
+    IndexEntry,
+    Problem,
+    Severity,
+    describe_location,
+    file_uri,
+    human_size,
+    install_files,
+    path_problem,
+    repo_url,
+)
+from catalog.export import localai_data
+from gallery.config import SUPPORTED_BACKENDS, ModelConfig
 from gallery.configfile import MAX_CONFIG_BYTES, schema_errors
 from gallery.errors import BadConfig, OutputExists, UsageError
-from gallery.hub import HUB_WEB
 from gallery.yamlio import YamlDocument, atomic_write, dump_yaml, read_yaml_file
 
 INDEX_FILE = "index.yaml"
@@ -48,47 +61,6 @@ INDEX_HEADER = (
     "# install downloads, with its sha256. Check it with `gallery validate`; re-pin it with `gallery refresh --write`.\n"
     "# Written by `gallery add` / `gallery refresh --write` / `python -m fixtures.catalog_seed`.\n"
 )
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-# Files an install skips: duplicates of the weights in other formats, docs media, git plumbing.
-_SKIP_SUFFIXES = (
-    ".gguf",
-    ".pth",
-    ".pt",
-    ".onnx",
-    ".onnx_data",
-    ".h5",
-    ".msgpack",
-    ".ot",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".gif",
-    ".webp",
-    ".mp4",
-)
-_SKIP_DIRS = ("original/", "onnx/", "gguf/", "coreml/", "openvino/")
-
-Severity = Literal["error", "warning"]
-
-
-# ----------------------------------------------------------------------------------------------- problems
-@dataclasses.dataclass(frozen=True, order=True)
-class Problem:
-    """One finding: where (file, line), how bad, a stable code, which entry, and a one-line message."""
-
-    file: str
-    line: int | None
-    severity: Severity
-    code: str
-    message: str
-    entry: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The problem as JSON-ready data."""
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------- paths
@@ -152,191 +124,6 @@ def writable_catalog_path(option: Path | str | None = None) -> Path:
             f"--catalog PATH (or leave it out to use {user_catalog_path()})"
         )
     return path
-
-
-def path_problem(name: Any, what: str = "file name") -> str | None:
-    """Why a relative file name could escape its folder (or is unusable), or None when it is safe.
-
-    Catalog file names become paths under the models folder at install time, so absolute paths, `..`,
-    backslashes (a separator on Windows), NUL, empty or `.` components and drive letters are all refused.
-    """
-    if not isinstance(name, str) or not name:
-        return f"{what} must be a non-empty string"
-    if "\x00" in name:
-        return f"{what} {name!r} contains a NUL byte"
-    if "\\" in name:
-        return f"{what} {name!r} contains a backslash (use / between folders)"
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        return f"{what} {name!r} is absolute: it must be relative to its folder"
-    parts = name.split("/")
-    if any(part == ".." for part in parts):
-        return f"{what} {name!r} escapes its folder (a '..' component)"
-    if any(part in ("", ".") for part in parts):
-        return f"{what} {name!r} has an empty or '.' component"
-    if _CONTROL_RE.search(name):
-        return f"{what} {name!r} contains a control character"
-    return None
-
-
-def file_uri(repo_id: str, revision: str, filename: str) -> str:
-    """The pinned download URL of a repo file (LocalAI's downloader takes https URIs as they are)."""
-    return f"{HUB_WEB}/{repo_id}/resolve/{revision}/{quote(filename, safe='/')}"
-
-
-def repo_url(repo_id: str) -> str:
-    """The repo's page on the Hub."""
-    return f"{HUB_WEB}/{repo_id}"
-
-
-def human_size(size: int) -> str:
-    """A byte count as the Hub shows it (decimal units): 2.26 GB, 512 kB."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def install_files(config: ModelConfig) -> list[RepoFile]:
-    """The files of the pinned revision an install needs: everything but other weight formats, media and git files.
-
-    `*.bin` weights are skipped when safetensors exist (the same weights twice); `original/` holds Meta's
-    consolidated checkpoint, `onnx/`/`gguf/` other runtimes' copies.
-    """
-    paths = [f.path for f in config.mlx.files]
-    has_safetensors = any(p.endswith(".safetensors") for p in paths)
-    chosen = []
-    for repo_file in config.mlx.files:
-        path = repo_file.path
-        lower = path.lower()
-        if path == ".gitattributes" or lower.endswith(_SKIP_SUFFIXES) or lower.startswith(_SKIP_DIRS):
-            continue
-        if has_safetensors and lower.endswith(".bin") and "model" in lower:
-            continue
-        chosen.append(repo_file)
-    return chosen
-
-
-# ----------------------------------------------------------------------------------------------- the format
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CatalogFile(_Strict):
-    """One file an install downloads: its name inside the model folder, its sha256 and its pinned URL."""
-
-    filename: str
-    sha256: str
-    uri: str
-
-    @field_validator("filename")
-    @classmethod
-    def _safe(cls, value: str) -> str:
-        problem = path_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _SHA256_RE.fullmatch(value):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {value!r}")
-        return value
-
-    @field_validator("uri")
-    @classmethod
-    def _https(cls, value: str) -> str:
-        if not value.startswith("https://"):
-            raise ValueError(f"uri must be an https URL, got {value!r}")
-        return value
-
-
-class IndexEntry(_Strict):
-    """The index fields of an entry (LocalAI's gallery keys plus `config`)."""
-
-    name: str = Field(min_length=1, max_length=200)
-    description: str | None = None
-    license: str | None = None
-    icon: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    urls: list[str] = Field(default_factory=list)
-    size: str | None = None
-    config: str | dict[str, Any]
-    files: list[CatalogFile] = Field(min_length=1)
-    config_file: dict[str, Any] | None = None  # LocalAI's key: the model YAML its install writes
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not _NAME_RE.fullmatch(value) or ".." in value:
-            raise ValueError(
-                f"name {value!r} must be letters, digits and . _ + - (no path separators, no '..')"
-            )
-        return value
-
-    @field_validator("config")
-    @classmethod
-    def _config_ref(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
-        if isinstance(value, str):
-            problem = path_problem(value, "config path")
-            if problem:
-                raise ValueError(problem)
-            if not value.endswith((".yaml", ".yml", ".json")):
-                raise ValueError(f"config path {value!r} must name a .yaml, .yml or .json file")
-        return value
-
-    @field_validator("icon")
-    @classmethod
-    def _icon_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("https://"):
-            raise ValueError(f"icon must be an https URL, got {value!r}")
-        return value
-
-    @field_validator("urls")
-    @classmethod
-    def _http_urls(cls, value: list[str]) -> list[str]:
-        for url in value:
-            if not url.startswith(("https://", "http://")):
-                raise ValueError(f"urls must be http(s) URLs, got {url!r}")
-        return value
-
-
-@dataclasses.dataclass
-class Entry:
-    """A catalog entry: its index fields and its pinned config (`config_ref` is None when inline)."""
-
-    meta: IndexEntry
-    config: ModelConfig
-    config_ref: str | None
-    index_path: Path | None = None  # the catalog index it was read from (None: built, not yet written)
-
-    @property
-    def name(self) -> str:
-        """The entry's name."""
-        return self.meta.name
-
-    def index_data(self) -> dict[str, Any]:
-        """The index mapping, in the canonical key order, without empty optional keys."""
-        data: dict[str, Any] = {"name": self.meta.name}
-        for key in ("description", "license", "icon"):
-            value = getattr(self.meta, key)
-            if value:
-                data[key] = value
-        for key in ("tags", "urls"):
-            value = getattr(self.meta, key)
-            if value:
-                data[key] = list(value)
-        if self.meta.size:
-            data["size"] = self.meta.size
-        data["config"] = self.config_ref if self.config_ref is not None else self.config.to_data()
-        data["files"] = [f.model_dump() for f in self.meta.files]
-        from catalog.export import localai_data
-
-        # LocalAI's gallery reads `config_file` (the model YAML it writes on install) and `files`.
-        data["config_file"] = localai_data(self)
-        return data
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -668,11 +455,31 @@ def config_ref_for(name: str) -> str:
     return f"{ENTRIES_DIR}/{name}.yaml"
 
 
+def index_data(entry: Entry) -> dict[str, Any]:
+    """An entry's index mapping, in the canonical key order, without empty optional keys."""
+    data: dict[str, Any] = {"name": entry.meta.name}
+    for key in ("description", "license", "icon"):
+        value = getattr(entry.meta, key)
+        if value:
+            data[key] = value
+    for key in ("tags", "urls"):
+        value = getattr(entry.meta, key)
+        if value:
+            data[key] = list(value)
+    if entry.meta.size:
+        data["size"] = entry.meta.size
+    data["config"] = entry.config_ref if entry.config_ref is not None else entry.config.to_data()
+    data["files"] = [f.model_dump() for f in entry.meta.files]
+    # LocalAI's gallery reads `config_file` (the model YAML it writes on install) and `files`.
+    data["config_file"] = localai_data(entry)
+    return data
+
+
 def render_index(entries: list[Entry]) -> str:
     """The index text in canonical form (header, then the entries in order)."""
     if not entries:
         return INDEX_HEADER + "[]\n"
-    return INDEX_HEADER + dump_yaml([entry.index_data() for entry in entries])
+    return INDEX_HEADER + dump_yaml([index_data(entry) for entry in entries])
 
 
 def render_config(config: ModelConfig) -> str:
@@ -753,7 +560,7 @@ def _index_text(path: Path, entries: list[Entry], changed: set[str] | None) -> s
     for entry in entries:
         if changed is not None and entry.name not in changed and entry.name in by_name:
             continue
-        fresh = yaml.load(dump_yaml([entry.index_data()]))[0]
+        fresh = yaml.load(dump_yaml([index_data(entry)]))[0]
         current = by_name.get(entry.name)
         if current is None:
             document.append(fresh)
@@ -774,16 +581,3 @@ def _roundtrip_yaml(factory: Any) -> Any:
     yaml.width = 4096  # never fold a long description onto several lines
     yaml.indent(mapping=2, sequence=2, offset=0)
     return yaml
-
-
-def describe_location(file: str, line: int | None) -> str:
-    """`file:line` (or just file), relative to the working folder when inside it (as CI annotations want)."""
-    shown = file
-    try:
-        relative = os.path.relpath(file)
-        if not relative.startswith(".."):
-            shown = relative
-    except ValueError:  # another drive on Windows
-        pass
-    shown = Path(shown).as_posix()
-    return f"{shown}:{line}" if line else shown

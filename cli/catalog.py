@@ -20,6 +20,7 @@ from catalog.index import (
     Catalog,
     Entry,
     catalog_search_path,
+    index_data,
     load_catalog_strict,
     load_catalogs,
     resolve_catalog_path,
@@ -419,7 +420,7 @@ def add_command(
         inline=inline,
     )
     if as_json:
-        emit(json.dumps(entry.index_data(), indent=2, ensure_ascii=False) + "\n")
+        emit(json.dumps(index_data(entry), indent=2, ensure_ascii=False) + "\n")
     note(
         f"added {entry.name} ({entry.config.backend}, {len(entry.meta.files)} files, "
         f"{entry.meta.size or 'size unknown'}) to {path}"

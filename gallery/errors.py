@@ -9,7 +9,7 @@ the catalog reads `BadConfig.line`, the runtime maps classes to gRPC and JSON-RP
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 # code -> (name, meaning). Codes are stable: scripts and CI jobs depend on them.
 EXIT_CODES: dict[int, tuple[str, str]] = {
@@ -260,8 +260,3 @@ def exit_code_table() -> str:
     rows = ["| code | name | meaning |", "|---|---|---|"]
     rows += [f"| {code} | {name} | {meaning} |" for code, (name, meaning) in EXIT_CODES.items()]
     return "\n".join(rows)
-
-
-def error_data(exc: BaseException) -> dict[str, Any]:
-    """The data attributes of an error (for JSON output), without the message."""
-    return {key: value for key, value in vars(exc).items() if not key.startswith("_") and value is not None}

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import functools
 import importlib.util
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,19 @@ SHARED_TEXT_ROUTE: dict[str, str] = {
     "gemma4": "gemma4_text",
     "qwen3_5": "qwen3_5",
 }
+
+
+# ast.parse is not thread-safe on CPython 3.11 (the ast module keeps its recursion counter in shared state, see
+# python/cpython#106905): two threads parsing at once can fail with "SystemError: AST constructor recursion
+# depth mismatch" (seen with `gallery refresh`, which imports entries on several threads). Parses take turns.
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse_file(path: Path) -> ast.Module:
+    """Parse a Python source file (one parse at a time, see _PARSE_LOCK). Raises OSError, SyntaxError, ValueError."""
+    text = path.read_text(encoding="utf-8")
+    with _PARSE_LOCK:
+        return ast.parse(text)
 
 
 @functools.lru_cache(maxsize=8)
@@ -41,7 +55,7 @@ def _module_dict(package: str, name: str) -> dict[Any, str]:
     if root is None:
         return {}
     try:
-        tree = ast.parse((root / "utils.py").read_text(encoding="utf-8"))
+        tree = _parse_file(root / "utils.py")
     except (OSError, SyntaxError, ValueError):
         return {}
     for node in tree.body:
@@ -199,7 +213,7 @@ def sharding_methods(config: dict[str, Any]) -> ShardingMethods | None:
     if support.path is None or support.module is None:
         return None
     try:
-        tree = ast.parse(Path(support.path).read_text(encoding="utf-8"))
+        tree = _parse_file(Path(support.path))
     except (OSError, SyntaxError, ValueError):
         return None
     tensor = pipeline = False

@@ -122,7 +122,6 @@ _UNSUPPORTED_ARCH_SUFFIXES = (
     "ForImageClassification",
     "ForTextToSpeech",
 )
-_GENERATIVE_ARCH = re.compile(r"(ForCausalLM|ForConditionalGeneration|LMHeadModel|ForMultimodalLM)$")
 # Tensor-name markers of modality towers in a weights index (any path component). Projectors
 # (`multi_modal_projector`, `mm_projector`) are left out: audio-only models have them too.
 _VISION_TENSOR = re.compile(

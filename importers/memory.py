@@ -25,7 +25,6 @@ REFERENCE_CONTEXT = 8192
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _LANGUAGE_KEYS = ("text_config", "llm_config", "language_config", "thinker_config")
 # Layer-type names (config `layer_types`) by how their cache grows.
-_FULL = frozenset({"full_attention", "attention", "global", "global_attention", "full"})
 _SLIDING = frozenset({"sliding_attention", "sliding", "local", "local_attention", "chunked_attention"})
 _LINEAR = frozenset({"linear_attention", "mamba", "mamba2", "ssm", "conv", "recurrent", "gated_delta"})
 

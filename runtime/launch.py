@@ -43,7 +43,6 @@ ENV_LAUNCH_DIR = "GALLERY_LAUNCH_DIR"  # rank 0 writes rank0.pid and rank0.exit 
 ENV_STDIO_IN = "GALLERY_STDIO_IN"
 ENV_STDIO_OUT = "GALLERY_STDIO_OUT"
 DEFAULT_RING_PORT = 32323  # mlx.launch's own default
-KILL_AFTER_S = 10.0  # after a second signal (or a launch that will not end), kill every rank
 
 
 def launcher_path() -> str:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a spinner (rich's Live) writes last when it stops: after it, a Ctrl-C cannot land inside the spinner.
+SHOW_CURSOR = "\x1b[?25h"
 
 
 def user_env(home: Path, hub_url: str | None = None, **extra: str) -> dict[str, str]:
@@ -58,7 +60,7 @@ def spawn(
     child = pexpect.spawn(
         sys.executable,
         ["-m", "cli", *args],
-        env=env,
+        env={"TERM": "xterm-256color", **env},  # a terminal has a TERM, also when the suite runs without one
         cwd=str(cwd),
         dimensions=(rows, columns),
         timeout=timeout,

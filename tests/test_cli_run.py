@@ -10,7 +10,7 @@ import pexpect
 import pytest
 
 from tests.plugins.models import fixture_info
-from tests.terminal_support import gallery, spawn, strip_ansi, user_env
+from tests.terminal_support import SHOW_CURSOR, gallery, spawn, strip_ansi, user_env
 
 pytestmark = pytest.mark.mlx
 
@@ -87,6 +87,7 @@ def test_ctrl_c_ends_the_line_and_exits_130(vlm_model: Path, person: tuple[dict[
         "run", str(vlm_model), "-p", "tell me a long story", "--max-tokens", "3000", env=env, cwd=work
     )
     child.expect("answering")
+    child.expect_exact(SHOW_CURSOR)  # the spinner is gone (its own frames could match the words below)
     child.expect(r"\w+ \w+")  # words of the answer have come
     child.sendintr()
     child.expect(pexpect.EOF)

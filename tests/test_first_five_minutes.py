@@ -1,6 +1,6 @@
 """What a new user does, in real processes, with a fresh HOME, from a folder that is not the project's:
 loopback hub -> `gallery pull` -> `gallery ls` -> `gallery run NAME` -> `gallery chat NAME` in a pseudo-terminal
-(two turns, one /image, Ctrl-C during an answer, /exit) -> `gallery rm`."""
+(Ctrl-C during an answer, two turns, one /image, /exit) -> `gallery rm`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.terminal_support import gallery, spawn, strip_ansi, user_env
+from tests.terminal_support import SHOW_CURSOR, gallery, spawn, strip_ansi, user_env
 
 pytestmark = pytest.mark.mlx
 REPO = "test-org/tiny-vlm"
@@ -57,8 +57,21 @@ def test_pull_ls_run_chat_rm(new_user: tuple[dict[str, str], Path], tmp_path: Pa
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)["usage"]["completion_tokens"] == 5
 
-    chat = spawn("chat", NAME, "--max-tokens", "400", env=offline, cwd=work, columns=80)
+    # Greedy, so the answers run to --max-tokens (a sampled answer can end at its first token, and a Ctrl-C
+    # would then land after it). The interrupted answer comes first, on an empty context, so it has room for
+    # the longest answer: it is still running when the Ctrl-C lands even on a loaded machine.
+    chat = spawn(
+        "chat", NAME, "--max-tokens", "1500", "--temperature", "0", env=offline, cwd=work, columns=80
+    )
     chat.expect(">>> ")
+    chat.sendline("tell me a long story")
+    chat.expect("answering")  # the first piece of the answer has come
+    # Ctrl-C only once the spinner is gone: rich's Live shows the cursor again as the last step of stopping,
+    # and an interrupt inside that stop would leave its stdout redirect behind (a definite state, not a race).
+    chat.expect_exact(SHOW_CURSOR)
+    chat.sendintr()  # Ctrl-C during the answer
+    chat.expect(r"answer stopped")
+    chat.expect(">>> ")  # the session goes on
     chat.sendline("hello")
     chat.expect(r"\(prompt (\d+) tokens, \d+ cached · answer (\d+) tokens")
     first_prompt, first_answer = int(chat.match.group(1)), int(chat.match.group(2))
@@ -72,11 +85,6 @@ def test_pull_ls_run_chat_rm(new_user: tuple[dict[str, str], Path], tmp_path: Pa
     # The whole conversation went with the second message: the first turn, its answer, and the image.
     assert second_prompt > first_prompt + first_answer
     chat.expect(">>> ")
-    chat.sendline("tell me a long story")
-    chat.expect("answering")  # the first piece of the answer has come
-    chat.sendintr()  # Ctrl-C during the answer
-    chat.expect(r"answer stopped")
-    chat.expect(">>> ")  # the session goes on
     chat.sendline("/exit")
     chat.expect(pexpect.EOF)
     chat.close()
