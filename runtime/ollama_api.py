@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict
 
 from gallery.errors import RequestError
+from runtime.async_bridge import run_blocking
 from runtime.faults import FAULTS
 from runtime.http_guard import AccessRecord
 from runtime.pool import Served
@@ -379,42 +380,45 @@ def _untag(name: str) -> str:
     return name[: -len(":latest")] if name.endswith(":latest") else name
 
 
-def router(context: Any) -> APIRouter:
-    """Ollama's routes over the server's shared context (runtime.http_server._Context)."""
-    from runtime.async_bridge import run_blocking
-    from runtime.http_server import run_route, stream_events, whole_answer
+class _Door:
+    """What Ollama's routes share: the server's context and each model's keep_alive timer."""
 
-    api = APIRouter()
-    expiry: dict[str, float | None] = {}  # model -> wall-clock unload time (None: never)
-    timers: dict[str, asyncio.Task[None]] = {}
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self.expiry: dict[str, float | None] = {}  # model -> wall-clock unload time (None: never)
+        self.timers: dict[str, asyncio.Task[None]] = {}
 
-    async def unload_when_idle(served: Any, delay: float) -> None:
+    async def unload_when_idle(self, served: Any, delay: float) -> None:
         """Unload the model after delay seconds once it is idle (a later keep_alive replaces this timer)."""
         await asyncio.sleep(max(delay, 0.0))
         while not served.idle:
             await asyncio.sleep(0.2)
         async with served.lock:
             if served.idle and served.engine is not None:
-                await run_blocking(context.executor, served.host.free)
-        expiry.pop(served.config.name, None)
+                await run_blocking(self.context.executor, served.host.free)
+        self.expiry.pop(served.config.name, None)
 
-    def keep_alive(served: Any, value: str | float | None) -> None:
+    def keep_alive(self, served: Any, value: str | float | None) -> None:
+        """Arm (or disarm) the model's unload timer for a request's keep_alive."""
         seconds = keep_alive_seconds(value)
         if seconds is None:
             return
         name = served.config.name
-        previous = timers.pop(name, None)
+        previous = self.timers.pop(name, None)
         if previous is not None:
             previous.cancel()
         if seconds < 0:
-            expiry[name] = None
+            self.expiry[name] = None
             return
-        expiry[name] = time.time() + seconds
-        timers[name] = asyncio.get_running_loop().create_task(unload_when_idle(served, seconds))
+        self.expiry[name] = time.time() + seconds
+        self.timers[name] = asyncio.get_running_loop().create_task(self.unload_when_idle(served, seconds))
 
-    async def answer(request: Request, params: _Generation, chat: bool) -> Response:
+    async def answer(self, request: Request, params: _Generation, chat: bool) -> Response:
+        """One /api/chat or /api/generate request: load/unload requests, or an answer (NDJSON or whole)."""
+        from runtime.http_server import whole_answer
+
         seconds = keep_alive_seconds(params.keep_alive)  # checked before anything loads
-        served = await context.pool.find(_untag(params.model))
+        served = await self.context.pool.find(_untag(params.model))
         record: AccessRecord = request.state.access
         record.model = served.config.name
         if isinstance(params, ChatParams):
@@ -427,12 +431,12 @@ def router(context: Any) -> APIRouter:
             if seconds == 0:
                 if served.engine is not None:
                     async with served.lock:
-                        await run_blocking(context.executor, served.host.free)
-                expiry.pop(served.config.name, None)
+                        await run_blocking(self.context.executor, served.host.free)
+                self.expiry.pop(served.config.name, None)
                 reason = "unload"
             else:
-                await context.pool.engine(served.config.name)
-                keep_alive(served, params.keep_alive)
+                await self.context.pool.engine(served.config.name)
+                self.keep_alive(served, params.keep_alive)
                 reason = "load"
             empty_piece = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
             return JSONResponse(
@@ -447,16 +451,16 @@ def router(context: Any) -> APIRouter:
             return generate_request(params, served.config)
 
         started = time.perf_counter()
-        served, _generation, handle = await context.start(request, served.config.name, build)
+        served, _generation, handle = await self.context.start(request, served.config.name, build)
         if params.stream:
             return StreamingResponse(
-                stream(handle, base, chat, started, record, served, params.keep_alive),
+                self.stream(handle, base, chat, started, record, served, params.keep_alive),
                 media_type="application/x-ndjson",
             )
         try:
             done = await whole_answer(request, handle)
         finally:
-            keep_alive(served, params.keep_alive)
+            self.keep_alive(served, params.keep_alive)
         record.prompt_tokens, record.completion_tokens = (
             done.usage.prompt_tokens,
             done.usage.completion_tokens,
@@ -472,6 +476,7 @@ def router(context: Any) -> APIRouter:
         return JSONResponse(body)
 
     async def stream(
+        self,
         handle: Any,
         base: dict[str, Any],
         chat: bool,
@@ -480,6 +485,9 @@ def router(context: Any) -> APIRouter:
         served: Any,
         alive: Any,
     ) -> AsyncIterator[bytes]:
+        """An answer as Ollama's NDJSON lines."""
+        from runtime.http_server import stream_events
+
         try:
             async for event in stream_events(handle):
                 if event.has_output:
@@ -504,19 +512,29 @@ def router(context: Any) -> APIRouter:
                     }
                 )
         finally:
-            keep_alive(served, alive)
+            self.keep_alive(served, alive)
+
+
+def router(context: Any) -> APIRouter:
+    """Ollama's routes over the server's shared context (runtime.http_server._Context)."""
+    from runtime.http_server import run_route
+
+    api = APIRouter()
+    door = _Door(context)
 
     @api.post("/api/chat")
     async def chat(request: Request) -> Response:
         async def run() -> Response:
-            return await answer(request, ChatParams.model_validate(await context.body(request)), True)
+            return await door.answer(request, ChatParams.model_validate(await context.body(request)), True)
 
         return await run_route(run, error_response)
 
     @api.post("/api/generate")
     async def generate(request: Request) -> Response:
         async def run() -> Response:
-            return await answer(request, GenerateParams.model_validate(await context.body(request)), False)
+            return await door.answer(
+                request, GenerateParams.model_validate(await context.body(request)), False
+            )
 
         return await run_route(run, error_response)
 
@@ -552,7 +570,7 @@ def router(context: Any) -> APIRouter:
                 continue
             memory = engine.status().get("memory", {})
             size = int(memory.get("mlx_active") or _size(served.config))
-            until = expiry.get(served.config.name)
+            until = door.expiry.get(served.config.name)
             models.append(
                 {
                     "name": _tag(served.config.name),
