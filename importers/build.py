@@ -31,8 +31,8 @@ from importers.facts import (
 from importers.fetch import FetchStats, RepoSnapshot, fetch
 from importers.memory import decide_memory
 from importers.metadata import RepoMetadata, optional_int, str_list, token_text
-from importers.remote_code import decide_remote_code
 from importers.reasoning import decide_reasoning
+from importers.remote_code import decide_remote_code
 from importers.sharding import decide_sharding
 from importers.source import ModelSource, parse_source
 from importers.stops import decide_stops

@@ -50,9 +50,7 @@ def _tokenizer_code(meta: RepoMetadata) -> str | None:
     return None
 
 
-def decide_remote_code(
-    meta: RepoMetadata, support: LibrarySupport, *, trusted: bool
-) -> RemoteCodeDecision:
+def decide_remote_code(meta: RepoMetadata, support: LibrarySupport, *, trusted: bool) -> RemoteCodeDecision:
     """Whether the chosen backend's load needs trust_remote_code (tokenizer or model code), and the warning."""
     evidence: list[Evidence] = []
     needed: list[str] = []
@@ -81,7 +79,9 @@ def decide_remote_code(
     if trusted:
         evidence.insert(0, Evidence(source="cli", field="--trust-remote-code", detail="turned on explicitly"))
         value = "on (requested): " + "; ".join(needed)
-        warnings = [f"trust_remote_code is pinned on: loading runs the repo's own code for {'; '.join(needed)}"]
+        warnings = [
+            f"trust_remote_code is pinned on: loading runs the repo's own code for {'; '.join(needed)}"
+        ]
     else:
         value = "needed, but off: " + "; ".join(needed)
         warnings = [
