@@ -4,7 +4,8 @@ Every command and interface that takes a model (`gallery run`, `chat`, `serve`, 
 stdio `load`, the HTTP server's `model`) resolves it here, in the same order:
 1. a config file that exists (YAML or JSON), relative to the working folder or to a base folder (LocalAI's
    models directory);
-2. a model folder that exists (imported on the fly from its metadata);
+2. a model folder that exists: with a revision asked for, the catalog entry pinned at it whose files the
+   folder holds (a LocalAI gallery install); else imported on the fly from its metadata;
 3. a catalog entry name (the user's catalog, then the bundled one): its installed copy first — in the models
    folder when one is given, else the entry's verified files in the Hugging Face cache — else its pinned
    config (whose weights then come from the cache, or a download when allowed);
@@ -131,7 +132,8 @@ def _resolve(
     if path is not None and path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{spec}: the folder has no config.json (not a model folder)", spec=spec)
-        return _import(str(path), spec, "folder")
+        pinned = find_pinned_folder(path, revision, catalog=catalog) if revision is not None else None
+        return pinned or _import(str(path), spec, "folder")
     found = find_entry(spec, catalog=catalog, models_dir=models_dir)
     if found is not None:
         return found
@@ -220,6 +222,28 @@ def find_installed_repo(
         found = _installed(entry, folder, paths)
         if found is not None:
             return found
+    return None
+
+
+def find_pinned_folder(folder: Path, revision: str, *, catalog: str | Path | None = None) -> Resolved | None:
+    """A folder holding a catalog entry's files (what LocalAI's gallery install leaves in `<models>/<name>/`),
+    as that entry's pinned config, when the entry pins `revision`; an entry named like the folder first."""
+    paths = catalog_search_path(catalog)
+    if not any(p.exists() for p in paths):
+        return None
+    try:
+        loaded = load_catalogs(paths)
+    except BadConfig:
+        return None
+    entries = sorted(loaded.entries, key=lambda entry: entry.name != folder.name)
+    for entry in entries:
+        source = entry.config.mlx.source
+        if not entry.meta.files or not revision_matches(source.revision, source.requested_revision, revision):
+            continue
+        if all((folder / file.filename).is_file() for file in entry.meta.files):
+            config = entry.config.model_copy(deep=True)
+            config.parameters.model = str(folder.resolve())
+            return Resolved(config, folder.resolve(), "installed", entry.name)
     return None
 
 

@@ -53,7 +53,7 @@ def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -
         return cached
     if not allow_download or is_offline():
         raise RuntimeFailure(
-            f"the weights of {repo}@{(revision or 'main')[:12]} are not in the local cache; run "
+            f"the weights of {repo}@{revision or 'main'} are not in the local cache; run "
             "`gallery pull NAME` (or `gallery install NAME`) for a catalog entry, or allow downloads (`--allow-download`, or the "
             "load option `allow_download:true`)" + (" and unset HF_HUB_OFFLINE" if is_offline() else "")
         )
