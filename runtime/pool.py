@@ -26,6 +26,12 @@ from runtime.load_options import parse_options
 log = logging.getLogger("runtime")
 
 
+def weights_bytes(config: ModelConfig) -> int:
+    """The bytes of a config's weights (its .safetensors files): what MLX holds in memory for them."""
+    weights = [f.size or 0 for f in config.mlx.files if f.path.endswith(".safetensors")]
+    return sum(weights) if weights else int(config.mlx.total_size or 0)
+
+
 @dataclasses.dataclass
 class Served:
     """One served model: its spec, its config (known before loading), its names, and its host."""
@@ -152,8 +158,51 @@ class ModelPool:
             resident.remove(victim)
 
     def statuses(self) -> dict[str, dict[str, Any]]:
-        """Status of every loaded model, by name."""
-        return {s.config.name: s.engine.status() for s in self.served if s.engine is not None}
+        """Status of every loaded model, by name (with the weights' bytes: `weights_bytes`)."""
+        return {
+            s.config.name: {**s.engine.status(), "weights_bytes": weights_bytes(s.config)}
+            for s in self.served
+            if s.engine is not None
+        }
+
+    def loaded_models(self) -> list[dict[str, Any]]:
+        """What `gallery ps` shows: each loaded model with its memory (weights plus its prefix cache), its load
+        and how long it has been idle, like ollama's /api/ps."""
+        now = time.monotonic()
+        rows = []
+        for served in self.served:
+            engine = served.engine
+            if engine is None:
+                continue
+            status = engine.status()
+            cache = sum(int(c.get("bytes", 0)) for c in (status.get("prefix_cache") or {}).values())
+            weights = weights_bytes(served.config)
+            source = served.config.mlx.source
+            rows.append(
+                {
+                    "name": served.config.name,
+                    "backend": served.config.backend,
+                    "repo": source.repo,
+                    "revision": source.revision,
+                    "state": status["state"],
+                    "active": status["active"],
+                    "queued": status["queued"],
+                    "weights_bytes": weights,
+                    "prefix_cache_bytes": cache,
+                    "memory_bytes": weights + cache,
+                    "idle_seconds": round(now - served.last_used, 1) if served.last_used else None,
+                }
+            )
+        return rows
+
+    async def unload(self, name: str) -> str | None:
+        """Unload a served model (it loads again on its next request); its name, or None if it was not loaded.
+        Raises ModelNotFound for a name this server does not serve."""
+        served = self.find(name)
+        if served.engine is None:
+            return None
+        async with served.lock:
+            return await asyncio.get_running_loop().run_in_executor(None, served.host.free)
 
     def close(self) -> None:
         """Stop every engine (in-flight requests are cancelled)."""
