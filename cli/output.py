@@ -147,7 +147,7 @@ def download_progress() -> Iterator[Any]:
         transient=True,
     ) as progress:
 
-        class RichTqdm(std_tqdm):  # type: ignore[misc,type-arg]
+        class RichTqdm(std_tqdm):
             """A tqdm whose display is a task of the shared rich Progress (its own text goes nowhere)."""
 
             def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -31,7 +31,7 @@ from importers.snapshot import (
     FileMeta,
     HubFacts,
     RepoSnapshot,
-    oversized,
+    note_oversized,
     read_file_range,
     read_side,
     require_config,
@@ -100,7 +100,7 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
         if cached is not None:
             return path, cached
         if meta.size is not None and meta.size > MAX_METADATA_BYTES:
-            oversized(path, meta.size, f"{path} of {repo_id}", warnings)
+            note_oversized(path, meta.size, f"{path} of {repo_id}", warnings)
             missing.append(path)
             return path, None
         stats.requests += 1
@@ -283,7 +283,7 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
         found = _cached_path(cache, commit, path)
         size = _file_size(found)
         if found is not None and size > MAX_METADATA_BYTES:
-            oversized(path, size, str(found), warnings)
+            note_oversized(path, size, str(found), warnings)
             oversized.append(path)
             continue
         data = _cached_file(cache, commit, path)

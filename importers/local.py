@@ -11,7 +11,7 @@ from importers.snapshot import (
     MAX_METADATA_BYTES,
     FileMeta,
     RepoSnapshot,
-    oversized,
+    note_oversized,
     read_file_range,
     require_config,
     wanted_files,
@@ -43,7 +43,7 @@ def fetch_local(source: ModelSource) -> RepoSnapshot:
     for path in wanted_files(listing):
         size = listing[path].size or 0
         if size > MAX_METADATA_BYTES:
-            oversized(path, size, str(folder / path), warnings)
+            note_oversized(path, size, str(folder / path), warnings)
             missing.append(path)
             continue
         try:

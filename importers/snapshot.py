@@ -242,7 +242,7 @@ def wanted_files(paths: Iterable[str]) -> list[str]:
     return sorted(wanted)
 
 
-def oversized(path: str, size: int, where: str, warnings: list[str]) -> None:
+def note_oversized(path: str, size: int, where: str, warnings: list[str]) -> None:
     """A metadata file over the size limit: an error for config.json (nothing can be decided without it), else a
     warning (the decisions that need it say what they lack)."""
     message = f"{where} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for a metadata file"

@@ -98,3 +98,15 @@ def test_card_markers_are_weak_evidence(hub_env) -> None:
     textthink = import_model("derived/Llama-3.2-3B-textthink").config
     assert textthink.mlx.reasoning.start == "<think>"
     assert not [e for e in textthink.mlx.decisions["reasoning"].evidence if e.source == "README.md"]
+
+
+def test_an_oversized_cached_file_is_named_offline(hub_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offline (cache) path skips a metadata file over the size limit with a warning, as the Hub path does."""
+    import importers.fetch
+
+    import_model("Qwen/Qwen3-4B")  # caches the metadata files
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(importers.fetch, "MAX_METADATA_BYTES", 2048)
+    result = import_model("Qwen/Qwen3-4B")
+    assert any("tokenizer_config.json" in w and "limit" in w for w in result.warnings)
+    assert "tokenizer_config.json" in result.missing and result.origin == "cache"

@@ -125,3 +125,13 @@ def test_config_pin_is_honoured_and_a_bogus_one_refused(setup: Setup, tmp_path: 
     bad = _gallery(["run", str(tmp_path / "bogus.yaml"), "-p", "hi"], setup.offline)
     assert bad.returncode == 17 and BOGUS in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_repo_id_finds_its_installed_entry_without_the_network(
+    setup: Setup, scripted_text_model: Path
+) -> None:
+    setup.hub.reset_stats()
+    done = _gallery(["run", REPO, "-p", "hi", "--max-tokens", "64"], setup.online)  # the hub is up, but unused
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(fixture_info(scripted_text_model)["answer"])
+    assert setup.hub.requests == []
