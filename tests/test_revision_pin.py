@@ -135,3 +135,13 @@ def test_a_repo_id_finds_its_installed_entry_without_the_network(
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(fixture_info(scripted_text_model)["answer"])
     assert setup.hub.requests == []
+
+
+def test_allow_download_without_a_network_says_so(setup: Setup, tmp_path: Path) -> None:
+    config = tmp_path / "newer.yaml"
+    imported = _gallery(["import", REPO, "-o", str(config)], setup.online)  # metadata of the newer commit only
+    assert imported.returncode == 0, imported.stderr
+    down = {**setup.online, "HF_ENDPOINT": "http://127.0.0.1:9", "GALLERY_HTTP_ATTEMPTS": "1"}
+    done = _gallery(["run", str(config), "-p", "hi", "--allow-download"], down)
+    assert done.returncode in (7, 17) and "no .safetensors weights" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
