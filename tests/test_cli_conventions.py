@@ -62,7 +62,9 @@ def test_colour_only_in_a_terminal_and_never_with_no_color(person: tuple[dict[st
     env, work = person
     coloured, code = _terminal_output("catalog", env={**env, "TERM": "xterm-256color"}, cwd=work)
     assert code == 0 and COLOUR.search(coloured)  # "no weights" in yellow
-    plain, code = _terminal_output("catalog", env={**env, "TERM": "xterm-256color", "NO_COLOR": "1"}, cwd=work)
+    plain, code = _terminal_output(
+        "catalog", env={**env, "TERM": "xterm-256color", "NO_COLOR": "1"}, cwd=work
+    )
     assert code == 0 and not COLOUR.search(plain) and "no weights" in plain
     piped = gallery("catalog", env={**env, "TERM": "xterm-256color"}, cwd=work)
     assert piped.returncode == 0 and not ANSI.search(piped.stdout + piped.stderr)
@@ -71,7 +73,8 @@ def test_colour_only_in_a_terminal_and_never_with_no_color(person: tuple[dict[st
 @pytest.mark.parametrize("columns", [60, 80, 120])
 def test_tables_fit_the_real_terminal(person: tuple[dict[str, str], Path], columns: int) -> None:
     env, work = person
-    for args in (["catalog"], ["explain", "qwen3-4b-4bit"]):  # explain takes catalog names, as the README says
+    # explain takes catalog names, as the README says
+    for args in (["catalog"], ["explain", "qwen3-4b-4bit"]):
         text, code = _terminal_output(*args, env={**env, "COLUMNS": "141"}, cwd=work, columns=columns)
         lines = strip_ansi(text).splitlines()
         assert code == 0, text

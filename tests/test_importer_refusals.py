@@ -57,7 +57,9 @@ def test_non_chat_models_are_refused_by_config_alone(cli_env, repo: str, words: 
         ("SamModel", "sam", "image segmentation"),
     ],
 )
-def test_a_local_folder_is_judged_by_its_config(tmp_path, architecture: str, model_type: str, words: str) -> None:
+def test_a_local_folder_is_judged_by_its_config(
+    tmp_path, architecture: str, model_type: str, words: str
+) -> None:
     config = json.loads((HUB_ROOT / "Qwen/Qwen2.5-VL-3B-Instruct/config.json").read_text())
     config.update(architectures=[architecture], model_type=model_type)
     (tmp_path / "config.json").write_text(json.dumps(config))

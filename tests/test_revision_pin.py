@@ -131,7 +131,8 @@ def test_a_repo_id_finds_its_installed_entry_without_the_network(
     setup: Setup, scripted_text_model: Path
 ) -> None:
     setup.hub.reset_stats()
-    done = _gallery(["run", REPO, "-p", "hi", "--max-tokens", "64"], setup.online)  # the hub is up, but unused
+    # The hub is up, but the installed entry needs nothing from it.
+    done = _gallery(["run", REPO, "-p", "hi", "--max-tokens", "64"], setup.online)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(fixture_info(scripted_text_model)["answer"])
     assert setup.hub.requests == []
@@ -139,9 +140,26 @@ def test_a_repo_id_finds_its_installed_entry_without_the_network(
 
 def test_allow_download_without_a_network_says_so(setup: Setup, tmp_path: Path) -> None:
     config = tmp_path / "newer.yaml"
-    imported = _gallery(["import", REPO, "-o", str(config)], setup.online)  # metadata of the newer commit only
+    # Only the metadata of the newer commit gets cached, not its weights.
+    imported = _gallery(["import", REPO, "-o", str(config)], setup.online)
     assert imported.returncode == 0, imported.stderr
     down = {**setup.online, "HF_ENDPOINT": "http://127.0.0.1:9", "GALLERY_HTTP_ATTEMPTS": "1"}
     done = _gallery(["run", str(config), "-p", "hi", "--allow-download"], down)
     assert done.returncode in (7, 17) and "no .safetensors weights" not in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_http_request_model_with_a_revision(setup: Setup) -> None:
+    import openai
+
+    from tests.interfaces_support import HttpProcess
+
+    process = HttpProcess("--any-model", env=runtime_env(**setup.offline))
+    try:
+        answer = process.client.completions.create(model=f"{REPO}@{setup.pulled}", prompt="hi", max_tokens=8)
+        assert answer.choices[0].text
+        with pytest.raises(openai.APIStatusError) as refused:
+            process.client.completions.create(model=f"{REPO}@{setup.newer}", prompt="hi", max_tokens=8)
+        assert refused.value.status_code < 500 and setup.newer in str(refused.value.message)
+    finally:
+        process.close()
