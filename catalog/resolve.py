@@ -111,7 +111,7 @@ def resolve_spec(
 def _split_revision(spec: str, revision: str | None) -> tuple[str, str | None]:
     """`NAME@REV` / `org/name@REV` (what a request's `model` may say) into the name and the revision."""
     name, at, rev = spec.rpartition("@")
-    if not at or not name or not _REVISION.fullmatch(rev) or "://" in spec:
+    if not at or not name or not _REVISION.fullmatch(rev) or "://" in spec or looks_like_config_file(spec):
         return spec, revision
     if not (_ENTRY_NAME.fullmatch(name) or _REPO_ID.fullmatch(name)):
         return spec, revision
