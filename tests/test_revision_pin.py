@@ -158,8 +158,9 @@ def test_an_http_request_model_with_a_revision(setup: Setup) -> None:
     try:
         answer = process.client.completions.create(model=f"{REPO}@{setup.pulled}", prompt="hi", max_tokens=8)
         assert answer.choices[0].text
+        # A commit neither cached nor reachable (offline): refused by name, as a client error.
         with pytest.raises(openai.APIStatusError) as refused:
-            process.client.completions.create(model=f"{REPO}@{setup.newer}", prompt="hi", max_tokens=8)
-        assert refused.value.status_code < 500 and setup.newer in str(refused.value.message)
+            process.client.completions.create(model=f"{REPO}@{BOGUS}", prompt="hi", max_tokens=8)
+        assert refused.value.status_code < 500 and BOGUS in str(refused.value.message)
     finally:
         process.close()
