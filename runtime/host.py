@@ -115,6 +115,12 @@ def identity_names(config: ModelConfig, spec: str, options: LoadOptions) -> set[
     return {name for name in names if name}
 
 
+def weights_bytes(config: ModelConfig) -> int:
+    """The bytes of a config's weights (its .safetensors files): what MLX holds in memory for them."""
+    weights = [f.size or 0 for f in config.mlx.files if f.path.endswith(".safetensors")]
+    return sum(weights) if weights else int(config.mlx.total_size or 0)
+
+
 class ModelHost:
     """Owns at most one loaded Engine; thread-safe."""
 
@@ -329,7 +335,7 @@ class ModelHost:
                 }
             )
             info["error"] = status["error"]
-        elif self.loading:
+            memory["weights"] = weights_bytes(engine.config)  # the loaded model's own share (gRPC Status)
             state = "UNINITIALIZED"
         else:
             state = "ERROR" if self.error else "UNINITIALIZED"

@@ -20,16 +20,10 @@ from gallery.errors import ModelNotFound
 from runtime.cluster import Cluster
 from runtime.engine import Engine
 from runtime.errors import PoolBusy, StillLoading
-from runtime.host import ModelHost, identity_names, resolve
+from runtime.host import ModelHost, identity_names, resolve, weights_bytes
 from runtime.load_options import parse_options
 
 log = logging.getLogger("runtime")
-
-
-def weights_bytes(config: ModelConfig) -> int:
-    """The bytes of a config's weights (its .safetensors files): what MLX holds in memory for them."""
-    weights = [f.size or 0 for f in config.mlx.files if f.path.endswith(".safetensors")]
-    return sum(weights) if weights else int(config.mlx.total_size or 0)
 
 
 @dataclasses.dataclass

@@ -95,6 +95,10 @@ def test_load_model_revision_option_offline(setup: Setup, scripted_text_model: P
             for reply in stub.PredictStream(pb.PredictOptions(Prompt="hi", Tokens=64), timeout=60)
         )
         assert answer == fixture_info(scripted_text_model)["answer"]
+        # Status tells the loaded model's own memory apart from the process's (LocalAI shows the breakdown).
+        status = stub.Status(pb.HealthMessage(), timeout=30)
+        weights = (scripted_text_model / "model.safetensors").stat().st_size
+        assert status.memory.breakdown["weights"] == weights
     finally:
         process.close()
 
