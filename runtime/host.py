@@ -336,6 +336,7 @@ class ModelHost:
             )
             info["error"] = status["error"]
             memory["weights"] = weights_bytes(engine.config)  # the loaded model's own share (gRPC Status)
+        elif self.loading:
             state = "UNINITIALIZED"
         else:
             state = "ERROR" if self.error else "UNINITIALIZED"
