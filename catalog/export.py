@@ -3,8 +3,12 @@
 - `localai`: LocalAI's model YAML. LocalAI has keys for most of what the config pins (backend, stop words,
   context size, use of the tokenizer's template, use cases, sampling defaults); the revision has none, so it
   travels as a `key:value` option (`revision:<commit>`), as do the tool-call and reasoning parsers LocalAI's own
-  MLX importer sets (`tool_parser:…`, `reasoning_parser:…`, in LocalAI's vocabulary). The same mapping is what
-  a catalog index entry carries as `config_file`, so LocalAI's gallery can install from the index.
+  MLX importer sets (`tool_parser:…`, `reasoning_parser:…`, in LocalAI's vocabulary).
+- `localai_gallery_data`: the whole catalog as a LocalAI gallery index (`catalog/localai-gallery.yaml`). LocalAI
+  downloads each entry's `files` into its models folder by `filename` and writes `config_file` beside them, so
+  every file is named `NAME/<file>` (one folder per entry: no two entries share a path) and
+  `parameters.model` is that folder; the revision travels as the `revision:` option, which the runtime checks
+  against the catalog entry pinned at that commit (whose sha256s LocalAI verified on download).
 - `lmstudio`: LM Studio's `model.yaml` (model, base with a Hugging Face source, metadataOverrides with vision,
   reasoning, tool use and context length, config with sampling and load fields, and a thinking switch as a
   custom field that sets the template variable).
@@ -92,6 +96,44 @@ def localai_data(entry: Entry, *, model_path: Path | None = None) -> dict[str, A
         "options": localai_options(config),
     }
     return {key: value for key, value in data.items() if value not in (None, [], {})}
+
+
+LOCALAI_GALLERY_FILE = "localai-gallery.yaml"
+LOCALAI_GALLERY_HEADER = (
+    "# A LocalAI gallery of this catalog, generated from index.yaml by `python -m fixtures.catalog_seed` (do not\n"
+    "# edit). LocalAI puts each entry's files in <models>/<name>/ and loads them with the mlx / mlx-vlm backend at\n"
+    "# the pinned revision. Add it to LocalAI as a gallery (README: The catalog).\n"
+)
+
+
+def localai_gallery_entry(entry: Entry) -> dict[str, Any]:
+    """One LocalAI gallery entry: the index fields, the files under `NAME/`, the model YAML pointing there."""
+    meta = entry.meta
+    data: dict[str, Any] = {"name": entry.name}
+    for key in ("description", "license", "icon"):
+        value = getattr(meta, key)
+        if value:
+            data[key] = value
+    for key in ("tags", "urls"):
+        value = getattr(meta, key)
+        if value:
+            data[key] = list(value)
+    data["files"] = [
+        {"filename": f"{entry.name}/{file.filename}", "sha256": file.sha256, "uri": file.uri}
+        for file in meta.files
+    ]
+    data["config_file"] = localai_data(entry, model_path=Path(entry.name))
+    return data
+
+
+def localai_gallery_data(entries: list[Entry]) -> list[dict[str, Any]]:
+    """A LocalAI gallery index of the entries (see the module docstring)."""
+    return [localai_gallery_entry(entry) for entry in entries]
+
+
+def localai_gallery_text(entries: list[Entry]) -> str:
+    """The LocalAI gallery index as the text of `catalog/localai-gallery.yaml`."""
+    return LOCALAI_GALLERY_HEADER + dump_yaml(localai_gallery_data(entries))
 
 
 def lmstudio_data(entry: Entry) -> dict[str, Any]:

@@ -372,7 +372,7 @@ class Catalog:
                 f"catalog entry {name!r} is invalid: {where}: {first.message}{more} (run `gallery validate`)"
             )
         close = [n for n in self.names() if name.lower() in n.lower() or n.lower() in name.lower()]
-        hint = f"; did you mean {', '.join(close[:3])}?" if close else "; see `gallery list`"
+        hint = f"; did you mean {', '.join(close[:3])}?" if close else "; see `gallery catalog`"
         raise UsageError(f"no entry named {name!r} in {self.path}{hint}")
 
     @property

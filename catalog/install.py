@@ -23,7 +23,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from catalog.index import Entry, human_size, path_problem, render_config
 from gallery.errors import (
@@ -144,6 +144,7 @@ def install_entry(
     token: str | bool | None = None,
     progress: Callable[[str], None] | None = None,
     max_workers: int = DOWNLOAD_WORKERS,
+    tqdm_class: Any = None,
 ) -> InstallResult:
     """Install an entry into the Hugging Face cache (models_dir None) or into models_dir.
 
@@ -199,6 +200,7 @@ def install_entry(
                 local_dir=folder if models_dir is not None else None,
                 token=token,
                 max_workers=max_workers,
+                tqdm_class=tqdm_class,
             )
         except BaseException:
             if created and not _has_model_files(folder):  # nothing installed (a gated repo…): no empty folder

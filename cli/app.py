@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from cli import catalog, chat, importing, models, run, serve
+from cli import catalog, chat, importing, models, run, serve, server
 from gallery.commandline import run_app
 from gallery.errors import EXIT_CODES
 
@@ -58,7 +58,7 @@ def root(
     """The root: its only own option is --version."""
 
 
-for module in (models, chat, run, importing, catalog, serve):
+for module in (models, chat, run, importing, catalog, serve, server):
     app.add_typer(module.app)
 
 

@@ -27,7 +27,7 @@ from catalog.index import (
     writable_catalog_path,
     write_catalog,
 )
-from cli.output import emit, note, print_table, spinner, stderr_is_terminal, warn
+from cli.output import download_progress, emit, note, print_table, spinner, warn
 from gallery.errors import BadConfig, OutputExists, UsageError, ValidationFailed, WriteFailed
 
 CatalogOpt = Annotated[
@@ -170,9 +170,11 @@ def validate_command(
         raise typer.Exit(code)
 
 
-@app.command("list")
-def list_command(catalog: CatalogOpt = None, as_json: JsonOpt = False) -> None:
-    """List the catalog's entries (STATUS: installed, or no weights to install)."""
+@app.command("catalog")
+def catalog_command(catalog: CatalogOpt = None, as_json: JsonOpt = False) -> None:
+    """List the catalog's entries, installed or not (STATUS: installed, or no weights to install).
+
+    `gallery list` (or `ls`) lists what is installed, as in ollama; `gallery search WORD…` narrows this list."""
     _print_entries(_load(catalog).entries, as_json)
 
 
@@ -462,11 +464,13 @@ def install_and_report(entry: Entry, models_dir: Path | None, *, as_json: bool) 
     from catalog.install import check_models_dir, install_entry
 
     check_models_dir(models_dir)
-    if not stderr_is_terminal():
-        from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars
 
-        disable_progress_bars()  # no carriage-return bars in a log file
-    result = install_entry(entry, models_dir)
+    # huggingface_hub's own tqdm bars never draw: at a terminal the one rich display below shows the download,
+    # piped nothing does (no carriage-return bars in a log file).
+    disable_progress_bars()
+    with download_progress() as tqdm_class:  # one rich display at a terminal, nothing when piped
+        result = install_entry(entry, models_dir, tqdm_class=tqdm_class)
     if as_json:
         emit(
             json.dumps(

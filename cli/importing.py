@@ -56,6 +56,13 @@ def import_command(
             help="Fail when the chat template is missing or broken, or an expected metadata file could not be read.",
         ),
     ] = False,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="Pin trust_remote_code on: loading may run the repo's own tokenizer/model code (review it first).",
+        ),
+    ] = False,
 ) -> None:
     """Import a repo into a pinned, explained model config.
 
@@ -69,7 +76,9 @@ def import_command(
         if output.exists() and not force:
             raise OutputExists(f"{output} exists; use --force to replace it", path=output)
     with spinner(f"importing {source}"):
-        result = import_model(source, revision=revision, backend=backend, name=name)
+        result = import_model(
+            source, revision=revision, backend=backend, name=name, trust_remote_code=trust_remote_code
+        )
     config = result.config
     for message in result.warnings:
         if not (template_warning(config) and "template" in message.lower()):

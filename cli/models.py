@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -85,10 +86,13 @@ def pull_command(
     The files go to the Hugging Face cache (or --models-dir) at the pinned commit, each sha256-verified; a second
     pull only re-verifies. Then `gallery chat NAME` or `gallery run NAME -p TEXT` from any folder.
     """
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # the import's small downloads run under the spinner: no tqdm bars between lines
     entry = _find(source, catalog) if name is None and revision is None else None
     if entry is None and not _looks_like_repo(source):
         raise UsageError(
-            f"{source!r} is neither a catalog entry (see `gallery list`) nor a Hub repo id (org/name)"
+            f"{source!r} is neither a catalog entry (see `gallery catalog`) nor a Hub repo id (org/name)"
         )
     if entry is None:
         existing = _same_repo(source, name, catalog) if revision is None and backend is None else None
@@ -108,7 +112,9 @@ def pull_command(
     refuse_invalid(entry)
     note(memory_fit(entry.config, force=force))
     folder = install_and_report(entry, resolve_models_dir(models_dir), as_json=as_json)
-    note(f"ready: `gallery chat {entry.name}` or `gallery run {entry.name} -p TEXT` ({folder})")
+    # The printed commands must work as typed: a models folder given on the command line is needed again.
+    where = f" --models-dir {shlex.quote(str(resolve_models_dir(models_dir)))}" if models_dir else ""
+    note(f"ready: `gallery chat {entry.name}{where}` or `gallery run {entry.name}{where} -p TEXT` ({folder})")
 
 
 def _same_repo(source: str, name: str | None, catalog: Path | None) -> Entry | None:
@@ -187,19 +193,21 @@ def _short_path(path: str) -> str:
     return "~" + path[len(home) :] if path.startswith(home + "/") else path
 
 
-@app.command("ls")
-def ls_command(
+@app.command("list")
+def list_command(
     models_dir: ModelsDirOpt = None,
     catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List installed models: name, backend, size, revision and where the files are."""
+    """List installed models (alias: ls): name, backend, size, revision and where the files are.
+
+    The catalog's entries, installed or not: `gallery catalog`."""
     rows = installed_rows(catalog, resolve_models_dir(models_dir))
     if as_json:
         emit(json.dumps(rows, indent=2) + "\n")
         return
     if not rows:
-        note("no models installed yet: `gallery pull NAME` (see `gallery list`)")
+        note("no models installed yet: `gallery pull NAME` (see `gallery catalog`)")
         return
     print_table(
         ("NAME", "BACKEND", "SIZE", "REVISION", "WHERE"),
@@ -209,6 +217,9 @@ def ls_command(
         ],
         wrap=("WHERE",),
     )
+
+
+app.command("ls", help="List installed models (alias of `list`).")(list_command)
 
 
 @app.command("rm")

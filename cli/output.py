@@ -72,7 +72,8 @@ def _escape(text: str) -> str:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, wrap: Sequence[str] = ()) -> None:
-    """A plain table on stdout that fits the terminal: columns in `wrap` shrink (ellipsis), the others do not.
+    """A plain table on stdout that fits the terminal: columns in `wrap` shrink and wrap their text onto more
+    lines (between words where they can), the others do not.
 
     Cells are plain strings, or rich Text for a coloured cell.
     """
@@ -89,8 +90,8 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, wrap: 
     # Like `docker ps`: no rules, two spaces between columns, the header in bold.
     table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False, show_edge=False, header_style="bold")
     for header, width in zip(headers, widths, strict=True):
-        if header in wrap:  # only these give way to a narrow terminal, cut with an ellipsis
-            table.add_column(header, no_wrap=True, overflow="ellipsis", max_width=min(width, spare))
+        if header in wrap:  # only these give way to a narrow terminal: wrapped, never cut
+            table.add_column(header, overflow="fold", max_width=min(width, spare))
         else:  # never shrink a name, a size or a revision
             table.add_column(header, no_wrap=True, min_width=width)
     for row in rows:
@@ -119,6 +120,62 @@ def spinner(message: str) -> Iterator[Any]:
     ) as progress:
         task = progress.add_task(_escape(message), total=None)
         yield _Spinner(progress, task)
+
+
+@contextlib.contextmanager
+def download_progress() -> Iterator[Any]:
+    """One rich progress display on stderr for a download (only in a terminal; None when not).
+
+    Yields a tqdm class for huggingface_hub's `tqdm_class`: every bar it opens (bytes, files) becomes a row of
+    this one display instead of tqdm's own output, and the display disappears when the download ends, so no
+    finished bar is drawn again after the command's own lines.
+    """
+    if not stderr_is_terminal():
+        yield None
+        return
+    import io
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from tqdm.std import tqdm as std_tqdm
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[amount]}"),
+        TimeElapsedColumn(),
+        console=stderr_console(),
+        transient=True,
+    ) as progress:
+
+        class RichTqdm(std_tqdm):
+            """A tqdm whose display is a task of the shared rich Progress (its own text goes nowhere)."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self._task: Any = None
+                kwargs["file"] = io.StringIO()
+                kwargs.pop("name", None)
+                super().__init__(*args, **kwargs)
+
+            def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+                if (self.desc or "").startswith(
+                    "Reconstruct"
+                ):  # the bytes written: the same as the bytes read
+                    return True
+                total = self.total or None
+                if self.unit == "B":
+                    amount = std_tqdm.format_sizeof(self.n, "B", 1024)
+                    amount += f" / {std_tqdm.format_sizeof(total, 'B', 1024)}" if total else ""
+                else:
+                    amount = f"{self.n}/{total} files" if total else f"{self.n} files"
+                description = _escape(self.desc or "downloading")
+                if self._task is None:
+                    self._task = progress.add_task(description, total=total, amount=amount)
+                progress.update(
+                    self._task, completed=self.n, total=total, description=description, amount=amount
+                )
+                return True
+
+        yield RichTqdm
 
 
 class _Spinner:

@@ -35,7 +35,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     9: ("no-config", "the repo or folder has no config.json (not a model checkpoint)"),
     10: (
         "unsupported",
-        "the model is of a kind this project cannot serve (speech, embeddings, image generation, GGUF-only)",
+        "the model is of a kind this project cannot serve (speech, embeddings, retrieval, segmentation, classification, image generation, GGUF-only)",
     ),
     11: ("exists", "the output file exists (use --force to replace it)"),
     12: (

@@ -164,6 +164,18 @@ def auth_hint(repo_id: str) -> str:
     )
 
 
+def _missing_file(exc: BaseException) -> str | None:
+    """The repo path a 404 was for, from the failed request's `/resolve/<revision>/<path>` URL."""
+    from urllib.parse import unquote, urlparse
+
+    response = getattr(exc, "response", None)
+    url = str(getattr(response, "url", "") or "") if response is not None else ""
+    parts = urlparse(url).path.split("/resolve/", 1)
+    if len(parts) != 2 or "/" not in parts[1]:
+        return None
+    return unquote(parts[1].split("/", 1)[1]) or None
+
+
 def translate(
     exc: BaseException,
     *,
@@ -224,8 +236,12 @@ def translate(
         # huggingface_hub says "not in the local cache" when the Hub could not be reached at all.
         return NetworkFailure(f"{label}: could not reach {endpoint()}", **data)
     if isinstance(exc, EntryNotFoundError):
+        missing = _missing_file(exc)
         return RepoNotFound(
-            f"{label}: the Hub has no such file at this revision of {repo} (HTTP 404)", **data
+            f"{label}: the Hub has no "
+            + (f"file {missing!r}" if missing else "such file")
+            + f" at this revision of {repo} (HTTP 404)",
+            **data,
         )
     if status == 403:
         return GatedRepo(
@@ -483,9 +499,11 @@ def download_files(
     local_dir: Path | None = None,
     token: str | bool | None = None,
     max_workers: int = 8,
+    tqdm_class: Any = None,
 ) -> Path:
     """Download exactly these files at a pinned commit, several at once (huggingface_hub's snapshot_download),
-    into local_dir or the Hugging Face cache; returns the folder they are in."""
+    into local_dir or the Hugging Face cache; returns the folder they are in. `tqdm_class` draws every
+    progress bar of the download (None: huggingface_hub's own, unless disabled)."""
     import glob
 
     from huggingface_hub import snapshot_download
@@ -504,6 +522,7 @@ def download_files(
                 endpoint=endpoint(),
                 cache_dir=None if local_dir is not None else cache_dir(),
                 local_dir=local_dir,
+                tqdm_class=tqdm_class,
             )
         )
 

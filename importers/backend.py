@@ -110,17 +110,35 @@ UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
         "an encoder (embeddings/classification)",
     ),
     **dict.fromkeys(["clip", "siglip", "dinov2", "vit"], "a vision encoder (embeddings/classification)"),
+    **dict.fromkeys(
+        ["colpali", "colqwen2", "colqwen2_5", "colidefics3", "colsmol"], "document retrieval embeddings"
+    ),
+    **dict.fromkeys(
+        ["sam", "sam2", "sam3", "sam_hq", "segformer", "mask2former", "maskformer", "oneformer", "upernet"],
+        "image segmentation",
+    ),
 }
-_UNSUPPORTED_ARCH_SUFFIXES = (
-    "ForMaskedLM",
-    "ForSequenceClassification",
-    "ForTokenClassification",
-    "ForQuestionAnswering",
-    "ForSpeechSeq2Seq",
-    "ForCTC",
-    "ForAudioClassification",
-    "ForImageClassification",
-    "ForTextToSpeech",
+# Architecture classes that are no text generator, by what they are: the config alone says so even when
+# the repo's tags and README are gone. ColPali-style retrievers (`ColQwen2`, `ColQwen3_5`, `ColSmol`) wrap a
+# VLM's config (vision section and all) but produce embeddings.
+_NON_CHAT_ARCH: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"For(Semantic|Instance|Universal|Image|Panoptic)?Segmentation$"), "image segmentation"),
+    (re.compile(r"ForMaskGeneration$"), "mask generation"),
+    (re.compile(r"^Col[A-Z]|ForRetrieval$|Retriever$"), "document retrieval embeddings"),
+    (re.compile(r"ForEmbedding$|EmbeddingModel$|ForTextEmbedding$"), "embeddings"),
+    (re.compile(r"Reward(Model)?$|ForRewardModel(ing)?$|ForProcessReward$"), "a reward model"),
+    (re.compile(r"For(Sequence|Token|Image|Audio|Video)Classification$"), "classification"),
+    (re.compile(r"ForMaskedLM$|ForQuestionAnswering$|ForMultipleChoice$"), "an encoder task"),
+    (re.compile(r"ForObjectDetection$"), "object detection"),
+    (re.compile(r"ForDepthEstimation$"), "depth estimation"),
+    (re.compile(r"ForSpeechSeq2Seq$|ForCTC$|ForTextToSpeech$"), "speech"),
+)
+_MEDIA_TOKEN_KEYS = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "audio_token_id",
+    "audio_token_index",
 )
 # Tensor-name markers of modality towers in a weights index (any path component). Projectors
 # (`multi_modal_projector`, `mm_projector`) are left out: audio-only models have them too.
@@ -245,6 +263,8 @@ def _processor_classes(meta: RepoMetadata, listing: Iterable[str]) -> list[tuple
 
 
 def _unsupported_reasons(snapshot: RepoSnapshot, meta: RepoMetadata) -> list[str]:
+    """Why the repo is no chat model: Hub facts (pipeline tag, library, tags) and config.json alone
+    (model type, architectures), so a repo stripped of its tags and README is still recognised."""
     reasons: list[str] = []
     facts = snapshot.facts
     if facts is not None:
@@ -265,10 +285,20 @@ def _unsupported_reasons(snapshot: RepoSnapshot, meta: RepoMetadata) -> list[str
     if isinstance(model_type, str) and model_type in UNSUPPORTED_MODEL_TYPES:
         reasons.append(f"config.json model_type {model_type!r} ({UNSUPPORTED_MODEL_TYPES[model_type]})")
     architectures = str_list(meta.config.get("architectures"), "config.json", "architectures")
-    odd = [arch for arch in architectures if arch.endswith(_UNSUPPORTED_ARCH_SUFFIXES)]
+    kinds = {arch: non_chat_architecture(arch) for arch in architectures}
+    odd = [arch for arch, kind in kinds.items() if kind is not None]
     if architectures and len(odd) == len(architectures):
-        reasons.append(f"config.json architectures {odd} (not a text generator)")
+        what = ", ".join(dict.fromkeys(str(kinds[arch]) for arch in odd))
+        reasons.append(f"config.json architectures {odd} ({what}; not a text generator)")
     return reasons
+
+
+def non_chat_architecture(arch: str) -> str | None:
+    """What a non-generative architecture class is (\"image segmentation\", \"embeddings\" …), else None."""
+    for pattern, what in _NON_CHAT_ARCH:
+        if pattern.search(arch):
+            return what
+    return None
 
 
 def _format_problems(snapshot: RepoSnapshot) -> list[str]:
@@ -288,6 +318,37 @@ def _format_problems(snapshot: RepoSnapshot) -> list[str]:
     return problems
 
 
+@dataclasses.dataclass
+class _Modality:
+    """What the checkpoint's files say about towers, gathered once for the decision phases."""
+
+    towers: list[tuple[str, str]]
+    tensor_names: list[str] | None
+    vision_tensors: int
+    audio_tensors: int
+    processor_classes: list[tuple[str, str, str, str]]
+    processor_files: list[str]
+    pipeline: str | None
+    evidence: list[Evidence]
+    against: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def processor_kinds(self) -> set[str]:
+        """The modalities the processor files name (vision, audio)."""
+        return {kind for _, _, _, kind in self.processor_classes if kind != "other"}
+
+
+@dataclasses.dataclass
+class _Choice:
+    """A backend choice in progress: the backend, the modalities, and the reason shown to the user."""
+
+    backend: str
+    image: bool
+    audio: bool
+    reason: str
+    video: bool = False
+
+
 def decide_backend(
     snapshot: RepoSnapshot, meta: RepoMetadata, requested: str | None = None
 ) -> BackendDecision:
@@ -297,6 +358,35 @@ def decide_backend(
     needs; what the installed libraries can load is decisive: a backend without a class for the model
     type is never chosen when the other has one, and when neither has one the import fails (NoLoader).
     """
+    unsupported = _refuse_unservable(snapshot, meta, requested)
+    seen = _gather_evidence(snapshot, meta)
+    choice = _decide_modality(seen)
+    warnings: list[str] = []
+    support = _check_loadability(snapshot, meta, seen, choice, warnings)
+    if requested is not None:
+        _apply_requested(requested, unsupported, support, seen, choice, warnings)
+    detail = (
+        f"{choice.backend}: {choice.reason}"
+        if requested is None
+        else f"{choice.backend} (requested; evidence: {choice.reason})"
+    )
+    decision = Decision(value=detail, evidence=seen.evidence, conflicts=seen.against)
+    if seen.against and requested is None:
+        warnings.extend(f"backend evidence disagrees: {item}" for item in seen.against)
+    return BackendDecision(
+        backend="mlx-vlm" if choice.backend == "mlx-vlm" else "mlx",
+        image=choice.image,
+        audio=choice.audio,
+        video=choice.video,
+        decision=decision,
+        warnings=warnings,
+        support=support,
+    )
+
+
+def _refuse_unservable(snapshot: RepoSnapshot, meta: RepoMetadata, requested: str | None) -> list[str]:
+    """Phase 1: refuse a bad --backend, formats no backend reads, and non-chat models (unless --backend).
+    Returns the non-chat reasons an explicit --backend overrode."""
     if requested is not None and requested not in SUPPORTED_BACKENDS:
         raise UsageError(
             f"--backend {requested!r} is not supported; choose one of {', '.join(SUPPORTED_BACKENDS)}"
@@ -307,23 +397,24 @@ def decide_backend(
             f"{_where(snapshot)} cannot be served by mlx-lm or mlx-vlm: {'; '.join(problems)}"
         )
     unsupported = _unsupported_reasons(snapshot, meta)
-    warnings: list[str] = []
     if unsupported and requested is None:
         raise UnsupportedModel(
             f"{_where(snapshot)} is not a chat/text-generation model this project can serve: {'; '.join(unsupported)}"
             " (pass --backend to import it anyway)"
         )
+    return unsupported
 
-    evidence: list[Evidence] = []
-    against: list[str] = []
+
+def _gather_evidence(snapshot: RepoSnapshot, meta: RepoMetadata) -> _Modality:
+    """Phase 2: every modality clue, strong (weights, tower configs, processor classes) and weak (tags…)."""
     towers = _towers(meta)
     tensor_names = _weight_tensor_names(meta)
-    for path, kind in towers:
-        evidence.append(
-            Evidence(
-                source="config.json", field=path, detail=f"{kind} tower sub-config present", strength="medium"
-            )
+    evidence = [
+        Evidence(
+            source="config.json", field=path, detail=f"{kind} tower sub-config present", strength="medium"
         )
+        for path, kind in towers
+    ]
     vision_prefixes = _tensor_prefixes(tensor_names or [], _VISION_TENSOR)
     audio_prefixes = _tensor_prefixes(tensor_names or [], _AUDIO_TENSOR)
     vision_tensors, audio_tensors = sum(vision_prefixes.values()), sum(audio_prefixes.values())
@@ -342,6 +433,28 @@ def decide_backend(
             )
         )
     processor_classes = _processor_classes(meta, snapshot.listing)
+    processor_files = [name for name in _PROCESSOR_FILES if name in snapshot.listing]
+    evidence += _processor_evidence(processor_classes, processor_files)
+    facts = snapshot.facts
+    pipeline = facts.pipeline_tag if facts else None
+    evidence += _weak_evidence(meta, pipeline, set(facts.tags) if facts else set())
+    return _Modality(
+        towers=towers,
+        tensor_names=tensor_names,
+        vision_tensors=vision_tensors,
+        audio_tensors=audio_tensors,
+        processor_classes=processor_classes,
+        processor_files=processor_files,
+        pipeline=pipeline,
+        evidence=evidence,
+    )
+
+
+def _processor_evidence(
+    processor_classes: list[tuple[str, str, str, str]], processor_files: list[str]
+) -> list[Evidence]:
+    """Evidence rows for the processor classes named, and for processor files that name none."""
+    evidence: list[Evidence] = []
     for file, field, cls, kind in processor_classes:
         what = {"vision": "an image/video processor", "audio": "an audio feature extractor"}.get(
             kind, "a processor (modality not named)"
@@ -355,7 +468,6 @@ def decide_backend(
                 strength="medium" if kind != "other" else "weak",
             )
         )
-    processor_files = [name for name in _PROCESSOR_FILES if name in snapshot.listing]
     for name in processor_files:
         if not any(file == name for file, _, _, _ in processor_classes):
             evidence.append(
@@ -363,9 +475,13 @@ def decide_backend(
                     source=name, detail="processor file present (image/audio preprocessing)", strength="weak"
                 )
             )
-    processor_kinds = {kind for _, _, _, kind in processor_classes if kind != "other"}
-    facts = snapshot.facts
-    pipeline = facts.pipeline_tag if facts else None
+    return evidence
+
+
+def _weak_evidence(meta: RepoMetadata, pipeline: str | None, tags: set[str]) -> list[Evidence]:
+    """Clues that text-only conversions keep too: pipeline tag, architecture names, media token ids, tags,
+    custom code."""
+    evidence: list[Evidence] = []
     if pipeline:
         kind = (
             "vision/multimodal"
@@ -390,17 +506,7 @@ def decide_backend(
                 strength="weak",
             )
         )
-    token_keys = [
-        k
-        for k in (
-            "image_token_id",
-            "image_token_index",
-            "video_token_id",
-            "audio_token_id",
-            "audio_token_index",
-        )
-        if k in meta.config
-    ]
+    token_keys = [k for k in _MEDIA_TOKEN_KEYS if k in meta.config]
     if token_keys:
         evidence.append(
             Evidence(
@@ -410,7 +516,6 @@ def decide_backend(
                 strength="weak",
             )
         )
-    tags = set(facts.tags) if facts else set()
     tag_hits = sorted(tags & _VISIONISH_TAGS)
     if tag_hits:
         evidence.append(
@@ -429,55 +534,63 @@ def decide_backend(
                 strength="weak",
             )
         )
+    return evidence
 
-    # The modality decision. Strongest first: what the weights contain, then what the config describes,
-    # then what the processor files prepare.
+
+def _decide_modality(seen: _Modality) -> _Choice:
+    """Phase 3: the modality decision. Strongest first: what the weights contain, then what the config
+    describes, then what the processor files prepare."""
+    towers, tensor_names = seen.towers, seen.tensor_names
     tower_kinds = {kind for _, kind in towers}
-    image = audio = False
-    if tensor_names is not None and (vision_tensors or audio_tensors):
-        vlm = True
-        image, audio = (
-            vision_tensors > 0 or "vision" in tower_kinds,
-            audio_tensors > 0 or "audio" in tower_kinds,
+    processor_kinds = seen.processor_kinds
+    if tensor_names is not None and (seen.vision_tensors or seen.audio_tensors):
+        choice = _Choice(
+            "mlx-vlm",
+            seen.vision_tensors > 0 or "vision" in tower_kinds,
+            seen.audio_tensors > 0 or "audio" in tower_kinds,
+            "the weights contain tower tensors",
         )
-        reason = "the weights contain tower tensors"
     elif tensor_names is not None and (towers or processor_kinds):
-        vlm = False
-        reason = "the weights have no tower tensors (a text-only conversion)"
+        choice = _Choice("mlx", False, False, "the weights have no tower tensors (a text-only conversion)")
         if towers:
-            against.append(
+            seen.against.append(
                 f"config.json {towers[0][0]}: tower config present, but no tower tensors in the weights"
             )
     elif towers:
-        vlm = True
-        image, audio = "vision" in tower_kinds, "audio" in tower_kinds
         reason = "config.json has a tower sub-config" + (
             " (no weights index to confirm)" if tensor_names is None else ""
         )
+        choice = _Choice("mlx-vlm", "vision" in tower_kinds, "audio" in tower_kinds, reason)
     elif processor_kinds:
-        vlm = True
-        image, audio = "vision" in processor_kinds, "audio" in processor_kinds
         reason = "the processor files prepare " + " and ".join(sorted(processor_kinds)) + " input"
+        choice = _Choice("mlx-vlm", "vision" in processor_kinds, "audio" in processor_kinds, reason)
     else:
-        vlm = False
         reason = "no tower in config.json" + (" or in the weights" if tensor_names is not None else "")
-    if not vlm:
+        choice = _Choice("mlx", False, False, reason)
+    pipeline = seen.pipeline
+    if choice.backend == "mlx":
         if pipeline in VISION_PIPELINES:
-            against.append(f"hub pipeline_tag {pipeline!r} suggests vision, but {reason}")
-        if processor_classes or processor_files:
-            named = [f"{cls} ({file})" for file, _, cls, _ in processor_classes] or processor_files
-            against.append(f"processor files name {', '.join(named)}, but {reason}")
+            seen.against.append(f"hub pipeline_tag {pipeline!r} suggests vision, but {choice.reason}")
+        if seen.processor_classes or seen.processor_files:
+            named = [f"{cls} ({file})" for file, _, cls, _ in seen.processor_classes] or seen.processor_files
+            seen.against.append(f"processor files name {', '.join(named)}, but {choice.reason}")
     elif pipeline in TEXT_PIPELINES:
-        against.append(f"hub pipeline_tag {pipeline!r} suggests text only, but {reason}")
+        seen.against.append(f"hub pipeline_tag {pipeline!r} suggests text only, but {choice.reason}")
+    return choice
 
-    # Loadability: what each library resolves the model type to, and whether it has a class for it.
+
+def _check_loadability(
+    snapshot: RepoSnapshot, meta: RepoMetadata, seen: _Modality, choice: _Choice, warnings: list[str]
+) -> dict[str, LibrarySupport]:
+    """Phase 4: what each library resolves the model type to, and whether it has a class for it. Switches
+    to the other backend when only it can load the model; raises NoLoader when neither can."""
     support = {backend: library_support(backend, meta.config) for backend in SUPPORTED_BACKENDS}
     for item in support.values():
-        evidence.append(
+        seen.evidence.append(
             Evidence(source=item.library, field="models", detail=item.describe(), strength="decisive")
         )
         if item.custom_code:
-            evidence.append(
+            seen.evidence.append(
                 Evidence(
                     source="config.json",
                     field="model_file",
@@ -485,85 +598,87 @@ def decide_backend(
                     strength="weak",
                 )
             )
-    _nested_types(meta, evidence)
+    _nested_types(meta, seen.evidence)
     model_type = optional_str(meta.config.get("model_type"), "config.json", "model_type")
-    lm_ok, vlm_ok = support["mlx"].loadable, support["mlx-vlm"].loadable
-    if lm_ok is False and vlm_ok is False:
+    if support["mlx"].loadable is False and support["mlx-vlm"].loadable is False:
+        auto_map = meta.config.get("auto_map")
         custom = (
             "; only the repo's own code (config.json auto_map) can build it, and trust_remote_code stays off"
             if isinstance(auto_map, dict) and auto_map
             else ""
         )
-        modalities = [k for k, on in (("image", image), ("audio", audio)) if on]
+        modalities = [k for k, on in (("image", choice.image), ("audio", choice.audio)) if on]
         raise NoLoader(
             f"{_where(snapshot)}: no MLX library can load model_type {model_type!r} "
             f"({support['mlx'].describe()}; {support['mlx-vlm'].describe()}){custom}; "
-            f"the evidence found {' and '.join(modalities) or 'text-only'} input ({reason})",
+            f"the evidence found {' and '.join(modalities) or 'text-only'} input ({choice.reason})",
             model_type=model_type,
             support=support,
             modalities=modalities,
         )
-
-    backend = "mlx-vlm" if vlm else "mlx"
-    preferred, other = support[backend], support["mlx" if vlm else "mlx-vlm"]
+    vlm = choice.backend == "mlx-vlm"
+    preferred, other = support[choice.backend], support["mlx" if vlm else "mlx-vlm"]
     if preferred.loadable is False and other.loadable:
-        against.append(f"the evidence points to {backend} ({reason}), but {preferred.describe()}")
-        reason = f"{other.describe()} and {preferred.library} has none ({reason})"
-        backend = other.backend
-        if backend == "mlx":
-            if image or audio:
+        seen.against.append(
+            f"the evidence points to {choice.backend} ({choice.reason}), but {preferred.describe()}"
+        )
+        choice.reason = f"{other.describe()} and {preferred.library} has none ({choice.reason})"
+        choice.backend = other.backend
+        if choice.backend == "mlx":
+            if choice.image or choice.audio:
                 warnings.append(
                     f"{preferred.library} cannot load model_type {model_type!r}: importing it for mlx-lm, "
                     "text only (its towers are not used)"
                 )
-            image = audio = False
+            choice.image = choice.audio = False
     elif preferred.loadable:
-        reason += f"; {preferred.describe()}"
-    video = (
-        backend == "mlx-vlm"
-        and image
+        choice.reason += f"; {preferred.describe()}"
+    choice.video = (
+        choice.backend == "mlx-vlm"
+        and choice.image
         and (
             "video_token_id" in meta.config
             or "video_token_index" in meta.config
-            or any("video" in field for _, field, _, _ in processor_classes)
+            or any("video" in field for _, field, _, _ in seen.processor_classes)
         )
     )
+    return support
 
-    if requested is not None:
-        evidence.insert(
-            0, Evidence(source="cli", field="--backend", detail=f"{requested} requested explicitly")
-        )
-        chosen = support[requested]
-        if chosen.loadable is False:
-            raise UsageError(
-                f"--backend {requested}: {chosen.describe()}; "
-                + (f"use --backend {backend} or leave --backend out" if backend != requested else "")
-            )
-        if requested != backend:
-            warnings.append(
-                f"--backend {requested} overrides the evidence, which points to {backend} ({reason})"
-            )
-            against.append(f"evidence points to {backend}: {reason}")
-        if unsupported:
-            warnings.append(f"--backend {requested} given although {'; '.join(unsupported)}")
-        backend = requested
-        if backend == "mlx":
-            image = audio = video = False
-        elif not (image or audio):
-            image = True  # the user says it is a VLM; assume the common case
-    detail = f"{backend}: {reason}" if requested is None else f"{backend} (requested; evidence: {reason})"
-    decision = Decision(value=detail, evidence=evidence, conflicts=against)
-    if against and requested is None:
-        warnings.extend(f"backend evidence disagrees: {item}" for item in against)
-    return BackendDecision(
-        backend="mlx-vlm" if backend == "mlx-vlm" else "mlx",
-        image=image,
-        audio=audio,
-        video=video,
-        decision=decision,
-        warnings=warnings,
-        support=support,
+
+def _apply_requested(
+    requested: str,
+    unsupported: list[str],
+    support: dict[str, LibrarySupport],
+    seen: _Modality,
+    choice: _Choice,
+    warnings: list[str],
+) -> None:
+    """Phase 5: an explicit --backend wins over the evidence, if that library can load the model."""
+    seen.evidence.insert(
+        0, Evidence(source="cli", field="--backend", detail=f"{requested} requested explicitly")
     )
+    chosen = support[requested]
+    if chosen.loadable is False:
+        raise UsageError(
+            f"--backend {requested}: {chosen.describe()}; "
+            + (
+                f"use --backend {choice.backend} or leave --backend out"
+                if choice.backend != requested
+                else ""
+            )
+        )
+    if requested != choice.backend:
+        warnings.append(
+            f"--backend {requested} overrides the evidence, which points to {choice.backend} ({choice.reason})"
+        )
+        seen.against.append(f"evidence points to {choice.backend}: {choice.reason}")
+    if unsupported:
+        warnings.append(f"--backend {requested} given although {'; '.join(unsupported)}")
+    choice.backend = requested
+    if requested == "mlx":
+        choice.image = choice.audio = choice.video = False
+    elif not (choice.image or choice.audio):
+        choice.image = True  # the user says it is a VLM; assume the common case
 
 
 def _nested_types(meta: RepoMetadata, evidence: list[Evidence]) -> None:

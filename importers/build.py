@@ -32,6 +32,7 @@ from importers.fetch import FetchStats, RepoSnapshot, fetch
 from importers.memory import decide_memory
 from importers.metadata import RepoMetadata, optional_int, str_list, token_text
 from importers.reasoning import decide_reasoning
+from importers.remote_code import decide_remote_code
 from importers.sharding import decide_sharding
 from importers.source import ModelSource, parse_source
 from importers.stops import decide_stops
@@ -83,15 +84,22 @@ def import_model(
     name: str | None = None,
     token: str | bool | None = None,
     cache_dir: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> ImportResult:
-    """Import SOURCE into a pinned ModelConfig. Raises GalleryError subclasses for every user-facing failure."""
+    """Import SOURCE into a pinned ModelConfig. Raises GalleryError subclasses for every user-facing failure.
+
+    `trust_remote_code` pins it on (only worth it when the import says the tokenizer or model needs it)."""
     model_source = source if isinstance(source, ModelSource) else parse_source(source, revision)
     snapshot = fetch(model_source, token=token, cache_dir=cache_dir)
-    return build_config(snapshot, backend=backend, name=name)
+    return build_config(snapshot, backend=backend, name=name, trust_remote_code=trust_remote_code)
 
 
 def build_config(
-    snapshot: RepoSnapshot, *, backend: str | None = None, name: str | None = None
+    snapshot: RepoSnapshot,
+    *,
+    backend: str | None = None,
+    name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> ImportResult:
     """Make every decision from a fetched snapshot and assemble the config."""
     meta = RepoMetadata(snapshot)
@@ -116,7 +124,9 @@ def build_config(
     warnings.extend(template.warnings)
     decisions["chat_template"] = template.decision
 
-    reasoning = decide_reasoning(template.template.text, vocab, template.template.variables)
+    reasoning = decide_reasoning(
+        template.template.text, vocab, template.template.variables, card=snapshot.card_text
+    )
     warnings.extend(reasoning.warnings)
     decisions["reasoning"] = reasoning.reasoning_decision
     decisions["tool_calls"] = reasoning.tool_decision
@@ -157,7 +167,13 @@ def build_config(
             ],
         )
 
-    if isinstance(meta.config.get("auto_map"), dict):
+    remote = decide_remote_code(
+        meta, backend_decision.support[backend_decision.backend], trusted=trust_remote_code
+    )
+    if remote.decision is not None:
+        decisions["trust_remote_code"] = remote.decision
+    warnings.extend(remote.warnings)
+    if isinstance(meta.config.get("auto_map"), dict) and not remote.trusted:
         warnings.append(
             "the repo ships custom modelling code (config.json auto_map); trust_remote_code stays off"
         )
@@ -225,6 +241,7 @@ def build_config(
                 total_size=total_size,
                 sharding=sharding.value,
                 memory=memory,
+                trust_remote_code=trust_remote_code,
                 decisions=decisions,
                 warnings=list(dict.fromkeys(warnings)),
             ),

@@ -9,225 +9,39 @@ Three sources behave the same way for the decision code:
   import knows which files it should have had. The head of `tokenizer.json` is read with Range requests
   only when special-token ids must be mapped to text and no smaller file has them;
 - the local Hugging Face cache, when offline (HF_HUB_OFFLINE=1) or when the network fails;
-- a local folder (regular files inside it only: a symlink out of the folder is never followed).
-Weights are never downloaded. Hub access (timeouts, retries, errors) is gallery.hub's.
+- a local folder (regular files inside it only: a symlink out of the folder is never followed), read by
+  importers.local.
+The snapshot they all return, and the helpers they share, are importers.snapshot's. Weights are never downloaded. Hub access (timeouts, retries, errors) is gallery.hub's.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import fnmatch
-import json
 import os
-import stat
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from gallery import hub
-from gallery.errors import BadMetadata, GalleryError, NetworkFailure, NoConfig, OfflineNotCached, UsageError
+from gallery.errors import BadMetadata, GalleryError, NetworkFailure, OfflineNotCached
+from importers.local import fetch_local
+from importers.snapshot import (
+    MAX_METADATA_BYTES,
+    FetchStats,
+    FileMeta,
+    HubFacts,
+    RepoSnapshot,
+    note_oversized,
+    read_file_range,
+    read_side,
+    require_config,
+    side_path,
+    wanted_files,
+    write_side,
+)
 from importers.source import COMMIT_RE, ModelSource
 
-# The small files an import reads. Everything else (weights, tokenizer.json, vocab files) is only listed.
-METADATA_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "model.safetensors.index.json",
-    "model_index.json",
-    "params.json",
-)
-METADATA_PATTERNS = ("additional_chat_templates/*.jinja",)
-MAX_METADATA_BYTES = 16 * 1024 * 1024
-TOKENIZER_JSON = "tokenizer.json"
-MAX_TOKENIZER_HEAD_BYTES = 16 * 1024 * 1024
-_FIRST_HEAD_CHUNK = 64 * 1024
-# A model folder is flat or one or two levels deep; a walk that finds more is not a model folder.
-MAX_LOCAL_FILES = 20_000
-MAX_LOCAL_DEPTH = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class FileMeta:
-    """One file of the pinned revision, as the Hub (or the cache, or the disk) lists it."""
-
-    path: str
-    size: int | None = None
-    blob_id: str | None = None
-    sha256: str | None = None
-
-    @property
-    def etag(self) -> str | None:
-        """The name the Hugging Face cache stores the file's blob under."""
-        return self.sha256 or self.blob_id
-
-
-@dataclasses.dataclass
-class HubFacts:
-    """The model-info fields no file holds."""
-
-    pipeline_tag: str | None = None
-    library_name: str | None = None
-    tags: list[str] = dataclasses.field(default_factory=list)
-    gated: str | bool = False
-    card_data: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class FetchStats:
-    """What an import cost: requests sent, bytes received, and sequential round trips."""
-
-    requests: int = 0
-    bytes_received: int = 0
-    round_trips: int = 0
-
-
-@dataclasses.dataclass
-class RepoSnapshot:
-    """Everything read from one repo at one commit."""
-
-    source: ModelSource
-    origin: Literal["hub", "cache", "local"]
-    repo_id: str | None
-    commit: str | None
-    facts: HubFacts | None
-    listing: dict[str, FileMeta]
-    files: dict[str, bytes]
-    warnings: list[str] = dataclasses.field(default_factory=list)
-    missing: list[str] = dataclasses.field(
-        default_factory=list
-    )  # expected metadata files that could not be read
-    stats: FetchStats = dataclasses.field(default_factory=FetchStats)
-    _head_reader: Callable[[str, int, int], bytes] | None = None
-    _added_tokens: list[dict[str, Any]] | None = None
-    _added_tokens_read: bool = False
-
-    def text(self, path: str) -> str | None:
-        """A read file as text (UTF-8, a BOM tolerated), or None when it was not read."""
-        raw = self.files.get(path)
-        return None if raw is None else raw.decode("utf-8-sig", errors="replace")
-
-    def tokenizer_added_tokens(self) -> list[dict[str, Any]] | None:
-        """The `added_tokens` list from the head of tokenizer.json (read lazily, once, with Range requests).
-
-        Returns None when the repo has no tokenizer.json or its head cannot be parsed.
-        """
-        if self._added_tokens_read:
-            return self._added_tokens
-        self._added_tokens_read = True
-        side = _side_path("added-tokens", self.repo_id, self.commit)
-        cached = _read_side(side)
-        if isinstance(cached, list):
-            self._added_tokens = cached
-            return self._added_tokens
-        if TOKENIZER_JSON not in self.listing or self._head_reader is None:
-            return None
-        self.stats.round_trips += 1
-        try:
-            self._added_tokens = _read_added_tokens(self._head_reader, self.listing[TOKENIZER_JSON].size)
-        except GalleryError:
-            raise
-        except (OSError, ValueError) as exc:
-            self.warnings.append(f"could not read the special tokens at the head of tokenizer.json: {exc}")
-        if self._added_tokens is not None:
-            _write_side(
-                side,
-                [
-                    {"id": t.get("id"), "content": t.get("content"), "special": t.get("special")}
-                    for t in self._added_tokens
-                ],
-            )
-        return self._added_tokens
-
-
-# ----- the side cache: what this project keeps per repo and commit beside the HF cache -----
-def _side_path(kind: str, repo_id: str | None, commit: str | None) -> Path | None:
-    """Where `kind` data about a repo at a commit is kept.
-
-    The Hugging Face cache holds only whole files (a truncated tokenizer.json there would break loaders) and
-    no listings, so the few kilobytes read with Range requests and the Hub's file listing are kept beside
-    it, keyed by the commit, which pins their content. This is what lets an offline import of a cached repo
-    map ids to text and know which files it is missing.
-    """
-    if not repo_id or not commit:
-        return None
-    return hub.side_cache_dir(kind) / ("models--" + repo_id.replace("/", "--")) / f"{commit}.json"
-
-
-def _read_side(path: Path | None) -> Any:
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _write_side(path: Path | None, data: Any) -> None:
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass  # best effort: a read-only cache never fails an import
-
-
-def _read_added_tokens(
-    read_range: Callable[[str, int, int], bytes], size: int | None
-) -> list[dict[str, Any]] | None:
-    """Read `added_tokens` from the start of tokenizer.json, growing the read until the array closes."""
-    want = _FIRST_HEAD_CHUNK
-    buffer = b""
-    while True:
-        end = want if size is None else min(want, size)
-        if end > len(buffer):
-            buffer += read_range(TOKENIZER_JSON, len(buffer), end - 1)
-        parsed = _parse_added_tokens(buffer)
-        if parsed is not None:
-            return parsed
-        if (size is not None and len(buffer) >= size) or len(buffer) < end:
-            return None  # whole file read, or the server sent less than asked: no added_tokens array
-        if want >= MAX_TOKENIZER_HEAD_BYTES:
-            raise ValueError(f"added_tokens not found in the first {MAX_TOKENIZER_HEAD_BYTES} bytes")
-        want *= 4
-
-
-def _parse_added_tokens(head: bytes) -> list[dict[str, Any]] | None:
-    text = head.decode("utf-8", errors="ignore")
-    key = text.find('"added_tokens"')
-    if key < 0:
-        return None
-    start = text.find("[", key)
-    if start < 0:
-        return None
-    try:
-        value, _ = json.JSONDecoder().raw_decode(text, start)
-    except json.JSONDecodeError:
-        return None  # array not complete yet
-    if not isinstance(value, list):
-        raise ValueError("tokenizer.json added_tokens is not a list")
-    return [item for item in value if isinstance(item, dict)]
-
-
-def _wanted(paths: Iterable[str]) -> list[str]:
-    wanted = []
-    for path in paths:
-        if not hub.safe_repo_path(path):  # `*` matches `/`: `additional_chat_templates/../../x.jinja` never
-            continue
-        if path in METADATA_FILES or any(fnmatch.fnmatch(path, pattern) for pattern in METADATA_PATTERNS):
-            wanted.append(path)
-    return sorted(wanted)
+__all__ = ["FetchStats", "FileMeta", "HubFacts", "RepoSnapshot", "fetch"]
 
 
 # ----- the three sources -----
@@ -236,7 +50,7 @@ def fetch(
 ) -> RepoSnapshot:
     """Read a source's model info and small metadata files. Raises GalleryError subclasses."""
     if source.local_path is not None:
-        return _fetch_local(source)
+        return fetch_local(source)
     assert source.repo_id is not None
     if hub.is_offline():
         return _fetch_cached(source, cache_dir, reason="offline mode is on (HF_HUB_OFFLINE)")
@@ -286,7 +100,7 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
         if cached is not None:
             return path, cached
         if meta.size is not None and meta.size > MAX_METADATA_BYTES:
-            _oversized(path, meta.size, f"{path} of {repo_id}", warnings)
+            note_oversized(path, meta.size, f"{path} of {repo_id}", warnings)
             missing.append(path)
             return path, None
         stats.requests += 1
@@ -311,7 +125,7 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
         _store_in_cache(cache, commit, path, meta, data)
         return path, data
 
-    wanted = _wanted(listing)
+    wanted = wanted_files(listing)
     files: dict[str, bytes] = {}
     if wanted:
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(wanted))) as pool:
@@ -320,14 +134,14 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
                     files[path] = data
         stats.round_trips += 1
     _store_ref(cache, source.revision, commit)
-    _write_side(
-        _side_path("listings", repo_id, commit), [dataclasses.asdict(meta) for meta in listing.values()]
+    write_side(
+        side_path("listings", repo_id, commit), [dataclasses.asdict(meta) for meta in listing.values()]
     )
 
     def read_range(path: str, start: int, end: int) -> bytes:
         cached_path = _cached_path(cache, commit, path)
         if cached_path is not None:
-            return _read_file_range(cached_path, start, end)
+            return read_file_range(cached_path, start, end)
         stats.requests += 1
         try:
             return hub.read_file(
@@ -351,7 +165,7 @@ def _fetch_hub(source: ModelSource, *, token: str | bool | None, cache_dir: Path
         stats=stats,
         _head_reader=read_range,
     )
-    _require_config(snapshot)
+    require_config(snapshot)
     return snapshot
 
 
@@ -362,15 +176,6 @@ def _card_dict(card_data: Any) -> dict[str, Any]:
         return dict(card_data)
     to_dict = getattr(card_data, "to_dict", None)
     return dict(to_dict()) if callable(to_dict) else {}
-
-
-def _oversized(path: str, size: int, where: str, warnings: list[str]) -> None:
-    """A metadata file over the size limit: an error for config.json (nothing can be decided without it), else a
-    warning (the decisions that need it say what they lack)."""
-    message = f"{where} is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for a metadata file"
-    if path == "config.json":
-        raise BadMetadata(message, file=path)
-    warnings.append(f"{message}: not read")
 
 
 def _file_size(path: Path | None) -> int:
@@ -465,7 +270,7 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
             repo_id=repo_id,
             revision=revision,
         )
-    recorded = _read_side(_side_path("listings", repo_id, commit))
+    recorded = read_side(side_path("listings", repo_id, commit))
     listing = _cached_listing(repo_id, commit, cache_dir, snapshot_dir, recorded)
     files: dict[str, bytes] = {}
     missing: list[str] = []
@@ -474,11 +279,11 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
         "license) and hashes of files not in the cache are unavailable"
     ]
     oversized: list[str] = []
-    for path in _wanted(listing):
+    for path in wanted_files(listing):
         found = _cached_path(cache, commit, path)
         size = _file_size(found)
         if found is not None and size > MAX_METADATA_BYTES:
-            _oversized(path, size, str(found), warnings)
+            note_oversized(path, size, str(found), warnings)
             oversized.append(path)
             continue
         data = _cached_file(cache, commit, path)
@@ -507,7 +312,7 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
                 repo_id=repo_id,
                 revision=commit,
             )
-        return _read_file_range(found, start, end)
+        return read_file_range(found, start, end)
 
     snapshot = RepoSnapshot(
         source=source,
@@ -521,7 +326,7 @@ def _fetch_cached(source: ModelSource, cache_dir: Path | None, *, reason: str) -
         missing=missing + oversized,
         _head_reader=read_range,
     )
-    _require_config(snapshot)
+    require_config(snapshot)
     return snapshot
 
 
@@ -563,134 +368,3 @@ def _cached_listing(
                 blob_id = etag if etag and len(etag) == 40 else None
                 listing[rel] = FileMeta(path=rel, size=file.stat().st_size, blob_id=blob_id, sha256=sha256)
     return listing
-
-
-def _fetch_local(source: ModelSource) -> RepoSnapshot:
-    """Read a local model folder: regular files inside it only. A folder inside the HF cache keeps its repo id."""
-    folder = source.local_path
-    assert folder is not None
-    repo_id, commit = _cache_identity(folder)
-    # Files of an HF cache snapshot are symlinks into the repo's blobs/: those may be followed, nothing else.
-    allowed_root = folder.parent.parent if repo_id else folder
-    if not any((folder / name).is_file() for name in ("config.json", "model_index.json")) and not any(
-        folder.glob("*.gguf")
-    ):
-        raise NoConfig(f"{folder} has no config.json: not a transformers/MLX model folder")
-    listing: dict[str, FileMeta] = {}
-    warnings: list[str] = []
-    for rel, size in _walk_local(folder, allowed_root, warnings):
-        listing[rel] = FileMeta(path=rel, size=size)
-    files: dict[str, bytes] = {}
-    missing: list[str] = []
-    for path in _wanted(listing):
-        size = listing[path].size or 0
-        if size > MAX_METADATA_BYTES:
-            _oversized(path, size, str(folder / path), warnings)
-            missing.append(path)
-            continue
-        try:
-            files[path] = (folder / path).read_bytes()
-        except OSError as exc:
-            raise BadMetadata(f"{folder / path}: cannot read ({exc.strerror})", file=path) from None
-
-    def read_range(path: str, start: int, end: int) -> bytes:
-        return _read_file_range(folder / path, start, end)
-
-    snapshot = RepoSnapshot(
-        source=source,
-        origin="local",
-        repo_id=repo_id,
-        commit=commit,
-        facts=None,
-        listing=listing,
-        files=files,
-        warnings=warnings,
-        missing=missing,
-        _head_reader=read_range,
-    )
-    _require_config(snapshot)
-    return snapshot
-
-
-def _walk_local(folder: Path, allowed_root: Path, warnings: list[str]) -> list[tuple[str, int]]:
-    """(relative path, size) of every regular file in a model folder, bounded in depth and count.
-
-    Hidden entries are skipped; symlinks are followed only when they resolve inside `allowed_root`;
-    devices, FIFOs and sockets are skipped. A walk that finds more than MAX_LOCAL_FILES files is refused:
-    that is not a model folder (e.g. `/`).
-    """
-    root = allowed_root.resolve()
-    found: list[tuple[str, int]] = []
-    skipped: list[str] = []
-    stack: list[tuple[Path, int]] = [(folder, 0)]
-    while stack:
-        current, depth = stack.pop()
-        try:
-            entries = sorted(os.scandir(current), key=lambda entry: entry.name)
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            path = Path(entry.path)
-            rel = path.relative_to(folder).as_posix()
-            try:
-                if entry.is_symlink():
-                    target = path.resolve()
-                    if target != root and root not in target.parents:
-                        skipped.append(f"{rel} (a link out of the folder)")
-                        continue
-                info = path.stat()
-            except (OSError, RuntimeError):
-                continue
-            if stat.S_ISDIR(info.st_mode):
-                if depth + 1 < MAX_LOCAL_DEPTH and not entry.is_symlink():
-                    stack.append((path, depth + 1))
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                skipped.append(f"{rel} (not a regular file)")
-                continue
-            found.append((rel, info.st_size))
-            if len(found) > MAX_LOCAL_FILES:
-                raise UsageError(f"{folder} holds more than {MAX_LOCAL_FILES} files: not a model folder")
-    if skipped:
-        warnings.append(f"ignored in {folder}: {', '.join(skipped[:5])}" + (" …" if len(skipped) > 5 else ""))
-    return sorted(found)
-
-
-def _read_file_range(path: str | Path, start: int, end: int) -> bytes:
-    """Bytes start..end (inclusive, as in an HTTP Range) of a local file."""
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        return handle.read(end - start + 1)
-
-
-def _cache_identity(folder: Path) -> tuple[str | None, str | None]:
-    """(repo id, commit) when folder is `…/models--org--name/snapshots/<commit>`, else (None, None)."""
-    parent = folder.parent
-    if (
-        parent.name == "snapshots"
-        and COMMIT_RE.match(folder.name)
-        and parent.parent.name.startswith("models--")
-    ):
-        parts = parent.parent.name[len("models--") :].split("--")
-        if len(parts) == 2:
-            return f"{parts[0]}/{parts[1]}", folder.name
-    return None, None
-
-
-def _require_config(snapshot: RepoSnapshot) -> None:
-    if "config.json" in snapshot.files:
-        return
-    where = snapshot.source.local_path or f"{snapshot.repo_id}@{(snapshot.commit or '')[:12]}"
-    if "config.json" in snapshot.listing:
-        raise NoConfig(f"config.json of {where} is listed but could not be read")
-    # Repos without config.json that are still recognisable (GGUF-only, diffusers) get a better error
-    # from the backend decision ("unsupported: …") than "no config.json".
-    paths = list(snapshot.listing)
-    if "model_index.json" in paths or any(path.endswith(".gguf") for path in paths):
-        return
-    hint = ""
-    if snapshot.facts and snapshot.facts.pipeline_tag:
-        hint = f" (Hub pipeline tag: {snapshot.facts.pipeline_tag})"
-    raise NoConfig(f"{where} has no config.json: not a transformers/MLX model checkpoint{hint}")

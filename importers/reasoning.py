@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 from gallery.chat_template import TemplateError, render_chat
@@ -167,10 +168,28 @@ def _find_markers(
     return None, []
 
 
+def _card_markers(card: str | None) -> tuple[str, str] | None:
+    """A distinctive marker pair the model card writes (both ends), for a template that switches reasoning but
+    names no marker: weak evidence, since a card may mention markers it does not emit."""
+    if not card:
+        return None
+    for start, end, _, end_alone in _MARKERS:
+        if end_alone and start in card and end in card:
+            return start, end
+    return None
+
+
 def decide_reasoning(
-    template: str | None, vocab: SpecialVocab, variables: dict[str, str]
+    template: str | None,
+    vocab: SpecialVocab,
+    variables: dict[str, str],
+    card: Callable[[], str | None] | None = None,
 ) -> ReasoningDecision:
-    """Find the reasoning markers, switch and default, and the tool-call format."""
+    """Find the reasoning markers, switch and default, and the tool-call format.
+
+    `card` reads the model card lazily; it is read only when the template has a switch and no stronger
+    source names the markers.
+    """
     text = template or ""
     evidence: list[Evidence] = []
     warnings: list[str] = []
@@ -178,6 +197,20 @@ def decide_reasoning(
     markers, marker_evidence = _find_markers(text, vocab, variables)
     evidence.extend(marker_evidence)
     switch, switch_why = _switch_by_rendering(text, variables) if text else (None, "")
+    from_card = _card_markers(card()) if markers is None and switch and card is not None else None
+    if from_card:
+        markers = from_card
+        evidence.append(
+            Evidence(
+                source="README.md",
+                detail=f"the model card writes {from_card[0]!r} … {from_card[1]!r}",
+                strength="weak",
+            )
+        )
+        warnings.append(
+            f"the reasoning markers {from_card[0]} … {from_card[1]} come from the model card only (weak "
+            "evidence: neither the template nor the tokenizer names them); check an answer before relying on it"
+        )
     if markers:
         reasoning = Reasoning(supported=True, start=markers[0], end=markers[1])
     if reasoning.supported and text:
@@ -190,7 +223,8 @@ def decide_reasoning(
     elif switch:
         warnings.append(
             f"the chat template has a reasoning switch ({switch}: {switch_why}) but no reasoning markers were "
-            "found in it, in the tokenizer or in its rendered prompts: reasoning is not split from content"
+            "found in it, in the tokenizer, in its rendered prompts or in the model card: reasoning is not "
+            "split from content"
         )
         evidence.append(
             Evidence(source="chat template", field=switch, detail=f"{switch_why}; no markers found")

@@ -44,6 +44,7 @@ class LoadReport:
     import_warnings: list[str] = dataclasses.field(
         default_factory=list
     )  # when the spec was imported on the fly
+    imported: str | None = None  # an import on the fly: the commit it pinned
 
     @property
     def message(self) -> str:
@@ -51,6 +52,8 @@ class LoadReport:
         text = f"loaded {self.name} ({self.backend})" + (
             " (already loaded)" if self.reused else f" in {self.seconds:.1f} s"
         )
+        if self.imported:
+            text += f"; {self.imported}"
         if self.unknown_options:
             text += f"; ignored unknown options: {', '.join(self.unknown_options)}"
         if self.warnings:
@@ -68,9 +71,14 @@ class Overrides:
     draft_model: str | None = None
 
 
-def resolve(spec: str, catalog: str | None, model_path: str | None = None) -> Resolved:
-    """Resolve a spec to its config (no weights are read); relative paths also under model_path."""
-    return resolve_spec(spec, catalog=catalog, base_dirs=[model_path] if model_path else [])
+def resolve(
+    spec: str, catalog: str | None, model_path: str | None = None, revision: str | None = None
+) -> Resolved:
+    """Resolve a spec to its config (no weights are read); relative paths also under model_path; at
+    `revision` when given (LoadModel's `revision:` option)."""
+    return resolve_spec(
+        spec, catalog=catalog, base_dirs=[model_path] if model_path else [], revision=revision
+    )
 
 
 def apply_options(config: ModelConfig, options: LoadOptions, overrides: Overrides) -> ModelConfig:
@@ -103,6 +111,12 @@ def identity_names(config: ModelConfig, spec: str, options: LoadOptions) -> set[
     path = Path(spec)
     names.update({path.name, path.stem})
     return {name for name in names if name}
+
+
+def weights_bytes(config: ModelConfig) -> int:
+    """The bytes of a config's weights (its .safetensors files): what MLX holds in memory for them."""
+    weights = [f.size or 0 for f in config.mlx.files if f.path.endswith(".safetensors")]
+    return sum(weights) if weights else int(config.mlx.total_size or 0)
 
 
 class ModelHost:
@@ -151,9 +165,11 @@ class ModelHost:
                     reused=True,
                 )
             catalog = parsed.get("catalog") or self.catalog
-            resolved = resolve(located, catalog, model_path)
+            resolved = resolve(located, catalog, model_path, parsed.get("revision"))
             for message in resolved.warnings:
                 log.warning("import of %s: %s", located, message)
+            if resolved.imported_note:
+                log.info("%s", resolved.imported_note)
             config = apply_options(resolved.config, parsed, overrides)
             base = resolved.base
             self._free_locked()
@@ -189,6 +205,7 @@ class ModelHost:
                 list(engine.warnings),
                 parsed.unknown,
                 import_warnings=list(resolved.warnings),
+                imported=resolved.imported_note,
             )
 
     def _start_engine(
@@ -317,6 +334,7 @@ class ModelHost:
                 }
             )
             info["error"] = status["error"]
+            memory["weights"] = weights_bytes(engine.config)  # the loaded model's own share (gRPC Status)
         elif self.loading:
             state = "UNINITIALIZED"
         else:

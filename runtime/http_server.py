@@ -9,6 +9,7 @@
     GET  /v1/models             the served models, with backend, context, media and reasoning capabilities
     GET  /health                200 while serving (503 while the first model loads at start)
     GET  /metrics               Prometheus text (runtime.metrics)
+    POST /v1/models/unload      unload a served model ({"model": NAME}); it loads again on its next request
 
 Bodies are OpenAI's (runtime.openai_request: one model shared with the stdio protocol, unknown fields
 refused by name); every failure is OpenAI's error JSON with the status of its kind (runtime.faults), or the
@@ -37,6 +38,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backends import device_info
+from gallery.errors import RequestError
 from runtime.async_bridge import handle_events, run_blocking
 from runtime.engine import RequestHandle
 from runtime.errors import RequestTooLarge
@@ -449,7 +451,19 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
                 s.config.name: ("loaded" if s.engine is not None and s.engine.ready else "not loaded")
                 for s in context.pool.served
             }
+            body["loaded"] = context.pool.loaded_models()  # memory per loaded model (`gallery ps`)
         return JSONResponse(body)
+
+    @app.post("/v1/models/unload")
+    async def unload(request: Request) -> Response:
+        async def run() -> Response:
+            body = await context.body(request)
+            name = body.get("model") if isinstance(body, dict) else None
+            if not isinstance(name, str) or not name:
+                raise RequestError('unload: give the model to unload as {"model": NAME}')
+            return JSONResponse({"unloaded": await context.pool.unload(name)})
+
+        return await routed(run)
 
     @app.get("/v1/models")
     async def models() -> Response:

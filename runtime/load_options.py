@@ -87,6 +87,12 @@ OPTIONS: dict[str, OptionSpec] = {
     ),
     "trust_remote_code": OptionSpec("bool", False, "let transformers run the repo's own tokenizer code"),
     "catalog": OptionSpec("str", None, "catalog index to look model names up in"),
+    "revision": OptionSpec(
+        "str",
+        None,
+        "the commit (or branch, tag) to load: a repo is read at it (from the cache when there, offline too); "
+        "a config or entry pinned to another commit is refused",
+    ),
     "model_identity": OptionSpec("list", (), "extra names a request's ModelIdentity may use (repeatable)"),
     "enable_thinking": OptionSpec("bool", None, "default thinking switch for requests that do not set it"),
     "temperature": OptionSpec("float", None, "default temperature (stdio requests that omit it)", 0),

@@ -35,7 +35,9 @@ class LoadedModel:
     warnings: list[str]
 
 
-def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -> Path:
+def _cached_snapshot(
+    repo: str, revision: str | None, *, allow_download: bool, pinned_weights: int = 0
+) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -53,7 +55,7 @@ def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -
         return cached
     if not allow_download or is_offline():
         raise RuntimeFailure(
-            f"the weights of {repo}@{(revision or 'main')[:12]} are not in the local cache; run "
+            f"the weights of {repo}@{revision or 'main'} are not in the local cache; run "
             "`gallery pull NAME` (or `gallery install NAME`) for a catalog entry, or allow downloads (`--allow-download`, or the "
             "load option `allow_download:true`)" + (" and unset HF_HUB_OFFLINE" if is_offline() else "")
         )
@@ -64,6 +66,11 @@ def _cached_snapshot(repo: str, revision: str | None, *, allow_download: bool) -
             snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, endpoint=endpoint())
         )
     if not _has_weights(folder):
+        if pinned_weights:  # the config lists weights, so none arriving means the download never happened
+            raise RuntimeFailure(
+                f"the weights of {repo}@{revision or 'main'} could not be downloaded ({pinned_weights} "
+                f".safetensors file(s) pinned, none in the cache): is {endpoint()} reachable?"
+            )
         raise RuntimeFailure(
             f"{repo}@{(revision or 'main')[:12]} has no .safetensors weights (not an MLX conversion?)"
         )
@@ -87,7 +94,10 @@ def model_folder(config: ModelConfig, base: Path | None, *, allow_download: bool
             return candidate.resolve()
     if config.mlx.source.repo:
         return _cached_snapshot(
-            config.mlx.source.repo, config.mlx.source.revision, allow_download=allow_download
+            config.mlx.source.repo,
+            config.mlx.source.revision,
+            allow_download=allow_download,
+            pinned_weights=sum(1 for f in config.mlx.files if f.path.endswith(".safetensors")),
         )
     raise RuntimeFailure(f"{config.name}: model folder {candidates[0]} has no config.json")
 

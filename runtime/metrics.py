@@ -43,7 +43,17 @@ class _EngineGauges(Collector):
         cache_bytes = GaugeMetricFamily(
             "gallery_prefix_cache_bytes", "Memory held by cached prompts", labels=["model"]
         )
-        for model, status in self.statuses().items():
+        weights = GaugeMetricFamily(
+            "gallery_model_weights_bytes", "Memory held by a loaded model's weights", labels=["model"]
+        )
+        process = GaugeMetricFamily(
+            "gallery_process_memory_bytes",
+            "The server process's memory (rss, mlx_active, …)",
+            labels=["kind"],
+        )
+        statuses = self.statuses()
+        for model, status in statuses.items():
+            weights.add_metric([model], status.get("weights_bytes", 0))
             queued.add_metric([model], status.get("queued", 0))
             active.add_metric([model], status.get("active", 0))
             batch.add_metric([model], status.get("batch", 0))
@@ -52,7 +62,10 @@ class _EngineGauges(Collector):
                 reused.add_metric([model, route], cache.get("reused_tokens", 0))
                 if "bytes" in cache:
                     cache_bytes.add_metric([model], cache["bytes"])
-        yield from (queued, active, batch, hits, reused, cache_bytes)
+        for status in list(statuses.values())[:1]:  # one process: every engine reports the same figures
+            for kind, value in (status.get("memory") or {}).items():
+                process.add_metric([kind], value)
+        yield from (queued, active, batch, hits, reused, cache_bytes, weights, process)
 
 
 class ServerMetrics:

@@ -27,7 +27,7 @@ from gallery.errors import ModelNotFound
 from runtime.cluster import Cluster
 from runtime.engine import Engine
 from runtime.errors import PoolBusy, StillLoading
-from runtime.host import ModelHost, identity_names, resolve
+from runtime.host import ModelHost, identity_names, resolve, weights_bytes
 from runtime.load_options import parse_options
 
 log = logging.getLogger("runtime")
@@ -209,8 +209,58 @@ class ModelPool:
             resident.remove(victim)
 
     def statuses(self) -> dict[str, dict[str, Any]]:
-        """Status of every loaded model, by name."""
-        return {s.config.name: s.engine.status() for s in self.served if s.engine is not None}
+        """Status of every loaded model, by name (with the weights' bytes: `weights_bytes`)."""
+        return {
+            s.config.name: {**s.engine.status(), "weights_bytes": weights_bytes(s.config)}
+            for s in self.served
+            if s.engine is not None
+        }
+
+    def loaded_models(self) -> list[dict[str, Any]]:
+        """What `gallery ps` shows: each loaded model with its memory (weights plus its prefix cache), its load
+        and how long it has been idle, like ollama's /api/ps."""
+        now = time.monotonic()
+        rows = []
+        for served in self.served:
+            engine = served.engine
+            if engine is None:
+                continue
+            status = engine.status()
+            cache = sum(int(c.get("bytes", 0)) for c in (status.get("prefix_cache") or {}).values())
+            weights = weights_bytes(served.config)
+            source = served.config.mlx.source
+            rows.append(
+                {
+                    "name": served.config.name,
+                    "backend": served.config.backend,
+                    "repo": source.repo,
+                    "revision": source.revision,
+                    "state": status["state"],
+                    "active": status["active"],
+                    "queued": status["queued"],
+                    "weights_bytes": weights,
+                    "prefix_cache_bytes": cache,
+                    "memory_bytes": weights + cache,
+                    "idle_seconds": round(now - served.last_used, 1) if served.last_used else None,
+                }
+            )
+        return rows
+
+    async def unload(self, name: str) -> str | None:
+        """Unload a served model (it loads again on its next request); its name, or None if it was not loaded.
+        Raises ModelNotFound for a name this server does not serve."""
+        served = self.lookup(name)
+        if served.engine is None or served.leases:
+            return None if served.engine is None else await self._unload_when_unleased(served)
+        async with served.lock:
+            return await asyncio.get_running_loop().run_in_executor(None, served.host.free)
+
+    async def _unload_when_unleased(self, served: Served) -> str | None:
+        """A request is being routed to it: let it queue (its lease ends then), then unload."""
+        while served.leases:
+            await asyncio.sleep(0.05)
+        async with served.lock:
+            return await asyncio.get_running_loop().run_in_executor(None, served.host.free)
 
     def close(self) -> None:
         """Stop every engine (in-flight requests are cancelled)."""

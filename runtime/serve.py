@@ -24,6 +24,8 @@ log = logging.getLogger("runtime")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 OLLAMA_ADDRESS = "127.0.0.1:11434"  # where Ollama's clients look by default
+# The HTTP address when no interface is named (`gallery serve NAME`), and the one `gallery ps` / `stop` ask.
+DEFAULT_HTTP_ADDR = "127.0.0.1:8080"
 
 
 @dataclasses.dataclass
@@ -392,7 +394,9 @@ def serve_command(
     http: Annotated[
         str | None,
         typer.Option(
-            "--http", help="Serve the OpenAI-compatible HTTP API on HOST:PORT (several models: CONFIG …)."
+            "--http",
+            help="Serve the OpenAI-compatible HTTP API on HOST:PORT (several models: CONFIG …); "
+            f"the default interface, on {DEFAULT_HTTP_ADDR}.",
         ),
     ] = None,
     api_key: Annotated[
@@ -532,9 +536,12 @@ def serve_command(
         ),
     ] = None,
 ) -> None:
-    """Serve a model to a parent process: LocalAI's gRPC backend protocol (--addr) or JSON-RPC (--stdio)."""
+    """Serve models: the OpenAI-compatible HTTP API (--http; the default, on 127.0.0.1:8080), LocalAI's gRPC
+    backend protocol (--addr), or JSON-RPC on stdin/stdout (--stdio)."""
     if ctx.args:
         logging.getLogger("runtime").warning("ignoring unknown arguments: %s", " ".join(ctx.args))
+    if not (addr or stdio or http):
+        http = DEFAULT_HTTP_ADDR  # like ollama and LM Studio: a server on a known local port
     options = ServeOptions(
         specs=[*(specs or []), *([model] if model else [])],
         addr=addr,

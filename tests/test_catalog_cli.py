@@ -19,13 +19,13 @@ GALLERY = Path(sys.executable).parent / "gallery"
 
 
 def test_list_shows_every_entry(capsys: pytest.CaptureFixture[str]) -> None:
-    result = run_cli(capsys, "list")
+    result = run_cli(capsys, "catalog")
     assert result.code == 0
     lines = result.out.splitlines()
     assert lines[0].split() == ["NAME", "BACKEND", "SIZE", "STATUS", "LICENSE", "DESCRIPTION"]
     assert len(lines) == 7
     assert "no weights" in next(line for line in lines if line.startswith("smollm3-3b"))
-    rows = run_cli(capsys, "list", "--json").json()
+    rows = run_cli(capsys, "catalog", "--json").json()
     assert [r["name"] for r in rows] == load_catalog(BUNDLED / "index.yaml").names()
     gemma = next(r for r in rows if r["name"] == "gemma-4-e4b-it-qat-4bit")
     assert gemma["backend"] == "mlx-vlm" and gemma["repo"] == "mlx-community/gemma-4-E4B-it-qat-4bit"
@@ -58,11 +58,11 @@ def test_show_human_and_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_a_broken_entry_does_not_hide_the_others(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     index = copy_catalog(tmp_path / "catalog")
     replace_in(index, "- name: smollm3-3b\n", "- name: smollm3-3b\n  name: smollm3-3b\n")
-    result = run_cli(capsys, "list", "--catalog", index, "--json")
+    result = run_cli(capsys, "catalog", "--catalog", index, "--json")
     assert result.code == 0
     assert len(result.json()) == 6  # the duplicate key is reported, the entry (last value wins) still loads
     replace_in(index, "config: entries/smollm3-3b.yaml", "config: entries/nope.yaml")
-    result = run_cli(capsys, "list", "--catalog", index, "--json")
+    result = run_cli(capsys, "catalog", "--catalog", index, "--json")
     assert result.code == 0 and len(result.json()) == 5
     assert "1 invalid entry skipped (smollm3-3b)" in result.err
     shown = run_cli(capsys, "show", "smollm3-3b", "--catalog", index)
@@ -72,13 +72,13 @@ def test_a_broken_entry_does_not_hide_the_others(tmp_path: Path, capsys: pytest.
 def test_unparseable_catalog_is_one_line_exit_13(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     index = tmp_path / "index.yaml"
     index.write_text("- name: a\n  files: [\n")
-    for command in ("list", "show x", "search x", "install x", "export x", "refresh"):
+    for command in ("catalog", "show x", "search x", "install x", "export x", "refresh"):
         result = run_cli(capsys, *command.split(), "--catalog", index)
         assert result.code == 13, command
         assert result.err.count("\n") == 1 and "invalid YAML" in result.err and f"{index}:" in result.err
     mapping = tmp_path / "mapping.yaml"
     mapping.write_text("name: x\n")
-    result = run_cli(capsys, "list", "--catalog", mapping)
+    result = run_cli(capsys, "catalog", "--catalog", mapping)
     assert result.code == 13 and "must be a list of entries" in result.err
 
 

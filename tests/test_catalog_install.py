@@ -194,7 +194,7 @@ def test_entry_without_weights_is_refused_and_marked(
     assert result.code == 10, result.err
     assert "no .safetensors weights" in result.err and "nothing to run" in result.err
     assert result.err.count("\n") == 1
-    listed = {row["name"]: row for row in run_cli(capsys, "list", "--catalog", index, "--json").json()}
+    listed = {row["name"]: row for row in run_cli(capsys, "catalog", "--catalog", index, "--json").json()}
     assert listed["smollm3-3b"]["weights"] is False and listed["qwen3-4b-4bit"]["weights"] is True
 
 

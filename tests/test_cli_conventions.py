@@ -60,18 +60,21 @@ def test_help_version_and_completion(person: tuple[dict[str, str], Path]) -> Non
 
 def test_colour_only_in_a_terminal_and_never_with_no_color(person: tuple[dict[str, str], Path]) -> None:
     env, work = person
-    coloured, code = _terminal_output("list", env={**env, "TERM": "xterm-256color"}, cwd=work)
+    coloured, code = _terminal_output("catalog", env={**env, "TERM": "xterm-256color"}, cwd=work)
     assert code == 0 and COLOUR.search(coloured)  # "no weights" in yellow
-    plain, code = _terminal_output("list", env={**env, "TERM": "xterm-256color", "NO_COLOR": "1"}, cwd=work)
+    plain, code = _terminal_output(
+        "catalog", env={**env, "TERM": "xterm-256color", "NO_COLOR": "1"}, cwd=work
+    )
     assert code == 0 and not COLOUR.search(plain) and "no weights" in plain
-    piped = gallery("list", env={**env, "TERM": "xterm-256color"}, cwd=work)
+    piped = gallery("catalog", env={**env, "TERM": "xterm-256color"}, cwd=work)
     assert piped.returncode == 0 and not ANSI.search(piped.stdout + piped.stderr)
 
 
 @pytest.mark.parametrize("columns", [60, 80, 120])
 def test_tables_fit_the_real_terminal(person: tuple[dict[str, str], Path], columns: int) -> None:
     env, work = person
-    for args in (["list"], ["explain", "qwen3-4b-4bit"]):  # explain takes catalog names, as the README says
+    # explain takes catalog names, as the README says
+    for args in (["catalog"], ["explain", "qwen3-4b-4bit"]):
         text, code = _terminal_output(*args, env={**env, "COLUMNS": "141"}, cwd=work, columns=columns)
         lines = strip_ansi(text).splitlines()
         assert code == 0, text
@@ -153,7 +156,7 @@ def test_add_without_a_catalog_never_writes_the_package(hub_env, capsys: pytest.
     assert done.code == 0, done.err
     assert bundled_catalog_path().read_bytes() == before
     assert str(user_catalog_path()) in done.err
-    listed = [row["name"] for row in run_cli(capsys, "list", "--json").json()]
+    listed = [row["name"] for row in run_cli(capsys, "catalog", "--json").json()]
     assert "my-qwen" in listed and "qwen3-4b-4bit" in listed  # the user's catalog, then the bundled one
     taken = run_cli(capsys, "add", "mlx-community/Qwen3-4B-4bit", "--name", "qwen3-4b-4bit")
     assert taken.code == 11  # a name the bundled catalog has would be ambiguous
