@@ -12,164 +12,32 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
-from typing import Any
 
 from gallery.config import SUPPORTED_BACKENDS, Backend, Decision, Evidence
 from gallery.errors import UnsupportedModel, UsageError
 from gallery.families import LibrarySupport, library_support
 from importers.fetch import RepoSnapshot
-from importers.metadata import RepoMetadata, is_tower_key, optional_str, str_list, tower_kind
-
-VISION_PIPELINES = frozenset(
-    {
-        "image-text-to-text",
-        "any-to-any",
-        "visual-question-answering",
-        "image-to-text",
-        "video-text-to-text",
-        "audio-text-to-text",
-        "document-question-answering",
-    }
+from importers.metadata import RepoMetadata, optional_str, str_list
+from importers.pipelines import (
+    _NON_CHAT_ARCH,
+    TEXT_PIPELINES,
+    UNSUPPORTED_LIBRARIES,
+    UNSUPPORTED_MODEL_TYPES,
+    UNSUPPORTED_PIPELINES,
+    VISION_PIPELINES,
 )
-TEXT_PIPELINES = frozenset({"text-generation", "text2text-generation", "conversational"})
-UNSUPPORTED_PIPELINES: dict[str, str] = {
-    "automatic-speech-recognition": "speech recognition",
-    "text-to-speech": "speech synthesis",
-    "text-to-audio": "audio generation",
-    "audio-to-audio": "audio processing",
-    "audio-classification": "audio classification",
-    "voice-activity-detection": "voice activity detection",
-    "feature-extraction": "embeddings",
-    "sentence-similarity": "embeddings",
-    "text-ranking": "reranking",
-    "fill-mask": "masked-language modelling (an encoder)",
-    "text-classification": "text classification",
-    "token-classification": "token classification",
-    "zero-shot-classification": "zero-shot classification",
-    "question-answering": "extractive question answering",
-    "text-to-image": "image generation",
-    "image-to-image": "image generation",
-    "unconditional-image-generation": "image generation",
-    "text-to-video": "video generation",
-    "image-to-video": "video generation",
-    "text-to-3d": "3D generation",
-    "image-classification": "image classification",
-    "object-detection": "object detection",
-    "image-segmentation": "image segmentation",
-    "depth-estimation": "depth estimation",
-    "mask-generation": "mask generation",
-    "zero-shot-image-classification": "zero-shot image classification",
-    "image-feature-extraction": "image embeddings",
-}
-UNSUPPORTED_LIBRARIES: dict[str, str] = {
-    "diffusers": "image generation (diffusers)",
-    "sentence-transformers": "embeddings (sentence-transformers)",
-    "gguf": "GGUF weights (llama.cpp)",
-    "open_clip": "CLIP embeddings",
-    "timm": "image classification (timm)",
-    "speechbrain": "speech (speechbrain)",
-    "nemo": "speech (NeMo)",
-    "pyannote-audio": "speech (pyannote)",
-    "whisperkit": "speech recognition (WhisperKit)",
-}
-UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
-    **dict.fromkeys(
-        [
-            "whisper",
-            "wav2vec2",
-            "hubert",
-            "wavlm",
-            "speecht5",
-            "seamless_m4t",
-            "bark",
-            "encodec",
-            "musicgen",
-            "data2vec-audio",
-            "unispeech",
-            "sew",
-        ],
-        "speech/audio",
-    ),
-    **dict.fromkeys(
-        [
-            "bert",
-            "roberta",
-            "xlm-roberta",
-            "distilbert",
-            "mpnet",
-            "nomic_bert",
-            "deberta",
-            "deberta-v2",
-            "electra",
-            "albert",
-            "camembert",
-            "modernbert",
-            "new",
-        ],
-        "an encoder (embeddings/classification)",
-    ),
-    **dict.fromkeys(["clip", "siglip", "dinov2", "vit"], "a vision encoder (embeddings/classification)"),
-    **dict.fromkeys(
-        ["colpali", "colqwen2", "colqwen2_5", "colidefics3", "colsmol"], "document retrieval embeddings"
-    ),
-    **dict.fromkeys(
-        ["sam", "sam2", "sam3", "sam_hq", "segformer", "mask2former", "maskformer", "oneformer", "upernet"],
-        "image segmentation",
-    ),
-}
-# Architecture classes that are no text generator, by what they are: the config alone says so even when
-# the repo's tags and README are gone. ColPali-style retrievers (`ColQwen2`, `ColQwen3_5`, `ColSmol`) wrap a
-# VLM's config (vision section and all) but produce embeddings.
-_NON_CHAT_ARCH: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"For(Semantic|Instance|Universal|Image|Panoptic)?Segmentation$"), "image segmentation"),
-    (re.compile(r"ForMaskGeneration$"), "mask generation"),
-    (re.compile(r"^Col[A-Z]|ForRetrieval$|Retriever$"), "document retrieval embeddings"),
-    (re.compile(r"ForEmbedding$|EmbeddingModel$|ForTextEmbedding$"), "embeddings"),
-    (re.compile(r"Reward(Model)?$|ForRewardModel(ing)?$|ForProcessReward$"), "a reward model"),
-    (re.compile(r"For(Sequence|Token|Image|Audio|Video)Classification$"), "classification"),
-    (re.compile(r"ForMaskedLM$|ForQuestionAnswering$|ForMultipleChoice$"), "an encoder task"),
-    (re.compile(r"ForObjectDetection$"), "object detection"),
-    (re.compile(r"ForDepthEstimation$"), "depth estimation"),
-    (re.compile(r"ForSpeechSeq2Seq$|ForCTC$|ForTextToSpeech$"), "speech"),
+from importers.towers import (
+    _AUDIO_TENSOR,
+    _MEDIA_TOKEN_KEYS,
+    _PROCESSOR_FILES,
+    _VISION_TENSOR,
+    _VISIONISH_TAGS,
+    _WEIGHT_SUFFIXES,
+    find_processor_classes,
+    find_towers,
+    tensor_prefixes,
+    weight_tensor_names,
 )
-_MEDIA_TOKEN_KEYS = (
-    "image_token_id",
-    "image_token_index",
-    "video_token_id",
-    "audio_token_id",
-    "audio_token_index",
-)
-# Tensor-name markers of modality towers in a weights index (any path component). Projectors
-# (`multi_modal_projector`, `mm_projector`) are left out: audio-only models have them too.
-_VISION_TENSOR = re.compile(
-    r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|vision_backbone|vision_embed_tokens|vit|"
-    r"image_encoder|image_vit|embed_vision|vision_embed|img_processor|"
-    r"image_newline|patch_embed|vpm|visual_tokenizer|vision_projection|image_projector)(\.|$)"
-)
-_AUDIO_TENSOR = re.compile(
-    r"(^|\.)(audio_tower|audio_model|audio_encoder|embed_audio|speech_encoder|audio_projector|"
-    r"audio_projection|apm|whisper_encoder|sound_encoder)(\.|$)"
-)
-_PROCESSOR_FILES = (
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-    "chat_template.json",
-)
-# Fields of processor files that name a class; the class name says which modality it prepares.
-_PROCESSOR_CLASS_FIELDS = (
-    "image_processor_type",
-    "video_processor_type",
-    "feature_extractor_type",
-    "processor_class",
-)
-_VISUAL_CLASS = re.compile(r"Image|Video|Vision|Visual|VL|Pixel|Siglip|Clip", re.IGNORECASE)
-_AUDIO_CLASS = re.compile(r"Audio|Speech|Whisper|Wav|Sound|Mel|Voice", re.IGNORECASE)
-_VISIONISH_TAGS = frozenset(
-    {"vision", "multimodal", "image-text-to-text", "vlm", "any-to-any", "video-text-to-text"}
-)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
 
 
 class NoLoader(UnsupportedModel):
@@ -201,65 +69,6 @@ class BackendDecision:
     decision: Decision
     warnings: list[str]
     support: dict[str, LibrarySupport] = dataclasses.field(default_factory=dict)
-
-
-def _towers(meta: RepoMetadata) -> list[tuple[str, str]]:
-    """(dotted path, kind) of every tower sub-config in config.json: top-level or nested under any sub-config."""
-    found: list[tuple[str, str]] = []
-    for path, node in meta.sub_configs(include_towers=True):
-        for key, value in node.items():
-            if is_tower_key(key, value):
-                found.append((f"{path}.{key}" if path else key, tower_kind(key)))
-    # A tower's own nested dicts (vision_config.text_config …) are part of that tower, not new towers.
-    return [(p, k) for p, k in found if not any(p.startswith(q + ".") for q, _ in found)]
-
-
-def _weight_tensor_names(meta: RepoMetadata) -> list[str] | None:
-    index = meta.json_object("model.safetensors.index.json")
-    if index is None:
-        return None
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict):
-        return None
-    return [str(name) for name in weight_map]
-
-
-def _tensor_prefixes(names: list[str], pattern: re.Pattern[str]) -> dict[str, int]:
-    """Tower tensor counts by prefix (the name up to and including the tower component)."""
-    counts: dict[str, int] = {}
-    for name in names:
-        match = pattern.search(name)
-        if match:
-            prefix = name[: match.end(2)]
-            counts[prefix] = counts.get(prefix, 0) + 1
-    return counts
-
-
-def _processor_classes(meta: RepoMetadata, listing: Iterable[str]) -> list[tuple[str, str, str, str]]:
-    """(file, field, class name, kind) for each processor class a processor file names; kind is
-    `vision`, `audio` or `other` (a processor whose name says neither)."""
-    found: list[tuple[str, str, str, str]] = []
-    for name in _PROCESSOR_FILES:
-        if name == "chat_template.json" or name not in listing:
-            continue
-        data = meta.json_object(name) or {}
-        nodes: list[tuple[str, dict[str, Any]]] = [("", data)]
-        nodes += [(f"{k}.", v) for k, v in data.items() if isinstance(v, dict) and k != "auto_map"]
-        for prefix, node in nodes:
-            for field in _PROCESSOR_CLASS_FIELDS:
-                value = node.get(field)
-                if not isinstance(value, str) or not value:
-                    continue
-                kind = (
-                    "audio"
-                    if field == "feature_extractor_type" or _AUDIO_CLASS.search(value)
-                    else "vision"
-                    if field in ("image_processor_type", "video_processor_type")
-                    or _VISUAL_CLASS.search(value)
-                    else "other"
-                )
-                found.append((name, prefix + field, value, kind))
-    return found
 
 
 def _unsupported_reasons(snapshot: RepoSnapshot, meta: RepoMetadata) -> list[str]:
@@ -407,16 +216,16 @@ def _refuse_unservable(snapshot: RepoSnapshot, meta: RepoMetadata, requested: st
 
 def _gather_evidence(snapshot: RepoSnapshot, meta: RepoMetadata) -> _Modality:
     """Phase 2: every modality clue, strong (weights, tower configs, processor classes) and weak (tags…)."""
-    towers = _towers(meta)
-    tensor_names = _weight_tensor_names(meta)
+    towers = find_towers(meta)
+    tensor_names = weight_tensor_names(meta)
     evidence = [
         Evidence(
             source="config.json", field=path, detail=f"{kind} tower sub-config present", strength="medium"
         )
         for path, kind in towers
     ]
-    vision_prefixes = _tensor_prefixes(tensor_names or [], _VISION_TENSOR)
-    audio_prefixes = _tensor_prefixes(tensor_names or [], _AUDIO_TENSOR)
+    vision_prefixes = tensor_prefixes(tensor_names or [], _VISION_TENSOR)
+    audio_prefixes = tensor_prefixes(tensor_names or [], _AUDIO_TENSOR)
     vision_tensors, audio_tensors = sum(vision_prefixes.values()), sum(audio_prefixes.values())
     if tensor_names is not None:
         if vision_tensors or audio_tensors:
@@ -432,9 +241,9 @@ def _gather_evidence(snapshot: RepoSnapshot, meta: RepoMetadata) -> _Modality:
                 source="model.safetensors.index.json", field="weight_map", detail=detail, strength="strong"
             )
         )
-    processor_classes = _processor_classes(meta, snapshot.listing)
+    classes = find_processor_classes(meta, snapshot.listing)
     processor_files = [name for name in _PROCESSOR_FILES if name in snapshot.listing]
-    evidence += _processor_evidence(processor_classes, processor_files)
+    evidence += _processor_evidence(classes, processor_files)
     facts = snapshot.facts
     pipeline = facts.pipeline_tag if facts else None
     evidence += _weak_evidence(meta, pipeline, set(facts.tags) if facts else set())
@@ -443,7 +252,7 @@ def _gather_evidence(snapshot: RepoSnapshot, meta: RepoMetadata) -> _Modality:
         tensor_names=tensor_names,
         vision_tensors=vision_tensors,
         audio_tensors=audio_tensors,
-        processor_classes=processor_classes,
+        processor_classes=classes,
         processor_files=processor_files,
         pipeline=pipeline,
         evidence=evidence,

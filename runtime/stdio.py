@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -51,6 +50,7 @@ from runtime.openai_request import (
 )
 from runtime.openai_response import logprobs_json, timings_json, tool_calls_json, usage_json
 from runtime.request import Answer, Completion, GenerationRequest, check_request
+from runtime.stdio_lines import LineReader, LineWriter
 
 log = logging.getLogger("runtime")
 
@@ -100,75 +100,6 @@ def _rpc_error_for(exc: BaseException) -> RpcError:
     if isinstance(field, str):
         data["field"] = field  # the request field at fault, as HTTP's `param`
     return RpcError(FAULTS[kind].jsonrpc_code or INTERNAL_ERROR, message, data)
-
-
-class LineReader:
-    """Read lines from a raw descriptor with os.read.
-
-    Not sys.stdin: a daemon thread blocked inside a BufferedReader holds its lock, and the interpreter
-    then aborts at exit ("could not acquire lock for <stdin> at interpreter shutdown"). A thread blocked
-    in os.read holds no Python lock and may simply be abandoned when the process exits.
-    """
-
-    def __init__(self, fd: int, chunk: int = 1 << 16) -> None:
-        self._fd = fd
-        self._chunk = chunk
-        self._buffer = bytearray()
-        self._eof = False
-
-    def readline(self, limit: int) -> bytes:
-        """The next line (with its newline), at most limit bytes of it; b"" at end of input."""
-        while True:
-            end = self._buffer.find(b"\n", 0, limit)
-            if end >= 0 or len(self._buffer) >= limit or self._eof:
-                size = end + 1 if end >= 0 else min(limit, len(self._buffer))
-                line = bytes(self._buffer[:size])
-                del self._buffer[:size]
-                return line
-            data = os.read(self._fd, self._chunk)
-            if not data:
-                self._eof = True
-            self._buffer += data
-
-
-class LineWriter:
-    """Serialize protocol lines onto a descriptor from one thread; report a broken pipe once."""
-
-    def __init__(self, fd: int, on_broken: Callable[[], None]) -> None:
-        self._fd = fd
-        self._queue: queue.Queue[bytes | None] = queue.Queue()
-        self._on_broken = on_broken
-        self.broken = False
-        self._thread = threading.Thread(target=self._run, name="stdio-writer", daemon=True)
-        self._thread.start()
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Queue one JSON object as one line."""
-        if self.broken:
-            return
-        line = json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
-        self._queue.put(line.encode("utf-8", "surrogatepass"))
-
-    def _run(self) -> None:
-        while True:
-            data = self._queue.get()
-            if data is None:
-                return
-            if self.broken:
-                continue
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
-            except OSError:  # the reader is gone (EPIPE): nothing more can be delivered
-                self.broken = True
-                self._on_broken()
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Write out what is queued, then stop."""
-        self._queue.put(None)
-        self._thread.join(timeout)
 
 
 class StdioServer:
