@@ -37,6 +37,7 @@ from runtime.errors import RequestTooLarge
 from runtime.faults import FAULTS, classify
 from runtime.http_guard import AccessRecord, BrowserGuard, is_json_content_type
 from runtime.metrics import CONTENT_TYPE, ServerMetrics
+from runtime.jsonvalue import load_json
 from runtime.openai_request import ChatParams, CompleteParams, chat_request, complete_request, one_line
 from runtime.openai_response import logprobs_json, tool_calls_json, usage_json
 from runtime.pool import ModelPool, Served
@@ -127,8 +128,8 @@ class _Context:
                 raise RequestTooLarge(f"request body is over this server's limit of {self.max_body} bytes")
             chunks.append(chunk)
         try:
-            data = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            data = load_json(b"".join(chunks))  # a too-long integer is refused by its field's name later
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             detail = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
             raise HttpError("invalid_request", f"the request body is not valid JSON ({detail})") from None
         if not isinstance(data, dict):

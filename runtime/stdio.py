@@ -38,6 +38,7 @@ from runtime.engine import RequestHandle
 from runtime.errors import NotLoaded, ShuttingDown
 from runtime.faults import FAULTS, classify
 from runtime.host import ModelHost, model_metadata, prompt_text
+from runtime.jsonvalue import load_json
 from runtime.lifecycle import StopSignal, cancel_task, install_signal_handlers, settle, watch_parent
 from runtime.openai_request import (
     ChatParams,
@@ -91,11 +92,18 @@ def _rpc_error_for(exc: BaseException) -> RpcError:
     if isinstance(exc, RpcError):
         return exc
     if isinstance(exc, ValidationError):
-        return RpcError(INVALID_PARAMS, f"invalid params: {one_line(exc)}", {"kind": "invalid_request"})
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        data = {"kind": "invalid_request"}
+        if first:
+            data["field"] = ".".join(str(part) for part in first)
+        return RpcError(INVALID_PARAMS, f"invalid params: {one_line(exc)}", data)
     kind, message = classify(exc)
     if kind == "internal":
         log.error("%s", message, exc_info=os.environ.get("GALLERY_DEBUG") == "1")
-    return RpcError(FAULTS[kind].jsonrpc_code or INTERNAL_ERROR, message, {"kind": kind})
+    data: dict[str, Any] = {"kind": kind}
+    if getattr(exc, "field", None):  # the request field at fault, as HTTP's `param`
+        data["field"] = exc.field  # type: ignore[attr-defined]
+    return RpcError(FAULTS[kind].jsonrpc_code or INTERNAL_ERROR, message, data)
 
 
 class LineReader:
@@ -277,8 +285,8 @@ class StdioServer:
         if not text:
             return
         try:
-            message = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            message = load_json(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             detail = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
             self._respond(None, error=RpcError(PARSE_ERROR, f"parse error: {detail}"))
             return
