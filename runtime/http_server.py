@@ -36,8 +36,8 @@ from runtime.engine import RequestHandle
 from runtime.errors import RequestTooLarge
 from runtime.faults import FAULTS, classify
 from runtime.http_guard import AccessRecord, BrowserGuard, is_json_content_type
-from runtime.metrics import CONTENT_TYPE, ServerMetrics
 from runtime.jsonvalue import load_json
+from runtime.metrics import CONTENT_TYPE, ServerMetrics
 from runtime.openai_request import ChatParams, CompleteParams, chat_request, complete_request, one_line
 from runtime.openai_response import logprobs_json, tool_calls_json, usage_json
 from runtime.pool import ModelPool, Served

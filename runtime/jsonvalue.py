@@ -18,7 +18,9 @@ from typing import Any
 
 from gallery.errors import RequestError
 
-MAX_JSON_DEPTH = 64  # far above any real request (a JSON schema in tools nests ~10), far below recursion limits
+MAX_JSON_DEPTH = (
+    64  # far above any real request (a JSON schema in tools nests ~10), far below recursion limits
+)
 
 
 class HugeInteger(float):
