@@ -205,3 +205,35 @@ def test_a_fifo_or_a_device_as_a_local_image_fails_at_once_over_stdio(
         assert response["error"]["code"] == -32602, response
         assert "not a regular file" in response["error"]["message"], response
     assert stdio.call("chat", _chat(), timeout=60)["result"]["message"]["content"] is not None
+
+
+GRPC_BAD_JSON: list[tuple[dict[str, Any], str]] = [
+    ({"Metadata": {"chat_template_kwargs": json.dumps({"a": _deep(600)})}}, "chat_template_kwargs"),
+    ({"Metadata": {"chat_template_kwargs": '{"a": "x\\ud800"}'}}, "chat_template_kwargs"),
+    (
+        {
+            "Tools": '[{"type": "function", "function": {"name": "f", "parameters": {"maxLength": '
+            + HUGE
+            + "}}}]"
+        },
+        "Tools",
+    ),
+    ({"LogitBias": '{"5": ' + HUGE + "}"}, "LogitBias"),
+]
+
+
+def test_json_fields_that_break_python_are_invalid_argument_over_grpc(audio_vlm_model: Path) -> None:
+    import grpc
+
+    from tests.interfaces_support import GrpcProcess, chat, rpc_error, wait_for_grpc_state
+
+    with running(GrpcProcess("--model", str(audio_vlm_model))) as process:
+        assert isinstance(process, GrpcProcess)
+        assert wait_for_grpc_state(process.stub, "READY", timeout=120) == "READY"
+        for fields, name in GRPC_BAD_JSON:
+            error = rpc_error(
+                lambda fields=fields: process.stub.Predict(chat("Hi", Tokens=2, **fields), timeout=60)
+            )
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.details())
+            assert name in error.details(), (name, error.details())
+        assert process.stub.Predict(chat("Hi", Tokens=2), timeout=60).tokens >= 1
