@@ -38,7 +38,7 @@ from runtime.engine import RequestHandle
 from runtime.errors import NotLoaded, ShuttingDown
 from runtime.faults import FAULTS, classify
 from runtime.host import ModelHost, model_metadata, prompt_text
-from runtime.jsonvalue import load_json
+from runtime.jsonvalue import load_json, text_size
 from runtime.lifecycle import StopSignal, cancel_task, install_signal_handlers, settle, watch_parent
 from runtime.openai_request import (
     ChatParams,
@@ -93,16 +93,17 @@ def _rpc_error_for(exc: BaseException) -> RpcError:
         return exc
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]["loc"] if exc.errors() else ()
-        data = {"kind": "invalid_request"}
+        invalid: dict[str, Any] = {"kind": "invalid_request"}
         if first:
-            data["field"] = ".".join(str(part) for part in first)
-        return RpcError(INVALID_PARAMS, f"invalid params: {one_line(exc)}", data)
+            invalid["field"] = ".".join(str(part) for part in first)
+        return RpcError(INVALID_PARAMS, f"invalid params: {one_line(exc)}", invalid)
     kind, message = classify(exc)
     if kind == "internal":
         log.error("%s", message, exc_info=os.environ.get("GALLERY_DEBUG") == "1")
     data: dict[str, Any] = {"kind": kind}
-    if getattr(exc, "field", None):  # the request field at fault, as HTTP's `param`
-        data["field"] = exc.field  # type: ignore[attr-defined]
+    field = getattr(exc, "field", None)
+    if field:  # the request field at fault, as HTTP's `param`
+        data["field"] = field
     return RpcError(FAULTS[kind].jsonrpc_code or INTERNAL_ERROR, message, data)
 
 
@@ -305,6 +306,16 @@ class StdioServer:
         request_id = message.get("id")
         if has_id and (isinstance(request_id, bool) or not isinstance(request_id, (str, int, type(None)))):
             self._respond(None, error=RpcError(INVALID_REQUEST, "id must be a string, an integer or null"))
+            return
+        try:  # both are echoed back: a lone surrogate in them would make the reply invalid UTF-8
+            for name in ("id", "method"):
+                if isinstance(message.get(name), str):
+                    text_size(message[name], name)
+        except RequestError as exc:
+            self._respond(
+                None,
+                error=RpcError(INVALID_REQUEST, str(exc), {"kind": "invalid_request", "field": exc.field}),
+            )
             return
         method = message.get("method")
         problem = None

@@ -237,3 +237,15 @@ def test_json_fields_that_break_python_are_invalid_argument_over_grpc(audio_vlm_
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.details())
             assert name in error.details(), (name, error.details())
         assert process.stub.Predict(chat("Hi", Tokens=2), timeout=60).tokens >= 1
+
+
+def test_a_lone_surrogate_in_a_stdio_id_or_method_is_refused_and_the_reply_stays_utf8(
+    stdio: StdioProcess,
+) -> None:
+    stdio.write('{"jsonrpc": "2.0", "id": "a\\ud800", "method": "chat", "params": {"messages": []}}\n')
+    response = stdio.next(timeout=30)  # the reader thread drops any line that is not valid UTF-8 JSON
+    assert response["id"] is None and response["error"]["data"]["field"] == "id", response
+    stdio.write('{"jsonrpc": "2.0", "id": 7, "method": "ch\\udfffat"}\n')
+    response = stdio.next(timeout=30)
+    assert response["error"]["data"]["field"] == "method", response
+    assert not stdio.bad_lines
