@@ -211,13 +211,8 @@ def _fetch_remote(url: str, label: str, policy: MediaPolicy) -> bytes:
         raise MediaError(f"{label}: could not fetch {url} ({type(exc).__name__})") from None
 
 
-def _decode_image_bytes(raw: bytes, label: str, policy: MediaPolicy, used: int = 0) -> Any:
-    """Decode an image fully into an RGB PIL image. Raises MediaError.
-
-    Refused from its header, before decoding: over the policy's pixels per image, or over what its pixels per
-    request still allow after the `used` pixels of the request's earlier images.
-    """
-    max_pixels = policy.max_image_pixels
+def _open_image(raw: bytes, label: str, max_pixels: int) -> Any:
+    """An image opened lazily (header read, pixels not decoded), refused over max_pixels. Raises MediaError."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -229,23 +224,27 @@ def _decode_image_bytes(raw: bytes, label: str, policy: MediaPolicy, used: int =
             # PIL only warns between its limit and twice it; the size is checked here instead, exactly.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw))  # reads the header only: the size is known, nothing decoded
-        with image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise MediaError(
-                    f"{label}: image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                    f"{max_pixels:,} pixels per image"
-                )
-            if used + width * height > policy.max_request_pixels:
-                raise MediaError(
-                    f"{label}: image is {width}x{height} pixels, which takes this request's images over the "
-                    f"limit of {policy.max_request_pixels:,} pixels per request"
-                )
-            image.load()  # decode now: a truncated file must fail here, not inside the model
-            return image.convert("RGB")
     except Image.DecompressionBombError:
         raise MediaError(f"{label}: image too large (over {max_pixels:,} pixels per image)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise MediaError(f"{label}: not a decodable image (PNG, JPEG, WebP, GIF, …)") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise MediaError(
+            f"{label}: image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} pixels per image"
+        )
+    return image
+
+
+def _decode_image(image: Any, label: str) -> Any:
+    """Decode an opened image fully into an RGB PIL image (a truncated file fails here, not inside the model)."""
+    try:
+        with image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError):
         raise MediaError(f"{label}: not a decodable image (PNG, JPEG, WebP, GIF, …)") from None
 
 
@@ -292,13 +291,18 @@ def _audio_suffix(raw: bytes, hint: str | None) -> str:
 
 
 def decode_media(items: list[MediaItem], policy: MediaPolicy | None = None) -> DecodedMedia:
-    """Decode every media item of a request. Raises MediaError naming the failing item."""
+    """Decode every media item of a request. Raises MediaError naming the failing item.
+
+    Two passes: every item's header is checked first (pixels, sample rate, duration, and the request's totals),
+    so a request over a bound is refused before any of its media is decoded.
+    """
     policy = policy or MediaPolicy()
     if len(items) > policy.max_items:
         raise MediaError(f"too many media inputs ({len(items)} > {policy.max_items})")
     decoded = DecodedMedia(images=[], audio=[], video=[])
     counts = {"image": 0, "audio": 0, "video": 0}
     pixels, seconds = 0, 0.0  # what the request's images and audio add up to, against the per-request budgets
+    checked: list[tuple[str, str, Any, str]] = []  # (kind, label, opened image or raw bytes, file suffix)
     try:
         for item in items:
             counts[item.kind] += 1
@@ -306,14 +310,18 @@ def decode_media(items: list[MediaItem], policy: MediaPolicy | None = None) -> D
             raw = _read_bytes(item.data, label, policy)
             decoded.hashes.append(f"{item.kind}:{hashlib.sha256(raw).hexdigest()}")
             if item.kind == "image":
-                image = _decode_image_bytes(raw, label, policy, pixels)
-                pixels += image.width * image.height
-                decoded.images.append(image)
+                image = _open_image(raw, label, policy.max_image_pixels)
+                checked.append((item.kind, label, image, ""))
+                width, height = image.size
+                pixels += width * height
+                if pixels > policy.max_request_pixels:
+                    raise MediaError(
+                        f"{label}: image is {width}x{height} pixels, which takes this request's images over the "
+                        f"limit of {policy.max_request_pixels:,} pixels per request"
+                    )
                 continue
             if not raw:
                 raise MediaError(f"{label}: empty")
-            if decoded._tmpdir is None:
-                decoded._tmpdir = tempfile.TemporaryDirectory(prefix="gallery-media-")
             if item.kind == "audio":
                 try:
                     suffix = _audio_suffix(raw, item.format)
@@ -327,10 +335,24 @@ def decode_media(items: list[MediaItem], policy: MediaPolicy | None = None) -> D
                     )
             else:
                 suffix = (item.format or "mp4").lower()
-            path = Path(decoded._tmpdir.name) / f"{item.kind}{counts[item.kind]}.{suffix}"
-            path.write_bytes(raw)
-            (decoded.audio if item.kind == "audio" else decoded.video).append(str(path))
+            checked.append((item.kind, label, raw, suffix))
+        for index, (kind, label, payload, suffix) in enumerate(checked):
+            checked[index] = (kind, label, None, suffix)  # let each input's bytes go once it is decoded
+            if kind == "image":
+                decoded.images.append(_decode_image(payload, label))
+                continue
+            if decoded._tmpdir is None:
+                decoded._tmpdir = tempfile.TemporaryDirectory(prefix="gallery-media-")
+            path = (
+                Path(decoded._tmpdir.name)
+                / f"{kind}{len(decoded.audio if kind == 'audio' else decoded.video) + 1}.{suffix}"
+            )
+            path.write_bytes(payload)
+            (decoded.audio if kind == "audio" else decoded.video).append(str(path))
     except BaseException:
+        for _kind, _label, payload, _suffix in checked:
+            if payload is not None and hasattr(payload, "close"):
+                payload.close()
         decoded.cleanup()
         raise
     return decoded
