@@ -104,3 +104,19 @@ def test_validate_is_linear_in_a_long_stopwords_list(tmp_path: Path, monkeypatch
     assert len(errors) == count and all("stopwords." in p.message for p in errors)
     assert len({p.line for p in errors}) == count  # each at its own line
     assert comparisons < 4 * count, comparisons
+
+
+def test_a_hub_outage_during_a_grpc_load_model_names_the_retryable_fault(
+    hub: RecordedHub, tmp_path: Path
+) -> None:
+    from runtime.proto import backend_pb2 as pb
+    from tests.interfaces_support import GrpcProcess
+
+    with running(GrpcProcess(env=_outage_env(hub, tmp_path))) as process:
+        assert isinstance(process, GrpcProcess)
+        # LocalAI's LoadModel answers failures as success=false; the fault kind travels in trailing metadata.
+        result, call = process.stub.LoadModel.with_call(pb.ModelOptions(Model="Qwen/Qwen3-4B"), timeout=120)
+        assert not result.success and "503" in result.message, result
+        assert ("x-gallery-fault", "hub_unavailable") in tuple(call.trailing_metadata()), (
+            call.trailing_metadata()
+        )
