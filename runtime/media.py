@@ -32,6 +32,10 @@ MAX_MEDIA_ITEMS = 16
 MAX_AUDIO_SECONDS = 600.0  # all audio of one request together
 AUDIO_SAMPLE_RATES = (4_000, 384_000)  # Hz: telephony's 8 kHz to studio rates, with room either side
 MAX_AUDIO_CHANNELS = 8
+MAX_VIDEO_SECONDS = 600.0  # all video of one request together
+MAX_VIDEO_PIXELS = 400_000_000  # the frames the loader samples, all videos of a request together (1.2 GB RGB)
+# mlx-vlm's load_video samples 2 frames a second, at least 4 and at most 768 (DEFAULT_VIDEO_SAMPLING).
+_VIDEO_FPS, _VIDEO_MIN_FRAMES, _VIDEO_MAX_FRAMES = 2.0, 4, 768
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I
 )
@@ -61,6 +65,8 @@ class MediaPolicy:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_request_pixels: int = MAX_REQUEST_PIXELS
     max_audio_seconds: float = MAX_AUDIO_SECONDS
+    max_video_seconds: float = MAX_VIDEO_SECONDS
+    max_video_pixels: int = MAX_VIDEO_PIXELS
 
 
 @dataclasses.dataclass
@@ -290,6 +296,37 @@ def _audio_suffix(raw: bytes, hint: str | None) -> str:
     raise MediaError("audio: not a recognised audio file (WAV, MP3, FLAC, OGG)")
 
 
+def _video_header(path: Path, label: str, max_frame_pixels: int) -> tuple[float, int]:
+    """(seconds, pixels of the frames the loader will sample) from a video's container header. Raises MediaError.
+
+    OpenCV is what mlx-vlm reads video with; opening a capture reads the container's header, not its frames.
+    """
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            raise MediaError(f"{label}: not a decodable video (MP4, WebM, AVI, MOV, …)")
+        frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        rate = capture.get(cv2.CAP_PROP_FPS) or 1.0
+        width, height = (
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+        )
+    finally:
+        capture.release()
+    if frames <= 0 or width <= 0 or height <= 0:
+        raise MediaError(f"{label}: not a decodable video (no frames or no frame size in its header)")
+    if width * height > max_frame_pixels:
+        raise MediaError(
+            f"{label}: video frames are {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_frame_pixels:,} pixels per frame"
+        )
+    seconds = frames / rate
+    sampled = min(max(seconds * _VIDEO_FPS, _VIDEO_MIN_FRAMES), _VIDEO_MAX_FRAMES, frames)
+    return seconds, int(sampled) * width * height
+
+
 def decode_media(items: list[MediaItem], policy: MediaPolicy | None = None) -> DecodedMedia:
     """Decode every media item of a request. Raises MediaError naming the failing item.
 
@@ -302,6 +339,7 @@ def decode_media(items: list[MediaItem], policy: MediaPolicy | None = None) -> D
     decoded = DecodedMedia(images=[], audio=[], video=[])
     counts = {"image": 0, "audio": 0, "video": 0}
     pixels, seconds = 0, 0.0  # what the request's images and audio add up to, against the per-request budgets
+    video_seconds, video_pixels = 0.0, 0
     checked: list[tuple[str, str, Any, str]] = []  # (kind, label, opened image or raw bytes, file suffix)
     try:
         for item in items:
@@ -335,20 +373,42 @@ def decode_media(items: list[MediaItem], policy: MediaPolicy | None = None) -> D
                     )
             else:
                 suffix = (item.format or "mp4").lower()
+                if not re.fullmatch(r"[a-z0-9]{1,5}", suffix):  # it names a file: never a path or odd text
+                    suffix = "mp4"
+                # OpenCV reads a container's header from a file: write it now, check it, decode nothing.
+                if decoded._tmpdir is None:
+                    decoded._tmpdir = tempfile.TemporaryDirectory(prefix="gallery-media-")
+                path = Path(decoded._tmpdir.name) / f"video{counts['video']}.{suffix}"
+                path.write_bytes(raw)
+                length, frame_pixels = _video_header(path, label, policy.max_image_pixels)
+                video_seconds += length
+                video_pixels += frame_pixels
+                if video_seconds > policy.max_video_seconds:
+                    raise MediaError(
+                        f"{label}: {video_seconds:,.0f} s of video in this request, over the limit of "
+                        f"{policy.max_video_seconds:g} s"
+                    )
+                if video_pixels > policy.max_video_pixels:
+                    raise MediaError(
+                        f"{label}: the frames sampled from this request's video come to {video_pixels:,} "
+                        f"pixels, over the limit of {policy.max_video_pixels:,} pixels per request"
+                    )
+                checked.append((item.kind, label, str(path), suffix))
+                continue
             checked.append((item.kind, label, raw, suffix))
         for index, (kind, label, payload, suffix) in enumerate(checked):
             checked[index] = (kind, label, None, suffix)  # let each input's bytes go once it is decoded
             if kind == "image":
                 decoded.images.append(_decode_image(payload, label))
                 continue
+            if kind == "video":
+                decoded.video.append(payload)  # written and checked in the first pass
+                continue
             if decoded._tmpdir is None:
                 decoded._tmpdir = tempfile.TemporaryDirectory(prefix="gallery-media-")
-            path = (
-                Path(decoded._tmpdir.name)
-                / f"{kind}{len(decoded.audio if kind == 'audio' else decoded.video) + 1}.{suffix}"
-            )
+            path = Path(decoded._tmpdir.name) / f"audio{len(decoded.audio) + 1}.{suffix}"
             path.write_bytes(payload)
-            (decoded.audio if kind == "audio" else decoded.video).append(str(path))
+            decoded.audio.append(str(path))
     except BaseException:
         for _kind, _label, payload, _suffix in checked:
             if payload is not None and hasattr(payload, "close"):

@@ -78,6 +78,26 @@ def _png(side: int) -> bytes:
     return buffer.getvalue()
 
 
+def _mp4(frames: int, width: int, height: int, fps: float) -> bytes:
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "clip.mp4"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        black = np.zeros((height, width, 3), np.uint8)
+        for _ in range(frames):
+            writer.write(black)
+        writer.release()
+        return path.read_bytes()
+
+
+def _video_part(raw: bytes) -> dict[str, Any]:
+    return {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + _b64(raw)}}
+
+
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
@@ -108,6 +128,14 @@ BAD_MEDIA: list[tuple[str, Any, str]] = [
         "three 6000x6000 PNGs",
         lambda: _with_media(*[_image_part("data:image/png;base64," + _b64(_png(6000)))] * 3),
         "80,000,000 pixels per request",
+    ),
+    # 8 frames at 0.01 fps: a 1 KB file that declares 800 s.
+    ("800 s of video", lambda: _with_media(_video_part(_mp4(8, 56, 56, 0.01))), "over the limit of 600 s"),
+    # 730 KB whose 40 frames of 4000x3000 the loader would decode: +2.9 GB and 30 s before.
+    (
+        "40 frames of 4000x3000 video",
+        lambda: _with_media(_video_part(_mp4(40, 4000, 3000, 2.0))),
+        "over the limit of 400,000,000 pixels per request",
     ),
     (
         "a percent-encoded data URL over max_media_mb",
