@@ -295,7 +295,9 @@ def request(method: str, url: str, *, headers: dict[str, str] | None = None, str
     from huggingface_hub.utils import hf_raise_for_status, http_backoff, http_stream_backoff
 
     configure_session()
-    timeout = _http_module().Timeout(download_timeout(), connect=api_timeout())
+    # An API answer (model info, a HEAD) waits HF_HUB_ETAG_TIMEOUT; only a streamed file body gets the download's.
+    read = download_timeout() if stream else api_timeout()
+    timeout = _http_module().Timeout(read, connect=api_timeout())
     kwargs: dict[str, Any] = {
         "headers": headers or {},
         "timeout": timeout,

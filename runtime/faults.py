@@ -14,6 +14,7 @@ from gallery.errors import (
     BadMetadata,
     GalleryError,
     ModelNotFound,
+    NetworkFailure,
     NoConfig,
     OfflineNotCached,
     RepoNotFound,
@@ -85,6 +86,13 @@ FAULTS: dict[str, Fault] = {
         503,
         "distributed run: a rank died or cannot be reached; unhealthy until the ranks are restarted",
     ),
+    "hub_unavailable": Fault(
+        "UNAVAILABLE",
+        -32007,
+        503,
+        "a model imported on the fly (a repo id): the Hugging Face Hub or mirror could not be reached, timed "
+        "out or kept failing; retry later",
+    ),
     "cancelled": Fault(
         "CANCELLED",
         0,
@@ -125,6 +133,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
         (IdentityMismatch, "identity_mismatch"),
         (ShuttingDown, "shutting_down"),
         (ClusterLost, "cluster_lost"),
+        (NetworkFailure, "hub_unavailable"),  # an outage, not the request's fault: retryable
         (_NOT_FOUND, "not_found"),
         (RequestTooLarge, "too_large"),
         (_INVALID, "invalid_request"),

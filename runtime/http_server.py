@@ -51,7 +51,7 @@ log = logging.getLogger("runtime")
 
 API_KEY_ENV = "GALLERY_API_KEY"
 DEFAULT_MAX_BODY_MB = 64
-_RETRY_AFTER = {"busy": "1", "not_loaded": "5", "shutting_down": "10"}
+_RETRY_AFTER = {"busy": "1", "not_loaded": "5", "shutting_down": "10", "hub_unavailable": "10"}
 
 
 class HttpError(Exception):

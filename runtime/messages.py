@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from gallery.errors import RequestError
+from runtime.jsonvalue import json_text_size, load_json
 
 MediaKind = Literal["image", "audio", "video"]
 
@@ -150,9 +151,11 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
             # A string that is no JSON object (a model's broken call sent back) stays a string: templates print
             # it as it is, and the conversation goes on.
             try:
-                parsed = json.loads(arguments) if arguments.strip() else {}
-            except (json.JSONDecodeError, RecursionError):
+                parsed = load_json(arguments) if arguments.strip() else {}
+            except (ValueError, RecursionError):
                 parsed = None
+            if isinstance(parsed, dict):  # the template walks it: the same depth/text checks as the request
+                json_text_size(parsed, "messages")
             if isinstance(parsed, dict):
                 function["arguments"] = parsed
         elif not isinstance(arguments, Mapping):

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gallery.errors import RequestError
+from runtime.jsonvalue import json_text_size, text_size
 from runtime.request import (
     GenerationRequest,
     apply_tool_choice,
@@ -42,6 +43,17 @@ def one_line(exc: ValidationError) -> str:
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _walkable(cls, data: Any) -> Any:
+        # Before pydantic or anything else recurses into a field: depth, lone surrogates (a model name too) and
+        # integers too long for Python are refused by the field's name (a RequestError passes through pydantic).
+        if isinstance(data, dict):
+            for key, value in data.items():
+                text_size(str(key), "params")  # an unknown key is named in the error: it must be text
+                json_text_size(value, str(key))
+        return data
 
 
 class StreamOptions(_Params):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from gallery.errors import RequestError
 from runtime.errors import RequestTooLarge
+from runtime.jsonvalue import json_text_size, load_json
 from runtime.messages import MediaItem
 from runtime.textstream import ToolCall
 from runtime.tool_grammar import strict_schema
@@ -83,21 +84,15 @@ class RequestLimits:
     max_tokens: int = 32768
 
 
-def _text_size(value: Any) -> int:
-    """Bytes of the text inside a request part (media data excluded: it is bounded separately)."""
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return len(value.encode("utf-8", "surrogatepass"))
-    if isinstance(value, Mapping):
-        return sum(
-            _text_size(v)
-            for k, v in value.items()
-            if k not in ("image", "audio", "video", "image_url", "input_audio", "video_url", "data")
-        )
-    if isinstance(value, (list, tuple)):
-        return sum(_text_size(v) for v in value)
-    return 0
+_MEDIA_KEYS = frozenset(("image", "audio", "video", "image_url", "input_audio", "video_url", "data"))
+
+
+def _text_size(value: Any, field: str) -> int:
+    """Bytes of the text inside a request part (media data walked but not counted: it is bounded separately).
+
+    Refuses nesting, lone surrogates and too-long integers by the field's name (runtime.jsonvalue).
+    """
+    return json_text_size(value, field, uncounted=_MEDIA_KEYS)
 
 
 def _number(
@@ -131,12 +126,13 @@ def _integer(value: Any, field: str, *, low: int, high: int) -> int:
 def check_request(request: GenerationRequest, limits: RequestLimits) -> None:
     """Refuse a request whose size or any sampling value is out of range. Raises RequestError naming the field."""
     size = (
-        _text_size(request.prompt)
-        + _text_size(request.messages)
-        + _text_size(request.tools)
-        + _text_size(request.stop)
-        + _text_size(request.response_format.value if request.response_format else None)
+        _text_size(request.prompt, "prompt")
+        + _text_size(request.messages, "messages")
+        + _text_size(request.tools, "tools")
+        + _text_size(request.stop, "stop")
+        + _text_size(request.response_format.value if request.response_format else None, "response_format")
     )
+    _text_size(request.template_kwargs, "chat_template_kwargs")
     if size > limits.max_request_bytes:
         raise RequestTooLarge(
             f"request text is {size} bytes, over this runtime's limit of {limits.max_request_bytes} "
@@ -212,10 +208,12 @@ def parse_bool(value: Any, what: str) -> bool:
 def parse_json(text: str, what: str) -> Any:
     """Parse a JSON field, naming the field on failure."""
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        value = load_json(text)
+    except (ValueError, RecursionError) as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-        raise RequestError(f"{what}: not valid JSON ({detail})") from None
+        raise RequestError(f"{what}: not valid JSON ({detail})", field=what) from None
+    json_text_size(value, what)
+    return value
 
 
 def check_tools(tools: Any, what: str = "Tools") -> list[dict[str, Any]] | None:

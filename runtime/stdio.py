@@ -37,6 +37,7 @@ from runtime.engine import RequestHandle
 from runtime.errors import NotLoaded, ShuttingDown
 from runtime.faults import FAULTS, classify
 from runtime.host import ModelHost, model_metadata, prompt_text
+from runtime.jsonvalue import load_json, text_size
 from runtime.lifecycle import StopSignal, cancel_task, install_signal_handlers, settle, watch_parent
 from runtime.openai_request import (
     ChatParams,
@@ -91,7 +92,11 @@ def _rpc_error_for(exc: BaseException) -> RpcError:
     if isinstance(exc, RpcError):
         return exc
     if isinstance(exc, ValidationError):
-        return RpcError(INVALID_PARAMS, f"invalid params: {one_line(exc)}", {"kind": "invalid_request"})
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        invalid: dict[str, Any] = {"kind": "invalid_request"}
+        if first:
+            invalid["field"] = ".".join(str(part) for part in first)
+        return RpcError(INVALID_PARAMS, f"invalid params: {one_line(exc)}", invalid)
     kind, message = classify(exc)
     if kind == "internal":
         log.error("%s", message, exc_info=os.environ.get("GALLERY_DEBUG") == "1")
@@ -212,8 +217,8 @@ class StdioServer:
         if not text:
             return
         try:
-            message = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            message = load_json(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             detail = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
             self._respond(None, error=RpcError(PARSE_ERROR, f"parse error: {detail}"))
             return
@@ -232,6 +237,16 @@ class StdioServer:
         request_id = message.get("id")
         if has_id and (isinstance(request_id, bool) or not isinstance(request_id, (str, int, type(None)))):
             self._respond(None, error=RpcError(INVALID_REQUEST, "id must be a string, an integer or null"))
+            return
+        try:  # both are echoed back: a lone surrogate in them would make the reply invalid UTF-8
+            for name in ("id", "method"):
+                if isinstance(message.get(name), str):
+                    text_size(message[name], name)
+        except RequestError as exc:
+            self._respond(
+                None,
+                error=RpcError(INVALID_REQUEST, str(exc), {"kind": "invalid_request", "field": exc.field}),
+            )
             return
         method = message.get("method")
         problem = None

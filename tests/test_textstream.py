@@ -188,7 +188,19 @@ def test_media_decoding_limits_and_errors(tmp_path) -> None:
         decode_media([MediaItem("image", str(tmp_path / "x.png"))], MediaPolicy(allow_local_paths=False))
     with pytest.raises(MediaError, match="audio 1: not a recognised audio file"):
         decode_media([MediaItem("audio", base64.b64encode(b"hello").decode())])
-    wav = decode_media([MediaItem("audio", base64.b64encode(b"RIFF0000WAVE").decode())])
+    # A RIFF header with no format chunk: its rate and length cannot be read, so it is never decoded.
+    with pytest.raises(MediaError, match="audio 1: not a decodable WAV file"):
+        decode_media([MediaItem("audio", base64.b64encode(b"RIFF0000WAVE").decode())])
+    import io
+    import wave
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:  # 0.1 s of 16 kHz silence: a header within every audio bound
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(b"\0\0" * 1600)
+    wav = decode_media([MediaItem("audio", base64.b64encode(buffer.getvalue()).decode())])
     path = wav.audio[0]
     assert path.endswith(".wav")
     wav.cleanup()
