@@ -50,7 +50,13 @@ def marker_lark(marker: str, hf_tokenizer: Any) -> str:
     return json.dumps(marker)
 
 
-def compile_grammar(kind: GrammarKind, text: str | dict[str, Any] | None, tokenizer: Any) -> str:
+def compile_grammar(
+    kind: GrammarKind,
+    text: str | dict[str, Any] | None,
+    tokenizer: Any,
+    *,
+    budget_s: float = 0.5,
+) -> str:
     """The llguidance grammar for a request, checked against the tokenizer. Raises GrammarError naming the problem."""
     from llguidance import LLMatcher
 
@@ -83,11 +89,11 @@ def compile_grammar(kind: GrammarKind, text: str | dict[str, Any] | None, tokeni
     bitmask = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
     llguidance.numpy.fill_next_token_bitmask(matcher, bitmask, 0)
     took = time.perf_counter() - started
-    if took > GRAMMAR_BUILD_BUDGET_S:
+    if took > budget_s:
         # The worker builds the same matcher again for generation: this is what it would stall everyone for.
         raise GrammarError(
             f"{kind}: the grammar is too complex (building its matcher took {took:.1f} s, over the "
-            f"{GRAMMAR_BUILD_BUDGET_S:g} s budget); send a smaller grammar"
+            f"{budget_s:g} s budget, load option grammar_budget_s); send a smaller grammar"
         )
     if matcher.is_error():
         raise GrammarError(f"{kind}: {' '.join(matcher.get_error().split())[:300]}")
@@ -99,7 +105,6 @@ def compile_grammar(kind: GrammarKind, text: str | dict[str, Any] | None, tokeni
 # A grammar's size and the work per step are bounded (llguidance's limits), so one request's grammar cannot
 # stall the worker that every other request on the model shares.
 MAX_GRAMMAR_CHARS = 256 * 1024
-GRAMMAR_BUILD_BUDGET_S = 0.5
 _LIMITS: Any = None
 
 

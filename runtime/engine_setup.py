@@ -95,6 +95,7 @@ class EngineSettings:
             limits=RequestLimits(
                 max_request_bytes=int(options.get("max_request_bytes")),
                 max_tokens=int(options.get("max_tokens_limit")),
+                grammar_budget_s=float(options.get("grammar_budget_s")),
             ),
             media_policy=policy,
             sampling=SamplingDefaults.from_options(options, seed=seed),

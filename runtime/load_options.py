@@ -82,6 +82,12 @@ OPTIONS: dict[str, OptionSpec] = {
         "int", 4 * MiB, "largest prompt + messages + tools text of one request", 1
     ),
     "max_tokens_limit": OptionSpec("int", 32768, "largest max_tokens a request may ask for", 1),
+    "grammar_budget_s": OptionSpec(
+        "float",
+        0.5,
+        "most seconds building a structured-output grammar's matcher may take (the worker repeats that work)",
+        0.001,
+    ),
     "context_size": OptionSpec(
         "int", None, "the model's context size (prompt + answer); longer prompts are refused", 1
     ),

@@ -161,7 +161,8 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
         max_tokens = max(1, min(max_tokens, context - len(counted)))
     stop_ids = frozenset() if request.ignore_eos else frozenset(config.mlx.stop_token_ids)
     _check_tools(request, config)
-    grammar = _tool_grammar(request, config, backend) or _grammar(request, backend, thinking)
+    budget_s = runtime.limits.grammar_budget_s
+    grammar = _tool_grammar(request, config, backend, budget_s) or _grammar(request, backend, budget_s)
     budget = request.thinking_budget
     if budget is not None and not (config.mlx.reasoning.supported and config.mlx.reasoning.end):
         raise RequestError(
@@ -199,14 +200,17 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
     )
 
 
-def _grammar(request: GenerationRequest, backend: Any, thinking: bool) -> str | None:
+def _grammar(request: GenerationRequest, backend: Any, budget_s: float) -> str | None:
     if request.response_format is None:
         return None
     from backends.grammar import GrammarError, compile_grammar, llg_tokenizer
 
     try:
         return compile_grammar(
-            request.response_format.kind, request.response_format.value, llg_tokenizer(backend.hf_tokenizer)
+            request.response_format.kind,
+            request.response_format.value,
+            llg_tokenizer(backend.hf_tokenizer),
+            budget_s=budget_s,
         )
     except GrammarError as exc:
         raise RequestError(f"response_format: {exc}", field="response_format") from None
@@ -227,7 +231,9 @@ def _check_tools(request: GenerationRequest, config: ModelConfig) -> None:
         )
 
 
-def _tool_grammar(request: GenerationRequest, config: ModelConfig, backend: Any) -> str | None:
+def _tool_grammar(
+    request: GenerationRequest, config: ModelConfig, backend: Any, budget_s: float
+) -> str | None:
     """The grammar that keeps tool_choice "required"/named and parallel_tool_calls false (None if not needed)."""
     tool_calls = config.mlx.tool_calls
     single = not request.parallel_tool_calls
@@ -246,7 +252,7 @@ def _tool_grammar(request: GenerationRequest, config: ModelConfig, backend: Any)
         marker=lambda marker: marker_lark(marker, backend.hf_tokenizer),
     )
     try:
-        return compile_grammar("lark", lark, llg_tokenizer(backend.hf_tokenizer))
+        return compile_grammar("lark", lark, llg_tokenizer(backend.hf_tokenizer), budget_s=budget_s)
     except GrammarError as exc:
         raise RequestError(
             f"tools: the tools' parameter schemas cannot be enforced ({exc})", field="tools"

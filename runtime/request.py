@@ -82,6 +82,7 @@ class RequestLimits:
 
     max_request_bytes: int = 4 * 1024 * 1024
     max_tokens: int = 32768
+    grammar_budget_s: float = 0.5  # building a grammar's matcher may take at most this long
 
 
 _MEDIA_KEYS = frozenset(("image", "audio", "video", "image_url", "input_audio", "video_url", "data"))
