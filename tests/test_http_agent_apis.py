@@ -55,6 +55,7 @@ def server(
     scripted_think_model: Path,
     scripted_textthink_model: Path,
     scripted_tool_model: Path,
+    scripted_toolloop_model: Path,
     text_qwen3_model: Path,
     vlm_model: Path,
 ) -> Iterator[HttpProcess]:
@@ -64,10 +65,11 @@ def server(
             str(scripted_think_model),
             str(scripted_textthink_model),
             str(scripted_tool_model),
+            str(scripted_toolloop_model),
             str(text_qwen3_model),
             str(vlm_model),
             "--max-models",
-            "6",
+            "7",
         )
     ) as process:
         yield process  # type: ignore[misc]
@@ -641,13 +643,12 @@ def test_structured_output_through_responses_and_messages(server: HttpProcess, c
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("door", ["responses", "messages"])
 def test_an_agent_program_drives_a_tool_loop(server: HttpProcess, door: str, streamed: bool) -> None:
-    """pydantic-ai's Agent on the Responses API and on the Messages API: call → tool → result → next call.
+    """pydantic-ai's Agent on the Responses API and on the Messages API: call → tool → result → answer.
 
-    scripted-tool calls get_weather whatever it is told, so the loop runs until the agent's request limit; every
-    turn is a real round trip (the agent sends the call and its result back in its API's own items/blocks).
+    scripted-toolloop calls get_weather while no tool result is in its prompt and answers once one is, so the
+    agent's whole loop runs: the call, the tool, the result sent back in the API's own items/blocks, the answer.
     """
     from pydantic_ai import Agent, UsageLimits
-    from pydantic_ai.exceptions import UsageLimitExceeded
     from pydantic_ai.models.anthropic import AnthropicModel
     from pydantic_ai.models.openai import OpenAIResponsesModel
     from pydantic_ai.providers.anthropic import AnthropicProvider
@@ -656,11 +657,11 @@ def test_an_agent_program_drives_a_tool_loop(server: HttpProcess, door: str, str
     model: Any
     if door == "responses":
         model = OpenAIResponsesModel(
-            "scripted-tool", provider=OpenAIProvider(base_url=f"{server.url}/v1", api_key="unused")
+            "scripted-toolloop", provider=OpenAIProvider(base_url=f"{server.url}/v1", api_key="unused")
         )
     else:
         model = AnthropicModel(
-            "scripted-tool", provider=AnthropicProvider(base_url=server.url, api_key="unused")
+            "scripted-toolloop", provider=AnthropicProvider(base_url=server.url, api_key="unused")
         )
     agent = Agent(model, instructions="Answer with the weather.")
     seen: list[str] = []
@@ -671,18 +672,16 @@ def test_an_agent_program_drives_a_tool_loop(server: HttpProcess, door: str, str
         seen.append(city)
         return f"18C in {city}"
 
-    limits = UsageLimits(request_limit=3)
+    limits = UsageLimits(request_limit=4)
+    if streamed:
+        import asyncio
 
-    async def stream() -> None:
-        async with agent.run_stream_events("Weather in Paris?", usage_limits=limits) as events:
-            async for _event in events:
-                pass
+        async def stream() -> str:
+            async with agent.run_stream("Weather in Paris?", usage_limits=limits) as run:
+                return await run.get_output()
 
-    with pytest.raises(UsageLimitExceeded):
-        if streamed:
-            import asyncio
-
-            asyncio.run(stream())
-        else:
-            agent.run_sync("Weather in Paris?", usage_limits=limits)
-    assert seen == ["Paris", "Paris", "Paris"]
+        output = asyncio.run(stream())
+    else:
+        output = agent.run_sync("Weather in Paris?", usage_limits=limits).output
+    assert seen == ["Paris"]
+    assert output == "It is sunny in Paris."
