@@ -101,7 +101,10 @@ def test_metrics_label_routes_not_raw_paths(server: HttpProcess) -> None:
             "JSON values",
         ),
         ('{"messages": ' + "[" * 700 + "]" * 700 + "}", "levels deep"),
-        ('{"messages": [{"role": "user", "content": "hi"}], "top_k": ' + "1" * 4301 + "}", "number"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}], "top_k": ' + "1" * 4301 + "}",
+            "top_k: an integer with too many digits",
+        ),
         ('{"messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
         ('{"model": "\\udfff", "messages": []}', "surrogate"),
         (
