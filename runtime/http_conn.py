@@ -58,7 +58,11 @@ class GuardedH11Protocol(H11Protocol):
 
     def _shed(self) -> None:
         """Over the cap: close the oldest idle connection (this one, if every other is busy)."""
-        idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self and c.idle]
+        idle = [
+            c
+            for c in self.connections
+            if isinstance(c, GuardedH11Protocol) and c is not self and c.idle and not c.transport.is_closing()
+        ]
         victim = min(idle, key=lambda c: c._opened) if idle else self
         victim.transport.close()
 

@@ -413,7 +413,7 @@ def _listen(address: str) -> Any:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(4096)
     except OSError as exc:
         sock.close()
         from gallery.errors import RuntimeFailure
