@@ -200,6 +200,15 @@ def empty_messages(server: Server) -> tuple[str, float, float]:
     return status(result), seconds, health
 
 
+@case("6 3.5 MB prompt over the context")
+def long_prompt(server: Server) -> tuple[str, float, float]:
+    body = json.dumps(
+        {"model": "scripted-text", "messages": [{"role": "user", "content": "word " * 700_000}]}
+    )
+    result, seconds, health = health_during(server, lambda: post(server.url, body))
+    return status(result), seconds, health
+
+
 @case("8 vanished non-streaming client: generation cancelled")
 def vanished_client(server: Server) -> tuple[str, float, float]:
     body = json.dumps({"model": "text-qwen3", "messages": HI, "max_tokens": 3000, "ignore_eos": True})

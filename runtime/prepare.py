@@ -142,10 +142,13 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
     max_tokens = min(int(max_tokens), runtime.limits.max_tokens)
     prompt_ids: list[int] | None = None
     truncated = 0
+    context = runtime.context_size
+    _refuse_long_prompt_early(
+        prompt, backend, context, config.name, can_truncate=request.truncate and route != "vlm"
+    )
     counted = backend.tokenize(prompt)
     if route != "vlm":
         prompt_ids = counted
-    context = runtime.context_size
     if context:
         if len(counted) >= context:
             if not request.truncate or route == "vlm":
@@ -257,3 +260,24 @@ def _tool_grammar(
         raise RequestError(
             f"tools: the tools' parameter schemas cannot be enforced ({exc})", field="tools"
         ) from None
+
+
+# A prompt longer than this many characters per context token is measured on its head first.
+_PROBE_CHARS_PER_TOKEN = 8
+
+
+def _refuse_long_prompt_early(
+    prompt: str, backend: Any, context: int | None, name: str, *, can_truncate: bool
+) -> None:
+    """Refuse a prompt whose head alone is over the context, before tokenizing all of it (a 4 MB prompt's
+    tokens and offsets take hundreds of MB). A prefix has at most one token fewer than the text it starts."""
+    if not context or can_truncate or len(prompt) <= context * _PROBE_CHARS_PER_TOKEN:
+        return
+    head = context * _PROBE_CHARS_PER_TOKEN
+    tokens = len(backend.tokenize(prompt[:head])) - 1
+    if tokens >= context:
+        raise RequestError(
+            f"the prompt is over {tokens} tokens (its first {head} of {len(prompt)} characters alone), and the "
+            f"context of {name} is {context} tokens (send a shorter conversation, or ask for truncation)",
+            field="messages",
+        )

@@ -265,3 +265,21 @@ def test_grammars_are_bounded_before_they_reach_the_worker(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "response_format" and says in error["message"]
+
+
+def test_a_prompt_far_over_the_context_is_refused_from_its_head(server: HttpProcess) -> None:
+    """A 3.5 MB prompt over a 4,096-token context: refused from its first characters, not tokenized whole."""
+    body = json.dumps(
+        {
+            "model": "scripted-text",
+            "messages": [{"role": "user", "content": "word " * 700_000}],
+            "max_tokens": 2,
+        }
+    )
+    response = _post(server.url, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "characters alone" in error["message"]
+    truncated = json.loads(body)
+    truncated["truncate"] = True  # truncation still tokenizes it all and keeps the end
+    assert _post(server.url, json.dumps(truncated)).status_code == 200
