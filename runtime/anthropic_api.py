@@ -490,10 +490,7 @@ def router(context: Any) -> APIRouter:
                     headers={"Cache-Control": "no-cache"},
                 )
             done: Completion = await whole_answer(request, handle)
-            record.prompt_tokens, record.completion_tokens = (
-                done.usage.prompt_tokens,
-                done.usage.completion_tokens,
-            )
+            record.count(done.usage)
             builder = BlockBuilder()
             builder.feed(
                 Event(content=done.content, reasoning=done.reasoning, tool_calls=list(done.tool_calls))
@@ -547,9 +544,7 @@ def router(context: Any) -> APIRouter:
                 yield _sse(kind, payload)
             if not event.done:
                 continue
-            if event.usage is not None:
-                record.prompt_tokens = event.usage.prompt_tokens
-                record.completion_tokens = event.usage.completion_tokens
+            record.count(event.usage)
             for kind, payload in builder.finish():
                 yield _sse(kind, payload)
             if event.error and event.finish_reason != "cancelled":

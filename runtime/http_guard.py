@@ -122,6 +122,11 @@ class AccessRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
+    def count(self, usage: Any) -> None:
+        """Record a finished answer's token counts (a runtime.request.Usage; None leaves them unset)."""
+        if usage is not None:
+            self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+
     def write(self, status: int) -> None:
         """Log the request's one line: method, path, status, duration, model and tokens."""
         if not access_log.isEnabledFor(logging.INFO):

@@ -246,10 +246,7 @@ class _Door:
             done = await whole_answer(request, handle)
         finally:
             self.keep_alive(served, params.keep_alive)
-        record.prompt_tokens, record.completion_tokens = (
-            done.usage.prompt_tokens,
-            done.usage.completion_tokens,
-        )
+        record.count(done.usage)
         body = {
             **base,
             "created_at": _now(),
@@ -279,9 +276,7 @@ class _Door:
                     yield _line({**base, "created_at": _now(), **_piece(event, chat), "done": False})
                 if not event.done:
                     continue
-                if event.usage is not None:
-                    record.prompt_tokens = event.usage.prompt_tokens
-                    record.completion_tokens = event.usage.completion_tokens
+                record.count(event.usage)
                 if event.error and event.finish_reason != "cancelled":
                     yield _line({"error": event.error})
                     return

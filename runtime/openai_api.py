@@ -62,16 +62,9 @@ def router(context: Any) -> APIRouter:
             rid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), served.config.name
             if params.stream:
                 usage = params.stream_options is not None and params.stream_options.include_usage
-                return StreamingResponse(
-                    _chat_stream(handle, rid, created, model, usage, record),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache"},
-                )
+                return _event_stream(_chat_stream(handle, rid, created, model, usage, record))
             done = await whole_answer(request, handle)
-            record.prompt_tokens, record.completion_tokens = (
-                done.usage.prompt_tokens,
-                done.usage.completion_tokens,
-            )
+            record.count(done.usage)
             choice = {
                 "index": 0,
                 "message": _chat_message(done),
@@ -102,16 +95,9 @@ def router(context: Any) -> APIRouter:
             rid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), served.config.name
             if params.stream:
                 usage = params.stream_options is not None and params.stream_options.include_usage
-                return StreamingResponse(
-                    _completion_stream(handle, rid, created, model, usage, record),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache"},
-                )
+                return _event_stream(_completion_stream(handle, rid, created, model, usage, record))
             done = await whole_answer(request, handle)
-            record.prompt_tokens, record.completion_tokens = (
-                done.usage.prompt_tokens,
-                done.usage.completion_tokens,
-            )
+            record.count(done.usage)
             choice = {
                 "index": 0,
                 "text": done.content,
@@ -132,6 +118,11 @@ def router(context: Any) -> APIRouter:
         return await run_route(run, error_response)
 
     return api
+
+
+def _event_stream(body: AsyncIterator[bytes]) -> StreamingResponse:
+    """Server-sent events, uncached."""
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _chunk(
@@ -235,11 +226,8 @@ async def _chat_stream(
     )
     calls = 0
     async for event in stream_events(handle):
-        if event.done and event.usage is not None:
-            record.prompt_tokens, record.completion_tokens = (
-                event.usage.prompt_tokens,
-                event.usage.completion_tokens,
-            )
+        if event.done:
+            record.count(event.usage)
         delta: dict[str, Any] = {}
         if event.content:
             delta["content"] = event.content
@@ -282,11 +270,8 @@ async def _completion_stream(
 ) -> AsyncIterator[bytes]:
     kind = "text_completion"
     async for event in stream_events(handle):
-        if event.done and event.usage is not None:
-            record.prompt_tokens, record.completion_tokens = (
-                event.usage.prompt_tokens,
-                event.usage.completion_tokens,
-            )
+        if event.done:
+            record.count(event.usage)
         text = event.content
         if text or (event.done and not event.error):
             yield _chunk(

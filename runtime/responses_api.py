@@ -329,10 +329,7 @@ def router(context: Any) -> APIRouter:
                     headers={"Cache-Control": "no-cache"},
                 )
             done: Completion = await whole_answer(request, handle)
-            record.prompt_tokens, record.completion_tokens = (
-                done.usage.prompt_tokens,
-                done.usage.completion_tokens,
-            )
+            record.count(done.usage)
             turn.builder.feed(_as_event(done))
             turn.builder.finish()
             body = turn.response(
@@ -367,9 +364,7 @@ def router(context: Any) -> APIRouter:
                 yield turn.sse(kind, payload)
             if not event.done:
                 continue
-            if event.usage is not None:
-                record.prompt_tokens = event.usage.prompt_tokens
-                record.completion_tokens = event.usage.completion_tokens
+            record.count(event.usage)
             for kind, payload in turn.builder.finish():
                 yield turn.sse(kind, payload)
             failed = event.error if event.error and event.finish_reason != "cancelled" else None

@@ -22,6 +22,7 @@ from gallery.chat_template import TemplateError, render_chat
 from gallery.configfile import read_config
 from runtime.messages import normalize_messages
 from tests.test_chat_template import TEMPLATES as HUB_TEMPLATES
+from tests.test_http_openai_shapes import CALL_TURN
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ["Paris", "Oslo", "Lima"]
@@ -165,21 +166,7 @@ def test_agent_conversations_render_like_transformers(
 
 def test_the_issue_conversation_renders_on_every_template() -> None:
     """The curl from the bug report: the second turn of a tool loop, on every template that can render it."""
-    conversation = [
-        {"role": "user", "content": "weather?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
-    ]
+    conversation = CALL_TURN
     rendered = 0
     for label, template, variables in TEMPLATES:
         vllm = _transformers(template, _as_vllm_passes(conversation, empty_content=True), variables)
