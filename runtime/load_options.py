@@ -41,8 +41,8 @@ OPTIONS: dict[str, OptionSpec] = {
     "prefill_step": OptionSpec(
         "int",
         None,
-        "prompt tokens processed per step (a cancel or shutdown waits at most one); default 2048 on a GPU, "
-        "512 on a CPU",
+        "prompt tokens processed per step (a cancel or shutdown waits at most one, and so does a request "
+        "arriving behind a long prompt); default 2048 on a GPU, 16 on a CPU",
         16,
     ),
     "prefill_batch": OptionSpec("int", 8, "prompts processed together in one step", 1),
