@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from runtime.jsonvalue import MAX_JSON_DEPTH, load_json
+
 access_log = logging.getLogger("runtime.access")
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
@@ -147,7 +149,6 @@ class AccessRecord:
 
 
 # ----------------------------------------------------------------------------------------------- bodies
-MAX_JSON_DEPTH = 64
 MAX_JSON_ITEMS = 200_000
 # A JSON string, unrolled so the regex engine never backtracks (strings can be megabytes of base64).
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -180,8 +181,6 @@ def parse_json_body(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH, max_items: i
         depth = int(np.cumsum(opens.astype(np.int32) - closes.astype(np.int32)).max())
         if depth > max_depth:
             raise BodyError(f"the request body nests {depth} levels deep, over the limit of {max_depth}")
-    from runtime.jsonvalue import load_json
-
     try:
         # An integer over Python's digit limit becomes a marker the request check refuses by its field's name.
         data = load_json(raw)

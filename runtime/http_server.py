@@ -202,10 +202,6 @@ def _watch_disconnect(request: Request, handle: RequestHandle) -> asyncio.Task[N
 
 async def whole_answer(request: Request, handle: RequestHandle) -> Completion:
     """The whole answer of a queued request (cancelled if the client goes away). Raises HttpError."""
-    return await _whole(request, handle)
-
-
-async def _whole(request: Request, handle: RequestHandle) -> Completion:
     answer = Answer()
     watcher = _watch_disconnect(request, handle)
     try:
@@ -388,12 +384,6 @@ def create_app(context: _Context, *, cors_origins: list[str]) -> FastAPI:
 
 
 async def stream_events(handle: RequestHandle) -> AsyncIterator[Event]:
-    """The handle's events; closing the stream (client gone) cancels the generation."""
-    async for event in _events(handle):
-        yield event
-
-
-async def _events(handle: RequestHandle) -> AsyncIterator[Event]:
     """The handle's events; closing the stream (client gone) cancels the generation."""
     try:
         async for event in handle_events(handle):

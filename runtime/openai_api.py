@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from runtime.handle import RequestHandle
 from runtime.http_guard import AccessRecord
+from runtime.http_server import error_response, run_route, stream_events, whole_answer
 from runtime.openai_request import ChatParams, CompleteParams, chat_request, complete_request
 from runtime.openai_response import logprobs_json, tool_calls_json, usage_json
 from runtime.pool import Served
@@ -29,17 +30,8 @@ from runtime.prompt import accepted_media
 from runtime.request import Completion, Event
 
 
-def stream_events(handle: Any) -> AsyncIterator[Event]:
-    """The handle's events (runtime.http_server.stream_events: closing the stream cancels the generation)."""
-    from runtime.http_server import stream_events as events
-
-    return events(handle)
-
-
 def router(context: Any) -> APIRouter:
     """OpenAI's routes over the server's shared context (runtime.http_server._Context)."""
-    from runtime.http_server import error_response, run_route, whole_answer
-
     api = APIRouter()
 
     @api.get("/v1/models")

@@ -108,11 +108,10 @@ class ModelPool:
 
     def lookup(self, name: str) -> Served:
         """The served model this name means, without loading or importing anything. Raises ModelNotFound."""
-        key = name.lower()
-        for served in self.served:
-            if key in served.names:
-                return served
-        raise ModelNotFound(f"model {name!r} is not served here", spec=name)
+        found = self._known(name) if name else None
+        if found is None:
+            raise ModelNotFound(f"model {name!r} is not served here", spec=name)
+        return found
 
     def _known(self, name: str | None) -> Served | None:
         if not name:
@@ -250,14 +249,9 @@ class ModelPool:
         """Unload a served model (it loads again on its next request); its name, or None if it was not loaded.
         Raises ModelNotFound for a name this server does not serve."""
         served = self.lookup(name)
-        if served.engine is None or served.leases:
-            return None if served.engine is None else await self._unload_when_unleased(served)
-        async with served.lock:
-            return await asyncio.get_running_loop().run_in_executor(None, served.host.free)
-
-    async def _unload_when_unleased(self, served: Served) -> str | None:
-        """A request is being routed to it: let it queue (its lease ends then), then unload."""
-        while served.leases:
+        if served.engine is None:
+            return None
+        while served.leases:  # a request is being routed to it: let it queue first (its lease ends then)
             await asyncio.sleep(0.05)
         async with served.lock:
             return await asyncio.get_running_loop().run_in_executor(None, served.host.free)

@@ -27,41 +27,31 @@ _MARKED_JSON = frozenset({"json_tools", "hermes", "qwen"})
 _JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
-def _strict(schema: Any) -> Any:
-    """OpenAI's strict semantics on a JSON schema: objects admit no keys beyond their properties."""
-    if isinstance(schema, Mapping):
-        out = {key: _strict(value) for key, value in schema.items()}
+def strict_schema(schema: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """OpenAI's strict semantics on a JSON schema: objects admit no keys beyond their properties. One that asks for
+    extra keys (`additionalProperties` other than false) is refused by name."""
+
+    def strict(node: Any) -> Any:
+        if isinstance(node, list):
+            return [strict(item) for item in node]
+        if not isinstance(node, Mapping):
+            return node
+        if node.get("additionalProperties") not in (None, False) and (
+            node.get("type") == "object" or "properties" in node
+        ):
+            raise RequestError(
+                f"{where}: strict mode needs additionalProperties false (or absent) on every object",
+                field=where.split(".")[0],
+            )
+        out = {key: strict(value) for key, value in node.items()}
         is_object = out.get("type") == "object" or (
             isinstance(out.get("type"), list) and "object" in out["type"]
         )
         if (is_object or "properties" in out) and "additionalProperties" not in out:
             out["additionalProperties"] = False
         return out
-    if isinstance(schema, list):
-        return [_strict(item) for item in schema]
-    return schema
 
-
-def strict_schema(schema: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A schema with OpenAI's strict semantics applied (refusing one that asks for extra keys by name)."""
-
-    def refuse_open(node: Any) -> None:
-        if isinstance(node, Mapping):
-            if node.get("additionalProperties") not in (None, False) and (
-                node.get("type") == "object" or "properties" in node
-            ):
-                raise RequestError(
-                    f"{where}: strict mode needs additionalProperties false (or absent) on every object",
-                    field=where.split(".")[0],
-                )
-            for value in node.values():
-                refuse_open(value)
-        elif isinstance(node, list):
-            for item in node:
-                refuse_open(item)
-
-    refuse_open(schema)
-    return dict(_strict(dict(schema)))
+    return dict(strict(dict(schema)))
 
 
 def _function(tool: Mapping[str, Any]) -> Mapping[str, Any]:
