@@ -51,6 +51,7 @@ class Served:
         return self.host.engine
 
     leases: int = 0  # requests routed here and not yet queued on the engine
+    evicting: bool = False  # being unloaded to make room: a request must wait for the next load, not use it
 
     @property
     def idle(self) -> bool:
@@ -168,7 +169,7 @@ class ModelPool:
         served = await self.find(name)
         served.last_used = time.monotonic()
         engine = served.engine
-        if engine is not None and engine.ready:
+        if engine is not None and engine.ready and not served.evicting:
             return served, engine
         try:
             await asyncio.wait_for(served.lock.acquire(), timeout=self.load_timeout)
@@ -176,7 +177,7 @@ class ModelPool:
             raise StillLoading(f"{served.config.name} is still loading; retry shortly") from None
         try:
             engine = served.engine
-            if engine is None or not engine.ready:
+            if engine is None or not engine.ready or served.evicting:
                 # One load at a time across the pool: room is made and taken atomically, so two models
                 # requested at once cannot both find a free slot.
                 async with self._loading:
@@ -204,7 +205,13 @@ class ModelPool:
                 )
             victim = idle[0]
             log.info("unloading %s to make room for %s", victim.config.name, wanted.config.name)
-            await asyncio.get_running_loop().run_in_executor(None, victim.host.free)
+            # Its engine stays visible until free() runs on the executor: a request arriving meanwhile must not
+            # be handed that engine (it would be shut down under the request), so it waits for a fresh load.
+            victim.evicting = True
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, victim.host.free)
+            finally:
+                victim.evicting = False
             resident.remove(victim)
 
     def statuses(self) -> dict[str, dict[str, Any]]:
