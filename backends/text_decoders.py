@@ -7,6 +7,8 @@
   the longest cached prefix of its token ids; finished (and cancelled) requests are stored back, and, for
   caches that cannot be trimmed (sliding-window, SSM), so is the prompt itself (one token short, where the
   batch generator splits it off) so that the same prompt can reuse it exactly.
+  A request that arrives while nothing else runs decodes alone (backends.solo: mlx-lm's single-sequence
+  speed) and joins the batch, exactly where it is, as soon as a second request arrives.
 - TextStreams: one mlx-lm generator per request, advanced round-robin, for what BatchGenerator cannot
   batch: a draft model (speculative decoding) and a quantized KV cache. Same prefix cache.
 
@@ -33,6 +35,7 @@ from backends.decoder import (
 )
 from backends.prefix_cache import PrefixCache
 from backends.sampling import token_logprobs
+from backends.solo import Solo, SoloToken
 
 
 def request_logprobs(
@@ -59,10 +62,19 @@ class TextBatcher:
         prefill_step: int = 512,
         max_kv_size: int | None = None,
         codec: TextCodec | None = None,
+        solo: bool = False,
     ) -> None:
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
         self.model = model
+        self.solo_enabled = (
+            solo  # decode a lone request alone (off on distributed ranks: they mirror the batch)
+        )
+        self.solo: Solo | None = None
+        self.solo_text: TokenText | None = None
+        self.carried: list[TokenEvent] = []  # the token a request handed over with, delivered next step
+        self.solo_tokens = 0
+        self.handovers = 0
         self.prefix = prefix
         self.key = key
         self.codec = codec  # None: no text (a follower rank repeats the batch; rank 0 alone writes answers)
@@ -87,30 +99,107 @@ class TextBatcher:
 
     def busy(self) -> bool:
         """Whether any request is queued, prefilling or decoding."""
-        return bool(self.specs)
+        return bool(self.specs) or self.solo is not None or bool(self.carried)
 
     def add(self, spec: DecodeSpec) -> Started:
-        """Queue a request; it starts prefilling on the next step."""
-        from mlx_lm.generate import StopSequences
-
+        """Queue a request; it starts prefilling on the next step (alone, if nothing else runs)."""
         prompt = spec.prompt
         cache, cached = self.prefix.fetch(self.key, prompt)
+        if self.solo_enabled and self.solo is None and not self.specs:
+            from mlx_lm.models.cache import make_prompt_cache
+
+            self.solo = Solo(
+                self.model,
+                spec,
+                cache if cache is not None else make_prompt_cache(self.model, self._shape["max_kv_size"]),
+                cached,
+                prefill_step=self._shape["prefill_step_size"],
+                checkpoint=self._checkpoint if self.checkpoints else None,
+            )
+            self.solo_text = TokenText(self.codec, spec)
+            return Started(cached_tokens=cached)
+        if self.solo is not None:
+            self._hand_over()
+        self._insert(
+            spec, TokenText(self.codec, spec), prompt[cached:], cache, prompt[:cached], spec.max_tokens
+        )
+        return Started(cached_tokens=cached)
+
+    def _insert(
+        self,
+        spec: DecodeSpec,
+        text: TokenText,
+        rest: list[int],
+        cache: Any,
+        held: list[int],
+        tokens_left: int,
+    ) -> None:
+        from mlx_lm.generate import StopSequences
+
         (guid,) = self.generator.insert(
-            [prompt[cached:]],
-            max_tokens=[spec.max_tokens],
+            [rest],
+            max_tokens=[tokens_left],
             caches=None if cache is None else [cache],
-            all_tokens=[prompt[:cached]],
+            all_tokens=[held],
             samplers=None if spec.sampler is None else [spec.sampler],
             logits_processors=[list(spec.processors)],
             stop_sequences=[StopSequences([(i,) for i in spec.stops.sorted()])],
         )
         self.specs[guid] = spec
         self.uids[spec.uid] = guid
-        self.texts[guid] = TokenText(self.codec, spec)
-        return Started(cached_tokens=cached)
+        self.texts[guid] = text
+
+    def _checkpoint(self, tokens: list[int], cache: list[Any]) -> None:
+        self.prefix.store(self.key, tokens, cache, kind="user")
+
+    def _hand_over(self) -> None:
+        """The lone request joins the batch where it is (its token in flight is delivered on the next step)."""
+        solo, text = self.solo, self.solo_text
+        assert solo is not None and text is not None
+        self.solo = self.solo_text = None
+        self.handovers += 1
+        token, state = solo.handover()
+        if token is not None:
+            self.carried.append(self._solo_event(solo, text, token))
+        if state is None:
+            self._solo_done(solo)
+            return
+        self._insert(solo.spec, text, state.rest, state.cache, state.held, state.tokens_left)
+
+    def _solo_event(self, solo: Solo, text: TokenText, token: SoloToken) -> TokenEvent:
+        spec = solo.spec
+        logprob, top = request_logprobs(spec, token.logprobs, token.token)
+        event = TokenEvent(spec.uid, token.token, finish=token.finish, logprob=logprob, top_logprobs=top)
+        return text.describe(event, is_stop=token.finish is FinishReason.STOP)
+
+    def _solo_done(self, solo: Solo) -> None:
+        tokens, cache = solo.stored()
+        self.prefix.store(self.key, tokens, cache)
+
+    def _solo_step(self) -> list[TokenEvent]:
+        solo, text = self.solo, self.solo_text
+        assert solo is not None and text is not None
+        try:
+            token = solo.step()
+        except PrefillAborted:
+            self.solo = self.solo_text = None
+            self._solo_done(solo)
+            return [TokenEvent(solo.spec.uid, None, finish=FinishReason.CANCELLED)]
+        if token is None:
+            return []
+        self.solo_tokens += 1
+        if token.finish is not None:
+            self.solo = self.solo_text = None
+            self._solo_done(solo)
+        return [self._solo_event(solo, text, token)]
 
     def step(self) -> list[TokenEvent]:
         """One generation step for every decoding row, and one prompt chunk for the rows still prefilling."""
+        out, self.carried = self.carried, []
+        if self.solo is not None:
+            return out + self._solo_step()
+        if not self.specs:
+            return out
         prompt_responses, responses = self.generator.next()
         if self.checkpoints:
             ends = [
@@ -120,7 +209,6 @@ class TextBatcher:
             ]
             for cache, tokens in self.generator.extract_cache(ends).values():
                 self.prefix.store(self.key, list(tokens), cache, kind="user")
-        out: list[TokenEvent] = []
         for response in responses:
             spec = self.specs.get(response.uid)
             if spec is None:
@@ -139,6 +227,10 @@ class TextBatcher:
 
     def cancel(self, uid: int) -> None:
         """Drop a request at once; what it had computed goes back into the prefix cache."""
+        if self.solo is not None and self.solo.spec.uid == uid:
+            solo, self.solo, self.solo_text = self.solo, None, None
+            self._solo_done(solo)
+            return
         guid = self.uids.get(uid)
         if guid is None:
             return
@@ -156,10 +248,16 @@ class TextBatcher:
 
     def stats(self) -> DecoderStats:
         """The rows in the batch (its prefix cache is shared with the streams: the engine reports it)."""
-        return DecoderStats(active=len(self.specs))
+        return DecoderStats(
+            active=len(self.specs) + (self.solo is not None),
+            solo_tokens=self.solo_tokens,
+            handovers=self.handovers,
+        )
 
     def reset(self) -> None:
         """After a failed step: a fresh generator, no requests (the prefix cache is kept)."""
+        self.solo = self.solo_text = None
+        self.carried.clear()
         self.generator.close()
         self.specs.clear()
         self.uids.clear()

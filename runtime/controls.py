@@ -121,9 +121,15 @@ def new_prefix_cache(settings: BatchSettings) -> PrefixCache:
 
 
 def new_batcher(
-    model: Any, prefix: PrefixCache, settings: BatchSettings, *, codec: TextCodec | None = None
+    model: Any,
+    prefix: PrefixCache,
+    settings: BatchSettings,
+    *,
+    codec: TextCodec | None = None,
+    solo: bool = False,
 ) -> TextBatcher:
-    """A continuous-batching decoder over model, sharing prefix (`codec`: to write text; None on follower ranks)."""
+    """A continuous-batching decoder over model, sharing prefix (`codec`: to write text; None on follower ranks;
+    `solo`: a lone request decodes alone until another arrives)."""
     return TextBatcher(
         model,
         prefix,
@@ -132,4 +138,5 @@ def new_batcher(
         prefill_step=settings.prefill_step,
         max_kv_size=settings.max_kv_size,
         codec=codec,
+        solo=solo,
     )

@@ -45,6 +45,7 @@ class EngineSettings:
     max_active: int = 32
     max_queue: int = 256
     batching: bool = True
+    solo: bool = True  # a lone text request decodes alone (single-sequence speed) until another arrives
     prefill_step: int = 512
     prefill_batch: int = 8
     prefix_cache: bool = True
@@ -79,6 +80,7 @@ class EngineSettings:
             max_active=int(options.get("max_active")),
             max_queue=int(options.get("max_queue")),
             batching=bool(options.get("batching")),
+            solo=bool(options.get("solo")),
             prefill_step=int(options.get("prefill_step") or default_prefill_step()),
             prefill_batch=int(options.get("prefill_batch")),
             prefix_cache=bool(options.get("prefix_cache")),
@@ -206,7 +208,9 @@ def build(
         decoders.batch = MirroredBatcher(batcher, cluster)
     elif text_backend is not None:
         if settings.batching and settings.kv_bits is None:
-            decoders.batch = new_batcher(text_backend.model, prefix, batch_settings, codec=text_backend)
+            decoders.batch = new_batcher(
+                text_backend.model, prefix, batch_settings, codec=text_backend, solo=settings.solo
+            )
         decoders.streams = TextStreams(
             text_backend.model,
             prefix,

@@ -38,6 +38,12 @@ OPTIONS: dict[str, OptionSpec] = {
     "batching": OptionSpec(
         "bool", True, "decode text requests in one continuous batch (off: one token each, in turn)"
     ),
+    "solo": OptionSpec(
+        "bool",
+        True,
+        "decode a text request that runs alone at single-sequence speed; it joins the batch, exactly where it "
+        "is, when another request arrives (off: always through the batch)",
+    ),
     "prefill_step": OptionSpec(
         "int",
         None,

@@ -329,10 +329,12 @@ class Scheduler:
         if decoders.text_cache is not None:
             caches["text"] = decoders.text_cache.describe()
         drafted = accepted = proposed = batch = 0
+        solo: dict[str, int] = {}
         for decoder in decoders.all():
             stats = decoder.stats()
             if decoder is decoders.batch:
                 batch = stats.active
+                solo = {"solo_tokens": stats.solo_tokens, "handovers": stats.handovers}
             drafted, accepted, proposed = (
                 drafted + stats.drafted,
                 accepted + stats.accepted,
@@ -357,6 +359,7 @@ class Scheduler:
             speculative=draft,
             stats={
                 **vars(self.stats),
+                **solo,
                 "finished": dict(self.stats.finished),
             },  # a copy: asdict is slow per step
             error=self.error,
