@@ -24,7 +24,7 @@ from gallery.config import ModelConfig
 from gallery.errors import GalleryError, RuntimeFailure
 from gallery.sharding import ShardPlan
 from runtime.cluster import HEARTBEAT_S, Cluster
-from runtime.engine_setup import EngineSettings, Source, build, load_model, rss_bytes
+from runtime.engine_setup import EngineSettings, Source, build, densify, load_model, rss_bytes
 from runtime.errors import ClusterLost, NotLoaded, QueueFull, ShuttingDown
 from runtime.handle import RequestHandle
 from runtime.loader import LoadedModel
@@ -63,6 +63,7 @@ class Engine:
         self.warnings: list[str] = []
         self._load_error: BaseException | None = None
         self._text_route = False
+        self.weights: dict[str, Any] = {}  # whether the text model runs on 16-bit weights (backends.dense)
         self.listeners: list[Callable[[Event], None]] = []  # called with every final event (metrics)
         # The channel between callers and the worker.
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
@@ -163,6 +164,7 @@ class Engine:
             "warnings": list(self.warnings),
             "error": error,
             "text_route": self._text_route,
+            "weights": dict(self.weights),
             "distributed": {
                 **cluster.describe(),
                 "strategy": plan.strategy if plan else None,
@@ -242,6 +244,7 @@ class Engine:
     def _load(self) -> Scheduler:
         loaded, self.plan = load_model(self.config, self.settings, self._source, self._cluster)
         self.loaded = loaded
+        self.weights = densify(loaded, self.settings, self._cluster).to_json()
         self.warnings.extend(loaded.warnings)
         decoders, self.runtime, controls = build(self.config, self.settings, loaded, self._cluster)
         self._text_route = loaded.text_route is not None

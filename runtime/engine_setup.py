@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from backends import default_prefill_step
+from backends import default_prefill_step, device_info
 from backends.decoder import Processor, Sampler
+from backends.dense import DenseReport, dequantize_for_batching
 from backends.prefix_cache import check_kv_quantization
 from backends.text_decoders import TextStreams
 from backends.vlm_decoder import VlmStreams
@@ -46,6 +47,7 @@ class EngineSettings:
     max_queue: int = 256
     batching: bool = True
     solo: bool = True  # a lone text request decodes alone (single-sequence speed) until another arrives
+    dequantize: bool | None = None  # serve on 16-bit weights (None: on with MLX CUDA when they fit)
     prefill_step: int = 512
     prefill_batch: int = 8
     prefix_cache: bool = True
@@ -81,6 +83,7 @@ class EngineSettings:
             max_queue=int(options.get("max_queue")),
             batching=bool(options.get("batching")),
             solo=bool(options.get("solo")),
+            dequantize=options.get("dequantize"),
             prefill_step=int(options.get("prefill_step") or default_prefill_step()),
             prefill_batch=int(options.get("prefill_batch")),
             prefix_cache=bool(options.get("prefix_cache")),
@@ -136,6 +139,16 @@ class Source:
     model_path: Path | None = None
     allow_download: bool = False
     strict: bool = False
+
+
+def densify(loaded: LoadedModel, settings: EngineSettings, cluster: Cluster | None) -> DenseReport:
+    """Serve the text model on 16-bit weights where that is faster (backends.dense); what was done."""
+    if cluster is not None:
+        return DenseReport(False, "not in a distributed run (every rank would have to agree)")
+    text = loaded.primary if loaded.config.backend == "mlx" else loaded.text_route
+    if text is None:
+        return DenseReport(False, "no mlx-lm text model")
+    return dequantize_for_batching(text.model, settings.dequantize, device_info()["backend"])
 
 
 def load_model(

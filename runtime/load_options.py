@@ -44,6 +44,13 @@ OPTIONS: dict[str, OptionSpec] = {
         "decode a text request that runs alone at single-sequence speed; it joins the batch, exactly where it "
         "is, when another request arrives (off: always through the batch)",
     ),
+    "dequantize": OptionSpec(
+        "bool",
+        None,
+        "serve a quantized text model on its weights dequantized to 16 bits (about 3.5x a 4-bit model's "
+        "memory): MLX CUDA's quantized matmul grows with the batch, a 16-bit one barely; default: on with MLX "
+        "CUDA when the 16-bit weights fit in half the GPU's memory, off elsewhere",
+    ),
     "prefill_step": OptionSpec(
         "int",
         None,

@@ -123,3 +123,46 @@ def test_cancelling_a_lone_request_frees_the_engine_for_the_next(engines: tuple[
     assert solo.status()["active"] == 0
     after = solo.generate(_request("why", 8))
     assert _ids(after) == _ids(batch.generate(_request("why", 8)))
+
+
+# ----------------------------------------------------------------------------------------------- 16-bit weights
+def test_dequantized_weights_are_opt_in_off_cuda_and_answer_the_same_alone_and_batched(
+    smollm2_model: Path, text_qwen3_model: Path
+) -> None:
+    import mlx.nn as nn
+
+    from importers import import_model
+    from runtime.engine import Engine, EngineSettings
+
+    config = import_model(str(smollm2_model)).config
+    auto = Engine(config, settings=EngineSettings(prefix_cache=False)).start()
+    try:
+        weights = auto.status()["weights"]
+        assert weights["applied"] is False and "CUDA" in weights["reason"]  # auto: only with MLX CUDA
+    finally:
+        auto.shutdown()
+    engine = Engine(config, settings=EngineSettings(prefix_cache=False, dequantize=True)).start()
+    try:
+        weights = engine.status()["weights"]
+        assert weights["applied"] is True and weights["dense_bytes"] > 0
+        assert engine.loaded is not None
+        model = engine.loaded.primary.model
+        assert not any(isinstance(m, nn.QuantizedLinear) for _n, m in model.named_modules())
+        requests = [_request(text, 8) for text in ("hello", "why is the sky blue")]
+        alone = [engine.generate(r) for r in requests]
+        together = [h.result() for h in [engine.submit(r) for r in requests]]
+        assert [_ids(a) for a in alone] == [_ids(t) for t in together]
+        assert all(a.usage.completion_tokens > 0 for a in alone)
+    finally:
+        engine.shutdown()
+    plain = Engine(
+        import_model(str(text_qwen3_model)).config, settings=EngineSettings(dequantize=True)
+    ).start()
+    try:
+        assert plain.status()["weights"] == {
+            "applied": False,
+            "reason": "the weights are not quantized",
+            "dense_bytes": 0,
+        }
+    finally:
+        plain.shutdown()
