@@ -37,8 +37,9 @@ class MlxVlmBackend:
         """
         import mlx_vlm
 
-        extra = {"quantize_activations": True} if quantize_activations else {}
-        model, processor = mlx_vlm.load(str(path), trust_remote_code=trust_remote_code, **extra)
+        model, processor = mlx_vlm.load(
+            str(path), trust_remote_code=trust_remote_code, quantize_activations=quantize_activations
+        )
         draft = None
         if draft_path is not None:
             from mlx_vlm.speculative import load_drafter

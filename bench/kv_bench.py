@@ -146,7 +146,9 @@ def main() -> None:
     result: dict[str, Any] = {"objects": rows}
     if not args.skip_model:
         tokens = max(args.tokens[0], 16)
-        print(f"\n2. through mlx-vlm's stream_generate on {MODEL.name} (2 layers, 2 KV heads × 16 dims), {tokens} tokens")
+        print(
+            f"\n2. through mlx-vlm's stream_generate on {MODEL.name} (2 layers, 2 KV heads × 16 dims), {tokens} tokens"
+        )
         print(f"{'cache':<32}{'tokens':>7}{'KiB':>10}{'× plain':>9}{'× 16-bit':>10}  kinds")
         model_rows = through_model(tokens)
         for row in model_rows:

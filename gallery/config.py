@@ -203,10 +203,12 @@ class KvCache(_Strict):
     """How the runtime quantizes the KV cache (load options kv_bits / kv_quant_scheme override it)."""
 
     bits: float | None = Field(
-        default=None, description="Bits per KV element: whole 2-8 (uniform) or 1-8 in steps of 0.5 (turboquant)."
+        default=None,
+        description="Bits per KV element: whole 2-8 (uniform) or 1-8 in steps of 0.5 (turboquant).",
     )
     scheme: Literal["uniform", "turboquant"] = Field(
-        default="uniform", description="uniform: MLX's group-wise quantization; turboquant: mlx-vlm's TurboQuant."
+        default="uniform",
+        description="uniform: MLX's group-wise quantization; turboquant: mlx-vlm's TurboQuant.",
     )
     group_size: int = Field(default=64, description="Uniform quantization's group size: 32, 64 or 128.")
     quantized_kv_start: int = Field(default=0, ge=0, description="Tokens kept unquantized first.")

@@ -44,7 +44,9 @@ def kv_problem(bits: float | None, scheme: str | None, *, where: str = "") -> st
         return None
     low, high = TURBOQUANT_RANGE
     if not low <= bits <= high or not float(bits * 2).is_integer():
-        return f"{bits_field} {bits:g} is not a TurboQuant width ({low:g} to {high:g} in steps of 0.5, e.g. 3.5)"
+        return (
+            f"{bits_field} {bits:g} is not a TurboQuant width ({low:g} to {high:g} in steps of 0.5, e.g. 3.5)"
+        )
     return None
 
 

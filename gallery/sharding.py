@@ -55,7 +55,9 @@ def vlm_refusal(config: ModelConfig) -> str:
     where = f"mlx-vlm {version}" if version else "mlx-vlm"
     if methods is None or not (methods.pipeline or methods.tensor):
         source = f" ({methods.source} defines neither shard() nor pipeline())" if methods else ""
-        return f"{config.name}: {where} has no sharding for model type {kind}{source}: serve it on one machine"
+        return (
+            f"{config.name}: {where} has no sharding for model type {kind}{source}: serve it on one machine"
+        )
     return (
         f"{config.name}: media embeddings cannot be mirrored yet: {where} can split {kind}'s language model, "
         "but this runtime does not run the towers on rank 0 and send their embeddings to the other ranks; "

@@ -20,9 +20,9 @@ from gallery.errors import GalleryError, UsageError
 from gallery.families import SHARED_TEXT_ROUTE, library_knows
 from importers.backend import decide_backend
 from importers.facts import (
+    decide_activation_quantization,
     decide_context,
     decide_license,
-    decide_activation_quantization,
     decide_quantization,
     decide_sampling,
     decide_speculative,

@@ -34,7 +34,9 @@ def _vlm_decision(meta: RepoMetadata, model_type: str | None) -> Decision:
         detail = f"{where} has no model package for {model_type or 'this model'}"
         source = "mlx-vlm"
     elif methods.pipeline or methods.tensor:
-        kinds = " and ".join(k for k, ok in (("pipeline()", methods.pipeline), ("shard()", methods.tensor)) if ok)
+        kinds = " and ".join(
+            k for k, ok in (("pipeline()", methods.pipeline), ("shard()", methods.tensor)) if ok
+        )
         detail = (
             f"{where} has {kinds} for {model_type}'s language model, but media embeddings cannot be mirrored "
             "across ranks yet (the runtime serves VLMs on one machine)"
@@ -43,7 +45,9 @@ def _vlm_decision(meta: RepoMetadata, model_type: str | None) -> Decision:
     else:
         detail = f"{where} has no sharding for model type {model_type}: neither shard() nor pipeline()"
         source = methods.source
-    return Decision(value="not supported", evidence=[Evidence(source=source, detail=detail, strength="decisive")])
+    return Decision(
+        value="not supported", evidence=[Evidence(source=source, detail=detail, strength="decisive")]
+    )
 
 
 def decide_sharding(meta: RepoMetadata, backend: str, model_type: str | None) -> Fact:

@@ -180,7 +180,11 @@ class Engine:
         if bits is None:
             return None
         scheme = self.settings.kv_quant_scheme or "uniform"
-        return {"bits": bits, "scheme": scheme, "group_size": self.settings.kv_group_size if scheme == "uniform" else None}
+        return {
+            "bits": bits,
+            "scheme": scheme,
+            "group_size": self.settings.kv_group_size if scheme == "uniform" else None,
+        }
 
     # ----- requests -----
     def prepare(self, request: GenerationRequest) -> Prepared:

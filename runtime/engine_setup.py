@@ -145,7 +145,12 @@ def kv_settings(config: ModelConfig, settings: EngineSettings) -> EngineSettings
     Raises LoadFailed naming the field when the pair cannot work, or cannot on this config's backend.
     """
     kv = config.mlx.kv_cache
-    if settings.kv_bits is None and settings.kv_quant_scheme is None and kv is not None and kv.bits is not None:
+    if (
+        settings.kv_bits is None
+        and settings.kv_quant_scheme is None
+        and kv is not None
+        and kv.bits is not None
+    ):
         settings = dataclasses.replace(
             settings,
             kv_bits=kv.bits,
@@ -167,7 +172,9 @@ def load_model(
     config: ModelConfig, settings: EngineSettings, source: Source, cluster: Cluster | None
 ) -> tuple[LoadedModel, ShardPlan | None]:
     """Read the weights: here, or (rank 0 of a distributed run) this rank's shard, after telling the others."""
-    settings = kv_settings(config, settings)  # a KV option the backend cannot honour fails before the weights load
+    settings = kv_settings(
+        config, settings
+    )  # a KV option the backend cannot honour fails before the weights load
     if cluster is None:
         if settings.distributed_strategy or settings.layer_split:
             raise LoadFailed(

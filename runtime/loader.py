@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from gallery.chat_template import template_sha256
 from gallery.config import ModelConfig
-from gallery.sharding import vlm_refusal
 from gallery.errors import BadConfig, GalleryError, RuntimeFailure, StrictFailure
+from gallery.sharding import vlm_refusal
 
 if TYPE_CHECKING:
     from backends.mlx_lm_backend import Shard
@@ -141,7 +141,13 @@ def activation_quantization(config: ModelConfig) -> dict[str, Any] | None:
         else f"not applied: this device is {device['backend']} ({device['kind']}); MLX quantizes activations "
         f"of {quant.mode} layers on CUDA only"
     )
-    return {"pinned": True, "applied": applied, "mode": quant.mode, "device": device["backend"], "detail": why}
+    return {
+        "pinned": True,
+        "applied": applied,
+        "mode": quant.mode,
+        "device": device["backend"],
+        "detail": why,
+    }
 
 
 def load(

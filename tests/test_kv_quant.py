@@ -155,7 +155,9 @@ def test_turboquant_on_a_text_config_is_refused_at_load(scripted_text_model: Pat
     from runtime.host import ModelHost
 
     host = ModelHost(interface="stdio")
-    with pytest.raises(GalleryError, match=r"kv_quant_scheme turboquant: the mlx backend \(mlx-lm\) has no TurboQuant"):
+    with pytest.raises(
+        GalleryError, match=r"kv_quant_scheme turboquant: the mlx backend \(mlx-lm\) has no TurboQuant"
+    ):
         host.load(str(scripted_text_model), ["kv_bits:3.5", "kv_quant_scheme:turboquant"])
     assert host.engine is None
 
@@ -197,7 +199,11 @@ def quantized_hub(hub_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         shutil.copytree(HUB_ROOT / "mlx-community" / "Qwen3-4B-4bit", folder)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         # What mlx-lm's convert writes for these modes (mlx_lm.convert --q-mode nvfp4 / mxfp8).
-        config["quantization"] = config["quantization_config"] = {"group_size": group, "bits": bits, "mode": mode}
+        config["quantization"] = config["quantization_config"] = {
+            "group_size": group,
+            "bits": bits,
+            "mode": mode,
+        }
         (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
         repos[f"derived/Qwen3-4B-{mode}"] = folder
     hub = hub_factory(extra_repos=repos)
