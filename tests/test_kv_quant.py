@@ -251,3 +251,25 @@ def test_the_runtime_applies_activation_quantization_only_on_cuda(scripted_text_
         assert plain.status()["activation_quantization"] is None
     finally:
         plain.shutdown()
+
+
+def test_the_interfaces_status_says_it_too(scripted_text_model: Path, tmp_path: Path) -> None:
+    from backends import device_info
+    from gallery.config import Quantization
+    from gallery.configfile import write_config
+    from runtime.host import ModelHost
+
+    if device_info()["backend"] == "cuda":
+        pytest.skip("this test checks the refusal off CUDA")
+    pinned = Quantization(bits=8, group_size=32, mode="mxfp8", activation_quantization=True)
+    path = tmp_path / "pinned.yaml"
+    write_config(_config(scripted_text_model, quantization=pinned), path)
+    host = ModelHost(interface="stdio")
+    host.load(str(path))
+    try:
+        status = host.status()  # what stdio, gRPC and HTTP report
+        assert status["activation_quantization"]["applied"] is False
+        assert "mxfp8 layers on CUDA only" in status["activation_quantization"]["detail"]
+        assert status["kv_cache"] is None
+    finally:
+        host.free()
