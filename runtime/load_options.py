@@ -203,6 +203,9 @@ def parse_options(options: Iterable[str] | Mapping[str, Any] | None) -> LoadOpti
         problem = kv_problem(values.get("kv_bits"), values.get("kv_quant_scheme"))
         if problem:
             raise OptionError(f"option {problem}")
+        if "kv_bits" not in values:
+            # The options replace the config's mlx.kv_cache as a whole: a scheme alone would drop its bits.
+            raise OptionError("option kv_quant_scheme needs kv_bits (the load options replace mlx.kv_cache)")
     return LoadOptions(values=values, unknown=unknown)
 
 

@@ -143,6 +143,7 @@ def test_load_options_refuse_bad_pairs_by_name() -> None:
         ("kv_bits:9", "kv_quant_scheme:turboquant"): "kv_bits 9 is not a TurboQuant width",
         ("kv_bits:3.25", "kv_quant_scheme:turboquant"): "kv_bits 3.25 is not a TurboQuant width",
         ("kv_bits:7",): "kv_bits 7 is not supported by uniform quantization",
+        ("kv_quant_scheme:uniform",): "kv_quant_scheme needs kv_bits",
     }
     for options, message in cases.items():
         with pytest.raises(OptionError, match=message.replace("(", r"\(")):
