@@ -35,16 +35,21 @@ class MlxLmBackend:
         draft_path: Path | None = None,
         trust_remote_code: bool = False,
         shard: Shard | None = None,
+        quantize_activations: bool = False,
     ) -> MlxLmBackend:
         """Load a model folder with mlx_lm (and an optional draft model sharing its tokenizer).
 
         With `shard`, the weights are loaded lazily and split with the class's own pipeline/shard method
         first, so this rank reads only its part (what mlx-lm's sharded_load does, minus its downloads).
+        `quantize_activations` (mxfp8/nvfp4 weights, CUDA only): mlx-lm builds QQLinear layers.
         """
         import mlx_lm
 
         loaded = mlx_lm.load(
-            str(path), tokenizer_config={"trust_remote_code": trust_remote_code}, lazy=shard is not None
+            str(path),
+            tokenizer_config={"trust_remote_code": trust_remote_code},
+            model_config={"quantize_activations": True} if quantize_activations else None,
+            lazy=shard is not None,
         )
         model, tokenizer = loaded[0], loaded[1]
         if shard is not None:

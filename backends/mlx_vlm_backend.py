@@ -29,11 +29,17 @@ class MlxVlmBackend:
         trust_remote_code: bool = False,
         draft_path: Path | None = None,
         draft_kind: str | None = None,
+        quantize_activations: bool = False,
     ) -> MlxVlmBackend:
-        """Load a model folder with mlx_vlm; a drafter (bundled MTP layers, or a separate one) when asked."""
+        """Load a model folder with mlx_vlm; a drafter (bundled MTP layers, or a separate one) when asked.
+
+        `quantize_activations` (mxfp8/nvfp4 weights, CUDA only): mlx-vlm turns their layers into QQLinear.
+        """
         import mlx_vlm
 
-        model, processor = mlx_vlm.load(str(path), trust_remote_code=trust_remote_code)
+        model, processor = mlx_vlm.load(
+            str(path), trust_remote_code=trust_remote_code, quantize_activations=quantize_activations
+        )
         draft = None
         if draft_path is not None:
             from mlx_vlm.speculative import load_drafter

@@ -36,6 +36,24 @@ def check_kv_quantization(model: Any, bits: int | None, group_size: int) -> str 
     return None
 
 
+def check_turboquant(model: Any) -> str | None:
+    """Why mlx-vlm's TurboQuant KV cache cannot serve this model, or None.
+
+    Layers that reuse an earlier layer's keys and values (Gemma 4's `num_kv_shared_layers`) receive TurboQuant's
+    packed state without the cache object that reads it, and mlx-vlm 0.7 fails in attention on the first token.
+    """
+    language = getattr(model, "language_model", model)
+    config = getattr(language, "config", None) or getattr(getattr(model, "config", None), "text_config", None)
+    shared = getattr(config, "num_kv_shared_layers", 0) or 0
+    if isinstance(shared, int) and shared > 0:
+        kind = getattr(getattr(model, "config", None), "model_type", None) or "this model"
+        return (
+            f"kv_quant_scheme turboquant cannot serve {kind}: its {shared} KV-sharing layers "
+            "(num_kv_shared_layers) get TurboQuant's packed keys without the cache that reads them in mlx-vlm"
+        )
+    return None
+
+
 class PrefixCache:
     """mlx-lm's LRUPromptCache, with a switch, counters, and the exact-hit rule the batch generator needs."""
 

@@ -44,7 +44,8 @@ class VlmStreams(RoundRobin):
         prefix_entries: int,
         prefill_step: int = 512,
         max_kv_size: int | None = None,
-        kv_bits: int | None = None,
+        kv_bits: float | None = None,
+        kv_quant_scheme: str | None = None,
         kv_group_size: int = 64,
         quantized_kv_start: int = 0,
         draft_model: Any = None,
@@ -63,8 +64,12 @@ class VlmStreams(RoundRobin):
         if max_kv_size:
             self.options["max_kv_size"] = max_kv_size
         if kv_bits:
+            # mlx-vlm treats fractional bits as TurboQuant whatever the scheme: the scheme is always passed.
             self.options.update(
-                kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
+                kv_bits=kv_bits,
+                kv_quant_scheme=kv_quant_scheme or "uniform",
+                kv_group_size=kv_group_size,
+                quantized_kv_start=quantized_kv_start,
             )
         self.draft_model = draft_model
         self.draft_kind = draft_kind or "mtp"

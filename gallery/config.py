@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gallery.kv_quant import backend_kv_problem, kv_problem
+
 SCHEMA_VERSION = 1
 
 # Backend names as LocalAI spells them: `mlx` is its mlx-lm backend, `mlx-vlm` the vision one.
@@ -190,6 +192,35 @@ class Quantization(_Strict):
     bits: int | None = None
     group_size: int | None = None
     mode: str | None = None
+    activation_quantization: bool = Field(
+        default=False,
+        description="mxfp8/nvfp4 weights: on CUDA the runtime also quantizes activations (mlx's QQLinear); "
+        "nowhere else.",
+    )
+
+
+class KvCache(_Strict):
+    """How the runtime quantizes the KV cache (load options kv_bits / kv_quant_scheme override it)."""
+
+    bits: float | None = Field(
+        default=None,
+        description="Bits per KV element: whole 2-8 (uniform) or 1-8 in steps of 0.5 (turboquant).",
+    )
+    scheme: Literal["uniform", "turboquant"] = Field(
+        default="uniform",
+        description="uniform: MLX's group-wise quantization; turboquant: mlx-vlm's TurboQuant.",
+    )
+    group_size: int = Field(default=64, description="Uniform quantization's group size: 32, 64 or 128.")
+    quantized_kv_start: int = Field(default=0, ge=0, description="Tokens kept unquantized first.")
+
+    @model_validator(mode="after")
+    def _valid_pair(self) -> KvCache:
+        problem = kv_problem(self.bits, self.scheme, where="mlx.kv_cache.")
+        if problem:
+            raise ValueError(problem)
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"mlx.kv_cache.group_size {self.group_size} is not 32, 64 or 128")
+        return self
 
 
 class Speculative(_Strict):
@@ -325,6 +356,7 @@ class MlxSection(_Strict):
     media: Media = Field(default_factory=Media)
     quantization: Quantization | None = None
     speculative: Speculative = Field(default_factory=Speculative)
+    kv_cache: KvCache | None = Field(default=None, description="KV-cache quantization (default: none).")
     text_route: Literal["shared-weights", "vlm"] | None = Field(
         default=None, description="For mlx-vlm configs: how text-only requests run."
     )
@@ -384,6 +416,14 @@ class ModelConfig(_Strict):
                 f"name {value!r} must be letters, digits and . _ + - (no path separators, no '..')"
             )
         return value
+
+    @model_validator(mode="after")
+    def _kv_cache_fits_backend(self) -> ModelConfig:
+        kv = self.mlx.kv_cache
+        problem = backend_kv_problem(self.backend, kv.scheme, field="mlx.kv_cache.scheme") if kv else None
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @field_validator("options")
     @classmethod

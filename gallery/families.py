@@ -203,27 +203,40 @@ class ShardingMethods:
     source: str  # e.g. mlx_lm/models/qwen2.py
 
 
-def sharding_methods(config: dict[str, Any]) -> ShardingMethods | None:
-    """What mlx-lm's class for a config.json offers: `shard` on Model (tensor), `pipeline` or PipelineMixin (pipeline).
+def _methods_in(trees: list[ast.Module]) -> tuple[bool, bool]:
+    """(pipeline, tensor): a class with `pipeline` or the PipelineMixin base; `shard` on the class named Model."""
+    tensor = pipeline = False
+    for tree in trees:
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            methods = {item.name for item in node.body if isinstance(item, ast.FunctionDef)}
+            bases = {base.id for base in node.bases if isinstance(base, ast.Name)}
+            if node.name == "Model" and "shard" in methods:
+                tensor = True
+            if "PipelineMixin" in bases or "pipeline" in methods:
+                pipeline = True
+    return pipeline, tensor
 
-    The module is the one mlx-lm would load (library_support); its source is read with ast (importing it would
-    load MLX). None when mlx-lm is not installed or has no module for the type.
+
+def sharding_methods(config: dict[str, Any], backend: str = "mlx") -> ShardingMethods | None:
+    """What the library's class for a config.json offers: `shard` on Model (tensor), `pipeline` or PipelineMixin
+    (pipeline).
+
+    The module is the one the library would load (library_support); its source is read with ast (importing it
+    would load MLX). mlx-vlm's model is a package (the VLM plus its `language.py`): every file in it is read,
+    as mlx-vlm's sharded_load calls `model.shard` and `language_model.model.pipeline`. None when the library is
+    not installed or has no module for the type.
     """
-    support = library_support("mlx", config)
+    support = library_support(backend, config)
     if support.path is None or support.module is None:
         return None
+    path = Path(support.path)
+    files = sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
     try:
-        tree = _parse_file(Path(support.path))
+        trees = [_parse_file(file) for file in files]
     except (OSError, SyntaxError, ValueError):
         return None
-    tensor = pipeline = False
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        methods = {item.name for item in node.body if isinstance(item, ast.FunctionDef)}
-        bases = {base.id for base in node.bases if isinstance(base, ast.Name)}
-        if node.name == "Model" and "shard" in methods:
-            tensor = True
-        if "PipelineMixin" in bases or "pipeline" in methods:
-            pipeline = True
-    return ShardingMethods(pipeline=pipeline, tensor=tensor, source=support.module.replace(".", "/") + ".py")
+    pipeline, tensor = _methods_in(trees)
+    source = support.module.replace(".", "/") + ("/" if path.name == "__init__.py" else ".py")
+    return ShardingMethods(pipeline=pipeline, tensor=tensor, source=source)

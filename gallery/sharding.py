@@ -13,6 +13,7 @@ import dataclasses
 
 from gallery.config import ModelConfig
 from gallery.errors import UnsupportedModel
+from gallery.families import library_version, sharding_methods
 
 STRATEGIES = ("auto", "pipeline", "tensor")
 
@@ -41,6 +42,29 @@ def parse_split(text: str) -> tuple[int, ...]:
     return split
 
 
+def vlm_refusal(config: ModelConfig) -> str:
+    """Why an mlx-vlm config cannot be served across processes, naming its model type and the reason.
+
+    mlx-vlm 0.7's own sharded load splits a VLM only where its classes define `shard` / `pipeline`; where they
+    do, the towers would still run on every rank and the media embeddings would have to reach the other
+    ranks' batches, which this runtime does not do yet.
+    """
+    kind = config.mlx.model_type or "unknown"
+    methods = sharding_methods({"model_type": kind}, "mlx-vlm") if config.mlx.model_type else None
+    version = library_version("mlx-vlm")
+    where = f"mlx-vlm {version}" if version else "mlx-vlm"
+    if methods is None or not (methods.pipeline or methods.tensor):
+        source = f" ({methods.source} defines neither shard() nor pipeline())" if methods else ""
+        return (
+            f"{config.name}: {where} has no sharding for model type {kind}{source}: serve it on one machine"
+        )
+    return (
+        f"{config.name}: media embeddings cannot be mirrored yet: {where} can split {kind}'s language model, "
+        "but this runtime does not run the towers on rank 0 and send their embeddings to the other ranks; "
+        "serve it on one machine"
+    )
+
+
 def plan_sharding(
     config: ModelConfig,
     *,
@@ -53,10 +77,7 @@ def plan_sharding(
     if strategy not in STRATEGIES:
         raise ShardingRefused(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
     if config.backend != "mlx":
-        raise ShardingRefused(
-            f"{name} runs on {config.backend}: only text (mlx) configs can be split across processes "
-            "(mlx-vlm has no sharded loading)"
-        )
+        raise ShardingRefused(vlm_refusal(config))
     sharding = config.mlx.sharding
     if sharding is None:
         raise ShardingRefused(

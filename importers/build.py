@@ -20,6 +20,7 @@ from gallery.errors import GalleryError, UsageError
 from gallery.families import SHARED_TEXT_ROUTE, library_knows
 from importers.backend import decide_backend
 from importers.facts import (
+    decide_activation_quantization,
     decide_context,
     decide_license,
     decide_quantization,
@@ -135,6 +136,10 @@ def build_config(
     decisions["context_size"] = context.decision
     quant = decide_quantization(meta)
     decisions["quantization"] = quant.decision
+    activations = decide_activation_quantization(quant.value)
+    if activations is not None:
+        quant.value.activation_quantization = True
+        decisions["activation_quantization"] = activations.decision
     model_ref = snapshot.repo_id or str(snapshot.source.local_path)
     sampling = decide_sampling(meta, model_ref)
     decisions["sampling"] = sampling.decision

@@ -131,6 +131,32 @@ def decide_quantization(meta: RepoMetadata) -> Fact:
     return Fact(None, Decision(value="none declared (full-precision weights)", evidence=[]))
 
 
+# The weight modes whose layers MLX can also run with quantized activations (nn.QQLinear: mlx-lm's and
+# mlx-vlm's `quantize_activations`); MLX computes them that way on CUDA only.
+ACTIVATION_QUANTIZATION_MODES = ("mxfp8", "nvfp4")
+
+
+def decide_activation_quantization(quant: Quantization | None) -> Fact | None:
+    """Pin activation quantization for mxfp8/nvfp4 checkpoints (None: the weights' mode does not take it)."""
+    if quant is None or quant.mode not in ACTIVATION_QUANTIZATION_MODES:
+        return None
+    return Fact(
+        True,
+        Decision(
+            value="on (CUDA only)",
+            evidence=[
+                Evidence(
+                    source="config.json",
+                    field="quantization.mode",
+                    detail=f"{quant.mode} weights: MLX quantizes activations too (QQLinear) on NVIDIA GPUs",
+                    value=quant.mode,
+                    strength="strong",
+                )
+            ],
+        ),
+    )
+
+
 def decide_sampling(meta: RepoMetadata, model_ref: str) -> Fact:
     """Sampling defaults from generation_config.json."""
     gen = meta.generation_config

@@ -25,16 +25,35 @@ def _shape(meta: RepoMetadata) -> tuple[int | None, int | None, int | None]:
     return None, None, None
 
 
-def decide_sharding(meta: RepoMetadata, backend: str, model_type: str | None) -> Fact:
-    """Sharding support for a text config (None for mlx-vlm, which has no sharded loading)."""
-    if backend != "mlx":
-        return Fact(
-            None,
-            Decision(
-                value="not supported",
-                evidence=[Evidence(source="mlx-vlm", detail="mlx-vlm has no sharded (distributed) loading")],
-            ),
+def _vlm_decision(meta: RepoMetadata, model_type: str | None) -> Decision:
+    """Not supported, with what mlx-vlm's package for the type offers (the runtime refuses VLMs either way)."""
+    methods = sharding_methods(meta.config, "mlx-vlm") if model_type else None
+    version = library_version("mlx-vlm")
+    where = f"mlx-vlm {version}" if version else "mlx-vlm"
+    if methods is None:
+        detail = f"{where} has no model package for {model_type or 'this model'}"
+        source = "mlx-vlm"
+    elif methods.pipeline or methods.tensor:
+        kinds = " and ".join(
+            k for k, ok in (("pipeline()", methods.pipeline), ("shard()", methods.tensor)) if ok
         )
+        detail = (
+            f"{where} has {kinds} for {model_type}'s language model, but media embeddings cannot be mirrored "
+            "across ranks yet (the runtime serves VLMs on one machine)"
+        )
+        source = methods.source
+    else:
+        detail = f"{where} has no sharding for model type {model_type}: neither shard() nor pipeline()"
+        source = methods.source
+    return Decision(
+        value="not supported", evidence=[Evidence(source=source, detail=detail, strength="decisive")]
+    )
+
+
+def decide_sharding(meta: RepoMetadata, backend: str, model_type: str | None) -> Fact:
+    """Sharding support for a text config (None for mlx-vlm configs: the runtime serves VLMs on one machine)."""
+    if backend != "mlx":
+        return Fact(None, _vlm_decision(meta, model_type))
     methods = sharding_methods(meta.config) if model_type else None
     version = library_version("mlx-lm")
     if methods is None:

@@ -142,7 +142,7 @@ def shard_plan(
         raise LoadFailed(str(exc)) from None
 
 
-def refuse_unsupported(config: ModelConfig, *, batching: bool, kv_bits: int | None, draft: bool) -> None:
+def refuse_unsupported(config: ModelConfig, *, batching: bool, kv_bits: float | None, draft: bool) -> None:
     """What a distributed run cannot do (each rank would need it too, and mlx-lm only batches plain KV caches)."""
     problems = []
     if not batching:

@@ -24,7 +24,7 @@ from gallery.config import ModelConfig
 from gallery.errors import GalleryError, RuntimeFailure
 from gallery.sharding import ShardPlan
 from runtime.cluster import HEARTBEAT_S, Cluster
-from runtime.engine_setup import EngineSettings, Source, build, densify, load_model, rss_bytes
+from runtime.engine_setup import EngineSettings, Source, build, densify, kv_settings, load_model, rss_bytes
 from runtime.errors import ClusterLost, NotLoaded, QueueFull, ShuttingDown
 from runtime.handle import RequestHandle
 from runtime.loader import LoadedModel
@@ -165,6 +165,8 @@ class Engine:
             "error": error,
             "text_route": self._text_route,
             "weights": dict(self.weights),
+            "kv_cache": self._kv_status(),
+            "activation_quantization": self.loaded.activation_quantization if self.loaded else None,
             "distributed": {
                 **cluster.describe(),
                 "strategy": plan.strategy if plan else None,
@@ -172,6 +174,18 @@ class Engine:
             }
             if cluster is not None
             else None,
+        }
+
+    def _kv_status(self) -> dict[str, Any] | None:
+        """The KV-cache quantization in use (None: a plain cache)."""
+        bits = self.settings.kv_bits
+        if bits is None:
+            return None
+        scheme = self.settings.kv_quant_scheme or "uniform"
+        return {
+            "bits": bits,
+            "scheme": scheme,
+            "group_size": self.settings.kv_group_size if scheme == "uniform" else None,
         }
 
     # ----- requests -----
@@ -242,12 +256,14 @@ class Engine:
             self._deliver(handle, event)
 
     def _load(self) -> Scheduler:
+        self.settings = kv_settings(self.config, self.settings)  # the config's mlx.kv_cache under the options
         loaded, self.plan = load_model(self.config, self.settings, self._source, self._cluster)
         self.loaded = loaded
         self.weights = densify(loaded, self.settings, self._cluster).to_json()
         self.warnings.extend(loaded.warnings)
         decoders, self.runtime, controls = build(self.config, self.settings, loaded, self._cluster)
-        self._text_route = loaded.text_route is not None
+        # A text route the runtime does not use (drafting or TurboQuant send text to mlx-vlm) is not reported.
+        self._text_route = loaded.text_route is not None and self.runtime.text_backend is not None
         return Scheduler(
             decoders,
             self.config,

@@ -15,10 +15,11 @@ from pathlib import Path
 from backends import default_prefill_step, device_info
 from backends.decoder import Processor, Sampler
 from backends.dense import DenseReport, dequantize_for_batching
-from backends.prefix_cache import check_kv_quantization
+from backends.prefix_cache import check_kv_quantization, check_turboquant
 from backends.text_decoders import TextStreams
 from backends.vlm_decoder import VlmStreams
 from gallery.config import ModelConfig
+from gallery.kv_quant import backend_kv_problem, kv_problem
 from gallery.sharding import ShardPlan
 from runtime.cluster import (
     Cluster,
@@ -54,7 +55,8 @@ class EngineSettings:
     prefix_cache_entries: int = 32
     prefix_cache_bytes: int = 1024 * 1024 * 1024
     max_kv_size: int | None = None
-    kv_bits: int | None = None
+    kv_bits: float | None = None
+    kv_quant_scheme: str | None = None  # uniform | turboquant; None: the config's mlx.kv_cache, else uniform
     kv_group_size: int = 64
     quantized_kv_start: int = 0
     num_draft_tokens: int | None = None
@@ -91,6 +93,7 @@ class EngineSettings:
             prefix_cache_bytes=int(float(options.get("prefix_cache_mb")) * 1024 * 1024),
             max_kv_size=options.get("max_kv_size"),
             kv_bits=options.get("kv_bits"),
+            kv_quant_scheme=options.get("kv_quant_scheme"),
             kv_group_size=int(options.get("kv_group_size")),
             quantized_kv_start=int(options.get("quantized_kv_start")),
             num_draft_tokens=options.get("num_draft_tokens"),
@@ -151,10 +154,42 @@ def densify(loaded: LoadedModel, settings: EngineSettings, cluster: Cluster | No
     return dequantize_for_batching(text.model, settings.dequantize, device_info()["backend"])
 
 
+def kv_settings(config: ModelConfig, settings: EngineSettings) -> EngineSettings:
+    """Settings with the KV-cache quantization to use: the load options', else the config's `mlx.kv_cache`.
+
+    Raises LoadFailed naming the field when the pair cannot work, or cannot on this config's backend.
+    """
+    kv = config.mlx.kv_cache
+    if (
+        settings.kv_bits is None
+        and settings.kv_quant_scheme is None
+        and kv is not None
+        and kv.bits is not None
+    ):
+        settings = dataclasses.replace(
+            settings,
+            kv_bits=kv.bits,
+            kv_quant_scheme=kv.scheme,
+            kv_group_size=kv.group_size,
+            quantized_kv_start=kv.quantized_kv_start,
+        )
+    problem = kv_problem(settings.kv_bits, settings.kv_quant_scheme) or backend_kv_problem(
+        config.backend, settings.kv_quant_scheme
+    )
+    if problem:
+        raise LoadFailed(f"{config.name}: {problem}")
+    if settings.kv_bits is not None and float(settings.kv_bits).is_integer():
+        settings = dataclasses.replace(settings, kv_bits=int(settings.kv_bits))  # uniform takes whole bits
+    return settings
+
+
 def load_model(
     config: ModelConfig, settings: EngineSettings, source: Source, cluster: Cluster | None
 ) -> tuple[LoadedModel, ShardPlan | None]:
     """Read the weights: here, or (rank 0 of a distributed run) this rank's shard, after telling the others."""
+    settings = kv_settings(
+        config, settings
+    )  # a KV option the backend cannot honour fails before the weights load
     if cluster is None:
         if settings.distributed_strategy or settings.layer_split:
             raise LoadFailed(
@@ -202,18 +237,24 @@ def build(
     config: ModelConfig, settings: EngineSettings, loaded: LoadedModel, cluster: Cluster | None
 ) -> tuple[DecoderSet, Runtime, Controls]:
     """The decoders for a loaded model, what preparing needs to know about it, and its controls builder."""
-    text_backend = loaded.primary if config.backend == "mlx" else loaded.text_route
+    settings = kv_settings(config, settings)
+    turboquant = settings.kv_quant_scheme == "turboquant"
+    # mlx-lm has no TurboQuant cache: a VLM's text requests then take the mlx-vlm route, which has one.
+    text_backend = loaded.primary if config.backend == "mlx" else None if turboquant else loaded.text_route
     vlm_backend = loaded.primary if config.backend == "mlx-vlm" else None
     batch_settings = settings.batch(distributed=cluster is not None)
     prefix = new_prefix_cache(batch_settings)
     for backend in (text_backend, vlm_backend):
         problem = (
-            check_kv_quantization(backend.model, settings.kv_bits, settings.kv_group_size)
-            if backend
+            check_kv_quantization(backend.model, int(settings.kv_bits), settings.kv_group_size)
+            if backend and settings.kv_bits is not None and not turboquant
             else None
         )
         if problem:
             raise LoadFailed(f"{config.name}: {problem} (load options kv_bits / kv_group_size)")
+    problem = check_turboquant(vlm_backend.model) if turboquant and vlm_backend is not None else None
+    if problem:
+        raise LoadFailed(f"{config.name}: {problem}")
     decoders = DecoderSet(text_cache=prefix)
     drafts = settings.num_draft_tokens or config.mlx.speculative.num_draft_tokens
     if text_backend is not None and cluster is not None:
@@ -232,7 +273,7 @@ def build(
             prefill_step=settings.prefill_step,
             codec=text_backend,
             max_kv_size=settings.max_kv_size,
-            kv_bits=settings.kv_bits,
+            kv_bits=None if settings.kv_bits is None else int(settings.kv_bits),
             kv_group_size=settings.kv_group_size,
             quantized_kv_start=settings.quantized_kv_start,
         )
@@ -247,6 +288,7 @@ def build(
             num_draft_tokens=drafts,
             max_kv_size=settings.max_kv_size,
             kv_bits=settings.kv_bits,
+            kv_quant_scheme=settings.kv_quant_scheme,
             kv_group_size=settings.kv_group_size,
             quantized_kv_start=settings.quantized_kv_start,
         )

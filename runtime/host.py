@@ -330,6 +330,8 @@ class ModelHost:
                         "speculative",
                         "stats",
                         "warnings",
+                        "kv_cache",
+                        "activation_quantization",
                     )
                 }
             )

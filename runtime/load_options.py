@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gallery.errors import RequestError
+from gallery.kv_quant import kv_problem
 
 
 class OptionError(RequestError):
@@ -68,7 +69,17 @@ OPTIONS: dict[str, OptionSpec] = {
         "int", None, "rotating KV cache of this many tokens (older ones are dropped)", 16
     ),
     "kv_bits": OptionSpec(
-        "int", None, "quantize the KV cache to this many bits (requests then run one by one)", 2
+        "float",
+        None,
+        "quantize the KV cache to this many bits: 2-8 whole (uniform), or 1-8 in steps of 0.5 with "
+        "kv_quant_scheme turboquant (text requests then run one by one)",
+        1,
+    ),
+    "kv_quant_scheme": OptionSpec(
+        "str",
+        None,
+        "uniform (MLX's group-wise) or turboquant (mlx-vlm's TurboQuant: mlx-vlm configs only; text requests "
+        "then take the mlx-vlm route); default: the config's mlx.kv_cache, else uniform",
     ),
     "kv_group_size": OptionSpec("int", 64, "group size of the quantized KV cache: 32, 64 or 128", 32),
     "quantized_kv_start": OptionSpec("int", 0, "tokens kept unquantized before the KV cache is quantized", 0),
@@ -200,6 +211,14 @@ def parse_options(options: Iterable[str] | Mapping[str, Any] | None) -> LoadOpti
             values[key] = (*values.get(key, ()), *(str(i).strip() for i in items if str(i).strip()))
             continue
         values[key] = _convert(key, raw_value, spec)
+    if "kv_bits" in values or "kv_quant_scheme" in values:
+        # Checked as a pair (3.5 is a TurboQuant width only); the backend's part is checked at load.
+        problem = kv_problem(values.get("kv_bits"), values.get("kv_quant_scheme"))
+        if problem:
+            raise OptionError(f"option {problem}")
+        if "kv_bits" not in values:
+            # The options replace the config's mlx.kv_cache as a whole: a scheme alone would drop its bits.
+            raise OptionError("option kv_quant_scheme needs kv_bits (the load options replace mlx.kv_cache)")
     return LoadOptions(values=values, unknown=unknown)
 
 

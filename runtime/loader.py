@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from gallery.chat_template import template_sha256
 from gallery.config import ModelConfig
 from gallery.errors import BadConfig, GalleryError, RuntimeFailure, StrictFailure
+from gallery.sharding import vlm_refusal
 
 if TYPE_CHECKING:
     from backends.mlx_lm_backend import Shard
@@ -33,6 +34,7 @@ class LoadedModel:
     primary: Any
     text_route: Any | None
     warnings: list[str]
+    activation_quantization: dict[str, Any] | None = None  # pinned / applied / why (status)
 
 
 def _cached_snapshot(
@@ -120,6 +122,34 @@ def check_template_pin(config: ModelConfig) -> list[str]:
     return [f"{config.name} HAS NO CHAT TEMPLATE ({why}): chat requests are refused; raw prompts still work"]
 
 
+def activation_quantization(config: ModelConfig) -> dict[str, Any] | None:
+    """Whether the pinned activation quantization (mxfp8/nvfp4) applies here: on CUDA, and nowhere else.
+
+    None when the config does not pin it. MLX's quantized-activation matmuls (QQLinear) are for NVIDIA GPUs;
+    elsewhere the weights run as plain quantized layers, and status says so.
+    """
+    quant = config.mlx.quantization
+    if quant is None or not quant.activation_quantization:
+        return None
+    from backends import device_info
+
+    device = device_info()
+    applied = device["backend"] == "cuda"
+    why = (
+        f"{quant.mode} weights on CUDA: activations quantized (QQLinear)"
+        if applied
+        else f"not applied: this device is {device['backend']} ({device['kind']}); MLX quantizes activations "
+        f"of {quant.mode} layers on CUDA only"
+    )
+    return {
+        "pinned": True,
+        "applied": applied,
+        "mode": quant.mode,
+        "device": device["backend"],
+        "detail": why,
+    }
+
+
 def load(
     config: ModelConfig,
     *,
@@ -141,6 +171,8 @@ def load(
             f"{config.name} pins no stop tokens: answers run to max_tokens unless a stop string matches"
         )
     folder = model_path or model_folder(config, base, allow_download=allow_download)
+    activations = activation_quantization(config)
+    quantize_activations = bool(activations and activations["applied"])
     trust = bool(config.mlx.trust_remote_code)
     speculative = config.mlx.speculative
     draft_path = Path(speculative.draft_model).expanduser() if speculative.draft_model else None
@@ -151,11 +183,15 @@ def load(
             from backends.mlx_lm_backend import MlxLmBackend
 
             primary: Any = MlxLmBackend.load(
-                folder, draft_path=draft_path, trust_remote_code=trust, shard=shard
+                folder,
+                draft_path=draft_path,
+                trust_remote_code=trust,
+                shard=shard,
+                quantize_activations=quantize_activations,
             )
-            return LoadedModel(config, folder, primary, None, warnings)
+            return LoadedModel(config, folder, primary, None, warnings, activations)
         if shard is not None:
-            raise RuntimeFailure(f"{config.name}: mlx-vlm models cannot be split across processes")
+            raise RuntimeFailure(vlm_refusal(config))
         from backends.mlx_vlm_backend import MlxVlmBackend
 
         if speculative.mtp and draft_path is None:
@@ -165,6 +201,7 @@ def load(
             trust_remote_code=trust,
             draft_path=draft_path,
             draft_kind=speculative.draft_kind or ("mtp" if speculative.mtp else None),
+            quantize_activations=quantize_activations,
         )
         text_route = None
         if config.mlx.text_route == "shared-weights":
@@ -175,7 +212,7 @@ def load(
                 text_route = build_shared_text_backend(primary.model, raw_config, folder)
             except TextRouteUnavailable as exc:
                 warnings.append(f"text route unavailable ({exc}): text-only requests use the mlx-vlm path")
-        return LoadedModel(config, folder, primary, text_route, warnings)
+        return LoadedModel(config, folder, primary, text_route, warnings, activations)
     except GalleryError:
         raise
     except Exception as exc:

@@ -117,7 +117,7 @@ def test_validate_refuses_a_distributed_section_the_class_cannot_serve(
         (smollm2_model, {"hosts": ["10.0.0.1", "10.0.0.2"]}, "9 is not divisible by 2"),
         (text_qwen2_model, {"hosts": ["10.0.0.1", "10.0.0.2"], "layer_split": [3, 2]}, "sums to 5"),
         (text_qwen2_model, {"strategy": "tensor", "layer_split": [2, 2]}, "layer_split is for the pipeline"),
-        (vlm_model, {"hosts": ["10.0.0.1", "10.0.0.2"]}, "only text (mlx) configs"),
+        (vlm_model, {"hosts": ["10.0.0.1", "10.0.0.2"]}, "has no sharding for model type qwen2_vl"),
     ]
     for folder, section, message in cases:
         path = _write(tmp_path, folder, section)
