@@ -102,6 +102,45 @@ def model_folder(config: ModelConfig, base: Path | None, *, allow_download: bool
     raise RuntimeFailure(f"{config.name}: model folder {candidates[0]} has no config.json")
 
 
+def drafter_folder(config: ModelConfig, base: Path | None, *, allow_download: bool) -> Path | None:
+    """Where the pinned drafter's files are (its local folder, or its pinned commit in the HF cache), or None.
+
+    The pairing is checked first against mlx-vlm's own rules (gallery.drafters), so a drafter mlx-vlm would
+    refuse fails here by name, before any weights are read.
+    """
+    from gallery.drafters import drafter_model_type, pairing_problem
+
+    drafter = config.mlx.drafter
+    if drafter is None:
+        return None
+    problem = pairing_problem(config.mlx.model_type, drafter.kind, drafter.model_type)
+    if problem:
+        raise BadConfig(f"{config.name}: mlx.drafter: {problem}")
+    if drafter.local_path:
+        path = Path(drafter.local_path).expanduser()
+        folder = path if path.is_absolute() or base is None else base / path
+    else:
+        assert drafter.repo is not None
+        try:
+            folder = _cached_snapshot(
+                drafter.repo,
+                drafter.revision,
+                allow_download=allow_download,
+                pinned_weights=sum(1 for f in drafter.files if f.path.endswith(".safetensors")),
+            )
+        except RuntimeFailure as exc:
+            raise RuntimeFailure(f"{config.name}: the drafter: {exc}") from None
+    # The files decide, not the pin's description of them: check the drafter's own config.json too.
+    try:
+        actual = drafter_model_type(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RuntimeFailure(f"{config.name}: the drafter in {folder} has no readable config.json ({exc})") from None
+    problem = pairing_problem(config.mlx.model_type, drafter.kind, actual)
+    if problem:
+        raise BadConfig(f"{config.name}: mlx.drafter: {problem}")
+    return folder
+
+
 def check_template_pin(config: ModelConfig) -> list[str]:
     """Warnings about the chat template; raises when the pinned text does not match its sha256."""
     template = config.mlx.chat_template
@@ -158,13 +197,18 @@ def load(
             raise RuntimeFailure(f"{config.name}: mlx-vlm models cannot be split across processes")
         from backends.mlx_vlm_backend import MlxVlmBackend
 
-        if speculative.mtp and draft_path is None:
+        draft_kind = speculative.draft_kind or ("mtp" if speculative.mtp else None)
+        pinned = drafter_folder(config, base, allow_download=allow_download)
+        if pinned is not None:  # a separate, pinned drafter wins over bundled MTP layers
+            draft_path, draft_kind = pinned, config.mlx.drafter.kind if config.mlx.drafter else None
+        elif speculative.mtp and draft_path is None:
             draft_path = folder  # bundled multi-token-prediction layers: mlx-vlm splits them into a drafter
         primary = MlxVlmBackend.load(
             folder,
             trust_remote_code=trust,
             draft_path=draft_path,
-            draft_kind=speculative.draft_kind or ("mtp" if speculative.mtp else None),
+            draft_kind=draft_kind,
+            strict_kind=pinned is not None,
         )
         text_route = None
         if config.mlx.text_route == "shared-weights":
