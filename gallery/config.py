@@ -254,7 +254,9 @@ class Drafter(_Strict):
     num_draft_tokens: int | None = Field(
         default=None, ge=1, le=64, description="Drafts per verification round (default: the drafter's own)."
     )
-    files: list[RepoFile] = Field(default_factory=list, description="The drafter's files, each with its sha256.")
+    files: list[RepoFile] = Field(
+        default_factory=list, description="The drafter's files, each with its sha256."
+    )
 
     @field_validator("revision")
     @classmethod

@@ -109,12 +109,16 @@ def pairing_problem(target_type: str | None, kind: str, drafter_type: str | None
             f"a {drafter_type} drafter needs kind {expected!r}, not {kind!r} "
             "(mlx_vlm.speculative.drafters.DRAFTER_KIND_BY_MODEL_TYPE)"
         )
-    if drafter_type and target_type and _calls_dflash_target_check(drafter_type):
-        if _target_can_roll_back(target_type) is False:
-            return (
-                f"a {drafter_type} drafter needs a target that can roll back its speculative cache, and mlx-vlm's "
-                f"{target_type} has no rollback_speculative_cache (mlx_vlm.speculative.drafters.compatibility)"
-            )
+    if (
+        drafter_type
+        and target_type
+        and _calls_dflash_target_check(drafter_type)
+        and _target_can_roll_back(target_type) is False
+    ):
+        return (
+            f"a {drafter_type} drafter needs a target that can roll back its speculative cache, and mlx-vlm's "
+            f"{target_type} has no rollback_speculative_cache (mlx_vlm.speculative.drafters.compatibility)"
+        )
     return None
 
 

@@ -134,7 +134,9 @@ def drafter_folder(config: ModelConfig, base: Path | None, *, allow_download: bo
     try:
         actual = drafter_model_type(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, AttributeError) as exc:
-        raise RuntimeFailure(f"{config.name}: the drafter in {folder} has no readable config.json ({exc})") from None
+        raise RuntimeFailure(
+            f"{config.name}: the drafter in {folder} has no readable config.json ({exc})"
+        ) from None
     problem = pairing_problem(config.mlx.model_type, drafter.kind, actual)
     if problem:
         raise BadConfig(f"{config.name}: mlx.drafter: {problem}")
