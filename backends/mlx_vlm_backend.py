@@ -47,7 +47,9 @@ class MlxVlmBackend:
             # Returns the kind it resolved from the drafter's own config (it overrides a conflicting one).
             draft, resolved = load_drafter(str(draft_path), kind=draft_kind)
             if strict_kind and resolved != draft_kind:
-                raise ValueError(f"mlx.drafter.kind is {draft_kind!r}, but mlx-vlm reads this drafter as {resolved!r}")
+                raise ValueError(
+                    f"mlx.drafter.kind is {draft_kind!r}, but mlx-vlm reads this drafter as {resolved!r}"
+                )
             draft_kind = resolved
             if strict_kind:
                 validate_drafter_compatibility(model, draft, draft_kind)

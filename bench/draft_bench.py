@@ -95,7 +95,7 @@ def main() -> int:
             rate = statistics.median(rates[name])
             share = f"{accepted}/{generated} ({accepted / generated:.0%})" if generated else "-"
             acceptance = f"{accepted}/{proposed} ({accepted / proposed:.0%})" if proposed else "-"
-            print(f"{name:<20} {str(equal):<13} {acceptance:<18} {share:<19} {rate:<15.1f} {rate / base:.2f}")
+            print(f"{name:<20} {equal!s:<13} {acceptance:<18} {share:<19} {rate:<15.1f} {rate / base:.2f}")
             if not equal:
                 print(f"  MISMATCH in {name}", file=sys.stderr)
                 return 1

@@ -65,8 +65,8 @@ def _pin(**changes: Any) -> dict[str, Any]:
 )
 def test_a_drafter_pin_is_refused_by_name_when_incomplete(changes: dict[str, Any], message: str) -> None:
     from gallery.config import ModelConfig
-    from gallery.errors import BadConfig
     from gallery.configfile import parse_config_text
+    from gallery.errors import BadConfig
 
     with pytest.raises(BadConfig) as refused:
         parse_config_text(json.dumps(_data(**_pin(**changes))), filename="target.yaml")
@@ -76,16 +76,16 @@ def test_a_drafter_pin_is_refused_by_name_when_incomplete(changes: dict[str, Any
 
 def test_a_text_backend_or_two_drafters_are_refused_and_older_fields_still_load() -> None:
     from gallery.config import ModelConfig
-    from gallery.errors import BadConfig
     from gallery.configfile import parse_config_text
+    from gallery.errors import BadConfig
 
     text = _data(**_pin())
     text["backend"] = "mlx"
-    with pytest.raises(BadConfig, match="mlx.drafter: a dflash drafter runs on mlx-vlm"):
+    with pytest.raises(BadConfig, match=r"mlx\.drafter: a dflash drafter runs on mlx-vlm"):
         parse_config_text(json.dumps(text), filename="text.yaml")
     both = _data(**_pin())
     both["mlx"]["speculative"] = {"draft_model": "./drafter"}
-    with pytest.raises(BadConfig, match="mlx.drafter and mlx.speculative.draft_model"):
+    with pytest.raises(BadConfig, match=r"mlx\.drafter and mlx\.speculative\.draft_model"):
         parse_config_text(json.dumps(both), filename="both.yaml")
     # Configs written before mlx.drafter keep loading: a local draft_model with its kind.
     older = _data()
