@@ -120,10 +120,14 @@ def installed_location(entry: Entry, models_dir: Path | None = None) -> Path | N
     With a models dir, its `<name>/` folder counts only once the install wrote `<name>.yaml`; the Hugging Face
     cache counts when every file is in the pinned commit's snapshot.
     """
+    drafter = entry.config.mlx.drafter
+    drafter_files = [f.path for f in drafter.files] if drafter is not None and drafter.repo else []
     if models_dir is not None:
         folder = models_dir / entry.name
-        if (models_dir / f"{entry.name}.yaml").is_file() and all(
-            (folder / f.filename).is_file() for f in entry.meta.files
+        if (
+            (models_dir / f"{entry.name}.yaml").is_file()
+            and all((folder / f.filename).is_file() for f in entry.meta.files)
+            and all((folder / "drafter" / path).is_file() for path in drafter_files)
         ):
             return folder
         return None
@@ -131,6 +135,11 @@ def installed_location(entry: Entry, models_dir: Path | None = None) -> Path | N
         folder = snapshot_folder(entry)
     except BadConfig:
         return None
+    if drafter_files:  # a pinned drafter is part of the install: without it the model does not load as pinned
+        assert drafter is not None and drafter.repo is not None and drafter.revision is not None
+        pinned = repo_cache_folder(drafter.repo) / "snapshots" / drafter.revision
+        if not all((pinned / path).is_file() for path in drafter_files):
+            return None
     if entry.meta.files and all((folder / f.filename).is_file() for f in entry.meta.files):
         return folder
     return None

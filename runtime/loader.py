@@ -41,11 +41,19 @@ def _cached_snapshot(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from gallery.hub import endpoint, hub_errors, is_offline
+    from gallery.hub import cache_dir, endpoint, hub_errors, is_offline
 
+    # The cache as install wrote it (HF_HUB_CACHE / HF_HOME as set now, not when huggingface_hub was imported).
+    cache = str(cache_dir())
     try:
         cached = Path(
-            snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, local_files_only=True)
+            snapshot_download(
+                repo,
+                revision=revision,
+                allow_patterns=RUNTIME_PATTERNS,
+                local_files_only=True,
+                cache_dir=cache,
+            )
         )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         cached = None
@@ -63,7 +71,9 @@ def _cached_snapshot(
         repo_id=repo, revision=revision, what=f"the weights of {repo}@{(revision or 'main')[:12]}"
     ):
         folder = Path(
-            snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, endpoint=endpoint())
+            snapshot_download(
+                repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, endpoint=endpoint(), cache_dir=cache
+            )
         )
     if not _has_weights(folder):
         if pinned_weights:  # the config lists weights, so none arriving means the download never happened

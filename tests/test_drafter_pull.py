@@ -122,3 +122,34 @@ def test_a_drafter_file_that_fails_its_hash_is_removed_and_the_pull_fails_16(
     assert refused.value.exit_code == 16 and "model.safetensors" in str(refused.value)
     assert not (models / config.name / "drafter" / "model.safetensors").exists()
     assert not (models / f"{config.name}.yaml").exists()  # no config pointing at half an install
+
+
+@pytest.mark.mlx
+def test_gallery_pull_drafter_installs_both_and_the_runtime_loads_the_drafter_from_the_cache(
+    hub: RecordedHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from catalog.index import load_catalog, user_catalog_path
+    from runtime.loader import load
+    from tests.catalog_support import run_cli
+
+    result = run_cli(capsys, "pull", TARGET, "--drafter", "--json")
+    assert result.code == 0, result.err
+    report = result.json()
+    assert "drafter/model.safetensors" in report["downloaded"] and "model.safetensors" in report["downloaded"]
+    entry = next(e for e in load_catalog(user_catalog_path()).entries if e.config.mlx.source.repo == TARGET)
+    assert entry.config.mlx.drafter is not None and entry.config.mlx.drafter.repo == DRAFTER
+    listed = run_cli(capsys, "ls", "--json")
+    assert entry.name in listed.out
+    loaded = load(entry.config)  # from the HF cache at both pinned commits, no download allowed
+    assert (
+        type(loaded.primary.draft_model).__name__ == "DFlashDraftModel"
+        and loaded.primary.draft_kind == "dflash"
+    )
+    # Without the drafter's files the install is incomplete: `ls` no longer lists it, and the load names the drafter.
+    pinned = tmp_path / "hf-cache" / "models--z-lab--Qwen3.5-4B-DFlash"
+    shutil.rmtree(pinned)
+    assert entry.name not in run_cli(capsys, "ls", "--json").out
+    from gallery.errors import RuntimeFailure
+
+    with pytest.raises(RuntimeFailure, match=r"the drafter: the weights of z-lab/Qwen3\.5-4B-DFlash"):
+        load(entry.config)
