@@ -1,8 +1,10 @@
 """Drafting benchmark: a drafted text route against the same route plain, greedy, in one run, as ratios.
 
 Two drafters on the tiny qwen3_5 target (`vlm-qwen35-mtp`): its bundled MTP layer (`mlx.speculative.mtp`) and the
-separate DFlash drafter `drafter-qwen35-dflash` (`mlx.drafter`). The baseline is the same config with no drafter
-and `text_route: vlm`, so all three engines run mlx-vlm's code and only the drafting differs. For each prompt the
+separate DFlash drafter `drafter-qwen35-dflash` (`mlx.drafter`); and the separate Gemma 4 MTP assistant
+`drafter-gemma4-assistant` on the tiny gemma4 (`vlm-gemma4-audio`; random weights, so its drafts are almost never
+accepted). Each baseline is the same config with no drafter and `text_route: vlm`, so every engine runs mlx-vlm's
+code and only the drafting differs. For each prompt the
 tokens must be equal (greedy); the script prints acceptance (accepted / proposed drafts, and the share of answer
 tokens that were accepted drafts) and the tok/s ratio drafted / plain (engine-side generation rate, medians of
 REPEATS interleaved runs). The tiny fixture's drafters are random-ish by design (some drafts right, most wrong),
@@ -39,7 +41,9 @@ def _configs() -> dict[str, Any]:
     from gallery.config import Drafter
     from importers import import_model
 
-    models = ensure_models(["vlm-qwen35-mtp", "drafter-qwen35-dflash"])
+    models = ensure_models(
+        ["vlm-qwen35-mtp", "drafter-qwen35-dflash", "vlm-gemma4-audio", "drafter-gemma4-assistant"]
+    )
     mtp = import_model(str(models["vlm-qwen35-mtp"])).config
     off = mtp.mlx.speculative.model_copy(update={"mtp": False, "draft_kind": None})
     plain = mtp.model_copy(
@@ -48,7 +52,22 @@ def _configs() -> dict[str, Any]:
     mtp = mtp.model_copy(update={"mlx": mtp.mlx.model_copy(update={"text_route": "vlm"})})
     pin = Drafter(local_path=str(models["drafter-qwen35-dflash"]), kind="dflash", model_type="qwen3_dflash")
     dflash = plain.model_copy(update={"mlx": plain.mlx.model_copy(update={"drafter": pin})})
-    return {"plain": plain, "mtp (bundled)": mtp, "dflash (separate)": dflash}
+    gemma = import_model(str(models["vlm-gemma4-audio"])).config
+    gemma = gemma.model_copy(update={"mlx": gemma.mlx.model_copy(update={"text_route": "vlm"})})
+    assistant = Drafter(
+        local_path=str(models["drafter-gemma4-assistant"]), kind="mtp", model_type="gemma4_assistant"
+    )
+    gemma_mtp = gemma.model_copy(update={"mlx": gemma.mlx.model_copy(update={"drafter": assistant})})
+    return {
+        "plain": plain,
+        "mtp (bundled)": mtp,
+        "dflash (separate)": dflash,
+        "gemma4 plain": gemma,
+        "gemma4 assistant": gemma_mtp,
+    }
+
+
+BASELINE = {"gemma4 plain": "gemma4 plain", "gemma4 assistant": "gemma4 plain"}  # the rest: "plain"
 
 
 def main() -> int:
@@ -78,7 +97,6 @@ def main() -> int:
                         rates[name].append(answer.timings.generation_tps)
                 answers[name].append(texts)
                 usage[name] = per_run
-        plain = answers["plain"][0]
         print(
             f"{len(PROMPTS)} prompts x {REPEATS} runs, max_tokens {MAX_TOKENS}, greedy; engine-side decode tok/s"
         )
@@ -86,9 +104,10 @@ def main() -> int:
             f"{'engine':<20} {'tokens equal':<13} {'accepted/proposed':<18} {'answer from drafts':<19} "
             f"{'tok/s (median)':<15} ratio vs plain"
         )
-        base = statistics.median(rates["plain"])
         for name in engines:
-            equal = all(run == plain for run in answers[name])
+            reference = BASELINE.get(name, "plain")
+            base = statistics.median(rates[reference])
+            equal = all(run == answers[reference][0] for run in answers[name])
             accepted = sum(u.draft_tokens_accepted for u in usage[name])
             proposed = sum(u.draft_tokens_proposed for u in usage[name])
             generated = sum(u.completion_tokens for u in usage[name])

@@ -153,3 +153,30 @@ def test_gallery_pull_drafter_installs_both_and_the_runtime_loads_the_drafter_fr
 
     with pytest.raises(RuntimeFailure, match=r"the drafter: the weights of z-lab/Qwen3\.5-4B-DFlash"):
         load(entry.config)
+
+
+def test_a_gemma4_model_pins_its_documented_assistant_drafter_with_kind_mtp(
+    hub_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    audio_vlm_model: Path,
+    gemma4_assistant_model: Path,
+) -> None:
+    """Gemma 4's `-assistant` pairing (the table in mlx-vlm's README), with the tiny gemma4 and assistant served
+    under E2B's names; the assistant's config (gemma4_assistant, backbone_hidden_size) decides kind and fit."""
+    from importers import import_model
+
+    assistant = "mlx-community/gemma-4-E2B-it-assistant-bf16"
+    served = hub_factory(
+        extra_repos={
+            "test-org/gemma-4-E2B-it-tiny": _repo(audio_vlm_model, tmp_path / "target", "image-text-to-text"),
+            assistant: _repo(gemma4_assistant_model, tmp_path / "assistant", "text-generation"),
+        }
+    )
+    monkeypatch.setenv("HF_ENDPOINT", served.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    config = import_model("test-org/gemma-4-E2B-it-tiny", drafter=True).config
+    pin = config.mlx.drafter
+    assert pin is not None and pin.repo == assistant
+    assert (pin.kind, pin.model_type) == ("mtp", "gemma4_assistant")
+    assert "Supported pairings" in config.mlx.decisions["drafter"].evidence[0].detail

@@ -29,6 +29,7 @@ MODEL_FIXTURES: dict[str, str] = {
     "vlm-qwen35-mtp": "mtp_vlm_model",
     "vlm-gemma4-audio": "audio_vlm_model",
     "drafter-qwen35-dflash": "dflash_drafter_model",
+    "drafter-gemma4-assistant": "gemma4_assistant_model",
     "smollm2": "smollm2_model",
 }
 
@@ -85,4 +86,5 @@ scripted_vlm_model = _model_fixture("scripted-vlm", "scripted_vlm_model")
 mtp_vlm_model = _model_fixture("vlm-qwen35-mtp", "mtp_vlm_model")
 audio_vlm_model = _model_fixture("vlm-gemma4-audio", "audio_vlm_model")
 dflash_drafter_model = _model_fixture("drafter-qwen35-dflash", "dflash_drafter_model")
+gemma4_assistant_model = _model_fixture("drafter-gemma4-assistant", "gemma4_assistant_model")
 smollm2_model = _model_fixture("smollm2", "smollm2_model")
