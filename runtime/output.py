@@ -109,10 +109,10 @@ class OutputProcessor:
         if token.token is not None:
             self.completion_tokens += 1
             self.draft_accepted += int(token.from_draft)
-        if token.drafts_proposed is not None:
-            self.draft_proposed = token.drafts_proposed
             if self.splitter.inside:
                 self.reasoning_tokens += 1
+        if token.drafts_proposed is not None:
+            self.draft_proposed = token.drafts_proposed
         event = self.pipe(token.text or "")
         if token.logprobs is not None:
             lp = token.logprobs
