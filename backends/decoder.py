@@ -145,6 +145,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     logprobs: Logprob | None = None  # with texts, when the request asked for them
     from_draft: bool = False
+    drafts_proposed: int | None = None  # drafts the request's drafter proposed so far (mlx-vlm's draft_lens)
     error: str | None = None  # with finish ERROR: why this request failed
     prompt_tokens: int | None = None  # when the library counted the prompt itself (VLM: images expanded)
     cached_tokens: int | None = None  # when the decoder reused a cached prefix

@@ -30,10 +30,13 @@ class MlxVlmBackend:
         draft_path: Path | None = None,
         draft_kind: str | None = None,
         quantize_activations: bool = False,
+        strict_kind: bool = False,
     ) -> MlxVlmBackend:
         """Load a model folder with mlx_vlm; a drafter (bundled MTP layers, or a separate one) when asked.
 
         `quantize_activations` (mxfp8/nvfp4 weights, CUDA only): mlx-vlm turns their layers into QQLinear.
+        With `strict_kind` (a pinned drafter) a drafter whose own config needs another kind is refused instead of
+        silently switched, and mlx-vlm's pairing checks run now rather than inside the first request.
         """
         import mlx_vlm
 
@@ -43,9 +46,17 @@ class MlxVlmBackend:
         draft = None
         if draft_path is not None:
             from mlx_vlm.speculative import load_drafter
+            from mlx_vlm.speculative.drafters import validate_drafter_compatibility
 
             # Returns the kind it resolved from the drafter's own config (it overrides a conflicting one).
-            draft, draft_kind = load_drafter(str(draft_path), kind=draft_kind)
+            draft, resolved = load_drafter(str(draft_path), kind=draft_kind)
+            if strict_kind and resolved != draft_kind:
+                raise ValueError(
+                    f"mlx.drafter.kind is {draft_kind!r}, but mlx-vlm reads this drafter as {resolved!r}"
+                )
+            draft_kind = resolved
+            if strict_kind:
+                validate_drafter_compatibility(model, draft, draft_kind)
         return cls(model, processor, draft_model=draft, draft_kind=draft_kind)
 
     @property

@@ -199,6 +199,7 @@ class VlmStreams(RoundRobin):
             logprob=logprob,
             top_logprobs=top,
             from_draft=from_draft,
+            drafts_proposed=_proposed(stream.drafter),
             prompt_tokens=int(result.prompt_tokens),
             cached_tokens=stream.cached_tokens,
         )
@@ -208,7 +209,7 @@ class VlmStreams(RoundRobin):
 
     def _finished(self, stream: Stream, *, cancelled: bool) -> None:
         if stream.drafter is not None:
-            self.proposed += int(sum(getattr(stream.drafter, "draft_lens", None) or []))
+            self.proposed += _proposed(stream.drafter) or 0
         if stream.prefix_state is None or cancelled:
             return  # a cancelled request never recorded its tokens: its state is not reusable
         # mlx-vlm records the conversation's tokens in the state after its last result: let it run that part.
@@ -245,6 +246,11 @@ class VlmStreams(RoundRobin):
     def detokenizer(self) -> None:
         """None: mlx-vlm streams the text itself."""
         return None
+
+
+def _proposed(drafter: Any) -> int | None:
+    """Drafts a request's drafter proposed so far (None when it does not draft)."""
+    return None if drafter is None else int(sum(getattr(drafter, "draft_lens", None) or []))
 
 
 class _StopIds:

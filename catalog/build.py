@@ -136,6 +136,7 @@ def build_entry(
     cache_dir: Path | None = None,
     known_sha256: Mapping[str, str] | None = None,
     inline: bool = False,
+    drafter: bool = False,
 ) -> BuiltEntry:
     """Import SOURCE (a Hub repo) and build its pinned, fully hashed catalog entry.
 
@@ -145,7 +146,13 @@ def build_entry(
     from importers import import_model
 
     result = import_model(
-        source, revision=revision, backend=backend, name=name, token=token, cache_dir=cache_dir
+        source,
+        revision=revision,
+        backend=backend,
+        name=name,
+        token=token,
+        cache_dir=cache_dir,
+        drafter=drafter,
     )
     if result.origin == "cache":
         # The importer falls back to the local cache when the Hub is unreachable; a catalog pin (or a drift check)

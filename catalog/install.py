@@ -120,10 +120,14 @@ def installed_location(entry: Entry, models_dir: Path | None = None) -> Path | N
     With a models dir, its `<name>/` folder counts only once the install wrote `<name>.yaml`; the Hugging Face
     cache counts when every file is in the pinned commit's snapshot.
     """
+    drafter = entry.config.mlx.drafter
+    drafter_files = [f.path for f in drafter.files] if drafter is not None and drafter.repo else []
     if models_dir is not None:
         folder = models_dir / entry.name
-        if (models_dir / f"{entry.name}.yaml").is_file() and all(
-            (folder / f.filename).is_file() for f in entry.meta.files
+        if (
+            (models_dir / f"{entry.name}.yaml").is_file()
+            and all((folder / f.filename).is_file() for f in entry.meta.files)
+            and all((folder / "drafter" / path).is_file() for path in drafter_files)
         ):
             return folder
         return None
@@ -131,6 +135,11 @@ def installed_location(entry: Entry, models_dir: Path | None = None) -> Path | N
         folder = snapshot_folder(entry)
     except BadConfig:
         return None
+    if drafter_files:  # a pinned drafter is part of the install: without it the model does not load as pinned
+        assert drafter is not None and drafter.repo is not None and drafter.revision is not None
+        pinned = repo_cache_folder(drafter.repo) / "snapshots" / drafter.revision
+        if not all((pinned / path).is_file() for path in drafter_files):
+            return None
     if entry.meta.files and all((folder / f.filename).is_file() for f in entry.meta.files):
         return folder
     return None
@@ -169,35 +178,110 @@ def install_entry(
         if folder.exists() and not folder.is_dir():
             raise OutputExists(f"{folder} exists and is not a folder", path=folder)
     expected = {f.filename: f.sha256 for f in entry.meta.files}
-    targets = {name: _target(folder, name) for name in expected}
+    sizes = {f.path: f.size or 0 for f in entry.config.mlx.files}
+    created = models_dir is not None and not folder.exists()
+    verified, downloaded = _fetch_verified(
+        entry.name,
+        repo,
+        revision,
+        expected,
+        sizes,
+        folder,
+        store,
+        created,
+        say,
+        token,
+        max_workers,
+        tqdm_class,
+    )
+    removed = _remove_stale_partials(repo, list(expected), store, folder)
+    drafter = entry.config.mlx.drafter
+    drafter_folder: Path | None = None
+    if drafter is not None and drafter.repo is not None and drafter.revision is not None:
+        # The pinned drafter goes through the same checks: every file against its sha256, nothing partial left.
+        drafter_folder = (
+            folder / "drafter"
+            if models_dir is not None
+            else repo_cache_folder(drafter.repo) / "snapshots" / drafter.revision
+        )
+        pins = {f.path: f.sha256 or "" for f in drafter.files}
+        found, fetched = _fetch_verified(
+            entry.name,
+            drafter.repo,
+            drafter.revision,
+            pins,
+            {f.path: f.size or 0 for f in drafter.files},
+            drafter_folder,
+            store,
+            False,
+            say,
+            token,
+            max_workers,
+            tqdm_class,
+        )
+        verified += [f"drafter/{name}" for name in found]
+        downloaded += [f"drafter/{name}" for name in fetched]
+        removed += _remove_stale_partials(drafter.repo, list(pins), store, drafter_folder)
 
+    written = False
+    if config_path is not None and models_dir is not None:
+        installed = entry.config.model_copy(deep=True)
+        installed.parameters.model = str(folder.resolve())
+        if installed.mlx.drafter is not None and drafter_folder is not None:
+            installed.mlx.drafter.local_path = str(drafter_folder.resolve())
+        text = render_config(installed)
+        current = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+        written = current != text
+        if written:
+            atomic_write(config_path, text)
+    return InstallResult(entry.name, store, folder, config_path, verified, downloaded, written, removed)
+
+
+def _fetch_verified(
+    name: str,
+    repo: str,
+    revision: str,
+    expected: dict[str, str],
+    sizes: dict[str, int],
+    folder: Path,
+    store: Store,
+    created: bool,
+    say: Callable[[str], None],
+    token: str | bool | None,
+    max_workers: int,
+    tqdm_class: Any,
+) -> tuple[list[str], list[str]]:
+    """Make every expected file of repo@revision present in folder and verified: (already there, downloaded).
+
+    A file that does not verify is removed (HashMismatch, 16); `created` folders left without any file are removed.
+    """
+    models_dir = store == "models-dir"
+    targets = {file: _target(folder, file) for file in expected}
     verified: list[str] = []
     missing: list[str] = []
-    for name, target in targets.items():
-        if target.is_file() and sha256_file(target) == expected[name]:
-            verified.append(name)
+    for file, target in targets.items():
+        if target.is_file() and sha256_file(target) == expected[file]:
+            verified.append(file)
             continue
         if target.exists() or target.is_symlink():
-            say(f"{name}: present but its sha256 does not match the catalog: downloading it again")
+            say(f"{file}: present but its sha256 does not match the catalog: downloading it again")
             _remove_file(target, store, folder)
-        missing.append(name)
+        missing.append(file)
     if verified:
         say(f"{len(verified)} of {len(expected)} files already present, sha256 verified")
 
-    created = models_dir is not None and not folder.exists()
     if missing:
-        total = sum(f.size or 0 for f in entry.config.mlx.files if f.path in set(missing))
+        total = sum(sizes.get(file, 0) for file in missing)
         say(
             f"downloading {len(missing)} file(s) ({human_size(total) if total else 'size unknown'}) of "
-            f"{repo}@{revision[:12]}"
-            + (f" into {folder}" if models_dir is not None else " into the HF cache")
+            f"{repo}@{revision[:12]}" + (f" into {folder}" if models_dir else " into the HF cache")
         )
         try:
             download_files(
                 repo,
                 missing,
                 revision,
-                local_dir=folder if models_dir is not None else None,
+                local_dir=folder if models_dir else None,
                 token=token,
                 max_workers=max_workers,
                 tqdm_class=tqdm_class,
@@ -207,36 +291,25 @@ def install_entry(
                 shutil.rmtree(folder, ignore_errors=True)
             raise
     downloaded: list[str] = []
-    for name in missing:
-        target = targets[name]
+    for file in missing:
+        target = targets[file]
         if not target.is_file():
             raise NetworkFailure(
-                f"{repo}/{name}: the Hub sent no file for it at {revision[:12]}", repo_id=repo
+                f"{repo}/{file}: the Hub sent no file for it at {revision[:12]}", repo_id=repo
             )
         actual = sha256_file(target)
-        if actual != expected[name]:
+        if actual != expected[file]:
             _remove_file(target, store, folder)
             raise HashMismatch(
-                f"{entry.name}: {name} from {repo}@{revision[:12]} has sha256 {actual}, but the catalog pins "
-                f"{expected[name]}; the file was removed. The entry is stale or the download was tampered with "
-                f"(run `gallery refresh {entry.name}`)",
-                file=name,
-                expected=expected[name],
+                f"{name}: {file} from {repo}@{revision[:12]} has sha256 {actual}, but the catalog pins "
+                f"{expected[file]}; the file was removed. The entry is stale or the download was tampered with "
+                f"(run `gallery refresh {name}`)",
+                file=file,
+                expected=expected[file],
                 actual=actual,
             )
-        downloaded.append(name)
-    removed = _remove_stale_partials(repo, list(expected), store, folder)
-
-    written = False
-    if config_path is not None and models_dir is not None:
-        installed = entry.config.model_copy(deep=True)
-        installed.parameters.model = str(folder.resolve())
-        text = render_config(installed)
-        current = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
-        written = current != text
-        if written:
-            atomic_write(config_path, text)
-    return InstallResult(entry.name, store, folder, config_path, verified, downloaded, written, removed)
+        downloaded.append(file)
+    return verified, downloaded
 
 
 def _has_model_files(folder: Path) -> bool:

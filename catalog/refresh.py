@@ -198,6 +198,7 @@ def refresh_entry(
             cache_dir=cache_dir,
             known_sha256=known,
             inline=entry.config_ref is None,
+            drafter=config.mlx.drafter is not None and config.mlx.drafter.repo is not None,
         )
     except GalleryError as exc:
         return EntryRefresh(entry.name, "error", error=str(exc), exit_code=exc.exit_code)

@@ -175,6 +175,20 @@ def check_config(
             "expects; set mlx.chat_template.accept_missing: true to accept this knowingly",
         )
 
+    drafter = config.mlx.drafter
+    if drafter is not None:
+        from gallery.drafters import pairing_problem
+
+        problem = pairing_problem(config.mlx.model_type, drafter.kind, drafter.model_type)
+        if problem:
+            add("error", "drafter-pairing", ("mlx", "drafter", "kind"), f"mlx.drafter: {problem}")
+        if in_catalog and drafter.local_path is not None and drafter.repo is None:
+            add(
+                "error",
+                "local-source",
+                ("mlx", "drafter", "local_path"),
+                "a catalog entry's drafter must be pinned on the Hub",
+            )
     for severity, code, where, message in stop_problems(config, rendered):
         add(severity, code, where, message)
     if config.distributed is not None:

@@ -317,6 +317,14 @@ AcceptMissingTemplateOpt = Annotated[
 ]
 
 
+DrafterOpt = Annotated[
+    bool,
+    typer.Option(
+        "--drafter", help="Pin the model's documented drafter (checked against it); pull fetches it too."
+    ),
+]
+
+
 def add_entry(
     source: str,
     *,
@@ -329,6 +337,7 @@ def add_entry(
     tags: list[str] | None = None,
     accept_missing_template: bool = False,
     inline: bool = False,
+    drafter: bool = False,
 ) -> tuple[Entry, Path]:
     """Import SOURCE into the writable catalog (the one named, else the user's); returns the entry and index.
 
@@ -357,6 +366,7 @@ def add_entry(
             tags=tags or None,
             accept_missing_template=accept_missing_template,
             inline=inline,
+            drafter=drafter,
         )
     entry = built.entry
     if entry.name.lower() in taken:
@@ -404,6 +414,7 @@ def add_command(
     ] = False,
     catalog: CatalogOpt = None,
     as_json: JsonOpt = False,
+    drafter: DrafterOpt = False,
 ) -> None:
     """Import a Hub repo into a catalog (yours unless --catalog): entries/<name>.yaml plus the index entry.
 
@@ -420,6 +431,7 @@ def add_command(
         tags=tags,
         accept_missing_template=accept_missing_template,
         inline=inline,
+        drafter=drafter,
     )
     if as_json:
         emit(json.dumps(index_data(entry), indent=2, ensure_ascii=False) + "\n")

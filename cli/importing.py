@@ -63,6 +63,14 @@ def import_command(
             help="Pin trust_remote_code on: loading may run the repo's own tokenizer/model code (review it first).",
         ),
     ] = False,
+    drafter: Annotated[
+        bool,
+        typer.Option(
+            "--drafter",
+            help="Pin the model's documented drafter (read from the Hub and checked against the model): "
+            "text requests then draft, and pull fetches it too.",
+        ),
+    ] = False,
 ) -> None:
     """Import a repo into a pinned, explained model config.
 
@@ -77,7 +85,12 @@ def import_command(
             raise OutputExists(f"{output} exists; use --force to replace it", path=output)
     with spinner(f"importing {source}"):
         result = import_model(
-            source, revision=revision, backend=backend, name=name, trust_remote_code=trust_remote_code
+            source,
+            revision=revision,
+            backend=backend,
+            name=name,
+            trust_remote_code=trust_remote_code,
+            drafter=drafter,
         )
     config = result.config
     for message in result.warnings:

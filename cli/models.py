@@ -21,6 +21,7 @@ from cli.catalog import (
     AcceptMissingTemplateOpt,
     BackendOpt,
     CatalogOpt,
+    DrafterOpt,
     EntryNameOpt,
     JsonOpt,
     ModelsDirOpt,
@@ -80,6 +81,7 @@ def pull_command(
     force: Annotated[
         bool, typer.Option("--force", help="Download even when the model does not fit this machine's memory.")
     ] = False,
+    drafter: DrafterOpt = False,
 ) -> None:
     """Install a model: a catalog entry, or a Hub repo imported into your catalog first.
 
@@ -107,6 +109,7 @@ def pull_command(
                 revision=revision,
                 backend=backend,
                 accept_missing_template=accept_missing_template,
+                drafter=drafter,
             )
             note(f"imported {source} as {entry.name} into {path}")
     refuse_invalid(entry)

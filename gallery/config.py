@@ -223,13 +223,23 @@ class KvCache(_Strict):
         return self
 
 
+# The drafter families mlx-vlm's speculative loop runs (its KNOWN_DRAFTER_KINDS).
+DraftKind = Literal["dflash", "eagle3", "mtp"]
+
+
 class Speculative(_Strict):
-    """Speculative-decoding options the checkpoint (or the user) pins."""
+    """Speculative-decoding options the checkpoint (or the user) pins.
+
+    `draft_model` (a local folder, unpinned) is the older way to name a drafter and still loads; a drafter from
+    the Hub is pinned in `mlx.drafter` instead, with its revision and file hashes.
+    """
 
     mtp: bool = Field(default=False, description="The checkpoint bundles multi-token-prediction layers.")
-    draft_model: str | None = None
-    draft_kind: str | None = None
-    num_draft_tokens: int | None = None
+    draft_model: str | None = Field(
+        default=None, description="A drafter folder (unpinned); prefer mlx.drafter for a Hub drafter."
+    )
+    draft_kind: DraftKind | None = None
+    num_draft_tokens: int | None = Field(default=None, ge=1, le=64)
 
 
 class Media(_Strict):
@@ -260,6 +270,45 @@ class RepoFile(_Strict):
         if value is not None and not _SHA256_RE.match(value):
             raise ValueError(f"sha256 must be 64 lowercase hex digits, got {value!r}")
         return value
+
+
+class Drafter(_Strict):
+    """A separate drafter model, pinned like the main model: repo at a commit, its files with sha256."""
+
+    repo: str | None = Field(default=None, description="Hub repo id of the drafter.")
+    revision: str | None = Field(default=None, description="The full commit hash the drafter is pinned to.")
+    local_path: str | None = Field(default=None, description="A local drafter folder (no Hub pin).")
+    kind: DraftKind = Field(description="mlx-vlm's drafter family: dflash, eagle3 or mtp.")
+    model_type: str | None = Field(
+        default=None, description="The drafter's model type as mlx-vlm resolves it (e.g. qwen3_dflash)."
+    )
+    num_draft_tokens: int | None = Field(
+        default=None, ge=1, le=64, description="Drafts per verification round (default: the drafter's own)."
+    )
+    files: list[RepoFile] = Field(
+        default_factory=list, description="The drafter's files, each with its sha256."
+    )
+
+    @field_validator("revision")
+    @classmethod
+    def _full_commit(cls, value: str | None) -> str | None:
+        if value is not None and not _COMMIT_RE.match(value):
+            raise ValueError(f"drafter revision must be a full 40-hex commit hash, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _pinned(self) -> Drafter:
+        if not self.repo and not self.local_path:
+            raise ValueError("a drafter needs a repo (with revision and files) or a local_path")
+        if self.repo:
+            if self.revision is None:
+                raise ValueError(f"drafter {self.repo}: revision must be pinned to a full commit hash")
+            if not self.files:
+                raise ValueError(f"drafter {self.repo}: files must list the pinned files with their sha256")
+            unhashed = [f.path for f in self.files if f.sha256 is None]
+            if unhashed:
+                raise ValueError(f"drafter {self.repo}: files without sha256: {', '.join(unhashed[:5])}")
+        return self
 
 
 class Sharding(_Strict):
@@ -357,6 +406,9 @@ class MlxSection(_Strict):
     quantization: Quantization | None = None
     speculative: Speculative = Field(default_factory=Speculative)
     kv_cache: KvCache | None = Field(default=None, description="KV-cache quantization (default: none).")
+    drafter: Drafter | None = Field(
+        default=None, description="A separate drafter model, pinned (see the README's 'Drafters')."
+    )
     text_route: Literal["shared-weights", "vlm"] | None = Field(
         default=None, description="For mlx-vlm configs: how text-only requests run."
     )
@@ -423,6 +475,21 @@ class ModelConfig(_Strict):
         problem = backend_kv_problem(self.backend, kv.scheme, field="mlx.kv_cache.scheme") if kv else None
         if problem:
             raise ValueError(problem)
+
+        return self
+
+    @model_validator(mode="after")
+    def _one_drafter(self) -> ModelConfig:
+        drafter = self.mlx.drafter
+        if drafter is None:
+            return self
+        if self.backend != "mlx-vlm":
+            raise ValueError(
+                f"mlx.drafter: a {drafter.kind} drafter runs on mlx-vlm's speculative loop; backend "
+                f"{self.backend!r} (mlx-lm) cannot use it"
+            )
+        if self.mlx.speculative.draft_model:
+            raise ValueError("mlx.drafter and mlx.speculative.draft_model both name a drafter: keep one")
         return self
 
     @field_validator("options")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -86,13 +87,33 @@ def import_model(
     token: str | bool | None = None,
     cache_dir: Path | None = None,
     trust_remote_code: bool = False,
+    drafter: bool = False,
 ) -> ImportResult:
     """Import SOURCE into a pinned ModelConfig. Raises GalleryError subclasses for every user-facing failure.
 
-    `trust_remote_code` pins it on (only worth it when the import says the tokenizer or model needs it)."""
+    `trust_remote_code` pins it on (only worth it when the import says the tokenizer or model needs it);
+    A documented drafter (importers/drafters.yaml) is recorded as a suggestion; `drafter` reads it from the Hub and
+    pins it when it verifies against the model."""
     model_source = source if isinstance(source, ModelSource) else parse_source(source, revision)
     snapshot = fetch(model_source, token=token, cache_dir=cache_dir)
-    return build_config(snapshot, backend=backend, name=name, trust_remote_code=trust_remote_code)
+    result = build_config(snapshot, backend=backend, name=name, trust_remote_code=trust_remote_code)
+    if snapshot.origin != "local":
+        from importers.drafters import pin_drafter, suggest_drafter
+
+        raw = snapshot.files.get("config.json")
+        target = json.loads(raw) if raw else {}
+        result.config = (
+            pin_drafter(
+                result.config,
+                target if isinstance(target, dict) else {},
+                result.warnings,
+                token=token,
+                cache_dir=cache_dir,
+            )
+            if drafter
+            else suggest_drafter(result.config)
+        )
+    return result
 
 
 def build_config(

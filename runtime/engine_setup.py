@@ -208,7 +208,8 @@ def load_model(
         config,
         batching=settings.batching,
         kv_bits=settings.kv_bits,
-        draft=bool(config.mlx.speculative.draft_model) or settings.num_draft_tokens is not None,
+        draft=bool(config.mlx.speculative.draft_model or config.mlx.drafter)
+        or settings.num_draft_tokens is not None,
     )
     plan = shard_plan(config, cluster.size, settings.distributed_strategy, settings.layer_split)
     cluster.send(
@@ -256,7 +257,8 @@ def build(
     if problem:
         raise LoadFailed(f"{config.name}: {problem}")
     decoders = DecoderSet(text_cache=prefix)
-    drafts = settings.num_draft_tokens or config.mlx.speculative.num_draft_tokens
+    pinned = config.mlx.drafter.num_draft_tokens if config.mlx.drafter else None
+    drafts = settings.num_draft_tokens or pinned or config.mlx.speculative.num_draft_tokens
     if text_backend is not None and cluster is not None:
         batcher = new_batcher(text_backend.model, prefix, batch_settings, codec=text_backend)
         decoders.batch = MirroredBatcher(batcher, cluster)

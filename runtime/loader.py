@@ -43,11 +43,19 @@ def _cached_snapshot(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from gallery.hub import endpoint, hub_errors, is_offline
+    from gallery.hub import cache_dir, endpoint, hub_errors, is_offline
 
+    # The cache as install wrote it (HF_HUB_CACHE / HF_HOME as set now, not when huggingface_hub was imported).
+    cache = str(cache_dir())
     try:
         cached = Path(
-            snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, local_files_only=True)
+            snapshot_download(
+                repo,
+                revision=revision,
+                allow_patterns=RUNTIME_PATTERNS,
+                local_files_only=True,
+                cache_dir=cache,
+            )
         )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         cached = None
@@ -65,7 +73,9 @@ def _cached_snapshot(
         repo_id=repo, revision=revision, what=f"the weights of {repo}@{(revision or 'main')[:12]}"
     ):
         folder = Path(
-            snapshot_download(repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, endpoint=endpoint())
+            snapshot_download(
+                repo, revision=revision, allow_patterns=RUNTIME_PATTERNS, endpoint=endpoint(), cache_dir=cache
+            )
         )
     if not _has_weights(folder):
         if pinned_weights:  # the config lists weights, so none arriving means the download never happened
@@ -102,6 +112,47 @@ def model_folder(config: ModelConfig, base: Path | None, *, allow_download: bool
             pinned_weights=sum(1 for f in config.mlx.files if f.path.endswith(".safetensors")),
         )
     raise RuntimeFailure(f"{config.name}: model folder {candidates[0]} has no config.json")
+
+
+def drafter_folder(config: ModelConfig, base: Path | None, *, allow_download: bool) -> Path | None:
+    """Where the pinned drafter's files are (its local folder, or its pinned commit in the HF cache), or None.
+
+    The pairing is checked first against mlx-vlm's own rules (gallery.drafters), so a drafter mlx-vlm would
+    refuse fails here by name, before any weights are read.
+    """
+    from gallery.drafters import drafter_model_type, pairing_problem
+
+    drafter = config.mlx.drafter
+    if drafter is None:
+        return None
+    problem = pairing_problem(config.mlx.model_type, drafter.kind, drafter.model_type)
+    if problem:
+        raise BadConfig(f"{config.name}: mlx.drafter: {problem}")
+    if drafter.local_path:
+        path = Path(drafter.local_path).expanduser()
+        folder = path if path.is_absolute() or base is None else base / path
+    else:
+        assert drafter.repo is not None
+        try:
+            folder = _cached_snapshot(
+                drafter.repo,
+                drafter.revision,
+                allow_download=allow_download,
+                pinned_weights=sum(1 for f in drafter.files if f.path.endswith(".safetensors")),
+            )
+        except RuntimeFailure as exc:
+            raise RuntimeFailure(f"{config.name}: the drafter: {exc}") from None
+    # The files decide, not the pin's description of them: check the drafter's own config.json too.
+    try:
+        actual = drafter_model_type(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RuntimeFailure(
+            f"{config.name}: the drafter in {folder} has no readable config.json ({exc})"
+        ) from None
+    problem = pairing_problem(config.mlx.model_type, drafter.kind, actual)
+    if problem:
+        raise BadConfig(f"{config.name}: mlx.drafter: {problem}")
+    return folder
 
 
 def check_template_pin(config: ModelConfig) -> list[str]:
@@ -194,14 +245,19 @@ def load(
             raise RuntimeFailure(vlm_refusal(config))
         from backends.mlx_vlm_backend import MlxVlmBackend
 
-        if speculative.mtp and draft_path is None:
+        draft_kind = speculative.draft_kind or ("mtp" if speculative.mtp else None)
+        pinned = drafter_folder(config, base, allow_download=allow_download)
+        if pinned is not None:  # a separate, pinned drafter wins over bundled MTP layers
+            draft_path, draft_kind = pinned, config.mlx.drafter.kind if config.mlx.drafter else None
+        elif speculative.mtp and draft_path is None:
             draft_path = folder  # bundled multi-token-prediction layers: mlx-vlm splits them into a drafter
         primary = MlxVlmBackend.load(
             folder,
             trust_remote_code=trust,
             draft_path=draft_path,
-            draft_kind=speculative.draft_kind or ("mtp" if speculative.mtp else None),
+            draft_kind=draft_kind,
             quantize_activations=quantize_activations,
+            strict_kind=pinned is not None,
         )
         text_route = None
         if config.mlx.text_route == "shared-weights":

@@ -17,7 +17,7 @@ from runtime.textstream import ToolCall
 def usage_json(usage: Usage | None) -> dict[str, Any]:
     """OpenAI's usage, with prompt_tokens_details.cached_tokens and completion_tokens_details.reasoning_tokens."""
     usage = usage or Usage()
-    return {
+    body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
@@ -27,6 +27,13 @@ def usage_json(usage: Usage | None) -> dict[str, Any]:
             "accepted_prediction_tokens": usage.draft_tokens_accepted,
         },
     }
+    if usage.draft_tokens_proposed:
+        # A drafter ran: OpenAI's rejected_prediction_tokens, and the drafts proposed (this project's extra field).
+        # mlx-vlm counts drafts per verification round, so a round cut by the end of the answer counts whole.
+        rejected = max(usage.draft_tokens_proposed - usage.draft_tokens_accepted, 0)
+        body["completion_tokens_details"]["rejected_prediction_tokens"] = rejected
+        body["draft_tokens_proposed"] = usage.draft_tokens_proposed
+    return body
 
 
 def timings_json(timings: Timings | None) -> dict[str, float]:

@@ -72,6 +72,7 @@ class OutputProcessor:
         self.completion_tokens = 0
         self.reasoning_tokens = 0
         self.draft_accepted = 0
+        self.draft_proposed = 0
 
     def pipe(self, text: str, *, final: bool = False) -> Event:
         """Run text through stop strings, reasoning split and tool extraction."""
@@ -110,6 +111,8 @@ class OutputProcessor:
             self.draft_accepted += int(token.from_draft)
             if self.splitter.inside:
                 self.reasoning_tokens += 1
+        if token.drafts_proposed is not None:
+            self.draft_proposed = token.drafts_proposed
         event = self.pipe(token.text or "")
         if token.logprobs is not None:
             lp = token.logprobs
@@ -146,6 +149,7 @@ class OutputProcessor:
             cached_tokens=self.cached_tokens,
             reasoning_tokens=self.reasoning_tokens,
             draft_tokens_accepted=self.draft_accepted,
+            draft_tokens_proposed=self.draft_proposed,
         )
 
     def _timings(self) -> Timings:

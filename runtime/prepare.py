@@ -175,7 +175,7 @@ def prepare(request: GenerationRequest, runtime: Runtime) -> Prepared:
     vlm_drafts = runtime.vlm_backend is not None and runtime.vlm_backend.draft_model is not None
     if request.num_draft_tokens and not runtime.speculative and not vlm_drafts:
         raise RequestError(
-            f"num_draft_tokens: {config.name} has no draft model (pin one in mlx.speculative)",
+            f"num_draft_tokens: {config.name} has no draft model (pin one in mlx.drafter)",
             field="num_draft_tokens",
         )
     media = decode_media(media_items, runtime.media_policy) if media_items else None

@@ -360,7 +360,8 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
-    draft_tokens_accepted: int = 0
+    draft_tokens_accepted: int = 0  # answer tokens that were drafts the model confirmed
+    draft_tokens_proposed: int = 0  # drafts proposed for this request, accepted or not (mlx-vlm drafters)
 
     @property
     def total_tokens(self) -> int:

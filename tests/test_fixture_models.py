@@ -128,11 +128,16 @@ def _expected_replay(info: dict[str, Any]) -> str:
 def test_folder_layout(request: pytest.FixtureRequest, name: str) -> None:
     """Every folder is a normal HF/MLX layout with MLX-format weights and a fixture.json."""
     folder = _folder(request, name)
-    for file in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        assert (folder / file).is_file(), file
     info = load_fixture_info(folder)
     spec = SPECS[name]
     assert (info["name"], info["kind"], info["family"]) == (name, spec.kind, spec.family)
+    if spec.kind == "drafter":  # a drafter borrows its target's tokenizer, embeddings and lm_head
+        assert json.loads((folder / "config.json").read_text())["model_type"] in ("qwen3", "gemma4_assistant")
+        _, metadata = mx.load(str(folder / "model.safetensors"), return_metadata=True)
+        assert metadata.get("format") == "mlx"
+        return
+    for file in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / file).is_file(), file
 
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"

@@ -28,6 +28,8 @@ MODEL_FIXTURES: dict[str, str] = {
     "scripted-vlm": "scripted_vlm_model",
     "vlm-qwen35-mtp": "mtp_vlm_model",
     "vlm-gemma4-audio": "audio_vlm_model",
+    "drafter-qwen35-dflash": "dflash_drafter_model",
+    "drafter-gemma4-assistant": "gemma4_assistant_model",
     "smollm2": "smollm2_model",
 }
 
@@ -43,7 +45,7 @@ def _require_mlx(kind: str = "text") -> None:
     """Skip the requesting test unless MLX and the loader the model needs are importable."""
     pytest.importorskip("mlx")
     pytest.importorskip("mlx_lm")
-    if kind == "vlm":
+    if kind in ("vlm", "drafter"):
         pytest.importorskip("mlx_vlm")
 
 
@@ -83,4 +85,6 @@ vlm_model = _model_fixture("vlm-qwen2vl", "vlm_model")
 scripted_vlm_model = _model_fixture("scripted-vlm", "scripted_vlm_model")
 mtp_vlm_model = _model_fixture("vlm-qwen35-mtp", "mtp_vlm_model")
 audio_vlm_model = _model_fixture("vlm-gemma4-audio", "audio_vlm_model")
+dflash_drafter_model = _model_fixture("drafter-qwen35-dflash", "dflash_drafter_model")
+gemma4_assistant_model = _model_fixture("drafter-gemma4-assistant", "gemma4_assistant_model")
 smollm2_model = _model_fixture("smollm2", "smollm2_model")
