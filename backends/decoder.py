@@ -179,6 +179,7 @@ class DecoderStats:
     accepted: int = 0  # of those, drafts the model confirmed
     proposed: int = 0  # drafts proposed, accepted or not (where the library counts them)
     cache: tuple[str, CacheInfo] | None = None  # (route, description) of a cache this decoder owns alone
+    features: CacheInfo | None = None  # its media feature cache (backends.feature_cache), if it has one
 
 
 class Decoder(Protocol):

@@ -6,7 +6,9 @@ reused only with the same images. mlx-vlm keeps per-request state on shared obje
 the tokenizer, mRoPE offsets on the language model): each request's copy is swapped in before its step and
 out after, so interleaved requests never see each other's state. A drafter (bundled MTP layers, or a
 separate one) keeps its drafting state on itself, so each request drafts with its own shallow copy.
-mlx-vlm detokenizes; log-probability texts come from the same tokenizer.
+mlx-vlm detokenizes; log-probability texts come from the same tokenizer. The towers run inside the request's
+media-key scope of the model's feature cache (backends.feature_cache), so a turn about media seen before
+takes their features from it. The batch decoder (backends.vlm_batch) sends here what it cannot batch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from backends.decoder import (
     TokenEvent,
     TokenText,
 )
+from backends.feature_cache import FeatureCache
 from backends.text_decoders import RoundRobin, Stream, request_logprobs
 
 # Attributes mlx-vlm language models keep per generation (mRoPE offsets): swapped per request.
@@ -70,6 +73,7 @@ class VlmStreams(RoundRobin):
         self.draft_kind = draft_kind or "mtp"
         self.num_draft_tokens = num_draft_tokens
         self.proposed = 0  # draft tokens the drafter proposed, accepted or not
+        self.features: FeatureCache | None = None  # set by the batch decoder that owns this one
 
     def add(self, spec: DecodeSpec) -> Started:
         """Start a request's generator (the processor, the towers and the prompt run inside its first step)."""
@@ -155,7 +159,11 @@ class VlmStreams(RoundRobin):
         spec = stream.spec
         saved = self._swap_in(stream)
         try:
-            result = next(stream.generator)
+            if self.features is not None:
+                with self.features.scope(spec.media_key):
+                    result = next(stream.generator)
+            else:
+                result = next(stream.generator)
         except StopIteration:
             return TokenEvent(spec.uid, None, finish=FinishReason.LENGTH)
         finally:
@@ -209,8 +217,12 @@ class VlmStreams(RoundRobin):
         # mlx-vlm records the conversation's tokens in the state after its last result: let it run that part.
         for _ in stream.generator:
             pass
-        self.states[stream.spec.media_key] = stream.prefix_state
-        self.states.move_to_end(stream.spec.media_key)
+        self.keep(stream.spec.media_key, stream.prefix_state)
+
+    def keep(self, media_key: tuple[str, ...], state: Any) -> None:
+        """Keep a prompt cache state for the next request with these media (the oldest beyond the bound go)."""
+        self.states[media_key] = state
+        self.states.move_to_end(media_key)
         while len(self.states) > self.prefix_entries:
             self.states.popitem(last=False)
 
