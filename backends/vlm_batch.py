@@ -149,6 +149,8 @@ class VlmBatch:
         self.fallback: set[int] = set()  # request uids on the streams
         self.batched = 0  # requests that ran in the batch
         self.sent_back = 0  # requests sent to the streams
+        self.steps = 0  # decoding steps of the batch
+        self.step_rows = 0  # tokens those steps produced (over steps: the mean batch size)
 
     def _new_generator(self) -> Any:
         from mlx_vlm.generate.ar import BatchGenerator
@@ -210,7 +212,7 @@ class VlmBatch:
                 input_ids, inputs.get("pixel_values"), mask=inputs.get("attention_mask"), **data
             )
         kwargs = {**data, **{k: v for k, v in embedded.to_dict().items() if v is not None}}
-        return [int(i) for i in input_ids.reshape(-1).tolist()], kwargs
+        return [int(i) for i in input_ids.reshape(-1).tolist()], _row_kwargs(kwargs)
 
     def busy(self) -> bool:
         """Whether a request is queued, prefilling or decoding here or on the streams."""
@@ -246,6 +248,9 @@ class VlmBatch:
         if not self.rows:
             return out
         _prompts, responses = self.generator.next()
+        if responses:
+            self.steps += 1
+            self.step_rows += len(responses)
         for response in responses:
             row = self.by_guid.get(response.uid)
             if row is not None:
@@ -310,7 +315,13 @@ class VlmBatch:
 
     def describe(self) -> CacheInfo:
         """How requests were split between the batch and the streams."""
-        return {"batched": self.batched, "sent_to_streams": self.sent_back, "batching": self.refusal is None}
+        return {
+            "batching": self.refusal is None,
+            "batched": self.batched,
+            "sent_to_streams": self.sent_back,
+            "batch_steps": self.steps,
+            "batch_rows": self.step_rows,
+        }
 
     def reset(self) -> None:
         """After a failed step: a fresh generator, no requests (the caches are kept)."""
@@ -338,6 +349,20 @@ class VlmBatch:
         from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
 
         return make_streaming_detokenizer(self.processor)
+
+
+def _row_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The prompt kwargs one batch row carries: without the towers' raw inputs, which the embeddings already
+    hold and which cannot be stacked across rows (audio features and video patches differ in length)."""
+    import mlx.core as mx
+    from mlx_vlm.generate.ar import _prompt_kwarg_batch_size
+
+    return {
+        key: value
+        for key, value in kwargs.items()
+        if not key.startswith(("pixel_values", "input_features", "feature_attention_mask"))
+        and not (isinstance(value, mx.array) and value.ndim > 0 and _prompt_kwarg_batch_size(key, value) != 1)
+    }
 
 
 def _batched(layer: Any) -> bool:

@@ -158,6 +158,7 @@ class Engine:
             "batch": snapshot.batch,
             "memory": {"rss": rss_bytes(), **memory_stats()},
             "prefix_cache": dict(snapshot.prefix_cache),
+            "vision_cache": dict(snapshot.vision_cache) if snapshot.vision_cache is not None else None,
             "speculative": dict(snapshot.speculative),
             "stats": dict(snapshot.stats),
             "warnings": list(self.warnings),

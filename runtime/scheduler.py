@@ -116,6 +116,7 @@ class Snapshot:
     batch: int = 0
     completed: int = 0
     prefix_cache: dict[str, CacheInfo] = dataclasses.field(default_factory=dict)
+    vision_cache: CacheInfo | None = None  # the media feature cache (VLMs)
     speculative: dict[str, int | float] = dataclasses.field(default_factory=dict)
     stats: dict[str, object] = dataclasses.field(default_factory=dict)
     error: str | None = None
@@ -329,8 +330,10 @@ class Scheduler:
         if decoders.text_cache is not None:
             caches["text"] = decoders.text_cache.describe()
         drafted = accepted = proposed = batch = 0
+        features: CacheInfo | None = None
         for decoder in decoders.all():
             stats = decoder.stats()
+            features = stats.features or features
             if decoder is decoders.batch:
                 batch = stats.active
             drafted, accepted, proposed = (
@@ -354,6 +357,7 @@ class Scheduler:
             batch=batch,
             completed=self.completed,
             prefix_cache=caches,
+            vision_cache=features,
             speculative=draft,
             stats={
                 **vars(self.stats),
