@@ -57,7 +57,7 @@ OPTIONS: dict[str, OptionSpec] = {
         "decode requests with images, audio or video in one continuous batch (off: one generator each, in turn)",
     ),
     "vision_cache_entries": OptionSpec(
-        "int", 32, "most media kept in the feature cache (tower outputs by content hash; 0: off)", 0
+        "int", 32, "most tower outputs kept in the media feature cache (by content hash; 0: off)", 0
     ),
     "vision_cache_mb": OptionSpec("float", 512.0, "most memory the feature cache may use, in MiB", 0),
     "max_kv_size": OptionSpec(
