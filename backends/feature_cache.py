@@ -60,7 +60,9 @@ class FeatureCache:
         finally:
             self._scope, self._calls = saved
 
-    def call(self, name: str, run: Callable[..., Any], module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, name: str, run: Callable[..., Any], module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         """One tower call: the cached output for the same media and arguments, else the tower's (kept)."""
         if not self._scope or not self.enabled:
             return run(module, *args, **kwargs)
@@ -75,7 +77,8 @@ class FeatureCache:
         from mlx.utils import tree_flatten
 
         output = run(module, *args, **kwargs)
-        arrays = [value for _, value in tree_flatten(output) if isinstance(value, mx.array)]
+        leaves: list[Any] = [item[1] for item in tree_flatten(output)]
+        arrays = [leaf for leaf in leaves if isinstance(leaf, mx.array)]
         mx.eval(arrays)  # kept evaluated, so a hit never re-runs the tower's graph
         size = sum(int(a.nbytes) for a in arrays)
         self.misses += 1
@@ -112,7 +115,11 @@ def _cached_class(cls: type, cache: FeatureCache, name: str) -> type:
         # The original class's call is looked up at call time, so a spy on it sees exactly the tower runs.
         return cache.call(name, lambda module, *a, **k: cls.__call__(module, *a, **k), self, args, kwargs)
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "_feature_cache_tower": name})
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__call__": __call__, "__module__": cls.__module__, "_feature_cache_tower": name},
+    )
 
 
 def _signature(values: tuple[Any, ...]) -> tuple[object, ...]:

@@ -54,7 +54,8 @@ class _Row:
 class _NeverStop:
     """mlx-vlm's batch stop criteria: never (each row's own stop ids are checked by the decoder)."""
 
-    eos_token_ids: list[int] = []
+    def __init__(self) -> None:
+        self.eos_token_ids: list[int] = []
 
     def __call__(self, token: Any) -> bool:
         return False
@@ -95,7 +96,7 @@ class _RowSampler:
 
         generator = self.decoder.generator
         first = all(position == 0 for position in positions)
-        batch = generator._prompt_batch if first else generator._generation_batch  # noqa: SLF001
+        batch = generator._prompt_batch if first else generator._generation_batch
         rows = [self.decoder.by_guid.get(guid) for guid in batch.uids]
         greedy = mx.argmax(logprobs, axis=-1)
         if all(row is None or row.spec.sampler is None for row in rows):
@@ -134,7 +135,7 @@ class VlmBatch:
         self.processor = processor
         self.streams = streams
         self.features = features
-        self._shape = {
+        self._shape: dict[str, Any] = {
             "completion_batch_size": max_batch,
             "prefill_batch_size": min(prefill_batch, max_batch),
             "prefill_step_size": prefill_step,
@@ -242,7 +243,9 @@ class VlmBatch:
         if not self.rows:
             return out
         for row in list(self.rows.values()):
-            if row.produced == 0 and row.spec.should_stop():  # cancelled or shutting down: stop between chunks
+            if (
+                row.produced == 0 and row.spec.should_stop()
+            ):  # cancelled or shutting down: stop between chunks
                 self._drop(row)
                 out.append(TokenEvent(row.spec.uid, None, finish=FinishReason.CANCELLED))
         if not self.rows:
@@ -252,9 +255,9 @@ class VlmBatch:
             self.steps += 1
             self.step_rows += len(responses)
         for response in responses:
-            row = self.by_guid.get(response.uid)
-            if row is not None:
-                out.append(self._on_token(row, int(response.token)))
+            live = self.by_guid.get(response.uid)
+            if live is not None:
+                out.append(self._on_token(live, int(response.token)))
         return out
 
     def _on_token(self, row: _Row, token: int) -> TokenEvent:
@@ -287,15 +290,13 @@ class VlmBatch:
             return
         from mlx_vlm.generate.common import PromptCacheState
 
-        batch = self.generator._generation_batch  # noqa: SLF001  # the row's cache lives only there
+        batch = self.generator._generation_batch  # the row's cache lives only there
         if row.guid not in batch.uids:
             return
         index = batch.uids.index(row.guid)
         try:
             # A batch that only ever held this row keeps mlx-vlm's plain per-layer caches: those are the row's.
-            cache = [
-                layer.extract(index) if _batched(layer) else layer for layer in batch.prompt_cache
-            ]
+            cache = [layer.extract(index) if _batched(layer) else layer for layer in batch.prompt_cache]
         except (AttributeError, NotImplementedError, ValueError):
             return  # a cache kind that cannot be taken out of a batch: the next turn starts cold
         state = PromptCacheState()

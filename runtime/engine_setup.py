@@ -14,9 +14,9 @@ from pathlib import Path
 
 from backends import default_prefill_step
 from backends.decoder import Processor, Sampler
+from backends.feature_cache import FeatureCache
 from backends.prefix_cache import check_kv_quantization
 from backends.text_decoders import TextStreams
-from backends.feature_cache import FeatureCache
 from backends.vlm_batch import VlmBatch
 from backends.vlm_decoder import VlmStreams
 from gallery.config import ModelConfig

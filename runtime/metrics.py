@@ -76,9 +76,10 @@ class _EngineGauges(Collector):
                 if "bytes" in cache:
                     cache_bytes.add_metric([model], cache["bytes"])
             features = status.get("vision_cache") or {}
-            for kind, family in {**vision, **vision_held}.items():
-                if kind in features:
-                    family.add_metric([model], features[kind])
+            for kind in ("hits", "misses"):
+                vision[kind].add_metric([model], features.get(kind, 0))
+            for kind in ("entries", "bytes"):
+                vision_held[kind].add_metric([model], features.get(kind, 0))
         for status in list(statuses.values())[:1]:  # one process: every engine reports the same figures
             for kind, value in (status.get("memory") or {}).items():
                 process.add_metric([kind], value)

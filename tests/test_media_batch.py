@@ -81,7 +81,10 @@ def _requests(kind: str, tmp_path: Path) -> list[Any]:
     else:
         media = [_video(tmp_path, frames) for frames in (4, 8, 12, 8, 4)]
         media[3] = _png((10, 200, 30))  # an image among the clips
-    out = [_request(text, part, max_tokens=5 + 2 * i) for i, (text, part) in enumerate(zip(texts, media))]
+    out = [
+        _request(text, part, max_tokens=5 + 2 * i)
+        for i, (text, part) in enumerate(zip(texts, media, strict=True))
+    ]
     out.insert(2, _request("hello there", max_tokens=6))
     out.append(_request("and you?", max_tokens=9))
     return out
@@ -89,7 +92,12 @@ def _requests(kind: str, tmp_path: Path) -> list[Any]:
 
 @pytest.mark.parametrize(
     ("model", "kind"),
-    [("scripted-vlm", "image"), ("vlm-qwen2vl", "image"), ("vlm-qwen2vl", "video"), ("vlm-gemma4-audio", "audio")],
+    [
+        ("scripted-vlm", "image"),
+        ("vlm-qwen2vl", "image"),
+        ("vlm-qwen2vl", "video"),
+        ("vlm-gemma4-audio", "audio"),
+    ],
 )
 def test_a_media_request_alone_equals_its_output_inside_a_batch_and_on_the_old_path(
     fixture_models: dict[str, Path], model: str, kind: str, tmp_path: Path
@@ -116,7 +124,9 @@ def test_a_media_request_alone_equals_its_output_inside_a_batch_and_on_the_old_p
     assert vlm["batch_rows"] > vlm["batch_steps"]  # rows really decoded together
 
 
-def test_sampling_and_log_probabilities_stay_per_request_inside_the_batch(fixture_models: dict[str, Path]) -> None:
+def test_sampling_and_log_probabilities_stay_per_request_inside_the_batch(
+    fixture_models: dict[str, Path],
+) -> None:
     requests = [
         _request("describe it", _png((200, 30, 30)), temperature=1.0, seed=11, top_p=0.9, max_tokens=10),
         _request("what is this", _png((30, 200, 30)), max_tokens=10, top_logprobs=3),
@@ -131,7 +141,10 @@ def test_sampling_and_log_probabilities_stay_per_request_inside_the_batch(fixtur
         engine.shutdown()
 
     def shape(completion: Any) -> list[Any]:
-        return [(t.id, round(t.logprob, 4), [(i, round(lp, 4)) for _, i, lp in t.top]) for t in completion.logprobs]
+        return [
+            (t.id, round(t.logprob, 4), [(i, round(lp, 4)) for _, i, lp in t.top])
+            for t in completion.logprobs
+        ]
 
     for single, batched in zip(alone, together, strict=True):
         assert shape(single) == shape(batched) and single.content == batched.content
@@ -161,7 +174,9 @@ def _tower_runs(engine: Any) -> Iterator[list[Any]]:
         real.__call__ = original
 
 
-def test_a_second_turn_about_the_same_image_takes_its_features_from_the_cache(fixture_models: dict[str, Path]) -> None:
+def test_a_second_turn_about_the_same_image_takes_its_features_from_the_cache(
+    fixture_models: dict[str, Path],
+) -> None:
     from runtime.metrics import ServerMetrics
 
     red, blue = _png((220, 20, 20)), _png((20, 20, 220))  # same size, different pixels
@@ -174,21 +189,32 @@ def test_a_second_turn_about_the_same_image_takes_its_features_from_the_cache(fi
         def ask(messages: list[dict[str, Any]], on: Any) -> Any:
             from runtime.request import GenerationRequest
 
-            return on.generate(GenerationRequest(messages=messages, max_tokens=8, temperature=0.0, logprobs=True))
+            return on.generate(
+                GenerationRequest(messages=messages, max_tokens=8, temperature=0.0, logprobs=True)
+            )
 
         with _tower_runs(engine) as runs:
             one = ask(first, engine)
             assert len(runs) == 1
-            second = [*first, {"role": "assistant", "content": one.content}, {"role": "user", "content": "Sure?"}]
+            second = [
+                *first,
+                {"role": "assistant", "content": one.content},
+                {"role": "user", "content": "Sure?"},
+            ]
             two = ask(second, engine)
             assert len(runs) == 1  # the second turn did not run the tower
-            other = ask([{"role": "user", "content": [blue, {"type": "text", "text": "What is this?"}]}], engine)
+            other = ask(
+                [{"role": "user", "content": [blue, {"type": "text", "text": "What is this?"}]}], engine
+            )
             assert len(runs) == 2  # a different image of the same size ran it
             assert runs[0].shape == runs[1].shape and not (runs[0] == runs[1]).all()
         # Answers equal an engine without the cache, turn by turn, and the two images answer differently.
         assert [t.id for t in two.logprobs] == [t.id for t in ask(second, reference).logprobs]
         assert [t.id for t in other.logprobs] == [
-            t.id for t in ask([{"role": "user", "content": [blue, {"type": "text", "text": "What is this?"}]}], reference).logprobs
+            t.id
+            for t in ask(
+                [{"role": "user", "content": [blue, {"type": "text", "text": "What is this?"}]}], reference
+            ).logprobs
         ]
         assert [t.id for t in other.logprobs] != [t.id for t in one.logprobs]
         cache = engine.status()["vision_cache"]
