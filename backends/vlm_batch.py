@@ -13,8 +13,9 @@ mlx-vlm's batch takes one sampler and one stop set for all rows; per-request con
   finished row's KV cache is kept for the next turn (the per-request streams reuse it, see `VlmStreams`)
   before the row leaves the batch.
 What the batch cannot honour goes to the per-request `VlmStreams` (kept as the fallback, see `_batchable`):
-a drafter, a quantized or rotating KV cache, a model whose caches cannot batch, and a request whose media
-has a kept prefix (the streams reuse it, so turn N of a chat processes only what turn N added).
+a drafter, a quantized or rotating KV cache, a model whose caches cannot batch, a request whose media have a
+kept prefix, and a text-only request that continues the kept text state (the streams reuse those, so turn N
+of a chat processes only what turn N added).
 """
 
 from __future__ import annotations
@@ -168,11 +169,12 @@ class VlmBatch:
     # ----- the Decoder interface -----
     def add(self, spec: DecodeSpec) -> Started:
         """Prepare a request (processor, towers, embeddings) and queue it on the batch, or on the streams."""
-        if not self._batchable(spec):
+        inputs = self._inputs(spec) if self._batchable(spec) else None
+        if inputs is None or self._reuses_text_prefix(spec, inputs["input_ids"]):
             self.fallback.add(spec.uid)
             self.sent_back += 1
             return self.streams.add(spec)
-        ids, kwargs = self._embed(spec)
+        ids, kwargs = self._embed(spec, inputs)
         (guid,) = self.generator.insert(
             [ids],
             # One more than allowed: the decoder ends the row itself, after keeping its cache.
@@ -186,30 +188,50 @@ class VlmBatch:
         return Started()
 
     def _batchable(self, spec: DecodeSpec) -> bool:
-        """Whether a request runs in the batch (else the streams: see the module docstring)."""
+        """Whether a request may run in the batch (else the streams: see the module docstring)."""
         if self.refusal is not None or spec.speculative:
             return False
         # A kept prefix for these media: the streams reuse it (mlx-vlm's batch cannot start from a cache).
-        return not (self.streams.prefix_entries > 0 and spec.media_key in self.streams.states)
+        media = bool(spec.media_key)
+        return not (media and self.streams.prefix_entries > 0 and spec.media_key in self.streams.states)
 
-    def _embed(self, spec: DecodeSpec) -> tuple[list[int], dict[str, Any]]:
-        """The prompt's ids and the generator's per-row kwargs (embeddings, mRoPE positions and deltas)."""
+    def _reuses_text_prefix(self, spec: DecodeSpec, input_ids: Any) -> bool:
+        """Whether a text-only request shares at least half its prompt with the kept text state.
+
+        Text-only requests share one kept state (every conversation), so only one that continues it goes to
+        the streams; others batch.
+        """
+        state = (
+            self.streams.states.get(()) if not spec.media_key and self.streams.prefix_entries > 0 else None
+        )
+        if state is None:
+            return False
+        ids = [int(i) for i in input_ids.reshape(-1).tolist()]
+        return 2 * int(state.find_prefix_length(ids)) >= len(ids)
+
+    def _inputs(self, spec: DecodeSpec) -> dict[str, Any]:
+        """mlx-vlm's processor outputs for a request, as its own generator would prepare them."""
         from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 
-        model = self.model
-        inputs = prepare_inputs(
-            self.processor,
-            images=spec.images or None,
-            audio=spec.audio or None,
-            videos=spec.video or None,
-            prompts=spec.prompt_text,
-            image_token_index=getattr(model.config, "image_token_index", None),
-            add_special_tokens=should_add_special_tokens(model.config.model_type, self.processor),
+        config = self.model.config
+        return dict(
+            prepare_inputs(
+                self.processor,
+                images=spec.images or None,
+                audio=spec.audio or None,
+                videos=spec.video or None,
+                prompts=spec.prompt_text,
+                image_token_index=getattr(config, "image_token_index", None),
+                add_special_tokens=should_add_special_tokens(config.model_type, self.processor),
+            )
         )
+
+    def _embed(self, spec: DecodeSpec, inputs: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+        """The prompt's ids and the generator's per-row kwargs (embeddings, mRoPE positions and deltas)."""
         input_ids = inputs["input_ids"]
         data = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
         with self.features.scope(spec.media_key):
-            embedded = model.get_input_embeddings(
+            embedded = self.model.get_input_embeddings(
                 input_ids, inputs.get("pixel_values"), mask=inputs.get("attention_mask"), **data
             )
         kwargs = {**data, **{k: v for k, v in embedded.to_dict().items() if v is not None}}

@@ -332,3 +332,40 @@ def test_what_the_batch_cannot_honour_runs_on_the_per_request_path(fixture_model
         engine.shutdown()
     assert answer.finish_reason == "stop" and answer.content
     assert vlm["batching"] is False and vlm["sent_to_streams"] == 1 and vlm["batched"] == 0
+
+
+def test_text_on_a_vlm_without_a_text_route_batches_and_a_continued_chat_reuses_its_prefix(
+    fixture_models: dict[str, Path],
+) -> None:
+    from importers import import_model
+    from runtime.engine import Engine, EngineSettings
+
+    config = import_model(str(fixture_models["vlm-qwen2vl"])).config
+    config = config.model_copy(update={"mlx": config.mlx.model_copy(update={"text_route": "vlm"})})
+    engine = Engine(config, settings=EngineSettings()).start()
+    off = Engine(config, settings=EngineSettings(prefix_cache=False)).start()
+    try:
+        first = [{"role": "user", "content": "tell me about the sea and the river"}]
+        one = engine.generate(_request_messages(first))
+        assert one.route == "mlx-vlm"
+        second = [*first, {"role": "assistant", "content": one.content}, {"role": "user", "content": "why"}]
+        two = engine.generate(_request_messages(second))
+        assert two.usage.cached_tokens > 0  # continued the kept state, on the per-request path
+        assert [t.id for t in two.logprobs] == [
+            t.id for t in off.generate(_request_messages(second)).logprobs
+        ]
+        # Other conversations (longer than the template's shared head, so they reuse less than half) batch.
+        others = [_request(text * 12, max_tokens=6) for text in ("hi there ", "seven cats ", "a blue sky ")]
+        together = [h.result() for h in [engine.submit(r) for r in others]]
+        assert all(c.usage.cached_tokens == 0 for c in together)
+        vlm = engine.status()["prefix_cache"]["vlm"]
+    finally:
+        engine.shutdown()
+        off.shutdown()
+    assert vlm["sent_to_streams"] == 1 and vlm["batched"] == 4  # unrelated conversations batched
+
+
+def _request_messages(messages: list[dict[str, Any]]) -> Any:
+    from runtime.request import GenerationRequest
+
+    return GenerationRequest(messages=messages, max_tokens=8, temperature=0.0, logprobs=True)
