@@ -9,6 +9,8 @@ alternatives measured in the same run.
          feature cache on vs `vision_cache_entries: 0`; with `prefix_cache: false`, so every turn prepares its
          whole prompt (with the prefix cache on, a later turn reuses the kept prefix and runs no tower at all:
          also reported, for scale)
+  text   8 concurrent text-only chats on the same VLM: its mlx-lm text route (what text-only requests take)
+         vs the mlx-vlm batch (config `text_route: vlm`), aggregate tok/s — why text keeps the text route
 
 Run: `.venv/bin/python bench/media_bench.py [--runs 3] [--only batch,chat]`.
 """
@@ -49,13 +51,16 @@ def _image(color: tuple[int, int, int], size: int) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _engine(**settings: Any) -> Any:
+def _engine(*, text_route: str | None = None, **settings: Any) -> Any:
     from fixtures.build_models import ensure_models
     from importers import import_model
     from runtime.engine import Engine, EngineSettings
 
     folder = ensure_models(["vlm-qwen2vl"])["vlm-qwen2vl"]
-    return Engine(import_model(str(folder)).config, settings=EngineSettings(**settings)).start()
+    config = import_model(str(folder)).config
+    if text_route is not None:
+        config = config.model_copy(update={"mlx": config.mlx.model_copy(update={"text_route": text_route})})
+    return Engine(config, settings=EngineSettings(**settings)).start()
 
 
 def batch(runs: int, count: int = 8, tokens: int = 64, size: int = 112) -> dict[str, Any]:
@@ -143,6 +148,37 @@ def chat(runs: int, turns: int = 6, size: int = 448, answer: int = 16) -> dict[s
     return results
 
 
+def text(runs: int, count: int = 8, tokens: int = 64) -> dict[str, Any]:
+    """8 concurrent text-only chats on the VLM: the text route vs the mlx-vlm batch."""
+    from runtime.request import GenerationRequest
+
+    results: dict[str, Any] = {}
+    for label, route in (("text route", None), ("mlx-vlm batch", "vlm")):
+        engine = _engine(text_route=route, prefix_cache=False)
+        try:
+            rates = []
+            for run in range(runs + 1):  # the first run warms up
+                requests = [
+                    GenerationRequest(
+                        messages=[{"role": "user", "content": f"({run}.{i}) {QUESTIONS[i % 6]}"}],
+                        max_tokens=tokens,
+                        temperature=0.0,
+                        ignore_eos=True,
+                    )
+                    for i in range(count)
+                ]
+                started = time.perf_counter()
+                done = [h.result() for h in [engine.submit(r) for r in requests]]
+                if run:
+                    rates.append(
+                        sum(d.usage.completion_tokens for d in done) / (time.perf_counter() - started)
+                    )
+            results[label] = {"tok_s": median(rates), "route": done[0].route}
+        finally:
+            engine.shutdown()
+    return results
+
+
 class _TowerClock:
     """Time the vision tower's real runs (evaluated, so the time is the tower's own): where TTFT goes."""
 
@@ -172,7 +208,7 @@ def main() -> int:
     """Run the chosen scenarios and print one JSON line each, then the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="batch,chat")
+    parser.add_argument("--only", default="batch,chat,text")
     parser.add_argument("--tokens", type=int, default=64, help="batch: tokens per chat")
     parser.add_argument("--size", type=int, default=448, help="chat: image side in pixels")
     args = parser.parse_args()
@@ -189,6 +225,11 @@ def main() -> int:
             result["feature cache off"]["ttft_sum_s"], 1e-9
         )
         json_line("chat ratio", {"feature cache on / off, sum of TTFTs": ratio, "goal": "<= 0.3"})
+    if "text" in chosen:
+        result = text(args.runs)
+        json_line("text", result)
+        ratio = result["text route"]["tok_s"] / max(result["mlx-vlm batch"]["tok_s"], 1e-9)
+        json_line("text ratio", {"text route / mlx-vlm batch, aggregate tok/s": ratio})
     return 0
 
 
