@@ -137,7 +137,9 @@ class VlmBatch:
         self.streams = streams
         self.features = features
         self._shape: dict[str, Any] = {
-            "completion_batch_size": max_batch,
+            # mlx-vlm admits a prompt batch only while this leaves room for a whole one; the engine's
+            # max_active already bounds the rows, so a waiting prompt is never held back by that rule.
+            "completion_batch_size": max_batch + prefill_batch,
             "prefill_batch_size": min(prefill_batch, max_batch),
             "prefill_step_size": prefill_step,
         }
