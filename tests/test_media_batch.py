@@ -2,7 +2,8 @@
 media and never serves another media's features; a cancelled media prompt stops between its chunks.
 
 Real parts: the tiny fixture models (`scripted-vlm` and `vlm-qwen2vl`: Qwen2-VL with mRoPE, images and video;
-`vlm-gemma4-audio`: Gemma 4's layout with its audio tower and real processor), media made here (PNG with PIL,
+`vlm-gemma4-audio`: Gemma 4's layout with its audio tower and real processor; `vlm-qwen35-mtp` without its
+drafter: Qwen 3.5's hybrid linear-attention layers), media made here (PNG with PIL,
 WAV with the stdlib, MP4 with OpenCV), the real engine, and prometheus_client rendering /metrics. The old path
 (one mlx-vlm generator per request, in turn; load option `media_batching: false`) is the reference: greedy
 output alone on it = alone on the batch = inside a batch with other media and text requests, byte for byte.
@@ -31,7 +32,11 @@ def _engine(folder: Path, **settings: Any) -> Any:
     from importers import import_model
     from runtime.engine import Engine, EngineSettings
 
-    return Engine(import_model(str(folder)).config, settings=EngineSettings(**settings)).start()
+    config = import_model(str(folder)).config
+    if config.mlx.speculative.mtp:  # the MTP fixture without its drafter: a hybrid (linear-attention) VLM
+        speculative = config.mlx.speculative.model_copy(update={"mtp": False, "draft_kind": None})
+        config = config.model_copy(update={"mlx": config.mlx.model_copy(update={"speculative": speculative})})
+    return Engine(config, settings=EngineSettings(**settings)).start()
 
 
 def _png(color: tuple[int, int, int], size: int = 64) -> dict[str, Any]:
@@ -97,6 +102,7 @@ def _requests(kind: str, tmp_path: Path) -> list[Any]:
         ("vlm-qwen2vl", "image"),
         ("vlm-qwen2vl", "video"),
         ("vlm-gemma4-audio", "audio"),
+        ("vlm-qwen35-mtp", "image"),
     ],
 )
 def test_a_media_request_alone_equals_its_output_inside_a_batch_and_on_the_old_path(
@@ -115,6 +121,7 @@ def test_a_media_request_alone_equals_its_output_inside_a_batch_and_on_the_old_p
         handles = [engine.submit(r) for r in requests]
         together = [_answer(h.result()) for h in handles]
         vlm = engine.status()["prefix_cache"]["vlm"]
+        features = engine.status()["vision_cache"]
     finally:
         engine.shutdown()
     assert alone == reference  # the batch path alone = the old per-request path
@@ -122,6 +129,9 @@ def test_a_media_request_alone_equals_its_output_inside_a_batch_and_on_the_old_p
     assert len({a[0] for a in alone}) > 1 or model == "scripted-vlm"  # the answers depend on the media
     assert vlm["batching"] and vlm["sent_to_streams"] == 0 and vlm["batched"] >= 10
     assert vlm["batch_rows"] > vlm["batch_steps"]  # rows really decoded together
+    # Each distinct media ran its tower once (a miss); every other time it came from the feature cache.
+    distinct = 4 if kind == "video" else 5  # two of the clips are the same 4 frames
+    assert (features["misses"], features["hits"]) == (distinct, 10 - distinct)
 
 
 def test_sampling_and_log_probabilities_stay_per_request_inside_the_batch(
