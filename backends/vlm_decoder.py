@@ -8,14 +8,16 @@ out after, so interleaved requests never see each other's state. A drafter (bund
 separate one) keeps its drafting state on itself, so each request drafts with its own shallow copy.
 mlx-vlm detokenizes; log-probability texts come from the same tokenizer. The towers run inside the request's
 media-key scope of the model's feature cache (backends.feature_cache), so a turn about media seen before
-takes their features from it. The batch decoder (backends.vlm_batch) sends here what it cannot batch.
+takes their features from it. The batch decoder (backends.vlm_batch) sends here what it cannot batch. A prompt is processed in
+`prefill_step` chunks inside the generator's first step; a cancel or shutdown stops it between two chunks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from backends.decoder import (
@@ -24,6 +26,7 @@ from backends.decoder import (
     DecoderStats,
     DecodeSpec,
     FinishReason,
+    PrefillAborted,
     Started,
     StopIds,
     TokenEvent,
@@ -74,6 +77,7 @@ class VlmStreams(RoundRobin):
         self.num_draft_tokens = num_draft_tokens
         self.proposed = 0  # draft tokens the drafter proposed, accepted or not
         self.features: FeatureCache | None = None  # set by the batch decoder that owns this one
+        self.prefill_guard = _guard_prefill(self.language_model)
 
     def add(self, spec: DecodeSpec) -> Started:
         """Start a request's generator (the processor, the towers and the prompt run inside its first step)."""
@@ -158,15 +162,19 @@ class VlmStreams(RoundRobin):
     def _advance(self, stream: Stream) -> TokenEvent | None:
         spec = stream.spec
         saved = self._swap_in(stream)
+        guard = self.prefill_guard if stream.produced == 0 else None
+        if guard is not None:
+            guard.stop_check = spec.should_stop
         try:
-            if self.features is not None:
-                with self.features.scope(spec.media_key):
-                    result = next(stream.generator)
-            else:
+            with (
+                self.features.scope(spec.media_key) if self.features is not None else contextlib.nullcontext()
+            ):
                 result = next(stream.generator)
         except StopIteration:
             return TokenEvent(spec.uid, None, finish=FinishReason.LENGTH)
         finally:
+            if guard is not None:
+                guard.stop_check = None
             self._swap_out(stream, saved)
         reason = getattr(result, "finish_reason", None)
         finish = FinishReason(reason) if reason is not None else None
@@ -252,6 +260,32 @@ class VlmStreams(RoundRobin):
     def detokenizer(self) -> None:
         """None: mlx-vlm streams the text itself."""
         return None
+
+
+def _guard_prefill(language_model: Any) -> Any:
+    """Make every language-model call of a request's prompt a point where a cancel or shutdown stops it.
+
+    mlx-vlm's per-request generator processes the whole prompt (in `prefill_step` chunks, one model call
+    each) inside its first step; the model's class is given a subclass whose call checks the request's
+    `should_stop` (set only while its prompt runs) and raises PrefillAborted between chunks.
+    """
+    cls = type(language_model)
+    if getattr(cls, "_prefill_guard", False):
+        return cls
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check: Callable[[], bool] | None = type(self).stop_check
+        if check is not None and check():
+            raise PrefillAborted
+        return cls.__call__(self, *args, **kwargs)
+
+    guarded = type(
+        cls.__name__,
+        (cls,),
+        {"__call__": __call__, "__module__": cls.__module__, "_prefill_guard": True, "stop_check": None},
+    )
+    language_model.__class__ = guarded
+    return guarded
 
 
 class _StopIds:

@@ -318,12 +318,19 @@ def test_a_cancelled_media_prompt_stops_between_its_chunks(fixture_models: dict[
         rest = []
         while decoder.busy():
             rest += decoder.step()
+        # The per-request path (the batch's fallback) stops between its chunks as well.
+        chunks["n"] = 0
+        streams.add(spec(5, lambda: chunks["n"] >= 3))
+        on_streams = []
+        while streams.busy():
+            on_streams += streams.step()
     finally:
         language.__call__ = original
         decoder.close()
     assert {e.uid for e in rest} == {4}  # the other prompt went on, and answered as it does alone
     assert [e.token for e in rest] == [e.token for e in finished]
     assert [(e.uid, e.finish) for e in events] == [(1, FinishReason.CANCELLED)]
+    assert [(e.uid, e.finish) for e in on_streams] == [(5, FinishReason.CANCELLED)] and chunks["n"] == 3
     assert cancelled_after == 3
     tokens = finished[-1].prompt_tokens
     assert tokens is not None and tokens > 300
