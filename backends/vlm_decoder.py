@@ -62,7 +62,11 @@ class VlmStreams(RoundRobin):
         self.processor = processor
         self.tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
         self.language_model = getattr(model, "language_model", model)
-        self.prefix_entries = prefix_entries
+        # mlx-vlm 0.7.10 slices a model's per-layer inputs (Gemma 4 E2B/E4B) by the cache offset, which is
+        # wrong for the uncached suffix it prefills on a prefix hit: answers change, so no reuse there.
+        inner = getattr(self.language_model, "model", self.language_model)
+        self.prefix_unsafe = bool(getattr(inner, "hidden_size_per_layer_input", 0))
+        self.prefix_entries = 0 if self.prefix_unsafe else prefix_entries
         self.states: OrderedDict[tuple[str, ...], Any] = OrderedDict()  # media key -> PromptCacheState
         self.cache_stats = CacheStats()
         self.options: dict[str, Any] = {"prefill_step_size": prefill_step}
@@ -238,6 +242,7 @@ class VlmStreams(RoundRobin):
         """Entries and counters of the VLM prefix cache."""
         return {
             "enabled": self.prefix_entries > 0,
+            "reuse_refused": self.prefix_unsafe,  # reuse would change this model's answers
             "entries": len(self.states),
             **vars(self.cache_stats),
         }

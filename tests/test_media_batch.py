@@ -386,3 +386,27 @@ def _request_messages(messages: list[dict[str, Any]]) -> Any:
     from runtime.request import GenerationRequest
 
     return GenerationRequest(messages=messages, max_tokens=8, temperature=0.0, logprobs=True)
+
+
+def test_gemma4_per_layer_inputs_are_never_reused_from_a_wrong_offset(
+    fixture_models: dict[str, Path],
+) -> None:
+    """mlx-vlm 0.7.10 feeds a prefix hit's suffix the wrong per-layer inputs (Gemma 4 E2B/E4B): no reuse there."""
+    from runtime.request import GenerationRequest
+
+    folder = fixture_models["vlm-gemma4-audio"]
+    on, off = _engine(folder), _engine(folder, prefix_cache=False)
+    try:
+        history: list[dict[str, Any]] = [
+            {"role": "user", "content": [_audio(0.5, 300.0), {"type": "text", "text": "What is this?"}]}
+        ]
+        for _turn in range(3):
+            ask = GenerationRequest(messages=list(history), max_tokens=8, temperature=0.0, logprobs=True)
+            cached, plain = on.generate(ask), off.generate(ask)
+            assert _answer(cached) == _answer(plain)
+            history += [{"role": "assistant", "content": cached.content}, {"role": "user", "content": "and?"}]
+        vlm = on.status()["prefix_cache"]["vlm"]
+        assert vlm["reuse_refused"] and not vlm["enabled"] and on.status()["vision_cache"]["hits"] == 2
+    finally:
+        on.shutdown()
+        off.shutdown()
