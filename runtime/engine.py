@@ -243,8 +243,8 @@ class Engine:
     def _load(self) -> Scheduler:
         loaded, self.plan = load_model(self.config, self.settings, self._source, self._cluster)
         self.loaded = loaded
-        self.warnings.extend(loaded.warnings)
         decoders, self.runtime, controls = build(self.config, self.settings, loaded, self._cluster)
+        self.warnings.extend(loaded.warnings)  # after build, which may add its own (media run one by one)
         self._text_route = loaded.text_route is not None
         return Scheduler(
             decoders,

@@ -253,6 +253,8 @@ def build(
             prefill_batch=settings.prefill_batch,
             prefill_step=settings.prefill_step,
         )
+        if settings.media_batching and decoders.vlm.refusal is not None:
+            loaded.warnings.append(f"{config.name}: media requests run one by one: {decoders.vlm.refusal}")
     vlm_drafts = vlm_backend is not None and vlm_backend.draft_model is not None
     runtime = Runtime(
         config=config,

@@ -345,10 +345,12 @@ def test_what_the_batch_cannot_honour_runs_on_the_per_request_path(fixture_model
     try:
         answer = engine.generate(_request("hi", _png((1, 2, 3))))
         vlm = engine.status()["prefix_cache"]["vlm"]
+        warnings = engine.status()["warnings"]
     finally:
         engine.shutdown()
     assert answer.finish_reason == "stop" and answer.content
     assert vlm["batching"] is False and vlm["sent_to_streams"] == 1 and vlm["batched"] == 0
+    assert any("media requests run one by one: a quantized or rotating KV cache" in w for w in warnings)
 
 
 def test_text_on_a_vlm_without_a_text_route_batches_and_a_continued_chat_reuses_its_prefix(
