@@ -6,10 +6,12 @@ reused only with the same images. mlx-vlm keeps per-request state on shared obje
 the tokenizer, mRoPE offsets on the language model): each request's copy is swapped in before its step and
 out after, so interleaved requests never see each other's state. A drafter (bundled MTP layers, or a
 separate one) keeps its drafting state on itself, so each request drafts with its own shallow copy.
-mlx-vlm detokenizes; log-probability texts come from the same tokenizer. The towers run inside the request's
+mlx-vlm detokenizes; log-probability texts come from the same tokenizer.
+
+The batch decoder (backends.vlm_batch) sends here what it cannot batch. The towers run inside the request's
 media-key scope of the model's feature cache (backends.feature_cache), so a turn about media seen before
-takes their features from it. The batch decoder (backends.vlm_batch) sends here what it cannot batch. A prompt is processed in
-`prefill_step` chunks inside the generator's first step; a cancel or shutdown stops it between two chunks.
+takes their features from it. A prompt is processed in `prefill_step` chunks inside the generator's first
+step; a cancel or shutdown stops it between two chunks.
 """
 
 from __future__ import annotations
