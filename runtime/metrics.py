@@ -75,10 +75,10 @@ class _EngineGauges(Collector):
                 reused.add_metric([model, route], cache.get("reused_tokens", 0))
                 if "bytes" in cache:
                     cache_bytes.add_metric([model], cache["bytes"])
-            features = status.get("vision_cache") or {}
-            for kind in ("hits", "misses"):
+            features = status.get("vision_cache") or {}  # VLMs only
+            for kind in ("hits", "misses") if features else ():
                 vision[kind].add_metric([model], features.get(kind, 0))
-            for kind in ("entries", "bytes"):
+            for kind in ("entries", "bytes") if features else ():
                 vision_held[kind].add_metric([model], features.get(kind, 0))
         for status in list(statuses.values())[:1]:  # one process: every engine reports the same figures
             for kind, value in (status.get("memory") or {}).items():
