@@ -182,6 +182,7 @@ class DecoderStats:
     solo_tokens: int = 0  # the text batch: tokens of requests decoded alone (backends.solo)
     handovers: int = 0  # the text batch: lone requests that joined the batch mid-way
     cache: tuple[str, CacheInfo] | None = None  # (route, description) of a cache this decoder owns alone
+    features: CacheInfo | None = None  # its media feature cache (backends.feature_cache), if it has one
 
 
 class Decoder(Protocol):

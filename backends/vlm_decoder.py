@@ -7,13 +7,19 @@ the tokenizer, mRoPE offsets on the language model): each request's copy is swap
 out after, so interleaved requests never see each other's state. A drafter (bundled MTP layers, or a
 separate one) keeps its drafting state on itself, so each request drafts with its own shallow copy.
 mlx-vlm detokenizes; log-probability texts come from the same tokenizer.
+
+The batch decoder (backends.vlm_batch) sends here what it cannot batch. The towers run inside the request's
+media-key scope of the model's feature cache (backends.feature_cache), so a turn about media seen before
+takes their features from it. A prompt is processed in `prefill_step` chunks inside the generator's first
+step; a cancel or shutdown stops it between two chunks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from backends.decoder import (
@@ -22,11 +28,13 @@ from backends.decoder import (
     DecoderStats,
     DecodeSpec,
     FinishReason,
+    PrefillAborted,
     Started,
     StopIds,
     TokenEvent,
     TokenText,
 )
+from backends.feature_cache import FeatureCache
 from backends.text_decoders import RoundRobin, Stream, request_logprobs
 
 # Attributes mlx-vlm language models keep per generation (mRoPE offsets): swapped per request.
@@ -57,7 +65,11 @@ class VlmStreams(RoundRobin):
         self.processor = processor
         self.tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
         self.language_model = getattr(model, "language_model", model)
-        self.prefix_entries = prefix_entries
+        # mlx-vlm 0.7.10 slices a model's per-layer inputs (Gemma 4 E2B/E4B) by the cache offset, which is
+        # wrong for the uncached suffix it prefills on a prefix hit: answers change, so no reuse there.
+        inner = getattr(self.language_model, "model", self.language_model)
+        self.prefix_unsafe = bool(getattr(inner, "hidden_size_per_layer_input", 0))
+        self.prefix_entries = 0 if self.prefix_unsafe else prefix_entries
         self.states: OrderedDict[tuple[str, ...], Any] = OrderedDict()  # media key -> PromptCacheState
         self.cache_stats = CacheStats()
         self.options: dict[str, Any] = {"prefill_step_size": prefill_step}
@@ -75,6 +87,8 @@ class VlmStreams(RoundRobin):
         self.draft_kind = draft_kind or "mtp"
         self.num_draft_tokens = num_draft_tokens
         self.proposed = 0  # draft tokens the drafter proposed, accepted or not
+        self.features: FeatureCache | None = None  # set by the batch decoder that owns this one
+        self.prefill_guard = _guard_prefill(self.language_model)
 
     def add(self, spec: DecodeSpec) -> Started:
         """Start a request's generator (the processor, the towers and the prompt run inside its first step)."""
@@ -159,11 +173,19 @@ class VlmStreams(RoundRobin):
     def _advance(self, stream: Stream) -> TokenEvent | None:
         spec = stream.spec
         saved = self._swap_in(stream)
+        guard = self.prefill_guard if stream.produced == 0 else None
+        if guard is not None:
+            guard.stop_check = spec.should_stop
         try:
-            result = next(stream.generator)
+            with (
+                self.features.scope(spec.media_key) if self.features is not None else contextlib.nullcontext()
+            ):
+                result = next(stream.generator)
         except StopIteration:
             return TokenEvent(spec.uid, None, finish=FinishReason.LENGTH)
         finally:
+            if guard is not None:
+                guard.stop_check = None
             self._swap_out(stream, saved)
         reason = getattr(result, "finish_reason", None)
         finish = FinishReason(reason) if reason is not None else None
@@ -215,8 +237,12 @@ class VlmStreams(RoundRobin):
         # mlx-vlm records the conversation's tokens in the state after its last result: let it run that part.
         for _ in stream.generator:
             pass
-        self.states[stream.spec.media_key] = stream.prefix_state
-        self.states.move_to_end(stream.spec.media_key)
+        self.keep(stream.spec.media_key, stream.prefix_state)
+
+    def keep(self, media_key: tuple[str, ...], state: Any) -> None:
+        """Keep a prompt cache state for the next request with these media (the oldest beyond the bound go)."""
+        self.states[media_key] = state
+        self.states.move_to_end(media_key)
         while len(self.states) > self.prefix_entries:
             self.states.popitem(last=False)
 
@@ -224,6 +250,7 @@ class VlmStreams(RoundRobin):
         """Entries and counters of the VLM prefix cache."""
         return {
             "enabled": self.prefix_entries > 0,
+            "reuse_refused": self.prefix_unsafe,  # reuse would change this model's answers
             "entries": len(self.states),
             **vars(self.cache_stats),
         }
@@ -251,6 +278,32 @@ class VlmStreams(RoundRobin):
 def _proposed(drafter: Any) -> int | None:
     """Drafts a request's drafter proposed so far (None when it does not draft)."""
     return None if drafter is None else int(sum(getattr(drafter, "draft_lens", None) or []))
+
+
+def _guard_prefill(language_model: Any) -> Any:
+    """Make every language-model call of a request's prompt a point where a cancel or shutdown stops it.
+
+    mlx-vlm's per-request generator processes the whole prompt (in `prefill_step` chunks, one model call
+    each) inside its first step; the model's class is given a subclass whose call checks the request's
+    `should_stop` (set only while its prompt runs) and raises PrefillAborted between chunks.
+    """
+    cls = type(language_model)
+    if getattr(cls, "_prefill_guard", False):
+        return cls
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check: Callable[[], bool] | None = type(self).stop_check
+        if check is not None and check():
+            raise PrefillAborted
+        return cls.__call__(self, *args, **kwargs)
+
+    guarded = type(
+        cls.__name__,
+        (cls,),
+        {"__call__": __call__, "__module__": cls.__module__, "_prefill_guard": True, "stop_check": None},
+    )
+    language_model.__class__ = guarded
+    return guarded
 
 
 class _StopIds:

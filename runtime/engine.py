@@ -159,6 +159,7 @@ class Engine:
             "batch": snapshot.batch,
             "memory": {"rss": rss_bytes(), **memory_stats()},
             "prefix_cache": dict(snapshot.prefix_cache),
+            "vision_cache": dict(snapshot.vision_cache) if snapshot.vision_cache is not None else None,
             "speculative": dict(snapshot.speculative),
             "stats": dict(snapshot.stats),
             "warnings": list(self.warnings),
@@ -260,8 +261,8 @@ class Engine:
         loaded, self.plan = load_model(self.config, self.settings, self._source, self._cluster)
         self.loaded = loaded
         self.weights = densify(loaded, self.settings, self._cluster).to_json()
-        self.warnings.extend(loaded.warnings)
         decoders, self.runtime, controls = build(self.config, self.settings, loaded, self._cluster)
+        self.warnings.extend(loaded.warnings)  # after build, which may add its own (media run one by one)
         # A text route the runtime does not use (drafting or TurboQuant send text to mlx-vlm) is not reported.
         self._text_route = loaded.text_route is not None and self.runtime.text_backend is not None
         return Scheduler(

@@ -15,8 +15,10 @@ from pathlib import Path
 from backends import default_prefill_step, device_info
 from backends.decoder import Processor, Sampler
 from backends.dense import DenseReport, dequantize_for_batching
+from backends.feature_cache import FeatureCache
 from backends.prefix_cache import check_kv_quantization, check_turboquant
 from backends.text_decoders import TextStreams
+from backends.vlm_batch import VlmBatch
 from backends.vlm_decoder import VlmStreams
 from gallery.config import ModelConfig
 from gallery.kv_quant import backend_kv_problem, kv_problem
@@ -54,6 +56,9 @@ class EngineSettings:
     prefix_cache: bool = True
     prefix_cache_entries: int = 32
     prefix_cache_bytes: int = 1024 * 1024 * 1024
+    media_batching: bool = True
+    vision_cache_entries: int = 32
+    vision_cache_bytes: int = 512 * 1024 * 1024
     max_kv_size: int | None = None
     kv_bits: float | None = None
     kv_quant_scheme: str | None = None  # uniform | turboquant; None: the config's mlx.kv_cache, else uniform
@@ -91,6 +96,9 @@ class EngineSettings:
             prefix_cache=bool(options.get("prefix_cache")),
             prefix_cache_entries=int(options.get("prefix_cache_entries")),
             prefix_cache_bytes=int(float(options.get("prefix_cache_mb")) * 1024 * 1024),
+            media_batching=bool(options.get("media_batching")),
+            vision_cache_entries=int(options.get("vision_cache_entries")),
+            vision_cache_bytes=int(float(options.get("vision_cache_mb")) * 1024 * 1024),
             max_kv_size=options.get("max_kv_size"),
             kv_bits=options.get("kv_bits"),
             kv_quant_scheme=options.get("kv_quant_scheme"),
@@ -280,7 +288,7 @@ def build(
             quantized_kv_start=settings.quantized_kv_start,
         )
     if vlm_backend is not None:
-        decoders.vlm = VlmStreams(
+        streams = VlmStreams(
             vlm_backend.model,
             vlm_backend.processor,
             prefix_entries=settings.prefix_cache_entries if settings.prefix_cache else 0,
@@ -294,6 +302,20 @@ def build(
             kv_group_size=settings.kv_group_size,
             quantized_kv_start=settings.quantized_kv_start,
         )
+        # The streams are the batch's fallback; both share the prefix states and the feature cache.
+        streams.features = FeatureCache(settings.vision_cache_entries, settings.vision_cache_bytes)
+        decoders.vlm = VlmBatch(
+            vlm_backend.model,
+            vlm_backend.processor,
+            streams,
+            streams.features,
+            enabled=settings.media_batching,
+            max_batch=settings.max_active,
+            prefill_batch=settings.prefill_batch,
+            prefill_step=settings.prefill_step,
+        )
+        if settings.media_batching and decoders.vlm.refusal is not None:
+            loaded.warnings.append(f"{config.name}: media requests run one by one: {decoders.vlm.refusal}")
     vlm_drafts = vlm_backend is not None and vlm_backend.draft_model is not None
     runtime = Runtime(
         config=config,

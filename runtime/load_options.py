@@ -65,6 +65,15 @@ OPTIONS: dict[str, OptionSpec] = {
     ),
     "prefix_cache_entries": OptionSpec("int", 32, "most prompt caches kept", 0),
     "prefix_cache_mb": OptionSpec("float", 1024.0, "most memory the kept prompt caches may use, in MiB", 0),
+    "media_batching": OptionSpec(
+        "bool",
+        True,
+        "decode requests with images, audio or video in one continuous batch (off: one generator each, in turn)",
+    ),
+    "vision_cache_entries": OptionSpec(
+        "int", 32, "most tower outputs kept in the media feature cache (by content hash; 0: off)", 0
+    ),
+    "vision_cache_mb": OptionSpec("float", 512.0, "most memory the feature cache may use, in MiB", 0),
     "max_kv_size": OptionSpec(
         "int", None, "rotating KV cache of this many tokens (older ones are dropped)", 16
     ),

@@ -1,5 +1,5 @@
 """Prometheus metrics for the HTTP server: requests, tokens, time to first token, per-token latency, queue depth,
-batch size and prefix-cache use, per model.
+batch size, prefix-cache and media-feature-cache use, per model.
 
 prometheus_client renders the text format; counters and histograms are fed by each engine's finished requests
 (Engine.listeners), and the gauges are read from the engines' status when Prometheus scrapes.
@@ -43,6 +43,19 @@ class _EngineGauges(Collector):
         cache_bytes = GaugeMetricFamily(
             "gallery_prefix_cache_bytes", "Memory held by cached prompts", labels=["model"]
         )
+        vision = {
+            kind: CounterMetricFamily(f"gallery_vision_cache_{kind}", text, labels=["model"])
+            for kind, text in (
+                ("hits", "Tower calls answered from the media feature cache"),
+                ("misses", "Tower calls that ran the tower (media feature cache misses)"),
+            )
+        }
+        vision_held = {
+            kind: GaugeMetricFamily(
+                f"gallery_vision_cache_{kind}", f"Media feature cache {kind} held", labels=["model"]
+            )
+            for kind in ("entries", "bytes")
+        }
         weights = GaugeMetricFamily(
             "gallery_model_weights_bytes", "Memory held by a loaded model's weights", labels=["model"]
         )
@@ -62,10 +75,16 @@ class _EngineGauges(Collector):
                 reused.add_metric([model, route], cache.get("reused_tokens", 0))
                 if "bytes" in cache:
                     cache_bytes.add_metric([model], cache["bytes"])
+            features = status.get("vision_cache") or {}  # VLMs only
+            for kind in ("hits", "misses") if features else ():
+                vision[kind].add_metric([model], features.get(kind, 0))
+            for kind in ("entries", "bytes") if features else ():
+                vision_held[kind].add_metric([model], features.get(kind, 0))
         for status in list(statuses.values())[:1]:  # one process: every engine reports the same figures
             for kind, value in (status.get("memory") or {}).items():
                 process.add_metric([kind], value)
-        yield from (queued, active, batch, hits, reused, cache_bytes, weights, process)
+        yield from (queued, active, batch, hits, reused, cache_bytes, *vision.values(), *vision_held.values())
+        yield from (weights, process)
 
 
 class ServerMetrics:

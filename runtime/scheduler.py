@@ -116,6 +116,7 @@ class Snapshot:
     batch: int = 0
     completed: int = 0
     prefix_cache: dict[str, CacheInfo] = dataclasses.field(default_factory=dict)
+    vision_cache: CacheInfo | None = None  # the media feature cache (VLMs)
     speculative: dict[str, int | float] = dataclasses.field(default_factory=dict)
     stats: dict[str, object] = dataclasses.field(default_factory=dict)
     error: str | None = None
@@ -330,8 +331,10 @@ class Scheduler:
             caches["text"] = decoders.text_cache.describe()
         drafted = accepted = proposed = batch = 0
         solo: dict[str, int] = {}
+        features: CacheInfo | None = None
         for decoder in decoders.all():
             stats = decoder.stats()
+            features = stats.features or features
             if decoder is decoders.batch:
                 batch = stats.active
                 solo = {"solo_tokens": stats.solo_tokens, "handovers": stats.handovers}
@@ -356,6 +359,7 @@ class Scheduler:
             batch=batch,
             completed=self.completed,
             prefix_cache=caches,
+            vision_cache=features,
             speculative=draft,
             stats={
                 **vars(self.stats),

@@ -1,0 +1,242 @@
+"""Media benchmark (issue #24): the media batch vs one generator per request in turn, and the feature cache.
+
+In-process engines on the tiny Qwen2-VL fixture (`vlm-qwen2vl`), greedy; medians of --runs runs; ratios of the
+alternatives measured in the same run.
+
+  batch  8 concurrent image chats (a different image each), `--tokens` tokens each (ignore_eos): aggregate
+         tok/s with the media batch vs `media_batching: false` (today's in-turn decoding)
+  chat   a 6-turn chat about one image (`--size` px): the sum of the turns' times to first token with the
+         feature cache on vs `vision_cache_entries: 0`; with `prefix_cache: false`, so every turn prepares its
+         whole prompt (with the prefix cache on, a later turn reuses the kept prefix and runs no tower at all:
+         also reported, for scale)
+  text   8 concurrent text-only chats on the same VLM: its mlx-lm text route (what text-only requests take)
+         vs the mlx-vlm batch (config `text_route: vlm`), aggregate tok/s — why text keeps the text route
+
+Run: `.venv/bin/python bench/media_bench.py [--runs 3] [--only batch,chat]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import json_line, median
+
+QUESTIONS = [
+    "What is in this picture?",
+    "What colour is it mostly?",
+    "Is there anything in the corner?",
+    "Describe it in one sentence.",
+    "Would it make a good poster?",
+    "Thank you; one last detail?",
+]
+
+
+def _image(color: tuple[int, int, int], size: int) -> dict[str, Any]:
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", (size, size), color)
+    ImageDraw.Draw(picture).rectangle(
+        (size // 4, size // 4, size // 2, size // 2), fill=(255 - color[0], 90, 30)
+    )
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _engine(*, text_route: str | None = None, **settings: Any) -> Any:
+    from fixtures.build_models import ensure_models
+    from importers import import_model
+    from runtime.engine import Engine, EngineSettings
+
+    folder = ensure_models(["vlm-qwen2vl"])["vlm-qwen2vl"]
+    config = import_model(str(folder)).config
+    if text_route is not None:
+        config = config.model_copy(update={"mlx": config.mlx.model_copy(update={"text_route": text_route})})
+    return Engine(config, settings=EngineSettings(**settings)).start()
+
+
+def batch(runs: int, count: int = 8, tokens: int = 64, size: int = 112) -> dict[str, Any]:
+    """8 concurrent image chats: aggregate tok/s, media batch vs per-request generators in turn."""
+    from runtime.request import GenerationRequest
+
+    results: dict[str, Any] = {}
+    for label, settings in (
+        ("media batch", {"prefix_cache": False}),
+        ("in turn", {"prefix_cache": False, "media_batching": False}),
+    ):
+        engine = _engine(**settings)
+        try:
+            rates, ttfts = [], []
+            for run in range(runs + 1):  # the first run warms up
+                requests = [
+                    GenerationRequest(
+                        messages=[
+                            {
+                                "role": "user",
+                                "content": [
+                                    _image((run * 20 + i * 25, 120, 200 - i * 20), size),
+                                    {"type": "text", "text": f"({run}.{i}) {QUESTIONS[0]}"},
+                                ],
+                            }
+                        ],
+                        max_tokens=tokens,
+                        temperature=0.0,
+                        ignore_eos=True,
+                    )
+                    for i in range(count)
+                ]
+                started = time.perf_counter()
+                done = [h.result() for h in [engine.submit(r) for r in requests]]
+                elapsed = time.perf_counter() - started
+                if run:
+                    rates.append(sum(d.usage.completion_tokens for d in done) / elapsed)
+                    ttfts.append(median([d.timings.queued_s + d.timings.prompt_s for d in done]))
+            results[label] = {"tok_s": median(rates), "ttft_median": median(ttfts)}
+        finally:
+            engine.shutdown()
+    return results
+
+
+def chat(runs: int, turns: int = 6, size: int = 448, answer: int = 16) -> dict[str, Any]:
+    """A 6-turn chat about one image: the sum of TTFTs, feature cache on vs off."""
+    from runtime.request import GenerationRequest
+
+    results: dict[str, Any] = {}
+    for label, settings in (
+        ("feature cache on", {"prefix_cache": False}),
+        ("feature cache off", {"prefix_cache": False, "vision_cache_entries": 0}),
+        ("prefix cache on (for scale)", {}),
+    ):
+        engine = _engine(**settings)
+        tower = _TowerClock(engine)
+        try:
+            sums = []
+            for run in range(runs + 1):  # the first run warms up
+                image = _image((run * 30 % 256, 60, 160), size)
+                history: list[dict[str, Any]] = []
+                total = 0.0
+                for turn in range(turns):
+                    content: Any = QUESTIONS[turn % len(QUESTIONS)]
+                    if turn == 0:
+                        content = [image, {"type": "text", "text": content}]
+                    history.append({"role": "user", "content": content})
+                    done = engine.generate(
+                        GenerationRequest(messages=list(history), max_tokens=answer, temperature=0.0)
+                    )
+                    total += done.timings.queued_s + done.timings.prompt_s
+                    history.append({"role": "assistant", "content": done.content or "ok"})
+                if run:
+                    sums.append(total)
+            features = engine.status()["vision_cache"]
+            results[label] = {
+                "ttft_sum_s": median(sums),
+                "tower_s_per_chat": tower.seconds / (runs + 1),
+                "hits": features["hits"],
+                "misses": features["misses"],
+            }
+        finally:
+            tower.close()
+            engine.shutdown()
+    return results
+
+
+def text(runs: int, count: int = 8, tokens: int = 64) -> dict[str, Any]:
+    """8 concurrent text-only chats on the VLM: the text route vs the mlx-vlm batch."""
+    from runtime.request import GenerationRequest
+
+    results: dict[str, Any] = {}
+    for label, route in (("text route", None), ("mlx-vlm batch", "vlm")):
+        engine = _engine(text_route=route, prefix_cache=False)
+        try:
+            rates = []
+            for run in range(runs + 1):  # the first run warms up
+                requests = [
+                    GenerationRequest(
+                        messages=[{"role": "user", "content": f"({run}.{i}) {QUESTIONS[i % 6]}"}],
+                        max_tokens=tokens,
+                        temperature=0.0,
+                        ignore_eos=True,
+                    )
+                    for i in range(count)
+                ]
+                started = time.perf_counter()
+                done = [h.result() for h in [engine.submit(r) for r in requests]]
+                if run:
+                    rates.append(
+                        sum(d.usage.completion_tokens for d in done) / (time.perf_counter() - started)
+                    )
+            results[label] = {"tok_s": median(rates), "route": done[0].route}
+        finally:
+            engine.shutdown()
+    return results
+
+
+class _TowerClock:
+    """Time the vision tower's real runs (evaluated, so the time is the tower's own): where TTFT goes."""
+
+    def __init__(self, engine: Any) -> None:
+        import mlx.core as mx
+
+        tower = engine.loaded.primary.model.vision_tower
+        self.cls = type(tower).__mro__[1] if hasattr(type(tower), "_feature_cache_tower") else type(tower)
+        self.original = original = self.cls.__call__
+        self.seconds = 0.0
+
+        def timed(module: Any, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            out = original(module, *args, **kwargs)
+            mx.eval(out)
+            self.seconds += time.perf_counter() - started
+            return out
+
+        self.cls.__call__ = timed
+
+    def close(self) -> None:
+        """Put the tower's call back."""
+        self.cls.__call__ = self.original
+
+
+def main() -> int:
+    """Run the chosen scenarios and print one JSON line each, then the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="batch,chat,text")
+    parser.add_argument("--tokens", type=int, default=64, help="batch: tokens per chat")
+    parser.add_argument("--size", type=int, default=448, help="chat: image side in pixels")
+    args = parser.parse_args()
+    chosen = set(args.only.split(","))
+    if "batch" in chosen:
+        result = batch(args.runs, tokens=args.tokens)
+        json_line("batch", result)
+        ratio = result["media batch"]["tok_s"] / max(result["in turn"]["tok_s"], 1e-9)
+        json_line("batch ratio", {"media batch / in turn, aggregate tok/s": ratio, "goal": ">= 3"})
+    if "chat" in chosen:
+        result = chat(args.runs, size=args.size)
+        json_line("chat", result)
+        ratio = result["feature cache on"]["ttft_sum_s"] / max(
+            result["feature cache off"]["ttft_sum_s"], 1e-9
+        )
+        on, off = result["feature cache on"], result["feature cache off"]
+        tower = on["tower_s_per_chat"] / max(off["tower_s_per_chat"], 1e-9)
+        json_line(
+            "chat ratio",
+            {"feature cache on / off, sum of TTFTs": ratio, "goal": "<= 0.3", "tower time on / off": tower},
+        )
+    if "text" in chosen:
+        result = text(args.runs)
+        json_line("text", result)
+        ratio = result["text route"]["tok_s"] / max(result["mlx-vlm batch"]["tok_s"], 1e-9)
+        json_line("text ratio", {"text route / mlx-vlm batch, aggregate tok/s": ratio})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
