@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from backends import default_prefill_step, device_info
+from backends import default_max_active, default_prefill_step, device_info
 from backends.decoder import Processor, Sampler
 from backends.dense import DenseReport, dequantize_for_batching
 from backends.feature_cache import FeatureCache
@@ -86,7 +86,7 @@ class EngineSettings:
             max_bytes=int(float(options.get("max_media_mb")) * 1024 * 1024),
         )
         return cls(
-            max_active=int(options.get("max_active")),
+            max_active=int(options.get("max_active") or default_max_active()),
             max_queue=int(options.get("max_queue")),
             batching=bool(options.get("batching")),
             solo=bool(options.get("solo")),

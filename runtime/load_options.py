@@ -33,7 +33,11 @@ MiB = 1024 * 1024
 
 OPTIONS: dict[str, OptionSpec] = {
     "max_active": OptionSpec(
-        "int", 32, "requests decoded at once (one continuous batch; more wait in the queue)", 1
+        "int",
+        None,
+        "requests decoded at once (one continuous batch; more wait in the queue); default 64 on a GPU, 32 on a "
+        "CPU",
+        1,
     ),
     "max_queue": OptionSpec("int", 256, "requests waiting beyond max_active; more are refused (busy)", 0),
     "batching": OptionSpec(
