@@ -30,7 +30,9 @@ def test_estimate_matches_measured_memory_of_every_fixture_model(fixture_models:
     from tests.plugins.models import fixture_info
 
     rows = []
-    for name, folder in sorted(fixture_models.items()):
+    # Drafters are not served alone (a Gemma 4 assistant holds no KV of its own: it reads its target's).
+    servable = {n: f for n, f in fixture_models.items() if fixture_info(f)["kind"] != "drafter"}
+    for name, folder in sorted(servable.items()):
         estimate = import_model(str(folder)).config.mlx.memory
         assert estimate is not None and estimate.weights_bytes and estimate.kv_bytes_per_token
         kind = fixture_info(folder)["kind"]
@@ -56,7 +58,7 @@ def test_estimate_matches_measured_memory_of_every_fixture_model(fixture_models:
         at_n = total_bytes(estimate, PROBE_TOKENS)
         assert at_n == pytest.approx(measured["weights_active"] + measured["kv"], rel=0.15), rows[-1]
     print("\n" + "\n".join(rows))
-    assert len(rows) == len(fixture_models) >= 9
+    assert len(rows) == len(servable) >= 9
 
 
 def test_sliding_window_and_class_defaults_in_the_kv_estimate(hub_env) -> None:
