@@ -168,6 +168,9 @@ class Cluster:
         if self.failure is None:
             with contextlib.suppress(ClusterLost):
                 self.send({"op": "exit"})
+        if self.watchdog.longest:  # what --rank-timeout must stay well above, as this run saw it
+            waits = ", ".join(f"{what} {took:.2f} s" for what, took in sorted(self.watchdog.longest.items()))
+            log.info("longest waits on the other ranks (--rank-timeout %g s): %s", self.rank_timeout, waits)
         if self.watch is not None:
             self.watch.closing(code)
 
