@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 
 log = logging.getLogger("runtime")
 
-DEFAULT_RANK_TIMEOUT_S = 60.0  # one step or message; see README "Several machines" for the measurements
+DEFAULT_RANK_TIMEOUT_S = 300.0  # one step or message; README "Several machines" gives the measurements
 IDLE_BOUND_S = 10.0  # rank 0's idle heartbeat: no model work, only a round trip
 LINGER_S = 3.0  # rank 0 keeps answering (503 cluster_lost, /health 503) this long before it exits
 LOST_EXIT = 17  # the exit code of a run whose cluster was lost (gallery.errors: runtime)

@@ -550,7 +550,7 @@ def serve_command(
         typer.Option(
             "--rank-timeout",
             help="Distributed: seconds a batch step may wait on the other ranks before the run is declared "
-            "lost and exits (default 60; an idle heartbeat gets at most 10).",
+            "lost and exits (default 300; an idle heartbeat gets at most 10).",
         ),
     ] = None,
 ) -> None:
