@@ -66,7 +66,7 @@ class Engine:
         self.listeners: list[Callable[[Event], None]] = []  # called with every final event (metrics)
         # The channel between callers and the worker.
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
-        self._lock = threading.Lock()  # guards the two counters below
+        self._lock = threading.Lock()  # guards the two counters and the set below
         self._pending = 0  # queued, not yet taken by the worker
         self._unfinished = 0  # submitted, final event not yet delivered
         self._live: set[RequestHandle] = set()  # those requests (a lost cluster finishes them from outside)
@@ -129,6 +129,7 @@ class Engine:
             if handle is not None:
                 with self._lock:
                     self._pending -= 1
+                handle.prepared.cleanup()  # never reached the worker: nothing else will
         with self._lock:
             live = list(self._live)
         for handle in live:

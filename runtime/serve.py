@@ -100,7 +100,9 @@ class ServeOptions:
         if self.ring_port is not None and not 1024 <= self.ring_port <= 65000:
             raise UsageError(f"--ring-port must be between 1024 and 65000, got {self.ring_port}")
         if self.rank_timeout is not None and not 0 < self.rank_timeout <= 86400:
-            raise UsageError(f"--rank-timeout must be between 0 and 86400 seconds, got {self.rank_timeout:g}")
+            raise UsageError(
+                f"--rank-timeout must be over 0 and at most 86400 seconds, got {self.rank_timeout:g}"
+            )
 
     def check_distributed(self) -> None:
         """What a distributed run cannot do: it serves exactly one model, loaded at start."""

@@ -148,6 +148,8 @@ def test_serve_refuses_before_any_rank_starts(
         ((str(qwen2), *TWO_RANKS, "--any-model"), 2, "serves one model"),
         ((str(qwen2), *TWO_RANKS, "--backend", "mpi"), 2, "ring or jaccl"),
         ((str(qwen2), "--strategy", "tensor"), 2, "give --hosts"),
+        ((str(qwen2), "--rank-timeout", "3"), 2, "give --hosts"),
+        ((str(qwen2), *TWO_RANKS, "--rank-timeout", "0"), 2, "--rank-timeout must be over 0"),
     ]
     for args, code, message in cases:
         result = _gallery("serve", *args, "--http", "127.0.0.1:0", timeout=60)
