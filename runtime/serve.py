@@ -152,8 +152,7 @@ def serve(options: ServeOptions) -> int:
         )
     if options.strategy or options.layer_split or options.rank_timeout is not None:
         raise UsageError(
-            "--strategy, --layer-split and --rank-timeout are for a model split across ranks: "
-            "give --hosts (or --hostfile) too"
+            "--strategy, --layer-split and --rank-timeout are for ranks: give --hosts (or --hostfile)"
         )
     return _serve_interface(options)
 
