@@ -16,7 +16,10 @@ JSON messages the followers act on, in order:
 
 Every message and every model step is a collective, so a rank that dies makes the next one fail on the
 others: rank 0 fails its requests with `ClusterLost`, reports unhealthy, and refuses new work; a follower
-whose leader is gone exits. (mlx.launch then stops the remaining ranks.)
+whose leader is gone exits. (mlx.launch then stops the remaining ranks.) A rank that hangs without dying
+makes no collective fail — MLX's have no timeout —, so every wait on the other ranks is bounded by
+runtime.cluster_watch: past `rank_timeout`, rank 0 declares the cluster lost and exits, and a follower that
+hears nothing from rank 0 while a model is loaded exits.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import gc
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from backends.text_decoders import TextBatcher
 from gallery.config import ModelConfig
 from gallery.errors import GalleryError
 from gallery.sharding import ShardingRefused, ShardPlan, parse_split, plan_sharding
+from runtime.cluster_watch import DEFAULT_RANK_TIMEOUT_S, IDLE_BOUND_S, RankZeroWatch, Watchdog, exit_now
 from runtime.controls import BatchSettings, Guarded, Recipe, new_batcher, new_prefix_cache, text_controls
 from runtime.errors import ClusterLost, LoadFailed
 from runtime.loader import LoadedModel, load
@@ -51,17 +55,42 @@ HEARTBEAT_S = 1.0  # rank 0 pings the followers this often while idle
 class Cluster:
     """This process's place in the group, and rank 0's messages to the others."""
 
-    def __init__(self, group: Group) -> None:
+    def __init__(
+        self, group: Group, *, rank_timeout: float = DEFAULT_RANK_TIMEOUT_S, load_timeout: float = 600.0
+    ) -> None:
         self.group = group
         self.failure: str | None = None
+        self.rank_timeout = rank_timeout  # a step or message (cluster_watch)
+        self.load_timeout = load_timeout  # the load handshake: every rank reads its weights first
+        self.expect_beats = False  # a follower: rank 0 has a model loaded, so it sends a step or beat often
+        self.watch = RankZeroWatch(lambda reason: str(self.lost(reason))) if group.rank == 0 else None
+        self.watchdog = self.watch.watchdog if self.watch is not None else Watchdog(self._leader_silent)
 
     @classmethod
-    def join(cls, backend: str = "any") -> Cluster:
+    def join(
+        cls,
+        backend: str = "any",
+        *,
+        rank_timeout: float = DEFAULT_RANK_TIMEOUT_S,
+        load_timeout: float = 600.0,
+    ) -> Cluster:
         """Join the group mlx.launch set up. Raises ClusterLost when it cannot."""
         try:
-            return cls(Group(backend))
+            return cls(Group(backend), rank_timeout=rank_timeout, load_timeout=load_timeout)
         except ClusterError as exc:
             raise ClusterLost(str(exc)) from None
+
+    @contextlib.contextmanager
+    def timed(self, what: str, bound: float | None = None) -> Iterator[None]:
+        """A wait on the other ranks, bounded by `bound` (default: rank_timeout) — see runtime.cluster_watch."""
+        with self.watchdog.timed(what, self.rank_timeout if bound is None else bound):
+            yield
+
+    def _leader_silent(self, what: str, bound: float) -> None:
+        log.error(
+            "rank %d: waited over %g s for %s: rank 0 or the network is hung; exiting", self.rank, bound, what
+        )
+        exit_now(1)
 
     @property
     def rank(self) -> int:
@@ -85,15 +114,23 @@ class Cluster:
         """Rank 0: deliver a message to every other rank. Raises ClusterLost."""
         if self.failure is not None:
             raise ClusterLost(self.failure)
+        op = message.get("op")
+        # A heartbeat carries no model work: it gets the short idle bound. A follower may still be starting
+        # (imports) or freeing the last model when `load` comes: that one gets the load's bound.
+        bound = {"beat": min(self.rank_timeout, IDLE_BOUND_S), "load": self.load_timeout}.get(str(op))
         try:
-            self.group.send(json.dumps(message, separators=(",", ":")).encode("utf-8"))
+            with self.timed("heartbeat" if op == "beat" else f"{op!r} message", bound):
+                self.group.send(json.dumps(message, separators=(",", ":")).encode("utf-8"))
         except ClusterError as exc:
             raise self.lost(exc) from None
 
     def receive(self) -> dict[str, Any]:
         """Other ranks: the next message from rank 0. Raises ClusterLost."""
+        # With a model loaded, rank 0 steps or beats every second; without one it has nothing to say.
+        bound = self.rank_timeout + 2 * HEARTBEAT_S if self.expect_beats else None
         try:
-            data = self.group.receive()
+            with self.timed("rank 0's next message", bound) if bound else contextlib.nullcontext():
+                data = self.group.receive()
         except ClusterError as exc:
             raise self.lost(exc) from None
         message = json.loads(data.decode("utf-8")) if data else {"op": "beat"}
@@ -102,7 +139,8 @@ class Cluster:
     def agree_loaded(self, problem: str | None) -> None:
         """Every rank reports how its load went; raises LoadFailed naming each rank that failed."""
         try:
-            statuses = self.group.gather_status(problem)
+            with self.timed("load handshake", self.load_timeout):
+                statuses = self.group.gather_status(problem)
         except ClusterError as exc:
             raise self.lost(exc) from None
         failed = [f"rank {rank}: {text}" for rank, text in enumerate(statuses) if text]
@@ -115,13 +153,26 @@ class Cluster:
 
     def describe(self) -> dict[str, Any]:
         """For Status and /health."""
-        return {"rank": self.rank, "ranks": self.size, "backend": self.group.backend, "failure": self.failure}
+        return {
+            "rank": self.rank,
+            "ranks": self.size,
+            "backend": self.group.backend,
+            "failure": self.failure,
+            "rank_timeout_s": self.rank_timeout,
+            "longest_waits_s": dict(self.watchdog.longest),
+        }
 
-    def close(self) -> None:
-        """Rank 0, at exit: tell the followers to exit (they would otherwise notice when the socket closes)."""
+    def close(self, code: int) -> None:
+        """Rank 0, at exit: tell the followers to exit (they would otherwise notice when the socket closes);
+        if a thread is blocked in a collective, end the process now with `code` (cluster_watch)."""
         if self.failure is None:
             with contextlib.suppress(ClusterLost):
                 self.send({"op": "exit"})
+        if self.watchdog.longest:  # what --rank-timeout must stay well above, as this run saw it
+            waits = ", ".join(f"{what} {took:.2f} s" for what, took in sorted(self.watchdog.longest.items()))
+            log.info("longest waits on the other ranks (--rank-timeout %g s): %s", self.rank_timeout, waits)
+        if self.watch is not None:
+            self.watch.closing(code)
 
 
 def shard_plan(
@@ -261,18 +312,19 @@ class MirroredBatcher:
         """Send the queued changes, apply them, and step the batch; any failure breaks the cluster (ClusterLost)."""
         evicted = self.batcher.prefix.evict_over_budget()
         ops = [change.to_json() for change in self._pending]
-        self.cluster.send({"op": "step", "evict": evicted, "ops": ops})
-        pending, self._pending = self._pending, []
-        try:
-            for change in pending:
-                if change.spec is not None:
-                    self._cached[change.uid] = self.batcher.add(change.spec).cached_tokens
-                else:
-                    self.batcher.cancel(change.uid)
-            tokens = self.batcher.step()
-        except Exception as exc:
-            # Another rank may be inside this step's collectives: the ranks can no longer be kept in step.
-            raise self.cluster.lost(exc) from None
+        with self.cluster.timed("batch step"):  # the message and the forward pass (its collectives)
+            self.cluster.send({"op": "step", "evict": evicted, "ops": ops})
+            pending, self._pending = self._pending, []
+            try:
+                for change in pending:
+                    if change.spec is not None:
+                        self._cached[change.uid] = self.batcher.add(change.spec).cached_tokens
+                    else:
+                        self.batcher.cancel(change.uid)
+                tokens = self.batcher.step()
+            except Exception as exc:
+                # Another rank may be inside this step's collectives: the ranks can no longer be kept in step.
+                raise self.cluster.lost(exc) from None
         for token in tokens:
             cached = self._cached.pop(token.uid, None)
             if cached is not None:
@@ -354,6 +406,7 @@ class Follower:
             return
         batcher = new_batcher(loaded.primary.model, new_prefix_cache(settings), settings)
         self.current = _Loaded(config, loaded, batcher)
+        self.cluster.expect_beats = True  # rank 0 now steps or beats every second until it frees
         layers = pipeline_layers(loaded.primary.model)
         log.info(
             "rank %d: loaded %s (%s%s), MLX memory %.0f MiB",
@@ -388,13 +441,15 @@ class Follower:
                     )
                 else:
                     batcher.cancel(int(op["cancel"]))
-            batcher.step()
+            with self.cluster.timed("batch step"):
+                batcher.step()
         except ClusterLost:
             raise
         except Exception as exc:
             raise self.cluster.lost(exc) from None
 
     def _free(self) -> None:
+        self.cluster.expect_beats = False
         current, self.current = self.current, None
         if current is None:
             return

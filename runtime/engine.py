@@ -67,9 +67,10 @@ class Engine:
         self.listeners: list[Callable[[Event], None]] = []  # called with every final event (metrics)
         # The channel between callers and the worker.
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
-        self._lock = threading.Lock()  # guards the two counters below
+        self._lock = threading.Lock()  # guards the two counters and the set below
         self._pending = 0  # queued, not yet taken by the worker
         self._unfinished = 0  # submitted, final event not yet delivered
+        self._live: set[RequestHandle] = set()  # those requests (a lost cluster finishes them from outside)
         self._ready = threading.Event()
         self._serving = threading.Event()
         self._stopping = threading.Event()
@@ -80,6 +81,9 @@ class Engine:
     # ----- lifecycle -----
     def start(self, timeout: float | None = None) -> Engine:
         """Start the worker and wait until the model is loaded. Raises the load error."""
+        watch = self._cluster.watch if self._cluster is not None else None
+        if watch is not None:
+            watch.on_lost(self._abandon)
         self._done = run_on_mlx_thread(self._run)
         if not self._ready.wait(timeout):
             raise RuntimeFailure(f"{self.config.name}: loading did not finish in {timeout} s")
@@ -114,6 +118,25 @@ class Engine:
                     self._pending -= 1
                 handle.prepared.cleanup()
                 self._deliver(handle, unstarted(FinishReason.CANCELLED, error))
+
+    def _abandon(self, error: str) -> None:
+        """The cluster is lost while the worker is blocked in a collective (runtime.cluster_watch): finish every
+        queued and in-flight request with `cluster_lost` from the calling thread."""
+        while True:
+            try:
+                handle = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if handle is not None:
+                with self._lock:
+                    self._pending -= 1
+                handle.prepared.cleanup()  # never reached the worker: nothing else will
+        with self._lock:
+            live = list(self._live)
+        for handle in live:
+            final = unstarted(FinishReason.ERROR, error)
+            final.fault = "cluster_lost"
+            self._deliver(handle, final)
 
     @property
     def ready(self) -> bool:
@@ -206,6 +229,7 @@ class Engine:
         if self._cluster is not None and self._cluster.failure is not None:
             raise ClusterLost(self._cluster.failure)
         prepared = self.prepare(request)
+        handle = RequestHandle(prepared)
         with self._lock:
             # Checked again under the lock shutdown() sets it with: a request prepared while the engine was
             # being freed is refused here (the host says the model was unloaded), never queued behind the end.
@@ -215,9 +239,12 @@ class Engine:
             if self._pending >= self.settings.max_queue:
                 prepared.cleanup()
                 raise QueueFull(f"the runtime is busy ({self._pending} requests queued); retry later")
+            if self._cluster is not None and self._cluster.failure is not None:
+                prepared.cleanup()  # checked under the lock _abandon reads the live requests with
+                raise ClusterLost(self._cluster.failure)
             self._pending += 1
             self._unfinished += 1
-        handle = RequestHandle(prepared)
+            self._live.add(handle)
         self._queue.put(handle)
         if self._done is not None and self._done.is_set():
             self._drain("the runtime is shutting down")  # the worker left while this request was queued
@@ -243,12 +270,14 @@ class Engine:
 
     # ----- the worker -----
     def _deliver(self, handle: RequestHandle, event: Event) -> None:
-        if event.done:
-            with self._lock:
-                self._unfinished -= (
-                    1  # before the caller can see the final event: it then sees the engine idle
-                )
-        handle._put(event)
+        with self._lock:
+            if handle.finished.is_set():
+                return  # finished already: abandoned (a lost cluster) while the worker was blocked
+            if event.done:
+                # Before the caller can see the final event: it then sees the engine idle.
+                self._unfinished -= 1
+                self._live.discard(handle)
+            handle._put(event)
 
     def _publish(self, scheduler: Scheduler) -> None:
         """Publish the snapshot, then deliver the step's events (a caller that got them sees the new state)."""
@@ -275,6 +304,13 @@ class Engine:
         )
 
     def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            if self._cluster is not None and self._cluster.watch is not None:
+                self._cluster.watch.forget(self._abandon)
+
+    def _work(self) -> None:
         try:
             scheduler = self._load()
         except BaseException as exc:

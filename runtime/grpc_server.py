@@ -246,7 +246,7 @@ class BackendServicer(pb_grpc.BackendServicer):
                 final.error or "request cancelled: the model was unloaded or the runtime is stopping",
             )
         if final.error:
-            await context.abort(grpc.StatusCode.INTERNAL, final.error)
+            await context.abort(_status_code(final.fault or "generation_failed"), final.error)
         # LocalAI's Reply has no field for these: trailing metadata carries them without changing its schema.
         context.set_trailing_metadata(
             (

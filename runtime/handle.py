@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from gallery.errors import RuntimeFailure
+from runtime.errors import ClusterLost
 from runtime.prepare import Prepared
 from runtime.request import Answer, Completion, Event
 
@@ -81,5 +82,9 @@ class RequestHandle:
             answer.add(event)
         completion = answer.completion()
         if completion.error:
-            raise RuntimeFailure(completion.error)
+            raise (
+                ClusterLost(completion.error)
+                if completion.fault == "cluster_lost"
+                else RuntimeFailure(completion.error)
+            )
         return completion

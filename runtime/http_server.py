@@ -212,7 +212,7 @@ async def whole_answer(request: Request, handle: RequestHandle) -> Completion:
         handle.cancel()  # no-op when finished
     done = answer.completion()
     if done.error:
-        raise HttpError("generation_failed", done.error)
+        raise HttpError(done.fault or "generation_failed", done.error)
     return done
 
 

@@ -11,7 +11,10 @@ the remaining ranks when one fails. This module only builds its command line and
 - stdio: mlx.launch copies its stdin to every rank and never passes on end-of-input, so the JSON-RPC
   stream goes through a pair of named pipes between this process and rank 0 instead;
 - mlx.launch exits 0 whatever its ranks did, so rank 0 leaves its exit code in a file for this process
-  to return.
+  to return;
+- once rank 0 has left that file, the other ranks get FOLLOWERS_GRACE_S to exit, then every process of the
+  launch is killed: mlx.launch waits forever for a rank that cannot take its SIGTERM (a stopped one), and a
+  rank 0 that found a rank hung (runtime.cluster_watch) exits without waiting for it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ ENV_LAUNCH_DIR = "GALLERY_LAUNCH_DIR"  # rank 0 writes rank0.pid and rank0.exit 
 ENV_STDIO_IN = "GALLERY_STDIO_IN"
 ENV_STDIO_OUT = "GALLERY_STDIO_OUT"
 DEFAULT_RING_PORT = 32323  # mlx.launch's own default
+FOLLOWERS_GRACE_S = 5.0  # after rank 0 has finished: the others only free their memory and exit
+LOST_GRACE_S = 1.0  # after rank 0 found a rank hung: only for mlx.launch to pass on rank 0's last log lines
 
 
 def launcher_path() -> str:
@@ -214,12 +219,36 @@ def run_launch(
         stop = _Stopper(process, launch_dir)
         previous = {sig: signal.signal(sig, stop.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            process.wait()
+            _wait(process, launch_dir)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             os.close(keep_open)
         return _rank0_exit(launch_dir, stop.exit_code)
+
+
+def _wait(process: subprocess.Popen[bytes], launch_dir: Path) -> None:
+    """Wait for mlx.launch to end; kill what is left of the launch a grace period after rank 0 finished."""
+    from runtime.cluster_watch import LOST_EXIT
+
+    finished_at: float | None = None
+    grace = FOLLOWERS_GRACE_S
+    while True:
+        try:
+            process.wait(timeout=0.2)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        if finished_at is None:
+            if (launch_dir / "rank0.exit").exists():
+                finished_at = time.monotonic()
+                grace = LOST_GRACE_S if _rank0_exit(launch_dir, 0) == LOST_EXIT else FOLLOWERS_GRACE_S
+        elif time.monotonic() - finished_at > grace:
+            log.warning("rank 0 has exited, the other ranks have not after %g s: killing them", grace)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return
 
 
 class _Stopper:

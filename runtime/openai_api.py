@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from runtime.faults import FAULTS
 from runtime.handle import RequestHandle
 from runtime.http_guard import AccessRecord
 from runtime.http_server import error_response, run_route, stream_events, whole_answer
@@ -199,9 +200,8 @@ def _model_card(served: Served) -> dict[str, Any]:
 
 
 def _stream_error(event: Event) -> bytes:
-    body = {
-        "error": {"message": event.error, "type": "server_error", "param": None, "code": "generation_failed"}
-    }
+    kind = event.fault or "generation_failed"
+    body = {"error": {"message": event.error, "type": FAULTS[kind].openai_type, "param": None, "code": kind}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 

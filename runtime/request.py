@@ -403,6 +403,7 @@ class Event:
     usage: Usage | None = None
     timings: Timings | None = None
     error: str | None = None
+    fault: str | None = None  # the runtime.faults kind of `error` when it is not a generation failure
     route: str | None = None
     seed: int | None = None  # the seed a sampled request used (its own, or the one drawn for it)
     stop_sequence: str | None = None  # the stop string that ended the answer (finish_reason "stop")
@@ -428,6 +429,7 @@ class Completion:
     error: str | None = None
     seed: int | None = None
     stop_sequence: str | None = None
+    fault: str | None = None  # as Event.fault
 
 
 class Answer:
@@ -464,6 +466,7 @@ class Answer:
             final.error,
             final.seed,
             final.stop_sequence,
+            final.fault,
         )
 
 

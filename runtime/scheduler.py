@@ -280,7 +280,7 @@ class Scheduler:
             # The ranks can no longer be kept in step: fail everything, stay up reporting the error.
             self.error = str(exc)
             for job in list(self.jobs.values()):
-                self._close(job, FinishReason.ERROR, error=f"generation failed: {exc}")
+                self._close(job, FinishReason.ERROR, error=str(exc), fault="cluster_lost")
             return
         message = f"generation failed: {failure_text(exc)}"
         for job in [job for job in self.jobs.values() if job.decoder is decoder]:
@@ -299,10 +299,16 @@ class Scheduler:
         self._close(job, outcome.finish, outcome.event, outcome.error)
 
     def _close(
-        self, job: Job, reason: FinishReason, pending: Event | None = None, error: str | None = None
+        self,
+        job: Job,
+        reason: FinishReason,
+        pending: Event | None = None,
+        error: str | None = None,
+        fault: str | None = None,
     ) -> None:
         self.jobs.pop(job.uid, None)
         final = job.output.finish(reason, pending, error)
+        final.fault = fault
         job.prepared.cleanup()
         self.completed += 1
         stats, usage, finish = self.stats, final.usage, final.finish_reason

@@ -63,6 +63,7 @@ class ServeOptions:
     strategy: str | None = None
     layer_split: str | None = None
     ring_port: int | None = None
+    rank_timeout: float | None = None  # seconds a rank waits for the others (default: runtime.cluster_watch)
 
     def check(self) -> None:
         """Refuse contradictory or out-of-range options (UsageError, one line)."""
@@ -98,6 +99,10 @@ class ServeOptions:
             raise UsageError(f"--strategy must be auto, pipeline or tensor, got {self.strategy!r}")
         if self.ring_port is not None and not 1024 <= self.ring_port <= 65000:
             raise UsageError(f"--ring-port must be between 1024 and 65000, got {self.ring_port}")
+        if self.rank_timeout is not None and not 0 < self.rank_timeout <= 86400:
+            raise UsageError(
+                f"--rank-timeout must be over 0 and at most 86400 seconds, got {self.rank_timeout:g}"
+            )
 
     def check_distributed(self) -> None:
         """What a distributed run cannot do: it serves exactly one model, loaded at start."""
@@ -145,9 +150,9 @@ def serve(options: ServeOptions) -> int:
             port=options.ring_port,
             stdio=options.stdio,
         )
-    if options.strategy or options.layer_split:
+    if options.strategy or options.layer_split or options.rank_timeout is not None:
         raise UsageError(
-            "--strategy and --layer-split split a model across ranks: give --hosts (or --hostfile) too"
+            "--strategy, --layer-split and --rank-timeout are for ranks: give --hosts (or --hostfile)"
         )
     return _serve_interface(options)
 
@@ -245,6 +250,7 @@ def rank_arguments(options: ServeOptions) -> list[str]:
         ("--max-message-mb", options.max_message_mb),
         ("--max-line-mb", options.max_line_mb),
         ("--log-level", options.log_level),
+        ("--rank-timeout", options.rank_timeout),
     ):
         if value is not None:
             args += [flag, str(value)]
@@ -258,11 +264,16 @@ def rank_arguments(options: ServeOptions) -> list[str]:
 def _serve_rank(options: ServeOptions) -> int:
     """This process is one rank of a distributed run (started by mlx.launch)."""
     from runtime.cluster import Cluster, Follower
+    from runtime.cluster_watch import DEFAULT_RANK_TIMEOUT_S, LOST_EXIT
     from runtime.errors import ClusterLost
     from runtime.launch import ENV_BACKEND, attach_stdio, rank_finished, rank_started
 
     try:
-        cluster = Cluster.join(os.environ.get(ENV_BACKEND, "any"))
+        cluster = Cluster.join(
+            os.environ.get(ENV_BACKEND, "any"),
+            rank_timeout=options.rank_timeout or DEFAULT_RANK_TIMEOUT_S,
+            load_timeout=options.load_timeout,
+        )
     except ClusterLost as exc:
         log.error("could not join the distributed run: %s", exc)
         return 1
@@ -279,10 +290,10 @@ def _serve_rank(options: ServeOptions) -> int:
     try:
         code = _serve_interface(options, cluster)
         if cluster.failure is not None:
-            code = code or 1  # a run that lost a rank did not end well, however it stopped
+            code = code or LOST_EXIT  # a run that lost a rank did not end well, however it stopped
     finally:
-        cluster.close()
         rank_finished(code)
+        cluster.close(code)  # exits here if a thread is still blocked in a collective
     return code
 
 
@@ -535,6 +546,14 @@ def serve_command(
             "--ring-port", help="Distributed ring: first TCP port the ranks listen on (default: a free one)."
         ),
     ] = None,
+    rank_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--rank-timeout",
+            help="Distributed: seconds a batch step may wait on the other ranks before the run is declared "
+            "lost and exits (default 300; an idle heartbeat gets at most 10).",
+        ),
+    ] = None,
 ) -> None:
     """Serve models: the OpenAI-compatible HTTP API (--http; the default, on 127.0.0.1:8080), LocalAI's gRPC
     backend protocol (--addr), or JSON-RPC on stdin/stdout (--stdio)."""
@@ -573,6 +592,7 @@ def serve_command(
         strategy=strategy,
         layer_split=layer_split,
         ring_port=ring_port,
+        rank_timeout=rank_timeout,
     )
     code = serve(options)
     if code:

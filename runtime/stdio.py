@@ -396,10 +396,9 @@ class StdioServer:
             handle.cancel()
         done = answer.completion()
         if done.error and done.finish_reason != "cancelled":
+            kind = done.fault or "generation_failed"
             raise RpcError(
-                FAULTS["generation_failed"].jsonrpc_code,
-                done.error,
-                {"kind": "generation_failed", "partial_content": done.content},
+                FAULTS[kind].jsonrpc_code, done.error, {"kind": kind, "partial_content": done.content}
             )
         return done
 

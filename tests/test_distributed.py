@@ -4,19 +4,22 @@ What mlx-lm can shard is recorded by the importer and enforced by validate and s
 no pipeline() and its 9 heads do not divide by 2, so it is refused before any rank starts); a 2-rank pipeline
 run (uneven layer split) over HTTP and a 2-rank tensor run over gRPC answer exactly as one process does —
 concurrent and seeded requests, prefix reuse, stop strings, the reasoning split and tool calls —; a killed
-rank fails the stream at once with a clear error and ends the run; SIGTERM to rank 0 (and end of input on
-stdio) ends every rank.
+rank fails the stream at once with a clear error and ends the run; a hung rank (stopped, alive but silent) is
+found by the watchdog within --rank-timeout, fails the request with cluster_lost, turns /health 503 and ends
+the run; SIGTERM to rank 0 (and end of input on stdio) ends every rank.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -145,6 +148,8 @@ def test_serve_refuses_before_any_rank_starts(
         ((str(qwen2), *TWO_RANKS, "--any-model"), 2, "serves one model"),
         ((str(qwen2), *TWO_RANKS, "--backend", "mpi"), 2, "ring or jaccl"),
         ((str(qwen2), "--strategy", "tensor"), 2, "give --hosts"),
+        ((str(qwen2), "--rank-timeout", "3"), 2, "give --hosts"),
+        ((str(qwen2), *TWO_RANKS, "--rank-timeout", "0"), 2, "--rank-timeout must be over 0"),
     ]
     for args, code, message in cases:
         result = _gallery("serve", *args, "--http", "127.0.0.1:0", timeout=60)
@@ -250,6 +255,70 @@ def test_pipeline_run_answers_like_one_process_then_a_killed_rank_fails_fast(tex
         assert code != 0
         assert not _alive(pids[0])
         assert "Traceback" not in process.stderr.text
+
+
+def test_a_hung_rank_is_found_within_the_bound_fails_requests_and_ends_the_run(
+    text_qwen2_model: Path,
+) -> None:
+    import httpx
+
+    with running(HttpProcess(str(text_qwen2_model), *TWO_RANKS, "--rank-timeout", "3")) as process:
+        assert isinstance(process, HttpProcess)
+        pids = _pids(process)
+        health: list[tuple[int, str]] = []
+        done = threading.Event()
+
+        def watch_health() -> None:  # what a supervisor's health check sees, until the server is gone
+            while not done.is_set() and process.proc.poll() is None:
+                try:
+                    answer = httpx.get(f"{process.url}/health", timeout=10)
+                    health.append((answer.status_code, answer.text))
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+
+        try:
+            first = process.client.chat.completions.create(
+                model="text-qwen2",
+                messages=[{"role": "user", "content": "hello"}],
+                max_tokens=8,
+                temperature=0.0,
+            )
+            assert first.choices[0].message.content
+            os.kill(pids[1], signal.SIGSTOP)  # alive, but it answers no collective any more
+            stopped_at = time.monotonic()
+            threading.Thread(target=watch_health, daemon=True).start()
+            reply = httpx.post(
+                f"{process.url}/v1/chat/completions",
+                json={"model": "text-qwen2", "messages": [{"role": "user", "content": "are you there?"}]},
+                timeout=120,
+            )
+            replied_at = time.monotonic()
+            assert reply.status_code == 503, reply.text
+            error = reply.json()["error"]
+            assert error["code"] == "cluster_lost" and error["type"] == "service_unavailable_error", error
+            assert (
+                "distributed run is broken" in error["message"]
+                and "got no answer within 3 s" in error["message"]
+            )
+            code = process.wait(120)  # rank 0 exits; the launcher kills the stopped rank
+            exited_at = time.monotonic()
+            assert code == 17, process.stderr.text
+            assert not _alive(pids[0]) and not _alive(pids[1])
+            assert any(status == 503 and "distributed run is broken" in text for status, text in health), (
+                health
+            )
+            assert "Traceback" not in process.stderr.text
+            print(
+                f"hung rank: error reply {replied_at - stopped_at:.1f} s after SIGSTOP, "
+                f"the run ended {exited_at - stopped_at:.1f} s after it"
+            )
+        finally:
+            done.set()
+            for pid in pids.values():
+                for signum in (signal.SIGCONT, signal.SIGKILL):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signum)
 
 
 def test_tensor_run_over_grpc_keeps_reasoning_and_tool_calls_and_follows_model_switches(
