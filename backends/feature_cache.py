@@ -8,6 +8,10 @@ the code that may call a tower; a call outside a scope is never cached. The key 
 the call's position within the scope and the shapes (and small integer values, such as Qwen's patch grids) of
 its arguments, so a different image — of the same size or not — can never be served another's features.
 Bounded by entries and bytes, least recently used first out.
+
+Why not mlx-vlm's `VisionFeatureCache`: it caches only the vision path, keys by image path or PIL bytes
+(not the content hash every route here already has), has no byte bound, and is wired into mlx-vlm's own
+server rather than its generators; this one also covers the audio tower and bounds memory.
 """
 
 from __future__ import annotations
