@@ -66,8 +66,10 @@ def raw_batch(model: Any, tokenizer: Any, level: int, tokens: int, words: int) -
     return count / wall
 
 
-def engine_run(engine: Any, tokenizer: Any, level: int, tokens: int, words: int) -> tuple[float, float]:
-    """(aggregate tok/s over the run, median per-stream decode tok/s) with `level` concurrent requests."""
+def engine_run(
+    engine: Any, tokenizer: Any, level: int, tokens: int, words: int
+) -> tuple[float, float, float]:
+    """(aggregate tok/s, median per-stream decode tok/s, TTFT p95 s) with `level` concurrent requests."""
     from runtime.request import GenerationRequest
 
     boxes: list[dict[str, float]] = [{} for _ in range(level)]
@@ -94,7 +96,8 @@ def engine_run(engine: Any, tokenizer: Any, level: int, tokens: int, words: int)
     wall = time.perf_counter() - t0
     total = sum(b["n"] for b in boxes)
     per = statistics.median((b["n"] - 1) / max(b["last"] - b["first"], 1e-9) for b in boxes)
-    return total / wall, per
+    ttfts = sorted(b["first"] - t0 for b in boxes)
+    return total / wall, per, ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
 
 
 def main() -> None:
@@ -130,7 +133,9 @@ def main() -> None:
         singles = [engine_run(engine, tokenizer, 1, a.tokens, a.words)[1] for _ in range(a.reps)]
         results["single_engine"] = statistics.median(singles)
         for level in levels:
-            results[f"batch_engine_{level}"] = engine_run(engine, tokenizer, level, a.tokens, a.words)[0]
+            agg, _per, ttft = engine_run(engine, tokenizer, level, a.tokens, a.words)
+            results[f"batch_engine_{level}"] = agg
+            results[f"ttft_p95_engine_{level}"] = ttft
     finally:
         engine.shutdown()
     print(json.dumps({k: round(v, 1) for k, v in results.items()}))
