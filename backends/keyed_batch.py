@@ -23,7 +23,7 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBat
 from backends.sampling import BatchSampler
 
 
-class _KeyedGeneration(GenerationBatch):  # type: ignore[misc]  # mlx-lm has no type information
+class _KeyedGeneration(GenerationBatch):
     def _step(self) -> Any:
         sampler = self.fallback_sampler
         if not isinstance(sampler, BatchSampler):
@@ -32,7 +32,7 @@ class _KeyedGeneration(GenerationBatch):  # type: ignore[misc]  # mlx-lm has no 
             return super()._step()
 
 
-class _KeyedPrompts(PromptProcessingBatch):  # type: ignore[misc]
+class _KeyedPrompts(PromptProcessingBatch):
     def generate(self, tokens: list[list[int]]) -> Any:
         sampler = self.fallback_sampler
         if not isinstance(sampler, BatchSampler):
@@ -42,7 +42,7 @@ class _KeyedPrompts(PromptProcessingBatch):  # type: ignore[misc]
             return super().generate(tokens)
 
 
-class KeyedBatchGenerator(BatchGenerator):  # type: ignore[misc]
+class KeyedBatchGenerator(BatchGenerator):
     """A BatchGenerator whose rows all share `sampler` (insert rows with samplers=None), told each row order."""
 
     def __init__(self, model: Any, *, sampler: BatchSampler, **options: Any) -> None:

@@ -114,24 +114,22 @@ def sample_rows(logprobs: Any, rows: Sequence[KeyedSampler | None]) -> Any:
             row.position += 1
         return greedy
     rest = KeyedSampler(SamplingParams(temperature=1.0), 0, vocab)  # a stand-in in greedy rows' lanes
-    lanes = [rest if greedy_row else row for row, greedy_row in zip(rows, argmax_rows)]
+    lanes = [
+        rest if greedy_row or row is None else row for row, greedy_row in zip(rows, argmax_rows, strict=True)
+    ]
     params = [lane.params for lane in lanes]
     lp = logprobs.astype(mx.float32)
     floor = mx.max(lp, axis=-1, keepdims=True) + mx.array(
         [[math.log(p.min_p) if p.min_p > 0.0 else -math.inf] for p in params], dtype=mx.float32
     )
     # top_k at or above the vocabulary filters nothing (the logits may be wider than the vocabulary)
-    tops = [p.top_k if 0 < p.top_k < min(lane.vocab_size, vocab) else vocab for p, lane in zip(params, lanes)]
+    tops = [
+        p.top_k if 0 < p.top_k < min(lane.vocab_size, vocab) else vocab
+        for p, lane in zip(params, lanes, strict=True)
+    ]
     nucleus = [p.top_p if 0.0 < p.top_p < 1.0 else 2.0 for p in params]  # 2.0: every token's mass is under it
-    if any(k < vocab for k in tops) or any(p < 1.0 for p in nucleus):
-        # One sort serves both: the kept tokens are a most-likely prefix of each row's order.
-        ranked = -mx.sort(-lp, axis=-1)
-        probs = mx.exp(ranked)
-        mass_before = mx.cumsum(probs, axis=-1, inclusive=False)
-        total = mx.sum(probs, axis=-1, keepdims=True)
-        within = (mass_before < mx.array(nucleus, dtype=mx.float32)[:, None] * total).sum(axis=-1)
-        kept = mx.maximum(mx.minimum(within, mx.array(tops, dtype=mx.int32)), 1)
-        cutoff = mx.take_along_axis(ranked, (kept - 1).astype(mx.int32)[:, None], axis=-1)
+    cutoff = _rank_cutoffs(lp, tops, nucleus)
+    if cutoff is not None:
         floor = mx.maximum(floor, cutoff)
     inverse = mx.array([[1.0 / p.temperature] for p in params], dtype=mx.float32)
     keys = mx.array([_row_key(lane.seed, lane.position) for lane in lanes], dtype=mx.uint32)
@@ -143,6 +141,52 @@ def sample_rows(logprobs: Any, rows: Sequence[KeyedSampler | None]) -> Any:
     if not any(argmax_rows):
         return drawn
     return mx.where(mx.array(argmax_rows), greedy, drawn)
+
+
+def _rank_cutoffs(lp: Any, tops: list[int], nucleus: list[float]) -> Any:
+    """Each row's lowest kept log-probability under its top-k and top-p, (rows, 1); None if no row has either.
+
+    The kept tokens are the most likely prefix of the row's order, so only its first ranks are sorted: a row
+    with top-k k needs the best w tokens, w the power of two at or above k (its top-p, if any, is decided
+    inside them: it can only keep fewer than k); a row with top-p alone needs the whole order. Rows are
+    grouped by w — a value of the row's own, so a row computes the same in any batch — and each group takes
+    one top-w and one sort; rows that filter neither way are left out of both.
+    """
+    import mlx.core as mx
+
+    count, vocab = lp.shape
+    groups: dict[int, list[int]] = {}
+    for row, (k, p) in enumerate(zip(tops, nucleus, strict=True)):
+        if k < vocab:
+            groups.setdefault(min(vocab, 1 << (k - 1).bit_length()), []).append(row)
+        elif p < 1.0:
+            groups.setdefault(vocab, []).append(row)
+    if not groups:
+        return None
+    order: list[int] = []
+    parts = []
+    for window, members in sorted(groups.items()):
+        sub = lp if len(members) == count else lp[mx.array(members)]
+        best = sub if window == vocab else mx.topk(sub, window, axis=-1)
+        ranked = -mx.sort(-best, axis=-1)
+        probs = mx.exp(ranked)
+        mass_before = mx.cumsum(probs, axis=-1, inclusive=False)
+        total = mx.sum(mx.exp(sub), axis=-1, keepdims=True)
+        top_p = mx.array([[nucleus[row]] for row in members], dtype=mx.float32)
+        within = (mass_before < top_p * total).sum(axis=-1)
+        limit = mx.array([min(tops[row], window) for row in members], dtype=within.dtype)
+        kept = mx.maximum(mx.minimum(within, limit), 1)
+        parts.append(mx.take_along_axis(ranked, (kept - 1)[:, None], axis=-1))
+        order.extend(members)
+    if len(order) == count and order == list(range(count)):
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+    # Back into row order; rows outside every group get -inf (no cutoff).
+    grouped = set(order)
+    rest = [row for row in range(count) if row not in grouped]
+    if rest:
+        parts.append(mx.full((len(rest), 1), -mx.inf, dtype=mx.float32))
+    position = {row: i for i, row in enumerate([*order, *rest])}
+    return mx.concatenate(parts)[mx.array([position[row] for row in range(count)])]
 
 
 def keyed_sampler(sampler: Any) -> KeyedSampler | None:
@@ -209,7 +253,7 @@ class BatchSampler:
             return mx.argmax(logprobs, axis=-1)
         self.calls += 1
         keyed = [keyed_sampler(sampler) for sampler in samplers]
-        if all(k is not None or s is None for k, s in zip(keyed, samplers)):
+        if all(k is not None or s is None for k, s in zip(keyed, samplers, strict=True)):
             try:
                 return sample_rows(logprobs, keyed)
             except Exception:  # one row's values broke the batched draw: each row alone, through its guard

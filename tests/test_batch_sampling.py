@@ -31,6 +31,7 @@ MIXED = [
     SamplingParams(temperature=1.0, top_k=3, top_p=0.5, min_p=0.1, seed=4),
     SamplingParams(temperature=2.0, seed=5),
     SamplingParams(temperature=0.3, top_k=1000, top_p=0.99, seed=6),  # k beyond the vocabulary: no filter
+    SamplingParams(temperature=1.1, top_k=40, seed=8),
 ]
 
 
@@ -57,7 +58,7 @@ def test_a_row_draws_the_same_alone_and_in_any_batch_in_any_order() -> None:
 
     vocab = 64
     batched, alone, shuffled = _rows(MIXED, vocab), _rows(MIXED, vocab), _rows(MIXED, vocab)
-    order = [5, 2, 0, 6, 3, 1, 4]
+    order = [5, 2, 7, 0, 6, 3, 1, 4]
     for step in range(8):
         logprobs = _logprobs(len(MIXED), vocab, step)
         together = _draw(logprobs, batched)
@@ -222,7 +223,9 @@ def _batch_answers(
     return answers, samplers, batcher
 
 
-def test_the_text_batch_draws_every_row_in_one_call_with_the_tokens_of_one_call_per_row(tiny_text: Any) -> None:
+def test_the_text_batch_draws_every_row_in_one_call_with_the_tokens_of_one_call_per_row(
+    tiny_text: Any,
+) -> None:
     rows = [(tag, params, False) for tag, params in enumerate(MIXED)]
     rows.append((len(MIXED), SamplingParams(temperature=0.9, top_p=0.8, seed=9), False))
     vectorized, samplers, batcher = _batch_answers(tiny_text, rows)

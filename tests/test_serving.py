@@ -277,7 +277,9 @@ def test_a_seeded_sampled_request_is_the_same_alone_or_in_any_batch(text_pair) -
     # Different temperature, top-p, top-k and min-p per request, and greedy rows, in one batch.
     mixed = [
         _request(
-            [{"role": "user", "content": text}], max_tokens=10 + i, **({"seed": 30 + i, **fields} if fields else {})
+            [{"role": "user", "content": text}],
+            max_tokens=10 + i,
+            **({"seed": 30 + i, **fields} if fields else {}),
         )
         for i, (text, fields) in enumerate(zip(PROMPTS, MIXED_SAMPLING, strict=True))
     ]
@@ -286,7 +288,9 @@ def test_a_seeded_sampled_request_is_the_same_alone_or_in_any_batch(text_pair) -
     after = engine.status()["stats"]
     for single, batched in zip(alone, together, strict=True):
         assert _ids(single) == _ids(batched)
-    assert after["batch_rows"] - before["batch_rows"] > after["batch_steps"] - before["batch_steps"]  # batched
+    assert (
+        after["batch_rows"] - before["batch_rows"] > after["batch_steps"] - before["batch_steps"]
+    )  # batched
     assert _ids(together[-1]) == _ids(
         engine.generate(_request([{"role": "user", "content": PROMPTS[-1]}], max_tokens=17))
     )  # top_k 1 is greedy
