@@ -81,7 +81,9 @@ class KeyedSampler:
 
         if logprobs.ndim == 1:  # one unbatched row: a token id of shape ()
             return sample_rows(logprobs[None], [self])[0]
-        # One position per row, in order (decoders here give one row).
+        if logprobs.shape[0] == 1:  # what every decoder here gives a request's own sampler
+            return sample_rows(logprobs, [self])
+        # Several rows of this one request: one position each, in order.
         return mx.concatenate([sample_rows(logprobs[i : i + 1], [self]) for i in range(logprobs.shape[0])])
 
 
@@ -136,11 +138,11 @@ def sample_rows(logprobs: Any, rows: Sequence[KeyedSampler | None]) -> Any:
     noise = mx.vmap(lambda key: mx.random.gumbel(shape=(vocab,), key=key))(keys)
     scores = mx.where(lp >= floor, lp * inverse + noise, -mx.inf)
     drawn = mx.argmax(scores, axis=-1)
+    if any(argmax_rows):
+        drawn = mx.where(mx.array(argmax_rows), greedy, drawn)
     for row in keyed:  # the draw is built: each row moves on to its next position
         row.position += 1
-    if not any(argmax_rows):
-        return drawn
-    return mx.where(mx.array(argmax_rows), greedy, drawn)
+    return drawn
 
 
 def _rank_cutoffs(lp: Any, tops: list[int], nucleus: list[float]) -> Any:
