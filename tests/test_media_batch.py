@@ -28,11 +28,13 @@ pytestmark = [
 ]
 
 
-def _engine(folder: Path, **settings: Any) -> Any:
+def _engine(folder: Path, text_route: str | None = None, **settings: Any) -> Any:
     from importers import import_model
     from runtime.engine import Engine, EngineSettings
 
     config = import_model(str(folder)).config
+    if text_route is not None:
+        config = config.model_copy(update={"mlx": config.mlx.model_copy(update={"text_route": text_route})})
     if config.mlx.speculative.mtp:  # the MTP fixture without its drafter: a hybrid (linear-attention) VLM
         speculative = config.mlx.speculative.model_copy(update={"mtp": False, "draft_kind": None})
         config = config.model_copy(update={"mlx": config.mlx.model_copy(update={"speculative": speculative})})
@@ -409,6 +411,32 @@ def test_gemma4_per_layer_inputs_are_never_reused_from_a_wrong_offset(
             history += [{"role": "assistant", "content": cached.content}, {"role": "user", "content": "and?"}]
         vlm = on.status()["prefix_cache"]["vlm"]
         assert vlm["reuse_refused"] and not vlm["enabled"] and on.status()["vision_cache"]["hits"] == 2
+    finally:
+        on.shutdown()
+        off.shutdown()
+
+
+def test_gemma4_gives_a_repeated_prompt_the_same_greedy_answer_with_the_prefix_cache_on_and_off(
+    fixture_models: dict[str, Path],
+) -> None:
+    """The same prompt sent again (text, image, audio) answers as with the cache off: with the per-layer-inputs
+    refusal, no request on the Gemma 4 fixture is served from a kept prefix (the drafter test once saw it)."""
+    folder = fixture_models["vlm-gemma4-audio"]
+    # Text on mlx-vlm too (`text_route: vlm`), where the drafter test's repeated prompts once changed answers.
+    on, off = _engine(folder, text_route="vlm"), _engine(folder, text_route="vlm", prefix_cache=False)
+    try:
+        prompts: list[Any] = [
+            "tell me about the sea",
+            "why",
+            [_png((200, 30, 30)), {"type": "text", "text": "What colour is this?"}],
+            [_audio(0.5, 440.0), {"type": "text", "text": "What is this?"}],
+        ]
+        for content in prompts:
+            ask = _request_messages([{"role": "user", "content": content}])
+            want = _answer(off.generate(ask))
+            assert [_answer(on.generate(ask)) for _ in range(3)] == [want] * 3
+        vlm = on.status()["prefix_cache"]["vlm"]
+        assert vlm["reuse_refused"] and vlm["entries"] == 0 and vlm["reused_tokens"] == 0
     finally:
         on.shutdown()
         off.shutdown()
