@@ -440,3 +440,44 @@ def test_gemma4_gives_a_repeated_prompt_the_same_greedy_answer_with_the_prefix_c
     finally:
         on.shutdown()
         off.shutdown()
+
+
+@pytest.mark.parametrize("model", ["vlm-qwen2vl", "vlm-qwen35-mtp"])
+def test_later_turns_of_media_chats_start_their_batch_rows_from_the_kept_prefix(
+    fixture_models: dict[str, Path], model: str, tmp_path: Path
+) -> None:
+    """Three media chats at once, three turns each: a later turn starts its batch row from its chat's kept
+    cache (only the new part is prefilled) and answers as with the prefix cache off, and as alone."""
+    media = [_png((200, 40, 40)), _png((40, 200, 40), size=96)]
+    if model == "vlm-qwen2vl":
+        media.append(_video(tmp_path, 8))
+    else:
+        media.append(_png((40, 40, 200), size=80))
+    folder = fixture_models[model]
+    on, off, lone = _engine(folder), _engine(folder, prefix_cache=False), _engine(folder)
+    try:
+        chats: list[list[dict[str, Any]]] = [
+            [{"role": "user", "content": [part, {"type": "text", "text": f"What is this, {i}?"}]}]
+            for i, part in enumerate(media)
+        ]
+        for turn in range(3):
+            asks = [_request_messages(list(chat)) for chat in chats]
+            together = [h.result() for h in [on.submit(a) for a in asks]]
+            plain = [_answer(h.result()) for h in [off.submit(a) for a in asks]]
+            alone = [_answer(lone.generate(a)) for a in asks]
+            assert [_answer(c) for c in together] == plain == alone
+            if model == "vlm-qwen2vl":
+                assert all((c.usage.cached_tokens > 0) == (turn > 0) for c in together)
+            for chat, done in zip(chats, together, strict=True):
+                chat += [{"role": "assistant", "content": done.content}, {"role": "user", "content": "and?"}]
+        vlm = on.status()["prefix_cache"]["vlm"]
+        # Every turn batched; Qwen 3.5's linear-attention state cannot be trimmed back to the shared prefix (the
+        # re-rendered answer differs from the tokens the cache holds), so its later turns start cold.
+        warm = 6 if model == "vlm-qwen2vl" else 0
+        assert vlm["sent_to_streams"] == 0 and vlm["batched"] == 9 and vlm["warm_started"] == warm
+        assert vlm["batch_rows"] > vlm["batch_steps"]  # later turns decoded together too
+        assert lone.status()["prefix_cache"]["vlm"]["warm_started"] == warm
+    finally:
+        on.shutdown()
+        off.shutdown()
+        lone.shutdown()
