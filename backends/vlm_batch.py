@@ -459,17 +459,27 @@ def _warm_start_class() -> type:
         return _WARM_START
     from mlx_vlm.generate.ar import BatchGenerator
 
-    class WarmStart(BatchGenerator):  # type: ignore[misc]
+    class WarmStart(BatchGenerator):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.warm: dict[int, tuple[int, list[Any]]] = {}
-            self.apc_manager = _NoHarvest()
+            self.apc_manager = _NoHarvest()  # type: ignore[assignment]  # the two methods it calls
             self.apc_mode = "exact"
+
+        def _build_mixed_prompt_batch(self, sequences: list[Any]) -> Any:
+            # Only an admission with a warm row takes the warm path; the others are admitted as before.
+            if not any(sequence[0] in self.warm for sequence in sequences):
+                return None
+            return super()._build_mixed_prompt_batch(sequences)
 
         def _apc_pick_for(self, sequence: Any) -> dict[str, Any] | None:
             found = self.warm.pop(sequence[0], None)
             if found is None:
-                return None
+                # A cold row admitted beside a warm one: its own empty cache (mlx-vlm would ask the language
+                # model's make_cache, which not every model has).
+                from mlx_vlm.models.cache import make_prompt_cache
+
+                found = (0, make_prompt_cache(self.model))
             prefix, cache = found
             return {
                 "matched_blocks": [],

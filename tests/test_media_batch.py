@@ -444,10 +444,22 @@ def test_gemma4_gives_a_repeated_prompt_the_same_greedy_answer_with_the_prefix_c
 
 @pytest.mark.parametrize("model", ["vlm-qwen2vl", "vlm-qwen35-mtp"])
 def test_later_turns_of_media_chats_start_their_batch_rows_from_the_kept_prefix(
-    fixture_models: dict[str, Path], model: str, tmp_path: Path
+    fixture_models: dict[str, Path], model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three media chats at once, three turns each: a later turn starts its batch row from its chat's kept
     cache (only the new part is prefilled) and answers as with the prefix cache off, and as alone."""
+    from backends.vlm_batch import _warm_start_class
+
+    warm_class = _warm_start_class()
+    admitted: list[int] = []  # rows of each admission that had a warm row
+    build = warm_class._build_mixed_prompt_batch
+
+    def spy(self: Any, sequences: list[Any]) -> Any:
+        if any(sequence[0] in self.warm for sequence in sequences):
+            admitted.append(len(sequences))
+        return build(self, sequences)
+
+    monkeypatch.setattr(warm_class, "_build_mixed_prompt_batch", spy)
     media = [_png((200, 40, 40)), _png((40, 200, 40), size=96)]
     if model == "vlm-qwen2vl":
         media.append(_video(tmp_path, 8))
@@ -470,11 +482,25 @@ def test_later_turns_of_media_chats_start_their_batch_rows_from_the_kept_prefix(
                 assert all((c.usage.cached_tokens > 0) == (turn > 0) for c in together)
             for chat, done in zip(chats, together, strict=True):
                 chat += [{"role": "assistant", "content": done.content}, {"role": "user", "content": "and?"}]
+        # A later turn admitted beside first turns (a new image, a text-only request) starts warm beside them.
+        asks = [
+            _request_messages(chats[0]),
+            _request_messages(chats[0][:1]),
+            _request_messages(
+                [{"role": "user", "content": [_png((90, 90, 30)), {"type": "text", "text": "And this?"}]}]
+            ),
+            _request("hello there", max_tokens=6),
+        ]
+        together = [_answer(h.result()) for h in [on.submit(a) for a in asks]]
+        assert together == [_answer(off.generate(a)) for a in asks]
+        assert max(admitted, default=0) > 1 or model != "vlm-qwen2vl"  # warm rows admitted beside others
         vlm = on.status()["prefix_cache"]["vlm"]
         # Every turn batched; Qwen 3.5's linear-attention state cannot be trimmed back to the shared prefix (the
         # re-rendered answer differs from the tokens the cache holds), so its later turns start cold.
         warm = 6 if model == "vlm-qwen2vl" else 0
-        assert vlm["sent_to_streams"] == 0 and vlm["batched"] == 9 and vlm["warm_started"] == warm
+        assert (
+            vlm["sent_to_streams"] == 0 and vlm["batched"] == 12 and vlm["warm_started"] == warm + (warm > 0)
+        )
         assert vlm["batch_rows"] > vlm["batch_steps"]  # later turns decoded together too
         assert lone.status()["prefix_cache"]["vlm"]["warm_started"] == warm
     finally:
