@@ -5,13 +5,15 @@ alternatives measured in the same run.
 
   batch  8 concurrent image chats (a different image each), `--tokens` tokens each (ignore_eos): aggregate
          tok/s with the media batch vs `media_batching: false` (today's in-turn decoding)
-  chat   a 6-turn chat about one image (`--size` px) on a Qwen2-VL whose vision tower is a realistic share of
-         the work (built by `tower_model` into a temporary folder: the fixture's language model and tokenizer,
-         a `--tower-depth` x `--tower-width` tower, images up to `--size`² pixels): the sum of the turns' times
-         to first token with the feature cache on vs `vision_cache_entries: 0`, on the batch and on the
-         per-request path (`media_batching: false`), both with `prefix_cache: false` so every turn prepares
-         its whole prompt; then with the prefix cache on (later turns reuse the kept prefix on the per-request
-         path), feature cache on vs off. Also the tower's share of the TTFTs with the cache off, and of turn 1.
+  chat   a 6-turn chat about one image (`--size` px) on a Qwen2-VL whose vision tower is most of a first
+         image turn's prefill, as in real VLMs (built by `tower_model` into a temporary folder: the fixture's
+         tokenizer and 2-layer language model layout at `--lm-width`, a `--tower-depth` x `--tower-width`
+         tower, images up to `--size`² pixels): the sum of the turns' times to first token with the feature
+         cache on vs `vision_cache_entries: 0`, on the batch and on the per-request path
+         (`media_batching: false`), both with `prefix_cache: false` so every turn prepares its whole prompt;
+         then with the prefix cache on (later turns start their batch rows from the kept prefix; their
+         embeddings, so the tower, are still computed for the whole prompt), feature cache on vs off. Also the
+         tower's share of the TTFTs with the cache off (whole chat, and turn 1).
   text   8 concurrent text-only chats on the same VLM: its mlx-lm text route (what text-only requests take)
          vs the mlx-vlm batch (config `text_route: vlm`), aggregate tok/s — why text keeps the text route
 
