@@ -175,28 +175,34 @@ def chat(
 
     from runtime.request import GenerationRequest
 
-    results: dict[str, Any] = {}
+    configs: dict[str, dict[str, Any]] = {
+        "batch, feature cache on": {"prefix_cache": False},
+        "batch, feature cache off": {"prefix_cache": False, "vision_cache_entries": 0},
+        "per-request, feature cache on": {"prefix_cache": False, "media_batching": False},
+        "per-request, feature cache off": {
+            "prefix_cache": False,
+            "media_batching": False,
+            "vision_cache_entries": 0,
+        },
+        "prefix cache on, feature cache on": {},
+        "prefix cache on, feature cache off": {"vision_cache_entries": 0},
+    }
     with tempfile.TemporaryDirectory(prefix="media-bench-") as scratch:
         folder = tower_model(
             Path(scratch) / "qwen2vl-tower", depth=depth, width=width, size=size, lm_width=lm_width
         )
-        for label, settings in (
-            ("batch, feature cache on", {"prefix_cache": False}),
-            ("batch, feature cache off", {"prefix_cache": False, "vision_cache_entries": 0}),
-            ("per-request, feature cache on", {"prefix_cache": False, "media_batching": False}),
-            (
-                "per-request, feature cache off",
-                {"prefix_cache": False, "media_batching": False, "vision_cache_entries": 0},
-            ),
-            ("prefix cache on, feature cache on", {}),
-            ("prefix cache on, feature cache off", {"vision_cache_entries": 0}),
-        ):
-            engine = _engine(folder=folder, **settings)
-            tower = _TowerClock(engine)
-            try:
-                sums, firsts, first_towers, towers = [], [], [], []
-                for run in range(runs + 1):  # the first run warms up
-                    image = _image((run * 30 % 256, 60, 160), size)
+        engines = {label: _engine(folder=folder, **settings) for label, settings in configs.items()}
+        tower = _TowerClock(
+            next(iter(engines.values()))
+        )  # one clock: every engine's tower has the same class
+        measured: dict[str, dict[str, list[float]]] = {
+            label: {"sums": [], "firsts": [], "first_towers": [], "towers": []} for label in configs
+        }
+        try:
+            # Configurations take turns within each run, so a change in the machine's load hits all alike.
+            for run in range(runs + 1):  # the first run warms up
+                image = _image((run * 30 % 256, 60, 160), size)
+                for label, engine in engines.items():
                     history: list[dict[str, Any]] = []
                     total, tower_before = 0.0, tower.seconds
                     for turn in range(turns):
@@ -211,27 +217,31 @@ def chat(
                         ttft = done.timings.queued_s + done.timings.prompt_s
                         total += ttft
                         if run and turn == 0:
-                            firsts.append(ttft)
-                            first_towers.append(tower.seconds - turn_tower)
+                            measured[label]["firsts"].append(ttft)
+                            measured[label]["first_towers"].append(tower.seconds - turn_tower)
                         history.append({"role": "assistant", "content": done.content or "ok"})
                     if run:
-                        sums.append(total)
-                        towers.append(tower.seconds - tower_before)
+                        measured[label]["sums"].append(total)
+                        measured[label]["towers"].append(tower.seconds - tower_before)
+            results: dict[str, Any] = {}
+            for label, engine in engines.items():
                 status = engine.status()
                 features, vlm = status["vision_cache"], status["prefix_cache"].get("vlm") or {}
+                values = measured[label]
                 results[label] = {
-                    "ttft_sum_s": median(sums),
-                    "turn1_ttft_s": median(firsts),
-                    "tower_s_per_chat": median(towers),
-                    "turn1_tower_s": median(first_towers),
+                    "ttft_sum_s": median(values["sums"]),
+                    "turn1_ttft_s": median(values["firsts"]),
+                    "tower_s_per_chat": median(values["towers"]),
+                    "turn1_tower_s": median(values["first_towers"]),
                     "hits": features["hits"],
                     "misses": features["misses"],
                     "batched": vlm.get("batched"),
                     "sent_to_streams": vlm.get("sent_to_streams"),
                     "prefix_hits": vlm.get("hits"),
                 }
-            finally:
-                tower.close()
+        finally:
+            tower.close()
+            for engine in engines.values():
                 engine.shutdown()
     return results
 
