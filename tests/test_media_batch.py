@@ -240,6 +240,37 @@ def test_a_second_turn_about_the_same_image_takes_its_features_from_the_cache(
         reference.shutdown()
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"prefix_cache": False, "media_batching": False}, {"media_batching": False}, {}],
+    ids=["per-request", "per-request-prefix", "batch-warm"],
+)
+def test_later_turns_run_the_tower_at_most_once_per_chat_on_every_path(
+    fixture_models: dict[str, Path], settings: dict[str, Any]
+) -> None:
+    """The feature cache sits on the tower, so the per-request path's later turns take it too (with the prefix
+    cache on there, mlx-vlm does not even ask: the kept prefix holds the image); the batch's warm rows still
+    embed the whole prompt, and take the features from the cache."""
+    engine = _engine(fixture_models["vlm-qwen2vl"], **settings)
+    try:
+        chat: list[dict[str, Any]] = [
+            {"role": "user", "content": [_png((220, 20, 20)), {"type": "text", "text": "What is this?"}]}
+        ]
+        with _tower_runs(engine) as runs:
+            for _turn in range(3):
+                done = engine.generate(_request_messages(list(chat)))
+                chat += [{"role": "assistant", "content": done.content}, {"role": "user", "content": "Sure?"}]
+        assert len(runs) == 1
+        features, vlm = engine.status()["vision_cache"], engine.status()["prefix_cache"]["vlm"]
+        reused = settings.get("prefix_cache", True)
+        assert features["misses"] == 1 and features["hits"] == (
+            0 if settings == {"media_batching": False} else 2
+        )
+        assert vlm["hits"] == (2 if reused else 0)
+    finally:
+        engine.shutdown()
+
+
 def test_the_feature_cache_keeps_to_its_bounds() -> None:
     import mlx.core as mx
 
