@@ -19,8 +19,8 @@ other rows it admits, so turn N of a media chat batches and processes only what 
 What the batch cannot honour goes to the per-request `VlmStreams` (kept as the fallback, see `_batchable`):
 a drafter, a quantized or rotating KV cache, a model whose caches cannot batch, and a text-only request
 that continues the kept text state (the streams reuse it, so turn N of a chat processes only what it added).
-A kept media prefix that cannot serve (a cache that cannot be trimmed back to the shared part, such as
-linear-attention state) would be prefilled cold on the streams too, so such a request batches cold.
+On a model with linear-attention state (whose recurrence would run over the right-padding of a mixed
+admission) a later media turn's row starts cold.
 """
 
 from __future__ import annotations
@@ -177,9 +177,7 @@ class VlmBatch:
     def add(self, spec: DecodeSpec) -> Started:
         """Prepare a request (processor, towers, embeddings) and queue it on the batch, or on the streams."""
         inputs = self._inputs(spec) if self._batchable(spec) else None
-        warm = None
-        if inputs is not None and spec.media_key:
-            warm = self._warm_start(spec, inputs["input_ids"])
+        warm = self._warm_start(spec, inputs["input_ids"]) if inputs is not None else None
         if inputs is None or self._reuses_text_prefix(spec, inputs["input_ids"]):
             self.fallback.add(spec.uid)
             self.sent_back += 1
@@ -217,12 +215,16 @@ class VlmBatch:
         return self.streams.states.get(spec.media_key)
 
     def _warm_start(self, spec: DecodeSpec, input_ids: Any) -> tuple[int, list[Any]] | None:
-        """The shared prefix length and its KV cache (trimmed to it) for a media request to start its row from.
+        """The prefix kept for a media request's media to start its batch row from: (prefix length, its KV
+        cache trimmed to it); None: the row starts cold.
 
-        None when no state is kept for its media, the prompt shares none of it (or all of it: a row needs a
-        token to prefill), the part after the prefix holds media tokens, or a layer's cache cannot be trimmed
-        back to the prefix (linear-attention state) — mlx-vlm's per-request reuse rules, under which the
-        streams would prefill such a request cold as well.
+        No reuse when no state is kept for its media, the prompt shares none of it (or all of it: a row needs
+        a token to prefill), the part after the prefix holds media tokens, or the cache cannot be cut back to
+        the prefix (mlx-vlm's per-request rules). A batch row starts only from attention KV caches: a recurrent
+        (linear-attention) state would also run over the right-padding mlx-vlm gives a warm row admitted
+        beside longer ones (answers changed on Qwen 3.5), so such a model's rows start cold. (The streams could
+        reuse an exact continuation there, but a penalised one reused so on Qwen 3.5 answered differently from
+        the cache off, not yet explained: cold keeps answers equal.)
         """
         state = self._kept(spec)
         if state is None or state.cache is None:
@@ -239,7 +241,8 @@ class VlmBatch:
         ):
             return None
         drop = _prefix_cache_trim_amount(state.cache, prefix)
-        if drop is None:
+        trimmable = all(getattr(layer, "is_trimmable", lambda: False)() for layer in state.cache)
+        if drop is None or not trimmable:
             return None
         for layer in state.cache:
             if drop:
@@ -470,7 +473,11 @@ def _warm_start_class() -> type:
             # Only an admission with a warm row takes the warm path; the others are admitted as before.
             if not any(sequence[0] in self.warm for sequence in sequences):
                 return None
-            return super()._build_mixed_prompt_batch(sequences)
+            batch = super()._build_mixed_prompt_batch(sequences)
+            if batch is not None and batch._token_context:
+                # Logits processors (penalties) see the whole prompt, as on a cold row, not just the suffix.
+                batch._token_context = [list(sequence[1]) for sequence in sequences]
+            return batch
 
         def _apc_pick_for(self, sequence: Any) -> dict[str, Any] | None:
             found = self.warm.pop(sequence[0], None)
