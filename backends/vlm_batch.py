@@ -13,9 +13,9 @@ mlx-vlm's batch takes one sampler and one stop set for all rows; per-request con
   finished row's KV cache is kept for the next turn (the per-request streams reuse it, see `VlmStreams`)
   before the row leaves the batch.
 A media request whose media have a kept prefix (the last turn of the same chat) starts its row from it: the
-kept KV cache, trimmed to the prefix the new prompt shares, is handed to mlx-vlm's warm-row admission (the
-path its automatic prefix cache uses: `_WarmStart`), which prefills only the suffix, right-padded beside the
-other rows it admits, so turn N of a media chat batches and processes only what turn N added.
+kept KV cache, trimmed to the prefix the new prompt shares, goes to mlx-vlm's warm-row admission (the path
+its automatic prefix cache uses, see `_warm_start_class`), which prefills only the suffix, right-padded
+beside the other rows it admits, so turn N of a media chat batches and processes only what turn N added.
 What the batch cannot honour goes to the per-request `VlmStreams` (kept as the fallback, see `_batchable`):
 a drafter, a quantized or rotating KV cache, a model whose caches cannot batch, and a text-only request
 that continues the kept text state (the streams reuse it, so turn N of a chat processes only what it added).
