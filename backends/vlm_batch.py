@@ -12,10 +12,15 @@ mlx-vlm's batch takes one sampler and one stop set for all rows; per-request con
 - its stop criteria never stop: each row's stop ids and token limit are checked here (`StopIds`), and a
   finished row's KV cache is kept for the next turn (the per-request streams reuse it, see `VlmStreams`)
   before the row leaves the batch.
+A media request whose media have a kept prefix (the last turn of the same chat) starts its row from it: the
+kept KV cache, trimmed to the prefix the new prompt shares, goes to mlx-vlm's warm-row admission (the path
+its automatic prefix cache uses, see `_warm_start_class`), which prefills only the suffix, right-padded
+beside the other rows it admits, so turn N of a media chat batches and processes only what turn N added.
 What the batch cannot honour goes to the per-request `VlmStreams` (kept as the fallback, see `_batchable`):
-a drafter, a quantized or rotating KV cache, a model whose caches cannot batch, a request whose media have a
-kept prefix, and a text-only request that continues the kept text state (the streams reuse those, so turn N
-of a chat processes only what turn N added).
+a drafter, a quantized or rotating KV cache, a model whose caches cannot batch, and a text-only request
+that continues the kept text state (the streams reuse it, so turn N of a chat processes only what it added).
+On a model with linear-attention state (whose recurrence would run over the right-padding of a mixed
+admission) a later media turn's row starts cold.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class _Row:
     produced: int = 0
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: collections.deque[Any] = dataclasses.field(default_factory=collections.deque)
+    cached: int = 0  # prompt tokens taken from a kept prefix (not prefilled)
 
 
 class _NeverStop:
@@ -153,14 +159,13 @@ class VlmBatch:
         self.fallback: set[int] = set()  # request uids on the streams
         self.batched = 0  # requests that ran in the batch
         self.sent_back = 0  # requests sent to the streams
+        self.warm_started = 0  # batch rows started from a kept prefix
         self.steps = 0  # decoding steps of the batch
         self.step_rows = 0  # tokens those steps produced (over steps: the mean batch size)
 
     def _new_generator(self) -> Any:
-        from mlx_vlm.generate.ar import BatchGenerator
-
         language_model = getattr(self.model, "language_model", self.model)
-        return BatchGenerator(
+        return _warm_start_class()(
             language_model,
             _Shim(),
             sampler=_RowSampler(self),
@@ -172,10 +177,13 @@ class VlmBatch:
     def add(self, spec: DecodeSpec) -> Started:
         """Prepare a request (processor, towers, embeddings) and queue it on the batch, or on the streams."""
         inputs = self._inputs(spec) if self._batchable(spec) else None
+        warm = self._warm_start(spec, inputs["input_ids"]) if inputs is not None else None
         if inputs is None or self._reuses_text_prefix(spec, inputs["input_ids"]):
             self.fallback.add(spec.uid)
             self.sent_back += 1
             return self.streams.add(spec)
+        if warm is not None:
+            self.streams.states.pop(spec.media_key, None)  # the row owns (and extends) the kept cache now
         ids, kwargs = self._embed(spec, inputs)
         (guid,) = self.generator.insert(
             [ids],
@@ -184,18 +192,62 @@ class VlmBatch:
             prompt_kwargs=[kwargs],
             logits_processors=[list(spec.processors) or None],
         )
-        row = _Row(spec, guid, ids, TokenText(self, spec))
+        row = _Row(spec, guid, ids, TokenText(self, spec), cached=warm[0] if warm is not None else 0)
+        if warm is not None:
+            self.generator.warm[guid] = warm
+            self.warm_started += 1
+            self.streams.cache_stats.hits += 1
+            self.streams.cache_stats.reused_tokens += warm[0]
+        if spec.media_key and self.streams.prefix_entries > 0:
+            self.streams.cache_stats.lookups += 1
         self.rows[spec.uid] = self.by_guid[guid] = row
         self.batched += 1
         return Started()
 
     def _batchable(self, spec: DecodeSpec) -> bool:
         """Whether a request may run in the batch (else the streams: see the module docstring)."""
-        if self.refusal is not None or spec.speculative:
-            return False
-        # A kept prefix for these media: the streams reuse it (mlx-vlm's batch cannot start from a cache).
-        media = bool(spec.media_key)
-        return not (media and self.streams.prefix_entries > 0 and spec.media_key in self.streams.states)
+        return self.refusal is None and not spec.speculative
+
+    def _kept(self, spec: DecodeSpec) -> Any:
+        """The kept prefix state for a media request's media (None: none, or the prefix cache is off)."""
+        if not spec.media_key or self.streams.prefix_entries <= 0:
+            return None
+        return self.streams.states.get(spec.media_key)
+
+    def _warm_start(self, spec: DecodeSpec, input_ids: Any) -> tuple[int, list[Any]] | None:
+        """The prefix kept for a media request's media to start its batch row from: (prefix length, its KV
+        cache trimmed to it); None: the row starts cold.
+
+        No reuse when no state is kept for its media, the prompt shares none of it (or all of it: a row needs
+        a token to prefill), the part after the prefix holds media tokens, or the cache cannot be cut back to
+        the prefix (mlx-vlm's per-request rules). A batch row starts only from attention KV caches: a recurrent
+        (linear-attention) state would also run over the right-padding mlx-vlm gives a warm row admitted
+        beside longer ones (answers changed on Qwen 3.5), so such a model's rows start cold. (The streams could
+        reuse an exact continuation there, but a penalised one reused so on Qwen 3.5 answered differently from
+        the cache off, not yet explained: cold keeps answers equal.)
+        """
+        state = self._kept(spec)
+        if state is None or state.cache is None:
+            return None
+        from mlx_vlm.apc import multimodal_token_ids_from_config, prefix_leaves_text_only_suffix
+        from mlx_vlm.generate.dispatch import _prefix_cache_trim_amount
+
+        ids = [int(i) for i in input_ids.reshape(-1).tolist()]
+        prefix = int(state.find_prefix_length(ids))
+        if not 0 < prefix < len(ids):
+            return None
+        if not prefix_leaves_text_only_suffix(
+            ids, prefix, multimodal_token_ids_from_config(self.model.config)
+        ):
+            return None
+        drop = _prefix_cache_trim_amount(state.cache, prefix)
+        trimmable = all(getattr(layer, "is_trimmable", lambda: False)() for layer in state.cache)
+        if drop is None or not trimmable:
+            return None
+        for layer in state.cache:
+            if drop:
+                layer.trim(drop)
+        return prefix, list(state.cache)
 
     def _reuses_text_prefix(self, spec: DecodeSpec, input_ids: Any) -> bool:
         """Whether a text-only request shares at least half its prompt with the kept text state.
@@ -254,6 +306,7 @@ class VlmBatch:
             self._drop(row)
 
     def _drop(self, row: _Row) -> None:
+        self.generator.warm.pop(row.guid, None)
         self.generator.remove(row.guid)
         self.rows.pop(row.spec.uid, None)
         self.by_guid.pop(row.guid, None)
@@ -301,7 +354,7 @@ class VlmBatch:
             logprob=logprob,
             top_logprobs=top,
             prompt_tokens=len(row.prompt),
-            cached_tokens=0,
+            cached_tokens=row.cached,
         )
         if finish is not None:
             self._keep_prefix(row)
@@ -344,6 +397,7 @@ class VlmBatch:
             "batching": self.refusal is None,
             "batched": self.batched,
             "sent_to_streams": self.sent_back,
+            "warm_started": self.warm_started,
             "batch_steps": self.steps,
             "batch_rows": self.step_rows,
         }
@@ -374,6 +428,88 @@ class VlmBatch:
         from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
 
         return make_streaming_detokenizer(self.processor)
+
+
+class _NoHarvest:
+    """The prefix-cache manager mlx-vlm's warm-row admission expects: the decoder keeps prefixes itself (per
+    media, see `VlmStreams`), so nothing is stored here and there are no shared blocks to release."""
+
+    exact_cache_guard_tokens = 1
+
+    def release(self, blocks: Any) -> None:
+        """Nothing was lent."""
+
+    def store_exact_cache(self, *args: Any, **kwargs: Any) -> bool:
+        """Nothing is kept here."""
+        return False
+
+
+_WARM_START: type | None = None
+
+
+def _warm_start_class() -> type:
+    """mlx-vlm's BatchGenerator whose rows may start from a given KV cache (`warm`: generator uid -> (prefix
+    length, per-layer caches)).
+
+    mlx-vlm 0.7.10's `insert` takes no caches; its only way to start a row from one is the automatic prefix
+    cache's admission, which looks each admitted prompt up (`_apc_pick_for`) and, on a hit, prefills only the
+    suffixes of the batch's rows, right-padded, over the hit's cache merged with fresh ones for the other rows.
+    Its lookup is answered here from `warm` (in its "exact" form: a whole cache and its length); hashing,
+    harvesting and checkpoints are off, so rows without a warm start are admitted exactly as before.
+    """
+    global _WARM_START
+    if _WARM_START is not None:
+        return _WARM_START
+    from mlx_vlm.generate.ar import BatchGenerator
+
+    class WarmStart(BatchGenerator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.warm: dict[int, tuple[int, list[Any]]] = {}
+            self.apc_manager = _NoHarvest()  # type: ignore[assignment]  # the two methods it calls
+            self.apc_mode = "exact"
+
+        def _build_mixed_prompt_batch(self, sequences: list[Any]) -> Any:
+            # Only an admission with a warm row takes the warm path; the others are admitted as before.
+            if not any(sequence[0] in self.warm for sequence in sequences):
+                return None
+            batch = super()._build_mixed_prompt_batch(sequences)
+            if batch is not None and batch._token_context:
+                # Logits processors (penalties) see the whole prompt, as on a cold row, not just the suffix.
+                batch._token_context = [list(sequence[1]) for sequence in sequences]
+            return batch
+
+        def _apc_pick_for(self, sequence: Any) -> dict[str, Any] | None:
+            found = self.warm.pop(sequence[0], None)
+            if found is None:
+                # A cold row admitted beside a warm one: its own empty cache (mlx-vlm would ask the language
+                # model's make_cache, which not every model has).
+                from mlx_vlm.models.cache import make_prompt_cache
+
+                found = (0, make_prompt_cache(self.model))
+            prefix, cache = found
+            return {
+                "matched_blocks": [],
+                "warm_cache": cache,
+                "prefix_len": prefix,
+                "extra_hash": 0,
+                "full_input_ids": list(sequence[1]),
+            }
+
+        def _apc_extra_hash(self, prompt_kwargs: Any) -> int:
+            return 0
+
+        def _apc_exact_checkpoint_len(self, ids_list: Any) -> int:
+            return 0
+
+        def _apc_exact_checkpoint_lengths(self, ids_list: Any) -> list[int]:
+            return []
+
+        def _build_apc_meta_for_cold(self, input_ids_list: Any, prompt_kwargs_list: Any) -> None:
+            return None
+
+    _WARM_START = WarmStart
+    return WarmStart
 
 
 def _row_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

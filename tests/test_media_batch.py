@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +29,13 @@ pytestmark = [
 ]
 
 
-def _engine(folder: Path, **settings: Any) -> Any:
+def _engine(folder: Path, text_route: str | None = None, **settings: Any) -> Any:
     from importers import import_model
     from runtime.engine import Engine, EngineSettings
 
     config = import_model(str(folder)).config
+    if text_route is not None:
+        config = config.model_copy(update={"mlx": config.mlx.model_copy(update={"text_route": text_route})})
     if config.mlx.speculative.mtp:  # the MTP fixture without its drafter: a hybrid (linear-attention) VLM
         speculative = config.mlx.speculative.model_copy(update={"mtp": False, "draft_kind": None})
         config = config.model_copy(update={"mlx": config.mlx.model_copy(update={"speculative": speculative})})
@@ -238,6 +241,37 @@ def test_a_second_turn_about_the_same_image_takes_its_features_from_the_cache(
         reference.shutdown()
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"prefix_cache": False, "media_batching": False}, {"media_batching": False}, {}],
+    ids=["per-request", "per-request-prefix", "batch-warm"],
+)
+def test_later_turns_run_the_tower_at_most_once_per_chat_on_every_path(
+    fixture_models: dict[str, Path], settings: dict[str, Any]
+) -> None:
+    """The feature cache sits on the tower, so the per-request path's later turns take it too (with the prefix
+    cache on there, mlx-vlm does not even ask: the kept prefix holds the image); the batch's warm rows still
+    embed the whole prompt, and take the features from the cache."""
+    engine = _engine(fixture_models["vlm-qwen2vl"], **settings)
+    try:
+        chat: list[dict[str, Any]] = [
+            {"role": "user", "content": [_png((220, 20, 20)), {"type": "text", "text": "What is this?"}]}
+        ]
+        with _tower_runs(engine) as runs:
+            for _turn in range(3):
+                done = engine.generate(_request_messages(list(chat)))
+                chat += [{"role": "assistant", "content": done.content}, {"role": "user", "content": "Sure?"}]
+        assert len(runs) == 1
+        features, vlm = engine.status()["vision_cache"], engine.status()["prefix_cache"]["vlm"]
+        reused = settings.get("prefix_cache", True)
+        assert features["misses"] == 1 and features["hits"] == (
+            0 if settings == {"media_batching": False} else 2
+        )
+        assert vlm["hits"] == (2 if reused else 0)
+    finally:
+        engine.shutdown()
+
+
 def test_the_feature_cache_keeps_to_its_bounds() -> None:
     import mlx.core as mx
 
@@ -412,3 +446,102 @@ def test_gemma4_per_layer_inputs_are_never_reused_from_a_wrong_offset(
     finally:
         on.shutdown()
         off.shutdown()
+
+
+def test_gemma4_gives_a_repeated_prompt_the_same_greedy_answer_with_the_prefix_cache_on_and_off(
+    fixture_models: dict[str, Path],
+) -> None:
+    """The same prompt sent again (text, image, audio) answers as with the cache off: with the per-layer-inputs
+    refusal, no request on the Gemma 4 fixture is served from a kept prefix (the drafter test once saw it)."""
+    folder = fixture_models["vlm-gemma4-audio"]
+    # Text on mlx-vlm too (`text_route: vlm`), where the drafter test's repeated prompts once changed answers.
+    on, off = _engine(folder, text_route="vlm"), _engine(folder, text_route="vlm", prefix_cache=False)
+    try:
+        prompts: list[Any] = [
+            "tell me about the sea",
+            "why",
+            [_png((200, 30, 30)), {"type": "text", "text": "What colour is this?"}],
+            [_audio(0.5, 440.0), {"type": "text", "text": "What is this?"}],
+        ]
+        for content in prompts:
+            ask = _request_messages([{"role": "user", "content": content}])
+            want = _answer(off.generate(ask))
+            assert [_answer(on.generate(ask)) for _ in range(3)] == [want] * 3
+        vlm = on.status()["prefix_cache"]["vlm"]
+        assert vlm["reuse_refused"] and vlm["entries"] == 0 and vlm["reused_tokens"] == 0
+    finally:
+        on.shutdown()
+        off.shutdown()
+
+
+@pytest.mark.parametrize("model", ["vlm-qwen2vl", "vlm-qwen35-mtp"])
+def test_later_turns_of_media_chats_start_their_batch_rows_from_the_kept_prefix(
+    fixture_models: dict[str, Path], model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three media chats at once, three turns each: a later turn starts its batch row from its chat's kept
+    cache (only the new part is prefilled) and answers as with the prefix cache off, and as alone."""
+    from backends.vlm_batch import _warm_start_class
+
+    warm_class = _warm_start_class()
+    admitted: list[int] = []  # rows of each admission that had a warm row
+    build = warm_class._build_mixed_prompt_batch
+
+    def spy(self: Any, sequences: list[Any]) -> Any:
+        if any(sequence[0] in self.warm for sequence in sequences):
+            admitted.append(len(sequences))
+        return build(self, sequences)
+
+    monkeypatch.setattr(warm_class, "_build_mixed_prompt_batch", spy)
+    media = [_png((200, 40, 40)), _png((40, 200, 40), size=96)]
+    if model == "vlm-qwen2vl":
+        media.append(_video(tmp_path, 8))
+    else:
+        media.append(_png((40, 40, 200), size=80))
+    folder = fixture_models[model]
+    on, off, lone = _engine(folder), _engine(folder, prefix_cache=False), _engine(folder)
+    try:
+        chats: list[list[dict[str, Any]]] = [
+            [{"role": "user", "content": [part, {"type": "text", "text": f"What is this, {i}?"}]}]
+            for i, part in enumerate(media)
+        ]
+        for turn in range(3):
+            asks = [_request_messages(list(chat)) for chat in chats]
+            # Penalties over the whole prompt: a warm row's processors see it all, not just the new part.
+            asks[1] = dataclasses.replace(
+                asks[1],
+                repeat_penalty=1.5,
+                repetition_context_size=200,
+                presence_penalty=1.0,
+                presence_context_size=200,
+            )
+            together = [h.result() for h in [on.submit(a) for a in asks]]
+            plain = [_answer(h.result()) for h in [off.submit(a) for a in asks]]
+            alone = [_answer(lone.generate(a)) for a in asks]
+            assert [_answer(c) for c in together] == plain == alone
+            if model == "vlm-qwen2vl":
+                assert all((c.usage.cached_tokens > 0) == (turn > 0) for c in together)
+            for chat, done in zip(chats, together, strict=True):
+                chat += [{"role": "assistant", "content": done.content}, {"role": "user", "content": "and?"}]
+        # A later turn admitted beside first turns (a new image, a text-only request) starts warm beside them.
+        asks = [
+            _request_messages(chats[0]),
+            _request_messages(chats[0][:1]),
+            _request_messages(
+                [{"role": "user", "content": [_png((90, 90, 30)), {"type": "text", "text": "And this?"}]}]
+            ),
+            _request("hello there", max_tokens=6),
+        ]
+        together = [_answer(h.result()) for h in [on.submit(a) for a in asks]]
+        assert together == [_answer(off.generate(a)) for a in asks]
+        assert max(admitted, default=0) > 1 or model != "vlm-qwen2vl"  # warm rows admitted beside others
+        vlm = on.status()["prefix_cache"]["vlm"]
+        if model == "vlm-qwen2vl":  # every turn batched, each later one from its chat's kept prefix
+            assert (vlm["sent_to_streams"], vlm["batched"], vlm["warm_started"]) == (0, 12, 7)
+            assert lone.status()["prefix_cache"]["vlm"]["warm_started"] == 6
+        else:  # linear-attention state never starts a batch row: later turns batch cold
+            assert (vlm["sent_to_streams"], vlm["batched"], vlm["warm_started"]) == (0, 12, 0)
+        assert vlm["batch_rows"] > vlm["batch_steps"]  # later turns decoded together too
+    finally:
+        on.shutdown()
+        off.shutdown()
+        lone.shutdown()
