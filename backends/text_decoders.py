@@ -1,8 +1,7 @@
 """The text-route decoders (mlx-lm), driven one step at a time on the engine's one MLX thread.
 
 - TextBatcher: continuous batching with mlx-lm's BatchGenerator. Requests join and leave at step
-  boundaries, each with its own sampler, logits processors, stop ids and max tokens (the samplers of all
-  rows are drawn in one vectorized call per step: backends.keyed_batch); prompts are processed
+  boundaries, each with its own sampler, logits processors, stop ids and max tokens; prompts are processed
   in chunks (one chunk per step, so a long prompt never holds the batch for long, and a cancelled one is
   dropped between chunks). Prefix reuse uses the PrefixCache (backends.prefix_cache): a request starts from
   the longest cached prefix of its token ids; finished (and cancelled) requests are stored back, and, for
@@ -35,7 +34,7 @@ from backends.decoder import (
     failure_text,
 )
 from backends.prefix_cache import PrefixCache
-from backends.sampling import BatchSampler, token_logprobs
+from backends.sampling import token_logprobs
 from backends.solo import Solo, SoloToken
 
 
@@ -64,14 +63,10 @@ class TextBatcher:
         max_kv_size: int | None = None,
         codec: TextCodec | None = None,
         solo: bool = False,
-        batch_sampling: bool = True,
     ) -> None:
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
         self.model = model
-        # One vectorized sampler call per step for every row (False: mlx-lm calls each request's sampler on
-        # its own row; the same tokens, kept to measure the difference: bench/sampler_bench.py).
-        self.sampler = BatchSampler() if batch_sampling else None
         self.solo_enabled = (
             solo  # decode a lone request alone (off on distributed ranks: they mirror the batch)
         )
@@ -98,14 +93,9 @@ class TextBatcher:
         self.checkpoints = prefix.enabled and not can_trim_prompt_cache(make_prompt_cache(model, max_kv_size))
 
     def _new_generator(self) -> Any:
-        if self.sampler is None:
-            from mlx_lm.generate import BatchGenerator
+        from mlx_lm.generate import BatchGenerator
 
-            return BatchGenerator(self.model, max_tokens=1, **self._shape)
-        from backends.keyed_batch import KeyedBatchGenerator
-
-        self.sampler.clear()
-        return KeyedBatchGenerator(self.model, sampler=self.sampler, max_tokens=1, **self._shape)
+        return BatchGenerator(self.model, max_tokens=1, **self._shape)
 
     def busy(self) -> bool:
         """Whether any request is queued, prefilling or decoding."""
@@ -151,16 +141,13 @@ class TextBatcher:
             max_tokens=[tokens_left],
             caches=None if cache is None else [cache],
             all_tokens=[held],
-            # Every row shares the batch sampler (the generator's own), which draws with this one's keys.
-            samplers=None if spec.sampler is None or self.sampler is not None else [spec.sampler],
+            samplers=None if spec.sampler is None else [spec.sampler],
             logits_processors=[list(spec.processors)],
             stop_sequences=[StopSequences([(i,) for i in spec.stops.sorted()])],
         )
         self.specs[guid] = spec
         self.uids[spec.uid] = guid
         self.texts[guid] = text
-        if self.sampler is not None:
-            self.sampler.add(guid, spec.sampler)
 
     def _checkpoint(self, tokens: list[int], cache: list[Any]) -> None:
         self.prefix.store(self.key, tokens, cache, kind="user")
@@ -256,8 +243,6 @@ class TextBatcher:
     def _forget(self, guid: int) -> None:
         spec = self.specs.pop(guid, None)
         self.texts.pop(guid, None)
-        if self.sampler is not None:
-            self.sampler.discard(guid)
         if spec is not None:
             self.uids.pop(spec.uid, None)
 

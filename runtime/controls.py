@@ -51,10 +51,7 @@ class Recipe:
 
 class Guarded:
     """Runs one request's sampler or processor; a failure is reported (marking that request) instead of
-    raised, so it never fails the whole batch: the sampler falls back to greedy, a processor to no change.
-
-    The text batch reads a keyed sampler through `fn` to draw every row in one call, and calls the guard
-    itself only when that batched draw fails (backends.sampling.BatchSampler)."""
+    raised, so it never fails the whole batch: the sampler falls back to greedy, a processor to no change."""
 
     def __init__(
         self, fn: Callable[..., Any], report: Callable[[str], None] | None = None, *, sampler: bool = False

@@ -252,19 +252,6 @@ def test_each_request_alone_equals_its_output_inside_a_batch(
         engine.shutdown()
 
 
-# Each request its own sampling values, greedy ones among them: the batch draws them all in one call.
-MIXED_SAMPLING: list[dict[str, Any]] = [
-    {"temperature": 1.0, "top_p": 0.9},
-    {"temperature": 0.6, "top_k": 8},
-    {},  # greedy
-    {"temperature": 1.4, "min_p": 0.05},
-    {"temperature": 0.9, "top_p": 0.8, "top_k": 20, "min_p": 0.02},
-    {"temperature": 2.0},
-    {},  # greedy
-    {"temperature": 0.3, "top_k": 1},
-]
-
-
 def test_a_seeded_sampled_request_is_the_same_alone_or_in_any_batch(text_pair) -> None:
     engine, _off = text_pair
     seeded = [
@@ -274,26 +261,6 @@ def test_a_seeded_sampled_request_is_the_same_alone_or_in_any_batch(text_pair) -
     alone, together = _alone_and_together(engine, seeded)
     for single, batched in zip(alone, together, strict=True):
         assert _ids(single) == _ids(batched)
-    # Different temperature, top-p, top-k and min-p per request, and greedy rows, in one batch.
-    mixed = [
-        _request(
-            [{"role": "user", "content": text}],
-            max_tokens=10 + i,
-            **({"seed": 30 + i, **fields} if fields else {}),
-        )
-        for i, (text, fields) in enumerate(zip(PROMPTS, MIXED_SAMPLING, strict=True))
-    ]
-    before = engine.status()["stats"]
-    alone, together = _alone_and_together(engine, mixed)
-    after = engine.status()["stats"]
-    for single, batched in zip(alone, together, strict=True):
-        assert _ids(single) == _ids(batched)
-    assert (
-        after["batch_rows"] - before["batch_rows"] > after["batch_steps"] - before["batch_steps"]
-    )  # batched
-    assert _ids(together[-1]) == _ids(
-        engine.generate(_request([{"role": "user", "content": PROMPTS[-1]}], max_tokens=17))
-    )  # top_k 1 is greedy
     other_seed = engine.generate(
         _request([{"role": "user", "content": PROMPTS[0]}], temperature=1.0, seed=8, top_p=0.9, max_tokens=12)
     )
