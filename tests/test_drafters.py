@@ -10,15 +10,15 @@ Schema and pairing checks need no MLX and run first.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.drafting_support import png, request
 
 SHA = "a" * 64
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -130,25 +130,6 @@ def _configs(target: Path, drafter: Path) -> tuple[Any, Any]:
     return drafting, plain
 
 
-def _png(color: tuple[int, int, int]) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), color).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _request(text: str, image: str | None = None, **fields: Any):  # type: ignore[no-untyped-def]
-    from runtime.request import GenerationRequest
-
-    content: Any = text
-    if image is not None:
-        content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": text}]
-    fields.setdefault("max_tokens", 24)
-    fields.setdefault("temperature", 0.0)
-    return GenerationRequest(messages=[{"role": "user", "content": content}], **fields)
-
-
 @pytest.fixture(scope="module")
 def engines(mtp_vlm_model: Path, dflash_drafter_model: Path) -> Iterator[tuple[Any, Any]]:
     """The target drafting with the pinned DFlash drafter, and the same target decoding plainly."""
@@ -169,7 +150,7 @@ def test_the_pinned_drafter_loads_and_greedy_answers_equal_plain_alone_and_concu
     drafting, plain = engines
     backend = drafting.loaded.primary
     assert type(backend.draft_model).__name__ == "DFlashDraftModel" and backend.draft_kind == "dflash"
-    requests = [_request(text) for text in PROMPTS]
+    requests = [request(text) for text in PROMPTS]
     expected = [plain.generate(request) for request in requests]
     alone = [drafting.generate(request) for request in requests]
     together = [handle.result() for handle in [drafting.submit(request) for request in requests]]
@@ -216,11 +197,11 @@ def test_an_image_request_reaches_the_tower_and_keeps_the_plain_answer(engines: 
     tower runs, and the drafted answer is the plain one."""
     drafting, plain = engines
     tower = drafting.loaded.primary.model.vision_tower
-    image = _png((10, 200, 30))
+    image = png((10, 200, 30))
     with _tower_calls(tower) as calls:
-        got = drafting.generate(_request("What colour is this?", image=image))
-        text_only = drafting.generate(_request("What colour is this?"))
-    want = plain.generate(_request("What colour is this?", image=image))
+        got = drafting.generate(request("What colour is this?", image=image))
+        text_only = drafting.generate(request("What colour is this?"))
+    want = plain.generate(request("What colour is this?", image=image))
     assert len(calls) == 1  # the image request ran the tower; the text one did not
     assert got.route == "mlx-vlm" and got.content == want.content
     assert got.usage.prompt_tokens == want.usage.prompt_tokens
@@ -232,13 +213,13 @@ def test_usage_json_carries_acceptance_only_when_a_drafter_ran(engines: tuple[An
     from runtime.openai_response import usage_json
 
     drafting, plain = engines
-    drafted = usage_json(drafting.generate(_request(PROMPTS[2])).usage)
+    drafted = usage_json(drafting.generate(request(PROMPTS[2])).usage)
     assert drafted["draft_tokens_proposed"] > 0
     details = drafted["completion_tokens_details"]
     assert details["rejected_prediction_tokens"] == max(
         drafted["draft_tokens_proposed"] - details["accepted_prediction_tokens"], 0
     )
-    assert "draft_tokens_proposed" not in usage_json(plain.generate(_request(PROMPTS[2])).usage)
+    assert "draft_tokens_proposed" not in usage_json(plain.generate(request(PROMPTS[2])).usage)
 
 
 @pytest.mark.mlx
@@ -300,17 +281,17 @@ def test_a_gemma4_assistant_drafter_keeps_text_and_image_answers_plain(
     drafting = Engine(drafting_config, settings=EngineSettings()).start()
     try:
         assert type(drafting.loaded.primary.draft_model).__name__ == "Gemma4AssistantDraftModel"
-        requests = [_request(text, max_tokens=16) for text in PROMPTS[:4]]
+        requests = [request(text, max_tokens=16) for text in PROMPTS[:4]]
         expected = [plain.generate(r) for r in requests]
         alone = [drafting.generate(r) for r in requests]
         together = [h.result() for h in [drafting.submit(r) for r in requests]]
         for want, one, many in zip(expected, alone, together, strict=True):
             assert one.content == want.content and many.content == want.content
             assert one.usage.draft_tokens_proposed > 0
-        image = _png((200, 30, 30))
+        image = png((200, 30, 30))
         with _tower_calls(drafting.loaded.primary.model.vision_tower) as calls:
-            got = drafting.generate(_request("What colour is this?", image=image, max_tokens=16))
-        want = plain.generate(_request("What colour is this?", image=image, max_tokens=16))
+            got = drafting.generate(request("What colour is this?", image=image, max_tokens=16))
+        want = plain.generate(request("What colour is this?", image=image, max_tokens=16))
         assert len(calls) == 1 and got.content == want.content
         assert drafting.status()["prefix_cache"]["vlm"]["reuse_refused"]
     finally:

@@ -14,14 +14,13 @@ renders an unfinished UTF-8 tail at max_tokens as U+FFFD where mlx-vlm's drops i
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.drafting_support import png, request
 from tests.plugins.models import fixture_info
 
 pytestmark = pytest.mark.mlx
@@ -55,25 +54,6 @@ def _engine(config, **settings: Any):  # type: ignore[no-untyped-def]
     from runtime.engine import Engine, EngineSettings
 
     return Engine(config, settings=EngineSettings(**settings)).start()
-
-
-def _png(color: tuple[int, int, int], size: int = 64) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _request(text: str, image: str | None = None, **fields: Any):  # type: ignore[no-untyped-def]
-    from runtime.request import GenerationRequest
-
-    content: Any = text
-    if image is not None:
-        content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": text}]
-    fields.setdefault("max_tokens", 24)
-    fields.setdefault("temperature", 0.0)
-    return GenerationRequest(messages=[{"role": "user", "content": content}], **fields)
 
 
 def _streamed(handle) -> tuple[str, Any]:  # type: ignore[no-untyped-def]
@@ -130,9 +110,9 @@ def test_drafting_never_changes_a_greedy_answer_alone_streaming_or_concurrent(
     engines: tuple[Any, Any],
 ) -> None:
     drafting, plain = engines
-    requests = [_request(text) for text in PROMPTS]
+    requests = [request(text) for text in PROMPTS]
     # and drafting after a prompt with an image in it
-    requests.append(_request("What colour is this?", image=_png((200, 30, 30))))
+    requests.append(request("What colour is this?", image=png((200, 30, 30))))
     expected = [plain.generate(request) for request in requests]
     alone = [drafting.generate(request) for request in requests]
     streamed = [_streamed(drafting.submit(request)) for request in requests]
@@ -175,7 +155,7 @@ def test_a_seeded_sampled_request_drafts_and_is_the_same_alone_or_in_a_batch(
 ) -> None:
     drafting, _plain = engines
     requests = [
-        _request(text, temperature=0.8, top_p=0.9, seed=7 + index) for index, text in enumerate(PROMPTS[:4])
+        request(text, temperature=0.8, top_p=0.9, seed=7 + index) for index, text in enumerate(PROMPTS[:4])
     ]
     before = drafting.status()["speculative"]["draft_tokens"]
     alone = [drafting.generate(request) for request in requests]
@@ -191,11 +171,11 @@ def test_requests_drafting_cannot_honour_decode_without_drafts(engines: tuple[An
     """mlx-vlm's speculative loop applies logits processors to the first token only and gives no log-probs
     after it: such requests run without the drafter and get exactly the plain answer."""
     drafting, plain = engines
-    unbiased = plain.generate(_request(PROMPTS[0], logprobs=True))
+    unbiased = plain.generate(request(PROMPTS[0], logprobs=True))
     second = unbiased.logprobs[1].id  # the token the plain answer picks second
     for fields in ({"logit_bias": {second: -100.0}}, {"repeat_penalty": 1.3}, {"top_logprobs": 2}):
-        want = plain.generate(_request(PROMPTS[0], logprobs=True, **fields))
-        got = drafting.generate(_request(PROMPTS[0], logprobs=True, **fields))
+        want = plain.generate(request(PROMPTS[0], logprobs=True, **fields))
+        got = drafting.generate(request(PROMPTS[0], logprobs=True, **fields))
         assert [t.id for t in got.logprobs] == [t.id for t in want.logprobs], fields
         assert got.content == want.content and got.usage.draft_tokens_accepted == 0
         if "logit_bias" in fields:  # the processor matters after the first token: ignoring it would show
@@ -206,18 +186,18 @@ def test_num_draft_tokens_sets_the_drafts_per_round_not_the_answer(engines: tupl
     from gallery.errors import RequestError
 
     drafting, plain = engines
-    want = plain.generate(_request(PROMPTS[2]))
+    want = plain.generate(request(PROMPTS[2]))
     proposed = {}
     for drafts in (1, 4):
         before = drafting.status()["speculative"].get("proposed", 0)
-        got = drafting.generate(_request(PROMPTS[2], num_draft_tokens=drafts))
+        got = drafting.generate(request(PROMPTS[2], num_draft_tokens=drafts))
         assert got.content == want.content
         proposed[drafts] = drafting.status()["speculative"]["proposed"] - before
     # One draft per verification round against four: the longer blocks propose more drafts in all.
     assert proposed[4] > proposed[1] > 0
     # Without a drafter (and no text route to take it), the field is refused by name, not ignored.
     with pytest.raises(RequestError) as refused:
-        plain.submit(_request(PROMPTS[2], num_draft_tokens=4))
+        plain.submit(request(PROMPTS[2], num_draft_tokens=4))
     assert refused.value.field == "num_draft_tokens"
 
 
