@@ -70,15 +70,9 @@ class Solo:
         self.done_tokens = list(prompt[:cached])  # the tokens the cache holds
         self.context = TokenBuffer(self.done_tokens)  # the processors' context, as BatchGenerator keeps it
         self.produced = 0
-        self.answer: list[int] = []
         self._next: tuple[Any, Any] | None = None  # (token, logprobs) computed but not yet handed out
         self._input = int(prompt[-1])  # the next token to run through the model
         self._fed = False  # whether `_input` has gone through the model (is in the cache)
-
-    @property
-    def prefilling(self) -> bool:
-        """Whether prompt chunks are still to be processed."""
-        return bool(self.pending_prompt)
 
     def step(self) -> SoloToken | None:
         """One prompt chunk, or one decoded token (None while the prompt is being processed)."""

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _ms(fn: Callable[[], Any], steps: int) -> float:
+def ms_per_call(fn: Callable[[], Any], steps: int) -> float:
+    """Mean ms per call of fn after one warm-up call; each call's result is evaluated (mx.eval blocks)."""
     import mlx.core as mx
 
     mx.eval(fn())
@@ -58,25 +59,25 @@ def _profile_size(model: Any, dense: dict[str, Any], size: int, context: int, st
     x = mx.random.normal((size, 1, args.hidden_size)).astype(dtype)
     for name, module in _linears(layer).items():
         source = mx.random.normal((size, 1, dense[name].shape[1])).astype(dtype)
-        out[f"q4_{name}"] = _ms(lambda m=module, s=source: m(s), steps)
-        out[f"dense_{name}"] = _ms(lambda w=dense[name], s=source: s @ w.T, steps)
+        out[f"q4_{name}"] = ms_per_call(lambda m=module, s=source: m(s), steps)
+        out[f"dense_{name}"] = ms_per_call(lambda w=dense[name], s=source: s @ w.T, steps)
     out["q4_linears_sum"] = round(sum(v for k, v in out.items() if k.startswith("q4_")), 3)
     out["dense_linears_sum"] = round(sum(v for k, v in out.items() if k.startswith("dense_")), 3)
     q = mx.random.normal((size, heads, 1, head_dim)).astype(dtype)
     k = mx.random.normal((size, kv_heads, context, head_dim)).astype(dtype)
     v = mx.random.normal((size, kv_heads, context, head_dim)).astype(dtype)
-    out["sdpa"] = _ms(
+    out["sdpa"] = ms_per_call(
         lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask=None), steps
     )
-    out["rmsnorm"] = _ms(lambda: layer.input_layernorm(x), steps)
+    out["rmsnorm"] = ms_per_call(lambda: layer.input_layernorm(x), steps)
     head = model.lm_head if hasattr(model, "lm_head") else inner.embed_tokens.as_linear
-    out["head"] = _ms(lambda: head(x), steps)
+    out["head"] = ms_per_call(lambda: head(x), steps)
     cache = make_prompt_cache(model)
     model(mx.zeros((size, context), dtype=mx.int32) + 7, cache=cache)
     mx.eval([c.state for c in cache])
     token = mx.zeros((size, 1), dtype=mx.int32) + 9
-    out["model_forward"] = _ms(lambda: model(token, cache=cache), steps)
-    out["layer0"] = _ms(lambda: layer(x, mask=None, cache=cache[0]), steps)
+    out["model_forward"] = ms_per_call(lambda: model(token, cache=cache), steps)
+    out["layer0"] = ms_per_call(lambda: layer(x, mask=None, cache=cache[0]), steps)
     out["layers_x_layer0"] = round(out["layer0"] * len(inner.layers), 2)
     return out
 

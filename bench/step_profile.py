@@ -14,24 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-
-def _timed(fn: Callable[[], Any], steps: int) -> float:
-    """Mean ms per call of fn, each call evaluated and synchronized."""
-    import mlx.core as mx
-
-    fn()
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = fn()
-        if out is not None:
-            mx.eval(out)
-        mx.synchronize()
-    return (time.perf_counter() - t0) * 1000 / steps
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from op_profile import ms_per_call
 
 
 def profile(model: Any, size: int, prompt_len: int, steps: int) -> dict[str, float]:
@@ -66,7 +55,7 @@ def profile(model: Any, size: int, prompt_len: int, steps: int) -> dict[str, flo
     def forward_batch() -> Any:
         return model(tokens[:, None], cache=cache)[:, -1, :]
 
-    out["forward_batchcache_ms"] = _timed(forward_batch, steps)
+    out["forward_batchcache_ms"] = ms_per_call(forward_batch, steps)
     logits = forward_batch()
     mx.eval(logits)
 
@@ -74,13 +63,13 @@ def profile(model: Any, size: int, prompt_len: int, steps: int) -> dict[str, flo
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return mx.argmax(logprobs, axis=-1), logprobs
 
-    out["sample_ms"] = _timed(sample, steps)
+    out["sample_ms"] = ms_per_call(sample, steps)
 
     def split_rows() -> Any:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return list(logprobs)
 
-    out["sample_and_split_ms"] = _timed(split_rows, steps)
+    out["sample_and_split_ms"] = ms_per_call(split_rows, steps)
     gen.close()
 
     # The same rows in plain caches: one prompt length, no padding, no mask arrays.
@@ -92,7 +81,7 @@ def profile(model: Any, size: int, prompt_len: int, steps: int) -> dict[str, flo
     def forward_plain() -> Any:
         return model(tokens[:, None], cache=plain)[:, -1, :]
 
-    out["forward_plaincache_ms"] = _timed(forward_plain, steps)
+    out["forward_plaincache_ms"] = ms_per_call(forward_plain, steps)
     plain.clear()
     mx.clear_cache()
     return out
