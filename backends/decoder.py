@@ -120,6 +120,12 @@ class DecodeSpec:
         """The stop ids as the one stop check (made once per request)."""
         return StopIds(self.stop_ids)
 
+    def finish_after(self, token: int, produced: int) -> FinishReason | None:
+        """Why the answer ends with its `produced`-th token `token`: a stop id, else the token limit (None: on)."""
+        if token in self.stops:
+            return FinishReason.STOP
+        return FinishReason.LENGTH if produced >= self.max_tokens else None
+
 
 @dataclasses.dataclass(frozen=True)
 class Logprob:

@@ -102,9 +102,7 @@ class Solo:
         self.produced += 1
         self.done_tokens.append(self._input)  # the previous input is in the cache by now
         self._input = chosen
-        if chosen in self.spec.stops:
-            return FinishReason.STOP
-        return FinishReason.LENGTH if self.produced >= self.spec.max_tokens else None
+        return self.spec.finish_after(chosen, self.produced)
 
     def _prefill_chunk(self) -> None:
         import mlx.core as mx

@@ -48,6 +48,15 @@ def request_logprobs(
     return chosen, top
 
 
+def token_event(
+    spec: DecodeSpec, text: TokenText, token: int, logprobs: Any, finish: FinishReason | None, **fields: Any
+) -> TokenEvent:
+    """A decoded token as its request reports it: the log-probabilities it asked for, then its text."""
+    logprob, top = request_logprobs(spec, logprobs, token)
+    event = TokenEvent(spec.uid, token, finish=finish, logprob=logprob, top_logprobs=top, **fields)
+    return text.describe(event, is_stop=finish is FinishReason.STOP and token in spec.stops)
+
+
 class TextBatcher:
     """Continuous batching over mlx-lm's BatchGenerator (see the module docstring)."""
 
@@ -167,10 +176,7 @@ class TextBatcher:
         self._insert(solo.spec, text, state.rest, state.cache, state.held, state.tokens_left)
 
     def _solo_event(self, solo: Solo, text: TokenText, token: SoloToken) -> TokenEvent:
-        spec = solo.spec
-        logprob, top = request_logprobs(spec, token.logprobs, token.token)
-        event = TokenEvent(spec.uid, token.token, finish=token.finish, logprob=logprob, top_logprobs=top)
-        return text.describe(event, is_stop=token.finish is FinishReason.STOP)
+        return token_event(solo.spec, text, token.token, token.logprobs, token.finish)
 
     def _solo_done(self, solo: Solo) -> None:
         tokens, cache = solo.stored()
@@ -215,10 +221,7 @@ class TextBatcher:
                 continue
             token = int(response.token)
             finish = FinishReason(response.finish_reason) if response.finish_reason is not None else None
-            logprob, top = request_logprobs(spec, response.logprobs, token)
-            event = TokenEvent(spec.uid, token, finish=finish, logprob=logprob, top_logprobs=top)
-            is_stop = finish is FinishReason.STOP and token in spec.stops
-            out.append(self.texts[response.uid].describe(event, is_stop=is_stop))
+            out.append(token_event(spec, self.texts[response.uid], token, response.logprobs, finish))
             if finish is not None:
                 self._forget(response.uid)
                 if response.prompt_cache is not None and response.all_tokens:
@@ -456,20 +459,9 @@ class TextStreams(RoundRobin):
         if spec.speculative:
             self.drafted += 1
             self.accepted += int(bool(from_draft))
-        logprob, top = request_logprobs(spec, logprobs, token)
-        is_stop = token in spec.stops
-        finish = (
-            FinishReason.STOP
-            if is_stop
-            else FinishReason.LENGTH
-            if stream.produced >= spec.max_tokens
-            else None
-        )
         stream.tokens.append(token)
-        event = TokenEvent(
-            spec.uid, token, finish=finish, logprob=logprob, top_logprobs=top, from_draft=bool(from_draft)
-        )
-        return stream.text.describe(event, is_stop=is_stop)
+        finish = spec.finish_after(token, stream.produced)
+        return token_event(spec, stream.text, token, logprobs, finish, from_draft=bool(from_draft))
 
     def _finished(self, stream: Stream, *, cancelled: bool) -> None:
         if stream.cache is not None:

@@ -40,7 +40,7 @@ from backends.decoder import (
     TokenText,
 )
 from backends.feature_cache import FeatureCache
-from backends.text_decoders import request_logprobs
+from backends.text_decoders import token_event
 from backends.vlm_decoder import VlmStreams
 
 
@@ -342,24 +342,14 @@ class VlmBatch:
         row.produced += 1
         row.tokens.append(token)
         vector = row.logprobs.popleft() if row.logprobs else None
-        is_stop = token in spec.stops
-        finish = (
-            FinishReason.STOP if is_stop else FinishReason.LENGTH if row.produced >= spec.max_tokens else None
-        )
-        logprob, top = request_logprobs(spec, vector, token)
-        event = TokenEvent(
-            spec.uid,
-            token,
-            finish=finish,
-            logprob=logprob,
-            top_logprobs=top,
-            prompt_tokens=len(row.prompt),
-            cached_tokens=row.cached,
+        finish = spec.finish_after(token, row.produced)
+        event = token_event(
+            spec, row.text, token, vector, finish, prompt_tokens=len(row.prompt), cached_tokens=row.cached
         )
         if finish is not None:
             self._keep_prefix(row)
             self._drop(row)
-        return row.text.describe(event, is_stop=is_stop)
+        return event
 
     def _keep_prefix(self, row: _Row) -> None:
         """Keep a finished row's KV cache (prompt and answer) for the next turn with the same media."""
